@@ -1,0 +1,175 @@
+"""The `nstd` command: stylize one job from the command line; the daemon's commands join later.
+
+Bad input ends in one line on stderr and a non-zero exit, never a traceback:
+exit 2 for a bad argument, image or config; 3 when the weights cannot be loaded; 130 on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+EXIT_BAD_INPUT = 2
+EXIT_WEIGHTS = 3
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nstd", description="Neural style transfer: a watch-folder daemon and a CLI.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("stylize", help="stylize one image", description="Stylize CONTENT in the style of STYLE(s).")
+    s.add_argument("content", help="content image")
+    s.add_argument("styles", nargs="+", metavar="STYLE", help="style image(s); several are blended")
+    s.add_argument("-o", "--output", required=True, help="result file (.png, .jpg or .webp), written atomically")
+    s.add_argument("--config", help="take defaults and engine settings from this config.yaml")
+    s.add_argument("--size", type=int, help="long edge of the result, px (default 512)")
+    s.add_argument("--steps", type=int, help="optimisation steps (default 300)")
+    s.add_argument("--optimizer", help="lbfgs (default) or adam")
+    s.add_argument("--content-weight", type=float, help="alpha (default 1)")
+    s.add_argument("--style-weight", type=float, help="beta (default 1e4)")
+    s.add_argument("--tv-weight", type=float, help="total-variation weight (default 0)")
+    s.add_argument("--style-blend", type=float, nargs="+", metavar="W", help="one weight per style (normalised)")
+    s.add_argument("--style-scale", type=float, help="style size relative to the result (default 1)")
+    s.add_argument("--init", help="content (default), noise, or an image file")
+    s.add_argument("--pooling", help="avg (default) or max")
+    s.add_argument("--seed", type=int, help="random seed (default 0)")
+    s.add_argument("--gif", metavar="PATH", help="also write the progress animation here")
+    s.add_argument("--gif-every", type=int, help="a GIF frame every N steps (default 5)")
+    s.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    s.add_argument("--weights", help="vgg19-caffe (default) or torchvision")
+    s.add_argument("--weights-file", help="local weights file")
+    s.add_argument("--precision", help="auto (default), fp32 or bf16")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "stylize":
+            return cmd_stylize(args)
+    except KeyboardInterrupt:
+        print("nstd: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"nstd: error: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_stylize(args: argparse.Namespace) -> int:
+    # Imports here keep `nstd --help` fast.
+    from nstd.config import ConfigError, load_config
+    from nstd.engine import Engine, ImageError, WeightsError, images
+    from nstd.job import merge, style_params
+    from nstd.schema import SchemaError, validate
+
+    try:
+        cfg = load_config(args.config)
+        job, engine_cfg = _job_from_args(args, cfg, merge, validate)
+        out = Path(args.output)
+        out_format = images.format_for_suffix(out)
+        if args.gif and Path(args.gif).suffix.lower() != ".gif":
+            raise UsageError(f"--gif {args.gif}: the animation's file name must end in .gif")
+        if args.style_blend and len(args.style_blend) != len(args.styles):
+            raise UsageError(
+                f"--style-blend has {len(args.style_blend)} weights for {len(args.styles)} style images"
+            )
+        max_pixels = cfg["limits"]["max_pixels"]
+        content = images.open_image(args.content, max_pixels)
+        blend = args.style_blend or [1.0] * len(args.styles)
+        styles = [(images.open_image(path, max_pixels), w) for path, w in zip(args.styles, blend)]
+        init_image = None
+        if job["init"] not in ("content", "noise"):
+            init_image = images.open_image(job["init"], max_pixels)
+        params = style_params(job)
+    except (ConfigError, SchemaError, ImageError, UsageError, ValueError) as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+
+    try:
+        engine = Engine(**engine_cfg)
+    except WeightsError as exc:
+        return _fail(str(exc), EXIT_WEIGHTS)
+    except (RuntimeError, ValueError) as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+
+    t0 = time.perf_counter()
+    bar = _progress(params.steps, disabled=args.quiet)
+    try:
+        result = engine.stylize(content, styles, params, init_image=init_image, on_step=bar.update_step)
+    except ValueError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    finally:
+        bar.close()
+    images.save(result.image, out, out_format)
+    if args.gif and result.frames:
+        images.save_gif(result.frames, args.gif, job["gif"]["fps"] if job["gif"] else 12.0)
+    w, h = result.size
+    took = time.perf_counter() - t0
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items())
+    print(f"wrote {out} ({w}x{h}, {result.steps} steps, {took:.1f} s on {result.device}, {result.precision}; {losses})")
+    return 0
+
+
+def _job_from_args(args, cfg, merge, validate) -> tuple[dict, dict]:
+    """The effective job (config defaults + flags, validated like a sidecar) and engine settings."""
+    overrides = {
+        key: getattr(args, attr)
+        for key, attr in (
+            ("size", "size"),
+            ("steps", "steps"),
+            ("optimizer", "optimizer"),
+            ("content_weight", "content_weight"),
+            ("style_weight", "style_weight"),
+            ("tv_weight", "tv_weight"),
+            ("style_scale", "style_scale"),
+            ("init", "init"),
+            ("pooling", "pooling"),
+            ("seed", "seed"),
+        )
+        if getattr(args, attr) is not None
+    }
+    gif = dict(cfg["defaults"]["gif"] or {"every": 5, "fps": 12.0, "max_size": 512})
+    if args.gif_every is not None:
+        gif["every"] = args.gif_every
+    overrides["gif"] = gif if args.gif else False  # frames cost time: only collect them when asked
+    job = merge(cfg["defaults"], overrides)
+    engine = dict(cfg["engine"])
+    for key in ("device", "weights", "weights_file", "precision"):
+        if getattr(args, key) is not None:
+            engine[key] = getattr(args, key)
+    from nstd.config import CONFIG_FIELDS
+
+    engine = validate(engine, CONFIG_FIELDS["engine"], "engine")
+    return job, engine
+
+
+class _progress:
+    """A tqdm bar fed by the engine's per-step callback; losses are read only every few steps."""
+
+    def __init__(self, total: int, disabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", disable=disabled or None, dynamic_ncols=True, leave=False)
+        self.every = max(1, total // 50)
+
+    def update_step(self, info) -> None:
+        self.bar.update(1)
+        if info.step % self.every == 0 or info.step == info.steps:
+            self.bar.set_postfix(loss=f"{info.losses()['total']:.4g}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

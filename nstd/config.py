@@ -1,0 +1,121 @@
+"""config.yaml: the daemon's and the CLI's settings, validated at start.
+
+An unknown key or a wrong type stops start-up with a message naming the key. Relative paths are
+taken relative to the config file's folder, so `make run` works from a checkout.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nstd.engine.images import DEFAULT_MAX_PIXELS
+from nstd.engine.vgg import WEIGHT_SOURCES
+from nstd.job import JOB_FIELDS
+from nstd.schema import (
+    Field,
+    SchemaError,
+    boolean,
+    choice,
+    integer,
+    list_of,
+    number,
+    optional,
+    string,
+    validate,
+)
+
+
+def _device(v: Any, key: str) -> str:
+    s = string(v, key)
+    if s in ("auto", "cpu", "cuda") or (s.startswith("cuda:") and s[5:].isdigit()):
+        return s
+    raise SchemaError(key, f"expected auto, cpu, cuda or cuda:N, got {s!r}")
+
+
+CONFIG_FIELDS: dict[str, Any] = {
+    "paths": {
+        "root": Field("./var", "everything lives under here", string),
+        "inbox": Field(None, "dropped jobs (default: <root>/inbox)", optional(string)),
+        "outbox": Field(None, "finished jobs (default: <root>/outbox)", optional(string)),
+        "quarantine": Field(None, "failed jobs (default: <root>/quarantine)", optional(string)),
+        "state": Field(None, "claimed jobs, status, caches (default: <root>/state)", optional(string)),
+        "logs": Field(None, "the daemon's rotated log (default: <root>/logs)", optional(string)),
+    },
+    "watch": {
+        "polling": Field(False, "poll instead of inotify (network shares)", boolean),
+        "poll_interval_seconds": Field(2.0, "polling observer's interval", number(0.1, 3600)),
+        "settle_seconds": Field(2.0, "inputs unchanged this long before a job is taken", number(0, 3600)),
+        "missing_timeout": Field(900.0, "seconds to wait for a sidecar's inputs", number(1, 7 * 86400)),
+        "rescan_seconds": Field(60.0, "full inbox scan interval (events are hints)", number(1, 86400)),
+    },
+    "queue": {
+        "max_attempts": Field(2, "crashes a job may cause before it is quarantined", integer(1, 100)),
+    },
+    "gpu": {
+        "devices": Field([], "one worker per device, e.g. [cuda:0, cuda:1]; [] = engine.device", list_of(_device)),
+        "vram_budget_mb": Field(4096, "peak memory a job may use on a GPU, MiB", integer(256, 1_048_576)),
+        "cpu_fallback": Field(True, "after out-of-memory at the smallest size, run on the CPU", boolean),
+    },
+    "engine": {
+        "weights": Field("vgg19-caffe", " | ".join(WEIGHT_SOURCES), choice(*WEIGHT_SOURCES)),
+        "weights_file": Field(None, "local weights file (torchvision: a state dict)", optional(string)),
+        "device": Field("auto", "auto | cpu | cuda | cuda:N", _device),
+        "precision": Field("auto", "auto | fp32 | bf16", choice("auto", "fp32", "bf16")),
+        "lbfgs_history": Field(50, "L-BFGS history length (memory: 2 x this x image size)", integer(1, 1000)),
+    },
+    "limits": {
+        "max_pixels": Field(DEFAULT_MAX_PIXELS, "largest input image, in pixels", integer(1, 2**40)),
+        "max_sidecar_bytes": Field(65536, "largest job file", integer(64, 16 * 2**20)),
+    },
+    "service": {
+        "shutdown_grace_seconds": Field(60.0, "on SIGTERM, time the running job gets to finish", number(0, 86400)),
+        "checkpoint_every": Field(50, "save a resumable checkpoint every N steps; 0 = never", integer(0, 100_000)),
+    },
+    "logging": {
+        "level": Field("INFO", "DEBUG | INFO | WARNING | ERROR", choice("DEBUG", "INFO", "WARNING", "ERROR")),
+        "json": Field(False, "JSON lines instead of text", boolean),
+        "rotation": Field("10 MB", "rotate logs/nstd.log at this size", string),
+        "retention": Field(10, "rotated files kept", integer(1, 10_000)),
+    },
+    "defaults": JOB_FIELDS,
+}
+
+
+class ConfigError(ValueError):
+    """config.yaml cannot be used; the message names the file and the key."""
+
+
+def load_config(path: Path | str | None = None) -> dict:
+    """Read and validate a config file; None gives the built-in defaults (= the shipped config.yaml)."""
+    if path is None:
+        cfg = validate({}, CONFIG_FIELDS)
+        base = Path.cwd()
+    else:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        try:
+            cfg = validate(data, CONFIG_FIELDS)
+        except SchemaError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        base = path.resolve().parent
+    _resolve_paths(cfg, base)
+    return cfg
+
+
+def _resolve_paths(cfg: dict, base: Path) -> None:
+    paths = cfg["paths"]
+    root = (base / paths["root"]).resolve()
+    paths["root"] = str(root)
+    for name in ("inbox", "outbox", "quarantine", "state", "logs"):
+        paths[name] = str((base / paths[name]).resolve()) if paths[name] else str(root / name)
+    if cfg["engine"]["weights_file"]:
+        cfg["engine"]["weights_file"] = str((base / cfg["engine"]["weights_file"]).resolve())

@@ -1,0 +1,174 @@
+"""Image decoding, checking and encoding: the only place nstd touches image files.
+
+Every way a user's file can be unusable raises `ImageError` with a sentence a user understands;
+the CLI prints it and the daemon quarantines the job with it.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from nstd.fsutil import atomic_write_bytes
+
+#: Formats nstd reads (Pillow's names); the JPEG opener also takes the multi-picture JPEGs (MPO) cameras write.
+READ_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
+#: Output formats: the job's `output.format` -> (Pillow format, save options).
+WRITE_FORMATS = {
+    "png": ("PNG", {"optimize": False, "compress_level": 6}),
+    "jpg": ("JPEG", {"quality": 95, "subsampling": 0}),
+    "webp": ("WEBP", {"quality": 95, "method": 4}),
+}
+DEFAULT_MAX_PIXELS = 50_000_000
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(ValueError):
+    """A user's image cannot be used: missing, empty, not an image, corrupt, truncated, too big."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path.name}: {reason}")
+
+
+def open_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file fully and return it as 8-bit RGB, EXIF orientation applied.
+
+    Dimensions are checked from the header before any pixel is decoded, so a decompression
+    bomb costs nothing. Animated files give their first frame. Alpha is composited over white.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    except OSError as exc:
+        raise ImageError(path, f"cannot be read ({exc.strerror or exc})") from None
+    if size == 0:
+        raise ImageError(path, "the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path, formats=READ_FORMATS)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(
+                    path, f"{w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,} (limits.max_pixels)"
+                )
+            if w < 1 or h < 1:
+                raise ImageError(path, f"has no pixels ({w}x{h})")
+            img.load()
+    except ImageError:
+        raise
+    except Image.DecompressionBombError:
+        raise ImageError(path, f"over the limit of {max_pixels:,} pixels (limits.max_pixels)") from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            path, "not an image nstd can read (JPEG, PNG, WebP, BMP or TIFF expected)"
+        ) from None
+    except PermissionError:
+        raise ImageError(path, "permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as exc:
+        raise ImageError(path, f"the image is corrupt or truncated ({exc})") from None
+    return _to_rgb(path, img)
+
+
+def _to_rgb(path: Path, img: Image.Image) -> Image.Image:
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block must not lose the picture
+        pass
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit grey: scale 0..65535 to 0..255 instead of clipping at 255 as convert() would.
+        img = img.convert("I")
+        sixteen_bit = mode.startswith("I;16") or img.getextrema()[1] > 255
+        if sixteen_bit:
+            img = img.point(lambda v: v * (255.0 / 65535.0))
+        img = img.convert("L")
+    elif mode == "F":
+        lo, hi = img.getextrema()
+        span = (hi - lo) or 1.0
+        img = img.point(lambda v: (v - lo) * 255.0 / span).convert("L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    try:
+        return img.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise ImageError(path, f"colour mode {mode} cannot be converted to RGB ({exc})") from None
+
+
+def fit_long_edge(size: tuple[int, int], long_edge: int) -> tuple[int, int]:
+    """(w, h) scaled so that max(w, h) == long_edge, aspect kept, each side at least 1."""
+    w, h = size
+    if w >= h:
+        return long_edge, max(1, round(h * long_edge / w))
+    return max(1, round(w * long_edge / h)), long_edge
+
+
+def resize_long_edge(img: Image.Image, long_edge: int) -> Image.Image:
+    target = fit_long_edge(img.size, long_edge)
+    if target == img.size:
+        return img
+    return img.resize(target, Image.Resampling.LANCZOS)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image -> float32 tensor (1, 3, H, W) in 0..1."""
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return data.view(img.height, img.width, 3).permute(2, 0, 1).unsqueeze(0).float().div_(255.0).contiguous()
+
+
+def to_pil(t: torch.Tensor) -> Image.Image:
+    """Tensor (1, 3, H, W) in 0..1 (any device) -> 8-bit RGB PIL image, values clamped."""
+    arr = t.detach().squeeze(0).clamp(0, 1).mul(255.0).round_().to(torch.uint8).permute(1, 2, 0)
+    arr = arr.contiguous().cpu()
+    return Image.frombytes("RGB", (arr.shape[1], arr.shape[0]), arr.numpy().tobytes())
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    """Encode to `png`, `jpg` or `webp` bytes."""
+    try:
+        pil_format, options = WRITE_FORMATS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown output format {fmt!r} (expected one of {', '.join(WRITE_FORMATS)})") from None
+    buf = io.BytesIO()
+    img.save(buf, format=pil_format, **options)
+    return buf.getvalue()
+
+
+def save(img: Image.Image, path: Path | str, fmt: str | None = None) -> None:
+    """Write atomically; the format comes from `fmt` or the file's suffix."""
+    path = Path(path)
+    fmt = fmt or format_for_suffix(path)
+    atomic_write_bytes(path, encode(img, fmt))
+
+
+def format_for_suffix(path: Path) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    fmt = {"jpeg": "jpg"}.get(suffix, suffix)
+    if fmt not in WRITE_FORMATS:
+        raise ValueError(f"{path.name}: cannot tell the output format from the suffix (use .png, .jpg or .webp)")
+    return fmt
+
+
+def save_gif(frames: list[Image.Image], path: Path | str, fps: float) -> None:
+    """Write an animated GIF atomically; it loops forever and holds the last frame longer."""
+    if not frames:
+        raise ValueError("no frames to write")
+    duration = max(20, round(1000.0 / fps))
+    durations = [duration] * len(frames)
+    durations[-1] = max(duration, 1500)
+    buf = io.BytesIO()
+    frames[0].save(
+        buf, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=False
+    )
+    atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,254 @@
+"""The Gatys et al. optimisation: one image, optimised in RGB 0..1 against VGG-19 features.
+
+`Engine` owns the network (loaded once) and runs jobs one after another. A "step" is one
+forward+backward evaluation: L-BFGS runs one iteration per step (no line search), Adam one update.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from nstd.engine import images
+from nstd.engine.losses import Losses, Objective, blend_grams, gram
+from nstd.engine.vgg import Network, layer_index
+
+DEFAULT_STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
+DEFAULT_CONTENT_LAYERS = ("conv4_2",)
+ADAM_LR = 0.02  # in 0..1 pixel units
+
+
+@dataclass(frozen=True)
+class StyleParams:
+    """What one stylization needs beyond its images. Defaults are the contract's."""
+
+    size: int = 512
+    steps: int = 300
+    optimizer: str = "lbfgs"
+    content_weight: float = 1.0
+    style_weight: float = 1.0e4
+    tv_weight: float = 0.0
+    init: str = "content"  # content | noise | image (then pass init_image)
+    pooling: str = "avg"
+    content_layers: tuple[str, ...] = DEFAULT_CONTENT_LAYERS
+    style_layers: tuple[str, ...] = DEFAULT_STYLE_LAYERS
+    seed: int = 0
+    style_scale: float = 1.0
+    frame_every: int = 5  # 0: no frames
+    frame_max_size: int = 512
+
+
+@dataclass
+class StepInfo:
+    """Passed to the progress callback after every step; `losses()` costs a device sync, so it is lazy."""
+
+    step: int
+    steps: int
+    elapsed: float
+    _losses: Losses
+
+    def losses(self) -> dict[str, float]:
+        return self._losses.as_floats()
+
+
+@dataclass
+class Result:
+    image: Image.Image
+    frames: list[Image.Image]
+    losses: dict[str, float]
+    steps: int
+    size: tuple[int, int]  # (width, height) actually used
+    device: str
+    precision: str
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory_bytes: int | None = None
+
+
+ProgressFn = Callable[[StepInfo], None]
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def pick_precision(precision: str, device: torch.device) -> str:
+    """`auto` picks bf16 only where it is known to pay off; the Gram matrices and losses stay fp32."""
+    if precision in ("fp32", "bf16"):
+        return precision
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r} (expected auto, fp32 or bf16)")
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return "bf16"
+    return "fp32"
+
+
+class Engine:
+    """A loaded network on one device, ready to run stylizations one at a time."""
+
+    def __init__(
+        self,
+        weights: str = "vgg19-caffe",
+        weights_file: Path | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        lbfgs_history: int = 50,
+    ):
+        self.device = pick_device(device)
+        self.precision = pick_precision(precision, self.device)
+        self.weights = weights
+        self.lbfgs_history = lbfgs_history
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.network = Network.load(weights, weights_file, str(self.device))
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    @torch.no_grad()
+    def style_grams(
+        self, style: Image.Image, long_edge: int, layers: Sequence[str], pooling: str
+    ) -> dict[str, torch.Tensor]:
+        """Gram targets of one style image resized so its long edge is `long_edge` (cacheable)."""
+        x = images.to_tensor(images.resize_long_edge(style, long_edge)).to(self.device)
+        with self._autocast():
+            feats = self.network.extractor(layers, pooling)(x)
+        return {k: gram(v).detach() for k, v in feats.items()}
+
+    def stylize(
+        self,
+        content: Image.Image,
+        styles: Sequence[tuple[Image.Image, float]],
+        params: StyleParams = StyleParams(),
+        init_image: Image.Image | None = None,
+        on_step: ProgressFn | None = None,
+        style_grams: Sequence[dict[str, torch.Tensor]] | None = None,
+    ) -> Result:
+        """Stylize `content` with the weighted blend of `styles`.
+
+        `style_grams` may carry precomputed targets (one dict per style, from `style_grams()`),
+        which the daemon caches across jobs.
+        """
+        t0 = time.perf_counter()
+        p = params
+        for name in (*p.content_layers, *p.style_layers):
+            layer_index(name)
+        if not styles:
+            raise ValueError("at least one style image is needed")
+        torch.manual_seed(p.seed)
+        dev = self.device
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+
+        content_img = images.resize_long_edge(content, p.size)
+        w, h = content_img.size
+        content_t = images.to_tensor(content_img).to(dev)
+        style_edge = max(16, round(max(w, h) * p.style_scale))
+        if style_grams is None:
+            style_grams = [self.style_grams(img, style_edge, p.style_layers, p.pooling) for img, _ in styles]
+        target_grams = blend_grams(list(style_grams), [wt for _, wt in styles])
+
+        layers = tuple(dict.fromkeys((*p.content_layers, *p.style_layers)))
+        extractor = self.network.extractor(layers, p.pooling)
+        with torch.no_grad(), self._autocast():
+            content_feats = extractor(content_t)
+        objective = Objective(
+            {k: content_feats[k] for k in p.content_layers},
+            {k: target_grams[k] for k in p.style_layers},
+            p.content_weight,
+            p.style_weight,
+            p.tv_weight,
+        )
+        del content_feats
+
+        x = self._initial(p, content_t, init_image).requires_grad_(True)
+        if p.optimizer == "lbfgs":
+            opt: torch.optim.Optimizer = torch.optim.LBFGS(
+                [x], lr=1.0, max_iter=1, history_size=self.lbfgs_history, tolerance_grad=-1, tolerance_change=-1
+            )
+        elif p.optimizer == "adam":
+            opt = torch.optim.Adam([x], lr=ADAM_LR)
+        else:
+            raise ValueError(f"unknown optimizer {p.optimizer!r} (expected lbfgs or adam)")
+
+        frames: list[Image.Image] = []
+        if p.frame_every:
+            frames.append(self._frame(x, p))
+        last: list[Losses] = []
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            with self._autocast():
+                feats = extractor(x)
+            losses = objective(feats, x)
+            losses.total.backward()
+            last[:] = [Losses(*(t.detach() for t in (losses.content, losses.style, losses.tv, losses.total)))]
+            return losses.total
+
+        t_opt = time.perf_counter()
+        for step in range(1, p.steps + 1):
+            opt.step(closure)
+            if p.optimizer == "adam":
+                with torch.no_grad():
+                    x.clamp_(0, 1)
+            if p.frame_every and (step % p.frame_every == 0 or step == p.steps):
+                frames.append(self._frame(x, p))
+            if on_step is not None:
+                on_step(StepInfo(step, p.steps, time.perf_counter() - t_opt, last[0]))
+        t_done = time.perf_counter()
+
+        final = images.to_pil(x)
+        if frames:
+            frames[-1] = self._frame(x, p)
+        result = Result(
+            image=final,
+            frames=frames,
+            losses=last[0].as_floats() if last else {},
+            steps=p.steps,
+            size=(w, h),
+            device=str(dev),
+            precision=self.precision,
+            timings={"prepare": t_opt - t0, "optimise": t_done - t_opt},
+        )
+        if dev.type == "cuda":
+            result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(dev))
+        return result
+
+    def _initial(self, p: StyleParams, content_t: torch.Tensor, init_image: Image.Image | None) -> torch.Tensor:
+        if p.init == "content":
+            return content_t.clone()
+        if p.init == "noise":
+            g = torch.Generator().manual_seed(p.seed)
+            return torch.rand(content_t.shape, generator=g).to(self.device)
+        if init_image is None:
+            raise ValueError(f"init {p.init!r} needs an init image")
+        _, _, h, w = content_t.shape
+        return images.to_tensor(init_image.resize((w, h), Image.Resampling.LANCZOS)).to(self.device)
+
+    @staticmethod
+    def _frame(x: torch.Tensor, p: StyleParams) -> Image.Image:
+        img = images.to_pil(x)
+        if max(img.size) > p.frame_max_size:
+            img = images.resize_long_edge(img, p.frame_max_size)
+        return img

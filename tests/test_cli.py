@@ -1,0 +1,58 @@
+"""`nstd stylize` as a user runs it: a process, exit codes, one-line errors."""
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+
+def nstd(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "nstd.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=240
+    )
+
+
+def test_stylize_writes_result_and_gif(images_dir, tmp_path):
+    out, gif = tmp_path / "out" / "r.png", tmp_path / "r.gif"
+    r = nstd("stylize", images_dir / "tubingen.jpg", images_dir / "starry_night.jpg", "-o", out,
+             "--size", 48, "--steps", 4, "--gif", gif, "--gif-every", 2, "--device", "cpu", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout and "48x36" in r.stdout
+    assert Image.open(out).size == (48, 36)
+    assert Image.open(gif).n_frames == 3
+    assert [p.name for p in out.parent.iterdir()] == ["r.png"]  # no temporary file left behind
+
+
+def test_blend_of_two_styles_to_jpeg(images_dir, tmp_path):
+    out = tmp_path / "r.jpg"
+    r = nstd("stylize", images_dir / "hoovertowernight.jpg", images_dir / "starry_night.jpg",
+             images_dir / "the_scream.jpg", "--style-blend", 0.7, 0.3, "-o", out, "--size", 40, "--steps", 2, "-q")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).format == "JPEG"
+
+
+@pytest.mark.parametrize(
+    "extra, code, message",
+    [
+        (["--size", "5"], 2, "size: expected an integer from 32 to 8192, got 5"),
+        (["--optimizer", "sgd"], 2, "optimizer: expected one of lbfgs, adam"),
+        (["--style-blend", "1", "2"], 2, "--style-blend has 2 weights for 1 style images"),
+        (["--weights", "torchvision", "--weights-file", "/nonexistent.pth"], 3, "weights file not found"),
+        (["--device", "tpu"], 2, "engine.device: expected auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line(images_dir, tmp_path, extra, code, message):
+    r = nstd("stylize", images_dir / "tubingen.jpg", images_dir / "starry_night.jpg", "-o", tmp_path / "o.png",
+             "--steps", 1, "--size", 32, *extra)
+    assert r.returncode == code
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_bad_image_and_output_name(images_dir, tmp_path):
+    (tmp_path / "cat.jpg").write_bytes(b"")
+    r = nstd("stylize", tmp_path / "cat.jpg", images_dir / "starry_night.jpg", "-o", tmp_path / "o.png")
+    assert r.returncode == 2 and "cat.jpg: the file is empty" in r.stderr and "Traceback" not in r.stderr
+    r = nstd("stylize", images_dir / "tubingen.jpg", images_dir / "starry_night.jpg", "-o", tmp_path / "o.txt")
+    assert r.returncode == 2 and "cannot tell the output format" in r.stderr
