@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--weights-file", help="local weights file")
     s.add_argument("--precision", help="auto (default), fp32 or bf16")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    r = sub.add_parser("run", help="the watch-folder daemon")
+    r.add_argument("--config", default="config.yaml", help="config file (default: ./config.yaml)")
     return p
 
 
@@ -55,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "stylize":
             return cmd_stylize(args)
+        if args.command == "run":
+            return cmd_run(args)
     except KeyboardInterrupt:
         print("nstd: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -118,6 +123,20 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items())
     print(f"wrote {out} ({w}x{h}, {result.steps} steps, {took:.1f} s on {result.device}, {result.precision}; {losses})")
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Validate the config and show the folders; the watch loop itself is not built yet."""
+    from nstd.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    print(f"config {args.config} is valid; the daemon would watch:")
+    for name in ("inbox", "outbox", "quarantine", "state", "logs"):
+        print(f"  {name:<10} {cfg['paths'][name]}")
+    return _fail("the watch-folder daemon is not built yet; use `nstd stylize` for single jobs", 1)
 
 
 def _job_from_args(args, cfg, merge, validate) -> tuple[dict, dict]:
