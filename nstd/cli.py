@@ -1,4 +1,4 @@
-"""The `nstd` command: stylize one job from the command line; the daemon's commands join later.
+"""The `nstd` command: `run` (the daemon), `stylize` (one job), `validate` and `status`.
 
 Bad input ends in one line on stderr and a non-zero exit, never a traceback:
 exit 2 for a bad argument, image or config; 3 when the weights cannot be loaded; 130 on Ctrl-C.
@@ -50,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="the watch-folder daemon")
     r.add_argument("--config", default="config.yaml", help="config file (default: ./config.yaml)")
+
+    v = sub.add_parser("validate", help="check a job file without running it")
+    v.add_argument("sidecar", help="the job's .yaml file (its paths are checked against its own folder)")
+    v.add_argument("--config", help="take job defaults and limits from this config.yaml")
+
+    st = sub.add_parser("status", help="what the daemon is doing")
+    st.add_argument("--config", default="config.yaml", help="config file (default: ./config.yaml)")
+    st.add_argument("--json", action="store_true", help="print state/status.json as it is")
     return p
 
 
@@ -60,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_stylize(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "validate":
+            return cmd_validate(args)
+        if args.command == "status":
+            return cmd_status(args)
     except KeyboardInterrupt:
         print("nstd: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -126,17 +138,66 @@ def cmd_stylize(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Validate the config and show the folders; the watch loop itself is not built yet."""
     from nstd.config import ConfigError, load_config
+    from nstd.daemon import run_daemon
 
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
-    print(f"config {args.config} is valid; the daemon would watch:")
-    for name in ("inbox", "outbox", "quarantine", "state", "logs"):
-        print(f"  {name:<10} {cfg['paths'][name]}")
-    return _fail("the watch-folder daemon is not built yet; use `nstd stylize` for single jobs", 1)
+    return run_daemon(cfg)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """The daemon's intake checks on one sidecar: keys, paths, inputs present, images decodable."""
+    from nstd.config import ConfigError, load_config
+    from nstd.engine import ImageError, images
+    from nstd.job import JobError, job_settings, read_sidecar, resolve_files
+
+    sidecar = Path(args.sidecar)
+    try:
+        cfg = load_config(args.config)
+        data = read_sidecar(sidecar, cfg["limits"]["max_sidecar_bytes"])
+        files = resolve_files(data, sidecar, sidecar.parent)
+        settings = job_settings(data, cfg["defaults"])
+        if files.missing:
+            raise JobError("missing input", "not found: " + ", ".join(str(p) for p in files.missing))
+        sizes = {}
+        for path in files.inputs()[:-1]:
+            sizes[path] = images.open_image(path, cfg["limits"]["max_pixels"]).size
+    except (ConfigError, JobError, ImageError) as exc:
+        kind = f"{exc.kind}: " if isinstance(exc, JobError) else ""
+        return _fail(f"{sidecar.name}: {kind}{exc}", EXIT_BAD_INPUT)
+    print(f"{sidecar.name}: ok")
+    print(f"  content  {files.content.name} ({'x'.join(map(str, sizes[files.content]))})")
+    for path, weight in files.styles:
+        print(f"  style    {path.name} ({'x'.join(map(str, sizes[path]))}), weight {weight:g}")
+    gif = settings["gif"]
+    print(f"  size {settings['size']}, steps {settings['steps']}, {settings['optimizer']}, "
+          f"content_weight {settings['content_weight']:g}, style_weight {settings['style_weight']:g}, "
+          f"tv_weight {settings['tv_weight']:g}, init {settings['init']}, pooling {settings['pooling']}, "
+          f"seed {settings['seed']}, gif {'every %d steps' % gif['every'] if gif else 'off'}, "
+          f"output {settings['output']['format']}, priority {settings['priority']}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from nstd.config import ConfigError, load_config
+    from nstd.status import describe, read_status
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_BAD_INPUT)
+    data = read_status(Path(cfg["paths"]["state"]))
+    text, alive = describe(data)
+    if args.json:
+        print(json.dumps({**(data or {}), "daemon_running": alive}, indent=1))
+    else:
+        print(text)
+    return 0 if alive else 1
 
 
 def _job_from_args(args, cfg, merge, validate) -> tuple[dict, dict]:

@@ -56,3 +56,28 @@ def test_bad_image_and_output_name(images_dir, tmp_path):
     assert r.returncode == 2 and "cat.jpg: the file is empty" in r.stderr and "Traceback" not in r.stderr
     r = nstd("stylize", images_dir / "tubingen.jpg", images_dir / "starry_night.jpg", "-o", tmp_path / "o.txt")
     assert r.returncode == 2 and "cannot tell the output format" in r.stderr
+
+
+def test_validate_a_good_and_a_bad_job(images_dir, tmp_path):
+    import shutil
+
+    shutil.copy(images_dir / "tubingen.jpg", tmp_path / "t.jpg")
+    shutil.copy(images_dir / "starry_night.jpg", tmp_path / "s.jpg")
+    (tmp_path / "ok.yaml").write_text("content: t.jpg\nstyle: s.jpg\nsteps: 50\n")
+    r = nstd("validate", tmp_path / "ok.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "ok.yaml: ok" in r.stdout and "t.jpg (1024x768)" in r.stdout and "steps 50" in r.stdout
+    (tmp_path / "bad.yaml").write_text("content: t.jpg\nstyle: ../s.jpg\n")
+    r = nstd("validate", tmp_path / "bad.yaml")
+    assert r.returncode == 2 and "path outside inbox" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "gone.yaml").write_text("content: t.jpg\nstyle: nope.jpg\n")
+    r = nstd("validate", tmp_path / "gone.yaml")
+    assert r.returncode == 2 and "missing input" in r.stderr and "nope.jpg" in r.stderr
+
+
+def test_status_says_when_no_daemon_runs(tmp_path):
+    (tmp_path / "config.yaml").write_text("paths: {root: ./var}\n")
+    r = nstd("status", "--config", tmp_path / "config.yaml")
+    assert r.returncode == 1 and "no daemon is running" in r.stdout
+    r = nstd("status", "--json", "--config", tmp_path / "config.yaml")
+    assert '"daemon_running": false' in r.stdout

@@ -94,3 +94,14 @@ def test_bad_parameters_raise(engine, pair):
         engine.stylize(content, [(style, 1.0)], StyleParams(size=32, steps=1, optimizer="sgd"))
     with pytest.raises(ValueError, match="at least one style"):
         engine.stylize(content, [], StyleParams(size=32, steps=1))
+
+
+def test_result_is_never_worse_than_the_best_step(engine, pair):
+    """At 48 px the third L-BFGS step overshoots by 4 orders of magnitude; the guard restarts it."""
+    content, style = pair
+    seen = []
+    r = engine.stylize(content, [(style, 1.0)], StyleParams(size=48, steps=8, frame_every=0),
+                       on_step=lambda i: seen.append(i.losses()["total"]))
+    assert max(seen) > 100 * min(seen)  # the overshoot this test is about did happen
+    assert r.restarts >= 1
+    assert r.losses["total"] <= min(seen) + 1e-6

@@ -160,15 +160,18 @@ def format_for_suffix(path: Path) -> str:
     return fmt
 
 
-def save_gif(frames: list[Image.Image], path: Path | str, fps: float) -> None:
-    """Write an animated GIF atomically; it loops forever and holds the last frame longer."""
+def save_gif_to(frames: list[Image.Image], fh: io.BytesIO, fps: float) -> None:
+    """Encode an animated GIF that loops forever and holds the last frame longer."""
     if not frames:
         raise ValueError("no frames to write")
     duration = max(20, round(1000.0 / fps))
     durations = [duration] * len(frames)
     durations[-1] = max(duration, 1500)
+    frames[0].save(fh, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0)
+
+
+def save_gif(frames: list[Image.Image], path: Path | str, fps: float) -> None:
+    """Write an animated GIF atomically."""
     buf = io.BytesIO()
-    frames[0].save(
-        buf, format="GIF", save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=False
-    )
+    save_gif_to(frames, buf, fps)
     atomic_write_bytes(path, buf.getvalue())

@@ -67,6 +67,7 @@ class Result:
     precision: str
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: int | None = None
+    restarts: int = 0  # L-BFGS restarts after a diverging step
 
 
 ProgressFn = Callable[[StepInfo], None]
@@ -99,6 +100,31 @@ def pick_precision(precision: str, device: torch.device) -> str:
     if device.type == "cpu" and cpu_has_fast_bf16():
         return "bf16"
     return "fp32"
+
+
+class _Guard:
+    """Remembers the best evaluated picture and notices a diverging step (loss > 2 x best, or not finite)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.best: Losses | None = None
+        self.best_x = x.detach().clone()
+        self.last: Losses | None = None
+        self.diverged = False
+
+    def saw(self, losses: Losses, x: torch.Tensor) -> None:
+        self.last = losses
+        total = losses.total
+        if self.best is None or bool(total < self.best.total):
+            self.best = losses
+            self.best_x.copy_(x.detach())
+            self.diverged = False
+        else:
+            self.diverged = not bool(torch.isfinite(total)) or bool(total > 2 * self.best.total)
+
+    def restore(self, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            x.copy_(self.best_x)
+        self.diverged = False
 
 
 class Engine:
@@ -195,7 +221,7 @@ class Engine:
         frames: list[Image.Image] = []
         if p.frame_every:
             frames.append(self._frame(x, p))
-        last: list[Losses] = []
+        guard = _Guard(x)
 
         def closure() -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
@@ -203,33 +229,46 @@ class Engine:
                 feats = extractor(x)
             losses = objective(feats, x)
             losses.total.backward()
-            last[:] = [Losses(*(t.detach() for t in (losses.content, losses.style, losses.tv, losses.total)))]
+            guard.saw(Losses(*(t.detach() for t in (losses.content, losses.style, losses.tv, losses.total))), x)
             return losses.total
 
         t_opt = time.perf_counter()
+        restarts = 0
         for step in range(1, p.steps + 1):
             opt.step(closure)
             if p.optimizer == "adam":
                 with torch.no_grad():
                     x.clamp_(0, 1)
+            elif guard.diverged:
+                # L-BFGS without a line search can overshoot wildly on a bad curvature estimate:
+                # go back to the best picture so far and rebuild the history from there.
+                guard.restore(x)
+                opt.state.clear()
+                restarts += 1
             if p.frame_every and (step % p.frame_every == 0 or step == p.steps):
                 frames.append(self._frame(x, p))
             if on_step is not None:
-                on_step(StepInfo(step, p.steps, time.perf_counter() - t_opt, last[0]))
+                on_step(StepInfo(step, p.steps, time.perf_counter() - t_opt, guard.last))
+        # The last update has not been evaluated: keep it only if it is no worse than the best.
+        with torch.no_grad(), self._autocast():
+            final_losses = objective(extractor(x), x)
+        if guard.best is not None and not float(final_losses.total) <= float(guard.best.total):
+            guard.restore(x)
+            final_losses = guard.best
         t_done = time.perf_counter()
 
-        final = images.to_pil(x)
         if frames:
             frames[-1] = self._frame(x, p)
         result = Result(
-            image=final,
+            image=images.to_pil(x),
             frames=frames,
-            losses=last[0].as_floats() if last else {},
+            losses=final_losses.as_floats(),
             steps=p.steps,
             size=(w, h),
             device=str(dev),
             precision=self.precision,
             timings={"prepare": t_opt - t0, "optimise": t_done - t_opt},
+            restarts=restarts,
         )
         if dev.type == "cuda":
             result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(dev))

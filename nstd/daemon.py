@@ -1,0 +1,213 @@
+"""`nstd run`: the intake loop that turns dropped files into queued jobs, and the workers.
+
+inbox -> (settled, validated, images decoded) -> claim into state -> queue -> worker -> outbox.
+Anything wrong with a user's files ends in quarantine with the reason; nothing a user drops can
+stop the daemon.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from loguru import logger
+
+from nstd import logs
+from nstd.engine import ImageError, WeightsError, images
+from nstd.inbox import Pending, Readiness, list_sidecars
+from nstd.job import JobError, job_name, job_settings
+from nstd.status import Status, iso
+from nstd.store import Folders, Store
+from nstd.watcher import InboxWatcher
+from nstd.worker import JobQueue, Worker
+
+TICK = 0.25
+
+
+class Daemon:
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+        self.folders = Folders.from_config(cfg)
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        self.queue = JobQueue()
+        self.workers: list[Worker] = []
+
+    def request_stop(self, *_args) -> None:
+        if not self.stop.is_set():
+            logger.info("stopping: no new job is taken; the running one finishes")
+        self.stop.set()
+        self.wake.set()
+
+    # ------------------------------------------------------------------ start
+
+    def start(self) -> None:
+        """Folders, logging, recovery, the network(s), the watcher. Raises on a start-up problem."""
+        self.folders.check_layout()
+        self.folders.create()
+        logs.setup(self.cfg["logging"], self.folders.logs)
+        self.store = Store(self.folders)
+        self.status = Status(self.folders.state)
+        self.status.update(force=True, state="starting")
+        w = self.cfg["watch"]
+        self.readiness = Readiness(w["settle_seconds"], w["missing_timeout"], self.cfg["limits"]["max_sidecar_bytes"],
+                                   self.folders.inbox)
+        recovered = self.store.recover()
+        devices = self.cfg["gpu"]["devices"] or [self.cfg["engine"]["device"]]
+        for dev in devices:
+            worker = Worker(self.cfg, dev, self.queue, self.store, self.status)
+            logger.info("network {} loaded on {} ({})", self.cfg["engine"]["weights"], worker.engine.device,
+                        worker.engine.precision)
+            self.workers.append(worker)
+        max_attempts = self.cfg["queue"]["max_attempts"]
+        for job in recovered:
+            if job.record.get("attempts", 0) >= max_attempts:
+                self.workers[0].quarantine(
+                    job, JobError("crashed", f"the daemon stopped during this job {job.record['attempts']} times "
+                                  f"(queue.max_attempts={max_attempts})", "run"), job.dir / "job.log")
+            else:
+                logger.bind(job=job.name).info("found in state after a restart; queued again")
+                self.queue.put(job)
+        self.watcher = InboxWatcher(self.folders.inbox, w["polling"], w["poll_interval_seconds"], self.wake)
+        self.watcher.start()
+        for worker in self.workers:
+            worker.start()
+        logger.info("watching {} ({})", self.folders.inbox, "polling" if w["polling"] else "inotify")
+
+    def run(self) -> None:
+        """The intake loop, until a stop is requested."""
+        rescan_every = self.cfg["watch"]["rescan_seconds"]
+        next_scan = 0.0
+        inbox_ok = True
+        self.status.update(force=True, state="running", queue=self.queue.names())
+        while not self.stop.is_set():
+            woke = self.wake.wait(TICK)
+            self.wake.clear()
+            now = time.monotonic()
+            if self.stop.is_set():
+                break
+            self.watcher.ensure_alive()
+            if woke or now >= next_scan:
+                next_scan = now + rescan_every
+                try:
+                    sidecars = list_sidecars(self.folders.inbox)
+                    if not inbox_ok:
+                        logger.info("the inbox is back")
+                    inbox_ok = True
+                except OSError as exc:
+                    if inbox_ok:
+                        logger.error("cannot read the inbox {}: {}", self.folders.inbox, exc)
+                    inbox_ok = False
+                    continue
+                self.readiness.update(sidecars)
+            for verdict in self.readiness.check():
+                self.handle(verdict.pending, verdict.error)
+            self.status.update(waiting=len(self.readiness.pending), queue=self.queue.names())
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            worker.stopping.set()
+        for worker in self.workers:
+            while worker.is_alive():
+                worker.join(timeout=1)
+        self.watcher.stop()
+        self.status.update(force=True, state="stopped", running=None)
+        logger.info("stopped")
+
+    # ------------------------------------------------------------------ intake
+
+    def handle(self, p: Pending, error: JobError | None) -> None:
+        """A sidecar that is ready (error None) or judged: claim it, or quarantine it."""
+        name = job_name(p.sidecar)
+        log = logger.bind(job=name, job_id=f"intake:{p.sidecar}")
+        with logs.captured(f"intake:{p.sidecar}") as lines:
+            try:
+                if error is not None:
+                    raise error
+                record = self._validate(p, log)
+            except JobError as exc:
+                log.error("{}: {}", exc.kind, exc.message)
+                self._quarantine_inbox(p, name, exc, lines)
+                return
+            except Exception as exc:  # unexpected: keep the job, keep the daemon
+                log.exception("could not take the job: {}", exc)
+                self._quarantine_inbox(p, name, JobError("internal error", f"{type(exc).__name__}: {exc}"), lines)
+                return
+            files = p.files
+            roles = {"content": files.content, **{f"style{i}": s for i, (s, _) in enumerate(files.styles)},
+                     **({"init": files.init} if files.init else {}), "sidecar": files.sidecar}
+            shared = self.readiness.waiting_references(exclude=p.sidecar) & set(roles.values())
+            record["origins_by_role"] = {r: str(path.relative_to(self.folders.inbox)) for r, path in roles.items()}
+            job = self.store.claim(name, roles, shared, record)
+            self.readiness.forget(p.sidecar)
+            log.info("claimed as {} (priority {}){}", job.id, record["priority"],
+                     f"; kept {len(shared)} shared file(s) in the inbox" if shared else "")
+        (job.dir / "job.log").write_text("".join(lines), encoding="utf-8")
+        self.queue.put(job)
+
+    def _validate(self, p: Pending, log) -> dict:
+        """Settings and images checked before a job is queued: a bad image never reaches a worker."""
+        assert p.data is not None and p.files is not None
+        settings = job_settings(p.data, self.cfg["defaults"])
+        max_pixels = self.cfg["limits"]["max_pixels"]
+        for path in p.files.inputs()[:-1]:
+            try:
+                img = images.open_image(path, max_pixels)
+            except ImageError as exc:
+                raise JobError("bad image", str(exc)) from None
+            log.debug("{}: {}x{}", path.name, *img.size)
+        return {
+            "settings": settings,
+            "priority": settings["priority"],
+            "style_weights": [w for _, w in p.files.styles],
+            "first_seen": time.time() - (time.monotonic() - p.first_seen),
+        }
+
+    def _quarantine_inbox(self, p: Pending, name: str, exc: JobError, lines: list[str]) -> None:
+        files = [p.sidecar]
+        if p.files is not None:
+            files = [f for f in p.files.inputs() if f.exists()]
+        else:
+            files += convention_files(p.sidecar)
+        shared = self.readiness.waiting_references(exclude=p.sidecar) & set(files)
+        error = {"job": name, "stage": exc.stage, "kind": exc.kind, "message": exc.message, "attempts": 0,
+                 "times": {"seen": iso(time.time() - (time.monotonic() - p.first_seen)), "failed": iso(time.time())}}
+        try:
+            final = self.store.quarantine_from_inbox(name, files, shared, error, "".join(lines))
+        except OSError as exc2:
+            logger.bind(job=name).error("could not quarantine: {}; will try again", exc2)
+            return
+        self.readiness.forget(p.sidecar)
+        logger.bind(job=name).warning("quarantined in {}: {}", final, exc.message)
+        self.status.count("failed")
+
+
+def convention_files(sidecar: Path) -> list[Path]:
+    """`<name>.content.*` and `<name>.style.*` beside a sidecar that could not be read."""
+    stem = job_name(sidecar)
+    return sorted(p for p in sidecar.parent.glob(f"{stem}.*") if p != sidecar and p.is_file()
+                  and p.name.split(".")[-2] in ("content", "style") and p.name.rsplit(".", 2)[0] == stem)
+
+
+
+def run_daemon(cfg: dict) -> int:
+    daemon = Daemon(cfg)
+    signal.signal(signal.SIGTERM, daemon.request_stop)
+    signal.signal(signal.SIGINT, daemon.request_stop)
+    try:
+        daemon.start()
+    except (ValueError, OSError) as exc:
+        logger.error("cannot start: {}", exc)
+        print(f"nstd: error: {exc}", file=sys.stderr)
+        return 2
+    except WeightsError as exc:
+        logger.error("cannot load the weights: {}", exc)
+        print(f"nstd: error: {exc}", file=sys.stderr)
+        return 3
+    try:
+        daemon.run()
+    finally:
+        daemon.shutdown()
+    return 0

@@ -1,0 +1,315 @@
+"""The queue and the serial worker: one job at a time per device, inside a memory budget.
+
+The worker owns an `Engine` (network loaded once), caches style targets by file content, size and
+layers, fits each job into `gpu.vram_budget_mb` from the predicted peak, and on out-of-memory
+retries smaller, then on the CPU (if allowed), else quarantines the job.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import io
+import itertools
+import json
+import platform
+import resource
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from loguru import logger
+
+from nstd import __version__, logs
+from nstd.engine import Engine, ImageError, StepInfo, images
+from nstd.engine.memory import fit_size
+from nstd.job import JobError, style_params
+from nstd.status import Status, iso
+from nstd.store import Claimed, Store
+
+#: Give up shrinking below this long edge.
+MIN_EDGE = 64
+SHRINK = 0.75
+
+
+class JobQueue:
+    """Highest priority first, then oldest claim first. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple] = []
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+
+    def put(self, job: Claimed) -> None:
+        with self._cond:
+            key = (-int(job.record.get("priority", 0)), job.record["claimed_at"], next(self._seq))
+            heapq.heappush(self._heap, (key, job))
+            self._cond.notify()
+
+    def get(self, timeout: float) -> Claimed | None:
+        with self._cond:
+            if not self._heap:
+                self._cond.wait(timeout)
+            if not self._heap:
+                return None
+            return heapq.heappop(self._heap)[1]
+
+    def names(self) -> list[str]:
+        with self._cond:
+            return [job.name for _, job in sorted(self._heap, key=lambda e: e[0])]
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._heap)
+
+
+class StyleCache:
+    """Gram targets keyed by (style file digest, long edge, layers, pooling); least recently used goes."""
+
+    def __init__(self, capacity: int = 32):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple, dict] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple, compute: Callable[[], dict]) -> dict:
+        if key in self._items:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return self._items[key]
+        self.misses += 1
+        value = compute()
+        self._items[key] = value
+        if len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Worker(threading.Thread):
+    """Runs claimed jobs one after another on one device."""
+
+    def __init__(self, cfg: dict, device: str, queue: JobQueue, store: Store, status: Status,
+                 engine_factory: Callable[..., Engine] = Engine):
+        super().__init__(name=f"worker-{device}", daemon=True)
+        self.cfg = cfg
+        self.queue = queue
+        self.store = store
+        self.status = status
+        self.engine_factory = engine_factory
+        e = cfg["engine"]
+        self.engine = engine_factory(weights=e["weights"], weights_file=e["weights_file"], device=device,
+                                     precision=e["precision"], lbfgs_history=e["lbfgs_history"])
+        self._cpu_engine: Engine | None = None
+        self.cache = StyleCache()
+        self.stopping = threading.Event()
+        self.current: Claimed | None = None
+        self.heartbeat = time.monotonic()
+        if self.engine.device.type == "cuda":
+            self._cap_allocator()
+
+    def _cap_allocator(self) -> None:
+        dev = self.engine.device
+        total = torch.cuda.get_device_properties(dev).total_memory
+        budget = self.cfg["gpu"]["vram_budget_mb"] * 2**20
+        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), dev)
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            self.heartbeat = time.monotonic()
+            job = self.queue.get(timeout=0.5)
+            if job is not None:
+                self.process(job)
+
+    # ------------------------------------------------------------------ one job
+
+    def process(self, job: Claimed) -> None:
+        self.current = job
+        log = logger.bind(job=job.name, job_id=job.id)
+        job.record["attempts"] = job.record.get("attempts", 0) + 1
+        job.record.setdefault("started_at", []).append(time.time())
+        job.save()  # the attempt counts before anything can crash
+        log_path = job.dir / "job.log"
+        try:
+            with logs.job_file(job.id, log_path):
+                log.info("started (attempt {}) on {}", job.record["attempts"], self.engine.device)
+                try:
+                    outputs = self.run_job(job, log)
+                except JobError as exc:
+                    log.error("{}: {}", exc.kind, exc.message)
+                    self.quarantine(job, exc, log_path)
+                    return
+                except Exception as exc:  # a bug or an engine failure must not end the daemon
+                    log.error("internal error: {}\n{}", exc, traceback.format_exc())
+                    self.quarantine(job, JobError("internal error", f"{type(exc).__name__}: {exc}", "run"), log_path)
+                    return
+                log.info("finished; writing to the outbox")
+            outputs["job.log"] = log_path.read_bytes()
+            final = self.store.deliver(job, outputs)
+            logger.bind(job=job.name).info("delivered to {}", final)
+            self.status.count("done")
+        finally:
+            self.current = None
+            self.status.update(force=True, running=None, queue=self.queue.names())
+
+    def quarantine(self, job: Claimed, exc: JobError, log_path: Path) -> None:
+        error = {
+            "job": job.name,
+            "stage": exc.stage,
+            "kind": exc.kind,
+            "message": exc.message,
+            "attempts": job.record.get("attempts", 0),
+            "times": {"claimed": iso(job.record["claimed_at"]), "failed": iso(time.time())},
+        }
+        text = log_path.read_text(encoding="utf-8") if log_path.exists() else ""
+        final = self.store.quarantine_claimed(job, error, text)
+        logger.bind(job=job.name).warning("quarantined in {}: {}", final, exc.message)
+        self.status.count("failed")
+
+    def run_job(self, job: Claimed, log) -> dict[str, bytes]:
+        t0 = time.time()
+        rec = job.record
+        settings = rec["settings"]
+        max_pixels = self.cfg["limits"]["max_pixels"]
+        try:
+            content = images.open_image(job.input("content"), max_pixels)
+            style_paths = [job.input(f"style{i}") for i in range(len(rec["style_weights"]))]
+            styles = [images.open_image(p, max_pixels) for p in style_paths]
+            init = images.open_image(job.input("init"), max_pixels) if "init" in rec["files"] else None
+        except ImageError as exc:
+            raise JobError("bad image", str(exc), "run") from None
+        digests = [file_digest(p) for p in style_paths]
+        params = style_params(settings)
+        t_loaded = time.time()
+
+        engine, size, oom_retries, fallback = self.engine, params.size, 0, False
+        if engine.device.type == "cuda":
+            size = self._fit_budget(content, params, engine)
+            if size < params.size:
+                log.info("size {} lowered to {} to fit gpu.vram_budget_mb={}", params.size, size,
+                         self.cfg["gpu"]["vram_budget_mb"])
+        t_opt = time.time()
+        while True:
+            p = params.__class__(**{**params.__dict__, "size": size})
+            try:
+                result = self._stylize(engine, content, styles, digests, rec["style_weights"], p, init, job, log)
+                break
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+                oom_retries += 1
+                if engine.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.cache.clear()
+                smaller = int(size * SHRINK)
+                if smaller >= MIN_EDGE and engine.device.type == "cuda":
+                    log.warning("out of memory at {} px; retrying at {} px", size, smaller)
+                    size = smaller
+                    continue
+                if self.cfg["gpu"]["cpu_fallback"] and engine.device.type != "cpu":
+                    log.warning("out of memory at {} px; finishing on the CPU at {} px", size, params.size)
+                    engine, size, fallback = self._cpu(), params.size, True
+                    continue
+                raise JobError("out of memory", f"out of memory at {size} px on {engine.device}", "run") from None
+        t_done = time.time()
+
+        fmt = settings["output"]["format"]
+        outputs = {f"{job.name}.{fmt}": images.encode(result.image, fmt)}
+        if settings["gif"] and result.frames:
+            buf = io.BytesIO()
+            images.save_gif_to(result.frames, buf, settings["gif"]["fps"])
+            outputs[f"{job.name}.gif"] = buf.getvalue()
+        t_enc = time.time()
+        effective = {"content": rec["origins_by_role"]["content"],
+                     "style": [{"path": rec["origins_by_role"][f"style{i}"], "weight": w}
+                               for i, w in enumerate(rec["style_weights"])],
+                     **settings}
+        outputs["job.yaml"] = yaml.safe_dump(effective, sort_keys=False, allow_unicode=True).encode()
+        report = {
+            "job": job.name,
+            "status": "done",
+            "attempts": rec["attempts"],
+            "timings": {
+                "waited": round(t0 - rec["claimed_at"], 3),
+                "loaded": round(t_loaded - t0, 3),
+                "optimised": round(t_done - t_opt, 3),
+                "encoded": round(t_enc - t_done, 3),
+            },
+            "steps": result.steps,
+            "losses": result.losses,
+            "device": result.device,
+            "precision": result.precision,
+            "size_requested": params.size,
+            "size_used": list(result.size),
+            "oom_retries": oom_retries,
+            "cpu_fallback": fallback,
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "style_cache": {"hits": self.cache.hits, "misses": self.cache.misses},
+            "weights": self.cfg["engine"]["weights"],
+            "versions": {"nstd": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        }
+        outputs["report.json"] = json.dumps(report, indent=1).encode()
+        log.info("done: {}x{} in {:.1f} s, losses {}", *result.size, t_done - t_opt,
+                 ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items()))
+        return outputs
+
+    def _fit_budget(self, content, params, engine) -> int:
+        w, h = images.fit_long_edge(content.size, params.size)
+        layers = list(dict.fromkeys((*params.content_layers, *params.style_layers)))
+        fit = fit_size(h, w, self.cfg["gpu"]["vram_budget_mb"] * 2**20, min_long_edge=MIN_EDGE, layers=layers,
+                       optimizer=params.optimizer, history=engine.lbfgs_history, precision=engine.precision,
+                       pooling=params.pooling)
+        return max(fit) if fit else MIN_EDGE
+
+    def _cpu(self) -> Engine:
+        if self._cpu_engine is None:
+            e = self.cfg["engine"]
+            self._cpu_engine = self.engine_factory(weights=e["weights"], weights_file=e["weights_file"], device="cpu",
+                                                   precision=e["precision"], lbfgs_history=e["lbfgs_history"])
+        return self._cpu_engine
+
+    def _stylize(self, engine, content, styles, digests, weights, p, init, job, log):
+        edge = max(16, round(max(images.fit_long_edge(content.size, p.size)) * p.style_scale))
+        grams = [
+            self.cache.get((d, edge, p.style_layers, p.pooling, str(engine.device)),
+                           lambda img=img: engine.style_grams(img, edge, p.style_layers, p.pooling))
+            for d, img in zip(digests, styles)
+        ]
+        every = max(1, p.steps // 20)
+        name = job.name
+
+        def on_step(info: StepInfo) -> None:
+            self.heartbeat = time.monotonic()
+            eta = info.elapsed / info.step * (info.steps - info.step)
+            self.status.update(running={"name": name, "step": info.step, "steps": info.steps,
+                                        "eta_seconds": round(eta, 1), "device": str(engine.device)},
+                               queue=self.queue.names())
+            if info.step % every == 0 or info.step == info.steps:
+                loss = info.losses()["total"]
+                log.info("step {}/{} loss {:.4g} eta {:.0f} s", info.step, info.steps, loss, eta)
+
+        return engine.stylize(content, [(img, w) for img, w in zip(styles, weights)], p, init_image=init,
+                              on_step=on_step, style_grams=grams)
+

@@ -1,0 +1,124 @@
+"""The real daemon as a subprocess on temporary folders, for end-to-end tests."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+IMAGES = Path(__file__).resolve().parent.parent.parent / "shared" / "images"
+
+
+class Daemon:
+    def __init__(self, tmp: Path, **sections):
+        self.tmp = tmp
+        self.root = tmp / "var"
+        cfg = {
+            "paths": {"root": str(self.root)},
+            "watch": {"settle_seconds": 0.3, "rescan_seconds": 1.0, "missing_timeout": 30.0,
+                      "poll_interval_seconds": 0.2},
+            "engine": {"device": "cpu", "precision": "fp32"},
+            "logging": {"level": "DEBUG"},
+            "defaults": {"size": 32, "steps": 2, "gif": {"every": 1}},
+        }
+        for section, values in sections.items():
+            cfg.setdefault(section, {}).update(values)
+        self.config = tmp / "config.yaml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.proc: subprocess.Popen | None = None
+        self.runs = 0
+
+    # folders
+    inbox = property(lambda self: self.root / "inbox")
+    outbox = property(lambda self: self.root / "outbox")
+    quarantine = property(lambda self: self.root / "quarantine")
+    state = property(lambda self: self.root / "state")
+
+    def start(self, wait: bool = True) -> "Daemon":
+        self.runs += 1
+        self.log = open(self.tmp / f"daemon-{self.runs}.log", "w")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+        self.proc = subprocess.Popen([sys.executable, "-m", "nstd.cli", "run", "--config", str(self.config)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        if wait:
+            self.wait(lambda: (self.status() or {}).get("state") == "running" and
+                      (self.status() or {}).get("pid") == self.proc.pid, 90, "the daemon to start")
+        return self
+
+    def status(self) -> dict | None:
+        try:
+            return json.loads((self.state / "status.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else 0
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def logs(self) -> str:
+        return "".join(p.read_text() for p in sorted(self.tmp.glob("daemon-*.log")))
+
+    def wait(self, predicate, timeout: float = 60, what: str = "a condition") -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if predicate():
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"the daemon exited ({self.proc.returncode}) waiting for {what}:\n{self.logs()[-4000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}:\n{self.logs()[-4000:]}")
+
+    # jobs
+    def image(self, name: str, as_name: str | None = None, folder: Path | None = None) -> Path:
+        dst = (folder or self.inbox) / (as_name or name)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(IMAGES / name, dst)
+        return dst
+
+    def drop(self, name: str, sidecar: dict | str, content: str = "hoovertowernight.jpg",
+             style: str = "starry_night.jpg", images: bool = True) -> Path:
+        """Images first, then the sidecar (written elsewhere and renamed in, as careful tools do)."""
+        if images:
+            if content:
+                self.image(content)
+            if style:
+                self.image(style)
+        text = sidecar if isinstance(sidecar, str) else yaml.safe_dump(sidecar)
+        tmp = self.inbox / f".{name}.yaml.tmp"
+        tmp.write_text(text)
+        os.rename(tmp, self.inbox / f"{name}.yaml")
+        return self.inbox / f"{name}.yaml"
+
+    def landed(self, name: str) -> bool:
+        return (self.outbox / name).is_dir()
+
+    def quarantined(self, name: str) -> bool:
+        return (self.quarantine / name).is_dir()
+
+    def error(self, name: str) -> dict:
+        return yaml.safe_load((self.quarantine / name / "error.yaml").read_text())
+
+    def wait_landed(self, *names: str, timeout: float = 90) -> None:
+        self.wait(lambda: all(self.landed(n) for n in names), timeout, f"{names} in the outbox")
+
+    def wait_quarantined(self, *names: str, timeout: float = 90) -> None:
+        self.wait(lambda: all(self.quarantined(n) for n in names), timeout, f"{names} in quarantine")

@@ -1,0 +1,162 @@
+"""End to end: the real daemon as a subprocess, real images at 32 px, a few steps."""
+import json
+import os
+import threading
+import time
+
+import pytest
+import yaml
+from PIL import Image
+
+from harness import IMAGES, Daemon
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    d = Daemon(tmp_path)
+    yield d
+    d.stop()
+
+
+def test_a_job_lands_complete(daemon):
+    daemon.start()
+    daemon.drop("tower", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 3})
+    daemon.wait_landed("tower")
+    out = daemon.outbox / "tower"
+    assert sorted(os.listdir(out)) == ["inputs", "job.log", "job.yaml", "report.json", "tower.gif", "tower.png"]
+    assert sorted(os.listdir(out / "inputs")) == ["hoovertowernight.jpg", "starry_night.jpg", "tower.yaml"]
+    assert (out / "inputs" / "starry_night.jpg").read_bytes() == (IMAGES / "starry_night.jpg").read_bytes()
+    assert Image.open(out / "tower.png").size == (32, 17)
+    with Image.open(out / "tower.gif") as gif:
+        assert gif.n_frames == 4  # start + one frame per step
+    job = yaml.safe_load((out / "job.yaml").read_text())
+    assert job["steps"] == 3 and job["style_weight"] == 1e4 and job["content"] == "hoovertowernight.jpg"
+    assert set(job) >= {"size", "optimizer", "init", "pooling", "content_layers", "style_layers", "seed", "gif", "output"}
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["timings"]) == {"waited", "loaded", "optimised", "encoded"}
+    assert report["steps"] == 3 and report["size_used"] == [32, 17] and report["device"] == "cpu"
+    assert report["weights"] == "vgg19-caffe" and "torch" in report["versions"]
+    log = (out / "job.log").read_text()
+    assert "claimed as" in log and "step 3/3" in log and "done:" in log
+    assert os.listdir(daemon.inbox) == [] and os.listdir(daemon.state / "jobs") == []
+    assert daemon.status()["done"] == 1
+    assert "| tower |" in (daemon.root / "logs" / "nstd.log").read_text()
+
+
+def test_ten_jobs_share_one_style(daemon):
+    daemon.start()
+    daemon.image("starry_night.jpg")
+    for i in range(10):
+        daemon.image("hoovertowernight.jpg", f"c{i}.jpg")
+    for i in range(10):
+        daemon.drop(f"j{i}", {"content": f"c{i}.jpg", "style": "starry_night.jpg", "steps": 1}, images=False)
+    violations = []
+
+    def watch():
+        style = daemon.inbox / "starry_night.jpg"
+        while not all(daemon.landed(f"j{i}") for i in range(10)):
+            present = style.exists()  # look at the style first: sidecars only ever leave
+            waiting = [n for n in os.listdir(daemon.inbox) if n.endswith(".yaml")]
+            if waiting and not present:
+                # The last job's own claim moves the style a moment before its sidecar (the commit
+                # marker, moved last); a sidecar still there after that moment was left stranded.
+                time.sleep(0.5)
+                stranded = [n for n in waiting if (daemon.inbox / n).exists()]
+                if stranded:
+                    violations.append(stranded)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    daemon.wait_landed(*(f"j{i}" for i in range(10)))
+    t.join()
+    assert violations == []
+    assert not (daemon.inbox / "starry_night.jpg").exists()
+    for i in range(10):
+        assert (daemon.outbox / f"j{i}" / "inputs" / "starry_night.jpg").stat().st_size > 0
+    caches = [json.loads((daemon.outbox / f"j{i}" / "report.json").read_text())["style_cache"] for i in range(10)]
+    assert max(c["misses"] for c in caches) == 1  # style targets computed once for the batch
+
+
+def test_named_by_convention_and_same_name_twice(daemon):
+    daemon.start()
+    daemon.image("hoovertowernight.jpg", "x.content.jpg")
+    daemon.image("the_scream.jpg", "x.style.jpg")
+    daemon.drop("x", "", images=False)
+    daemon.wait_landed("x")
+    daemon.image("hoovertowernight.jpg", "x.content.jpg")
+    daemon.image("the_scream.jpg", "x.style.jpg")
+    daemon.drop("x", "steps: 1\n", images=False)
+    daemon.wait_landed("x-2")
+    assert sorted(os.listdir(daemon.outbox / "x-2" / "inputs")) == ["x.content.jpg", "x.style.jpg", "x.yaml"]
+
+
+def test_slow_writer_is_not_taken_before_it_settles(tmp_path):
+    d = Daemon(tmp_path, watch={"settle_seconds": 1.0})
+    d.start()
+    try:
+        data = (IMAGES / "starry_night.jpg").read_bytes()
+        d.image("hoovertowernight.jpg")
+        d.drop("slow", {"content": "hoovertowernight.jpg", "style": "starry.jpg"}, images=False)
+        with open(d.inbox / "starry.jpg", "wb") as fh:
+            for i in range(0, len(data), len(data) // 8):
+                fh.write(data[i : i + len(data) // 8])
+                fh.flush()
+                time.sleep(0.4)
+                assert (d.inbox / "slow.yaml").exists(), "taken while still being written"
+        d.wait_landed("slow")
+        assert (d.outbox / "slow" / "inputs" / "starry.jpg").read_bytes() == data
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_file_renamed_into_the_inbox_is_taken_by_events(tmp_path, polling):
+    # The periodic rescan is an hour away: only the observer's events can find this job.
+    d = Daemon(tmp_path, watch={"polling": polling, "rescan_seconds": 3600})
+    d.start()
+    try:
+        staging = tmp_path / "staging"
+        d.image("hoovertowernight.jpg", folder=staging)
+        d.image("the_scream.jpg", folder=staging)
+        (staging / "moved.yaml").write_text("content: hoovertowernight.jpg\nstyle: the_scream.jpg\nsteps: 1\n")
+        for n in ("hoovertowernight.jpg", "the_scream.jpg", "moved.yaml"):
+            os.rename(staging / n, d.inbox / n)
+        d.wait_landed("moved", timeout=30)
+    finally:
+        d.stop()
+
+
+def test_jobs_dropped_while_down_are_taken_at_start(daemon):
+    daemon.root.mkdir()
+    (daemon.root / "inbox").mkdir()
+    daemon.drop("early", {"steps": 1, "content": "hoovertowernight.jpg", "style": "shipwreck.jpg"},
+                style="shipwreck.jpg")
+    daemon.start()
+    daemon.wait_landed("early")
+
+
+def test_priority_then_age(daemon):
+    daemon.start()
+    # One long job keeps the worker busy while the others queue up behind it.
+    daemon.drop("first", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 30, "size": 64})
+    daemon.wait(lambda: (daemon.status() or {}).get("running"), 60, "the first job to run")
+    daemon.drop("low", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 1})
+    time.sleep(0.5)
+    daemon.drop("high", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 1, "priority": 5})
+    daemon.wait_landed("first", "low", "high")
+    started = {n: json.loads((daemon.outbox / n / "report.json").read_text())["timings"]["waited"] for n in ("low", "high")}
+    assert (daemon.outbox / "high").stat().st_mtime < (daemon.outbox / "low").stat().st_mtime, started
+
+
+def test_status_command_while_running(daemon):
+    import subprocess
+    import sys
+
+    daemon.start()
+    daemon.drop("busy", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 120, "size": 64})
+    daemon.wait(lambda: ((daemon.status() or {}).get("running") or {}).get("step", 0) >= 2, 60, "a running job")
+    r = subprocess.run([sys.executable, "-m", "nstd.cli", "status", "--config", str(daemon.config)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "nstd is running" in r.stdout and "running: busy step" in r.stdout and "ETA" in r.stdout

@@ -1,0 +1,92 @@
+"""Sidecar parsing and path resolution: hostile YAML and paths that try to leave the inbox."""
+import os
+
+import pytest
+import yaml
+
+from nstd.job import JobError, read_sidecar, resolve_files, job_settings
+from nstd.config import load_config
+
+
+def sidecar(tmp_path, text: str, name="job.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    "text, kind, message",
+    [
+        ("content: [unclosed\n", "invalid job file", "not valid YAML"),
+        ("- a\n- b\n", "invalid job file", "expected a mapping of keys, got list"),
+        ("a: &x [1, 2]\nb: *x\n", "invalid job file", "anchors and aliases are not allowed"),
+        ("content: !!python/object/apply:os.system ['touch /tmp/pwned']\n", "invalid job file", "not valid YAML"),
+        ("size: !!python/name:os.system\n", "invalid job file", "not valid YAML"),
+    ],
+)
+def test_hostile_yaml(tmp_path, text, kind, message):
+    with pytest.raises(JobError, match=message) as info:
+        read_sidecar(sidecar(tmp_path, text), 65536)
+    assert info.value.kind == kind
+    assert not os.path.exists("/tmp/pwned")
+
+
+def test_billion_laughs_is_refused_quickly(tmp_path):
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i-1}"] * 9) + "]" for i in range(1, 10)]
+    with pytest.raises(JobError, match="anchors and aliases"):
+        read_sidecar(sidecar(tmp_path, "\n".join(lines)), 65536)
+
+
+def test_size_limit(tmp_path):
+    with pytest.raises(JobError, match="larger than 100 bytes"):
+        read_sidecar(sidecar(tmp_path, "steps: 1\n" + "#" * 200), 100)
+
+
+def test_paths_must_stay_inside_the_inbox(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (tmp_path / "secret.jpg").write_bytes(b"x")
+    os.symlink(tmp_path / "secret.jpg", inbox / "link.jpg")
+    cases = {
+        "content: ../secret.jpg\nstyle: s.jpg\n": "'..' is not allowed",
+        "content: /etc/passwd\nstyle: s.jpg\n": "absolute path",
+        "content: link.jpg\nstyle: s.jpg\n": "link that leads out",
+        "content: c.jpg\nstyle: [{path: sub/../../secret.jpg, weight: 1}]\n": "'..' is not allowed",
+    }
+    for text, message in cases.items():
+        with pytest.raises(JobError, match=message) as info:
+            resolve_files(yaml.safe_load(text), sidecar(inbox, text), inbox)
+        assert info.value.kind == "path outside inbox"
+
+
+def test_links_inside_and_subfolders_are_fine(tmp_path):
+    (tmp_path / "styles").mkdir()
+    (tmp_path / "styles" / "s.jpg").write_bytes(b"x")
+    (tmp_path / "c.jpg").write_bytes(b"x")
+    os.symlink("c.jpg", tmp_path / "alias.jpg")
+    files = resolve_files({"content": "alias.jpg", "style": "styles/s.jpg"}, tmp_path / "j.yaml", tmp_path)
+    assert files.content == tmp_path / "alias.jpg" and files.styles == [(tmp_path / "styles" / "s.jpg", 1.0)]
+
+
+def test_convention_names_and_blends(tmp_path):
+    for n in ("x.content.png", "x.style.jpg"):
+        (tmp_path / n).write_bytes(b"x")
+    files = resolve_files({}, tmp_path / "x.yaml", tmp_path)
+    assert files.content.name == "x.content.png" and files.styles[0][0].name == "x.style.jpg"
+    assert files.missing == [tmp_path / "x.yaml"]  # the sidecar itself was not written in this test
+    blend = resolve_files({"content": "a.jpg", "style": [{"path": "b.jpg", "weight": 0.7}, "c.jpg"]},
+                          tmp_path / "y.yaml", tmp_path)
+    assert [w for _, w in blend.styles] == [0.7, 1.0]
+    assert {p.name for p in blend.missing} == {"a.jpg", "b.jpg", "c.jpg", "y.yaml"}
+    with pytest.raises(JobError, match=r"style\[0\]: expected a file name or"):
+        resolve_files({"style": [{"file": "b.jpg"}]}, tmp_path / "z.yaml", tmp_path)
+
+
+def test_settings_name_the_key():
+    defaults = load_config(None)["defaults"]
+    assert job_settings({"content": "a", "style": "b", "steps": 5}, defaults)["steps"] == 5
+    with pytest.raises(JobError, match="colour: unknown key"):
+        job_settings({"colour": "red"}, defaults)
+    with pytest.raises(JobError, match="size: expected an integer from 32 to 8192, got 100000"):
+        job_settings({"size": 100000}, defaults)

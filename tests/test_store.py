@@ -1,0 +1,98 @@
+"""The on-disk lifecycle, and recovery from a crash in the middle of each transfer."""
+import json
+import os
+
+import pytest
+
+from nstd.store import Folders, Store, Transfer
+
+
+@pytest.fixture
+def store(tmp_path):
+    f = Folders(*(tmp_path / n for n in ("inbox", "outbox", "quarantine", "state", "logs")))
+    f.create()
+    return Store(f)
+
+
+def drop(store, name="j", shared_style=False):
+    inbox = store.f.inbox
+    (inbox / f"{name}.jpg").write_bytes(b"content-" + name.encode())
+    (inbox / "style.jpg").write_bytes(b"style")
+    (inbox / f"{name}.yaml").write_text(f"content: {name}.jpg\nstyle: style.jpg\n")
+    return {"content": inbox / f"{name}.jpg", "style0": inbox / "style.jpg", "sidecar": inbox / f"{name}.yaml"}
+
+
+def everything(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != "status.json")
+
+
+def test_claim_deliver(store):
+    files = drop(store)
+    job = store.claim("j", files, shared=set(), record={"priority": 0})
+    assert sorted(os.listdir(store.f.inbox)) == []
+    assert sorted(os.listdir(job.inputs)) == ["j.jpg", "j.yaml", "style.jpg"]
+    assert job.input("style0").read_bytes() == b"style"
+    final = store.deliver(job, {"j.png": b"png", "report.json": b"{}"})
+    assert final == store.f.outbox / "j"
+    assert sorted(os.listdir(final)) == ["inputs", "j.png", "report.json"]
+    assert not job.dir.exists()
+
+
+def test_shared_files_are_copied_and_stay(store):
+    files = drop(store)
+    job = store.claim("j", files, shared={files["style0"]}, record={"priority": 0})
+    assert (store.f.inbox / "style.jpg").read_bytes() == b"style"
+    assert job.input("style0").read_bytes() == b"style"
+
+
+def test_names_never_collide(store):
+    for expected in ("j", "j-2", "j-3"):
+        job = store.claim("j", drop(store), shared=set(), record={"priority": 0})
+        assert store.deliver(job, {"r.png": b"x"}).name == expected
+
+
+def test_quarantine_from_inbox_keeps_inputs_beside_error(store):
+    files = drop(store, name="error")  # a job named "error": its sidecar must not clash with error.yaml
+    final = store.quarantine_from_inbox("error", list(files.values()), set(), {"kind": "bad"}, "log line\n")
+    names = sorted(os.listdir(final))
+    assert "error.yaml" in names and "job.log" in names and "error.jpg" in names and "style.jpg" in names
+    assert any(n.endswith("error.yaml") and n != "error.yaml" for n in names)  # the user's sidecar, renamed
+    assert os.listdir(store.f.inbox) == []
+
+
+def test_recover_rolls_back_a_half_done_claim(store):
+    files = drop(store)
+    t = Transfer(store.f.jobs, "crashed")
+    t.put(files["content"], "inputs/j.jpg")  # ...then the power went out
+    store2 = Store(store.f)
+    assert store2.recover() == []
+    assert sorted(os.listdir(store.f.inbox)) == ["j.jpg", "j.yaml", "style.jpg"]
+    assert os.listdir(store.f.jobs) == []
+
+
+def test_recover_rolls_back_a_half_done_delivery(store):
+    job = store.claim("j", drop(store), shared=set(), record={"priority": 0})
+    t = Transfer(store.f.outbox, job.id)
+    (t.dir / "j.png").write_bytes(b"png")
+    t.put(job.inputs / "j.jpg", "inputs/j.jpg")
+    [again] = Store(store.f).recover()
+    assert again.id == job.id and sorted(os.listdir(again.inputs)) == ["j.jpg", "j.yaml", "style.jpg"]
+    assert os.listdir(store.f.outbox) == []
+
+
+def test_recover_drops_delivered_state_and_keeps_claimed(store):
+    job = store.claim("j", drop(store), shared=set(), record={"priority": 0})
+    delivered = store.f.jobs / "old"
+    delivered.mkdir()
+    (delivered / "claim.json").write_text(json.dumps({"id": "old", "name": "x"}))
+    [found] = Store(store.f).recover()
+    assert found.id == job.id and not delivered.exists()
+
+
+def test_layout_check(tmp_path):
+    f = Folders(tmp_path / "in", tmp_path / "in" / "out", tmp_path / "q", tmp_path / "s", tmp_path / "l")
+    with pytest.raises(ValueError, match="outbox.*inside the inbox"):
+        f.check_layout()
+    f = Folders(tmp_path / "root" / "in", tmp_path / "o", tmp_path / "q", tmp_path / "root", tmp_path / "l")
+    with pytest.raises(ValueError, match="inbox.*lies inside paths.state"):
+        f.check_layout()

@@ -1,0 +1,106 @@
+"""The worker's out-of-memory ladder, the queue order and the style cache, with a fake engine."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from nstd.config import load_config
+from nstd.engine.stylize import Result
+from nstd.job import JobError
+from nstd.status import Status
+from nstd.store import Claimed, Folders, Store
+from nstd.worker import JobQueue, StyleCache, Worker
+
+
+class FakeEngine:
+    """Runs out of memory above `oom_above` pixels on its device, like a small GPU would."""
+
+    calls: list = []
+
+    def __init__(self, device="cpu", oom_above=None, **_):
+        self.device = torch.device(device)
+        self.precision = "fp32"
+        self.lbfgs_history = 50
+        self.oom_above = oom_above
+
+    def style_grams(self, img, edge, layers, pooling):
+        return {"conv1_1": torch.zeros(1, 1, 1)}
+
+    def stylize(self, content, styles, params, init_image=None, on_step=None, style_grams=None):
+        w, h = (params.size, params.size * content.height // content.width)
+        FakeEngine.calls.append((str(self.device), params.size))
+        if self.oom_above is not None and w * h > self.oom_above:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return Result(image=Image.new("RGB", (w, h)), frames=[], losses={"total": 1.0}, steps=params.steps,
+                      size=(w, h), device=str(self.device), precision="fp32")
+
+
+def make_worker(tmp_path, monkeypatch, device, oom_above, cpu_fallback=True):
+    cfg = load_config(None)
+    cfg["gpu"]["cpu_fallback"] = cpu_fallback
+    cfg["gpu"]["vram_budget_mb"] = 100_000  # the budget is not what this test is about
+    cfg["defaults"]["gif"] = False
+    folders = Folders(*(tmp_path / n for n in ("inbox", "outbox", "quarantine", "state", "logs")))
+    folders.create()
+    monkeypatch.setattr(Worker, "_cap_allocator", lambda self: None)
+    factory = lambda device="cpu", **kw: FakeEngine(device, oom_above if device != "cpu" else None)
+    store = Store(folders)
+    return Worker(cfg, device, JobQueue(), store, Status(folders.state), engine_factory=factory), store
+
+
+def claim(store, cfg_defaults, size=512):
+    Image.new("RGB", (400, 300)).save(store.f.inbox / "c.png")
+    Image.new("RGB", (40, 30)).save(store.f.inbox / "s.png")
+    (store.f.inbox / "j.yaml").write_text("content: c.png\nstyle: s.png\n")
+    settings = {**cfg_defaults, "size": size, "gif": False}
+    files = {"content": store.f.inbox / "c.png", "style0": store.f.inbox / "s.png", "sidecar": store.f.inbox / "j.yaml"}
+    return store.claim("j", files, set(), {"settings": settings, "priority": 0, "style_weights": [1.0],
+                                           "origins_by_role": {"content": "c.png", "style0": "s.png"}})
+
+
+def test_oom_retries_smaller_on_the_gpu(tmp_path, monkeypatch):
+    w, store = make_worker(tmp_path, monkeypatch, "cuda", oom_above=200 * 150)
+    FakeEngine.calls = []
+    w.process(claim(store, w.cfg["defaults"]))
+    assert [s for _, s in FakeEngine.calls] == [512, 384, 288, 216, 162]
+    report = json.loads((store.f.outbox / "j" / "report.json").read_text())
+    assert report["oom_retries"] == 4 and report["size_used"][0] == 162 and not report["cpu_fallback"]
+
+
+def test_then_falls_back_to_the_cpu(tmp_path, monkeypatch):
+    w, store = make_worker(tmp_path, monkeypatch, "cuda", oom_above=10)
+    FakeEngine.calls = []
+    w.process(claim(store, w.cfg["defaults"]))
+    assert FakeEngine.calls[-1] == ("cpu", 512)
+    report = json.loads((store.f.outbox / "j" / "report.json").read_text())
+    assert report["cpu_fallback"] and report["device"] == "cpu"
+
+
+def test_else_quarantined_as_out_of_memory(tmp_path, monkeypatch):
+    w, store = make_worker(tmp_path, monkeypatch, "cuda", oom_above=10, cpu_fallback=False)
+    w.process(claim(store, w.cfg["defaults"]))
+
+    err = yaml.safe_load((store.f.quarantine / "j" / "error.yaml").read_text())
+    assert err["kind"] == "out of memory" and err["stage"] == "run"
+    assert sorted(p.name for p in (store.f.quarantine / "j").iterdir()) == ["c.png", "error.yaml", "j.yaml", "job.log", "s.png"]
+    assert "out of memory at 512 px" in (store.f.quarantine / "j" / "job.log").read_text()
+
+
+def test_queue_orders_by_priority_then_age():
+    q = JobQueue()
+    for name, prio, t in (("old-low", 0, 1.0), ("new-high", 5, 3.0), ("old-high", 5, 2.0), ("new-low", 0, 4.0)):
+        q.put(Claimed(Path("/nonexistent"), {"id": name, "name": name, "priority": prio, "claimed_at": t}))
+    assert q.names() == ["old-high", "new-high", "old-low", "new-low"]
+    assert [q.get(0).name for _ in range(4)] == ["old-high", "new-high", "old-low", "new-low"]
+    assert q.get(0.01) is None
+
+
+def test_style_cache_is_lru():
+    c = StyleCache(capacity=2)
+    calls = []
+    get = lambda k: c.get(k, lambda: calls.append(k) or {k: k})
+    get("a"), get("b"), get("a"), get("c"), get("b")
+    assert calls == ["a", "b", "c", "b"] and c.hits == 1
