@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nstd.job import SIDECAR_SUFFIXES, JobError, JobFiles, job_name, read_sidecar, resolve_files
+from nstd.job import SIDECAR_SUFFIXES, JobError, JobFiles, inside, read_sidecar, resolve_files
 
 #: Hidden and temporary names, and the litter operating systems and sync tools leave.
 IGNORED_PATTERNS = (
@@ -112,6 +112,8 @@ class Readiness:
         p.parsed_sig = sig
         p.error, p.files, p.data = None, None, None
         try:
+            if not inside(Path(os.path.realpath(p.sidecar)), Path(os.path.realpath(self.inbox))):
+                raise JobError("path outside inbox", f"{p.sidecar.name} is a link that leads out of the inbox")
             p.data = read_sidecar(p.sidecar, self.max_sidecar_bytes)
             p.files = resolve_files(p.data, p.sidecar, self.inbox)
         except JobError as exc:

@@ -251,7 +251,7 @@ class Worker(threading.Thread):
             "status": "done",
             "attempts": rec["attempts"],
             "timings": {
-                "waited": round(t0 - rec["claimed_at"], 3),
+                "waited": round(t0 - rec.get("first_seen", rec["claimed_at"]), 3),  # seen in the inbox -> started
                 "loaded": round(t_loaded - t0, 3),
                 "optimised": round(t_done - t_opt, 3),
                 "encoded": round(t_enc - t_done, 3),

@@ -45,6 +45,8 @@ def test_bad_input_is_quarantined_and_the_daemon_runs_on(tmp_path):
     outside.mkdir()
     os.mkfifo(outside / "fifo.jpg")  # opening this would block the daemon: it must never be read
     os.symlink(outside / "fifo.jpg", d.inbox / "sneaky.jpg")
+    os.mkfifo(outside / "job.yaml")
+    os.symlink(outside / "job.yaml", d.inbox / "linked-sidecar.yaml")  # the job file itself leads out
     d.image("hoovertowernight.jpg")
     d.image("starry_night.jpg")
     d.image("the_scream.jpg")  # 1200x1528 = 1.8 M pixels, over the 1.5 M limit
@@ -55,7 +57,9 @@ def test_bad_input_is_quarantined_and_the_daemon_runs_on(tmp_path):
             (d.inbox / fname).write_bytes(half[: len(half) // 2] if data is None else data)
         d.drop(name, text.replace("OUTSIDE", str(outside / "fifo.jpg")), images=False)
     d.drop("good-after", GOOD + "steps: 1\n", images=False)
-    d.wait_quarantined(*CASES, timeout=120)
+    d.wait_quarantined(*CASES, "linked-sidecar", timeout=120)
+    assert d.error("linked-sidecar")["kind"] == "path outside inbox"
+    assert (d.quarantine / "linked-sidecar" / "linked-sidecar.yaml").is_symlink()  # the link, moved as dropped
     d.wait_landed("good-after", timeout=60)
     assert d.alive()
     for name, (_, files, kind, words) in CASES.items():
@@ -70,7 +74,7 @@ def test_bad_input_is_quarantined_and_the_daemon_runs_on(tmp_path):
             assert fname in os.listdir(folder), (name, fname)
     assert (outside / "fifo.jpg").exists() and not (tmp_path / "PWNED").exists() and not os.path.exists("PWNED")
     assert (d.inbox / "sneaky.jpg").is_symlink()  # a link the daemon refused stays where the user put it
-    assert d.status()["failed"] == len(CASES) and d.status()["done"] == 1
+    assert d.status()["failed"] == len(CASES) + 1 and d.status()["done"] == 1
     assert d.stop() == 0
 
 
