@@ -145,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
     except ConfigError as exc:
         return _fail(str(exc), EXIT_BAD_INPUT)
-    return run_daemon(cfg)
+    return run_daemon(cfg, Path(args.config))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -15,31 +15,88 @@ from pathlib import Path
 from loguru import logger
 
 from nstd import logs
+from nstd.config import ConfigError, load_config
 from nstd.engine import ImageError, WeightsError, images
 from nstd.inbox import Pending, Readiness, list_sidecars
 from nstd.job import JobError, job_name, job_settings
+from nstd.service import Notifier, healthy
 from nstd.status import Status, iso
 from nstd.store import Folders, Store
 from nstd.watcher import InboxWatcher
 from nstd.worker import JobQueue, Worker
 
 TICK = 0.25
+STATUS_EVERY = 5.0
+
+#: Settings that only a restart applies (SIGHUP names them in a warning).
+RESTART_KEYS = ("paths", "engine", "gpu.devices", "watch.polling", "watch.poll_interval_seconds")
 
 
 class Daemon:
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, config_path: Path | None = None):
         self.cfg = cfg
+        self.config_path = config_path
         self.folders = Folders.from_config(cfg)
         self.stop = threading.Event()
         self.wake = threading.Event()
+        self.reload_requested = False
         self.queue = JobQueue()
         self.workers: list[Worker] = []
+        self.notify = Notifier()
 
     def request_stop(self, *_args) -> None:
+        """SIGTERM/SIGINT: take no new job; the running one gets shutdown_grace_seconds."""
+        grace = self.cfg["service"]["shutdown_grace_seconds"]
         if not self.stop.is_set():
-            logger.info("stopping: no new job is taken; the running one finishes")
+            logger.info("stopping: no new job is taken; the running one has {:g} s to finish", grace)
         self.stop.set()
+        for worker in self.workers:
+            if not worker.stopping.is_set():
+                worker.begin_stop(grace)
         self.wake.set()
+
+    def request_reload(self, *_args) -> None:
+        self.reload_requested = True
+        self.wake.set()
+
+    def reload(self) -> None:
+        """SIGHUP: job defaults, limits, watch timings, queue, budget and logging apply to the next job."""
+        self.reload_requested = False
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            logger.error("reload failed; keeping the running configuration: {}", exc)
+            return
+        needs_restart = [key for key in RESTART_KEYS if _get(self.cfg, key) != _get(new, key)]
+        for section in ("defaults", "limits", "queue", "service", "logging"):
+            self.cfg[section] = new[section]
+        for key in ("settle_seconds", "missing_timeout", "rescan_seconds"):
+            self.cfg["watch"][key] = new["watch"][key]
+        for key in ("vram_budget_mb", "cpu_fallback"):
+            self.cfg["gpu"][key] = new["gpu"][key]
+        logs.setup(self.cfg["logging"], self.folders.logs)
+        r = self.readiness
+        r.settle_seconds, r.missing_timeout = self.cfg["watch"]["settle_seconds"], self.cfg["watch"]["missing_timeout"]
+        r.max_sidecar_bytes = self.cfg["limits"]["max_sidecar_bytes"]
+        for worker in self.workers:
+            if worker.engine.device.type == "cuda":
+                worker._cap_allocator()
+        if needs_restart:
+            logger.warning("configuration reloaded; these settings need a restart to take effect: {}",
+                           ", ".join(needs_restart))
+        else:
+            logger.info("configuration reloaded")
+
+    def status_line(self) -> str:
+        running = next((w.current for w in self.workers if w.current is not None), None)
+        run = self.status.data.get("running") or {}
+        head = f"running {running.name} step {run.get('step', 0)}/{run.get('steps', '?')}" if running else "idle"
+        return (f"{head}; {len(self.queue)} queued, {len(self.readiness.pending)} waiting; "
+                f"{self.status.data['done']} done, {self.status.data['failed']} failed")
+
+    def healthy(self) -> bool:
+        limit = self.notify.watchdog_seconds or float("inf")
+        return healthy(self.watcher.alive(), [(w.is_alive(), w.heartbeat) for w in self.workers], limit)
 
     # ------------------------------------------------------------------ start
 
@@ -78,19 +135,29 @@ class Daemon:
 
     def run(self) -> None:
         """The intake loop, until a stop is requested."""
-        rescan_every = self.cfg["watch"]["rescan_seconds"]
         next_scan = 0.0
         inbox_ok = True
+        ready = False
+        next_ping = next_status = 0.0
+        ping_every = (self.notify.watchdog_seconds or 0) / 3
         self.status.update(force=True, state="running", queue=self.queue.names())
         while not self.stop.is_set():
-            woke = self.wake.wait(TICK)
+            woke = self.wake.wait(TICK) if ready else True
             self.wake.clear()
             now = time.monotonic()
             if self.stop.is_set():
                 break
+            if self.reload_requested:
+                self.reload()
             self.watcher.ensure_alive()
+            if ping_every and now >= next_ping and self.healthy():
+                self.notify.watchdog()
+                next_ping = now + ping_every
+            if ready and now >= next_status:
+                self.notify.status(self.status_line())
+                next_status = now + STATUS_EVERY
             if woke or now >= next_scan:
-                next_scan = now + rescan_every
+                next_scan = now + self.cfg["watch"]["rescan_seconds"]
                 try:
                     sidecars = list_sidecars(self.folders.inbox)
                     if not inbox_ok:
@@ -105,12 +172,24 @@ class Daemon:
             for verdict in self.readiness.check():
                 self.handle(verdict.pending, verdict.error)
             self.status.update(waiting=len(self.readiness.pending), queue=self.queue.names())
+            if not ready:
+                # The network is loaded, the inbox watched and scanned once: now systemd may call us up.
+                ready = True
+                self.notify.ready(self.status_line())
+                logger.info("ready")
 
     def shutdown(self) -> None:
-        for worker in self.workers:
-            worker.stopping.set()
+        """Let the running job finish within the grace time (or stop at a step), then exit."""
+        self.request_stop()
+        self.notify.stopping(f"stopping: {self.status_line()}")
+        grace = self.cfg["service"]["shutdown_grace_seconds"]
+        deadline = time.monotonic() + grace
         for worker in self.workers:
             while worker.is_alive():
+                # Keep systemd from killing a job that is finishing or writing its checkpoint.
+                self.notify.extend_timeout(max(0.0, deadline - time.monotonic()) + 30)
+                if self.notify.watchdog_seconds and self.healthy():
+                    self.notify.watchdog()
                 worker.join(timeout=1)
         self.watcher.stop()
         self.status.update(force=True, state="stopped", running=None)
@@ -192,10 +271,17 @@ def convention_files(sidecar: Path) -> list[Path]:
 
 
 
-def run_daemon(cfg: dict) -> int:
-    daemon = Daemon(cfg)
+def _get(cfg: dict, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def run_daemon(cfg: dict, config_path: Path | None = None) -> int:
+    daemon = Daemon(cfg, config_path)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
+    signal.signal(signal.SIGHUP, daemon.request_reload)
     try:
         daemon.start()
     except (ValueError, OSError) as exc:

@@ -24,9 +24,11 @@ from typing import Callable
 import torch
 import yaml
 from loguru import logger
+from PIL import Image
 
 from nstd import __version__, logs
-from nstd.engine import Engine, ImageError, StepInfo, images
+from nstd.fsutil import atomic_open
+from nstd.engine import Checkpoint, Engine, ImageError, Interrupted, StepInfo, images
 from nstd.engine.memory import fit_size
 from nstd.job import JobError, style_params
 from nstd.status import Status, iso
@@ -124,6 +126,7 @@ class Worker(threading.Thread):
         self._cpu_engine: Engine | None = None
         self.cache = StyleCache()
         self.stopping = threading.Event()
+        self.stop_deadline = float("inf")
         self.current: Claimed | None = None
         self.heartbeat = time.monotonic()
         if self.engine.device.type == "cuda":
@@ -134,6 +137,14 @@ class Worker(threading.Thread):
         total = torch.cuda.get_device_properties(dev).total_memory
         budget = self.cfg["gpu"]["vram_budget_mb"] * 2**20
         torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), dev)
+
+    def begin_stop(self, grace_seconds: float) -> None:
+        """Take no new job; the running one may go on for `grace_seconds`, then stops at a step."""
+        self.stop_deadline = time.monotonic() + grace_seconds
+        self.stopping.set()
+
+    def _should_stop(self) -> bool:
+        return self.stopping.is_set() and time.monotonic() >= self.stop_deadline
 
     def run(self) -> None:
         while not self.stopping.is_set():
@@ -156,6 +167,14 @@ class Worker(threading.Thread):
                 log.info("started (attempt {}) on {}", job.record["attempts"], self.engine.device)
                 try:
                     outputs = self.run_job(job, log)
+                except Interrupted as exc:
+                    self._save_checkpoint(job, exc.checkpoint)
+                    # An orderly stop is not a crash: give the attempt back.
+                    job.record["attempts"] -= 1
+                    job.save()
+                    log.warning("stopped at step {} for shutdown; it resumes from there at the next start",
+                                exc.checkpoint.step)
+                    return
                 except JobError as exc:
                     log.error("{}: {}", exc.kind, exc.message)
                     self.quarantine(job, exc, log_path)
@@ -203,6 +222,9 @@ class Worker(threading.Thread):
         params = style_params(settings)
         t_loaded = time.time()
 
+        resume = self._load_checkpoint(job)
+        if resume is not None:
+            log.info("resuming from the checkpoint at step {} of {}", resume.step, params.steps)
         engine, size, oom_retries, fallback = self.engine, params.size, 0, False
         if engine.device.type == "cuda":
             size = self._fit_budget(content, params, engine)
@@ -213,7 +235,8 @@ class Worker(threading.Thread):
         while True:
             p = params.__class__(**{**params.__dict__, "size": size})
             try:
-                result = self._stylize(engine, content, styles, digests, rec["style_weights"], p, init, job, log)
+                result = self._stylize(engine, content, styles, digests, rec["style_weights"], p, init, job, log,
+                                       resume)
                 break
             except Exception as exc:
                 if not is_oom(exc):
@@ -257,6 +280,8 @@ class Worker(threading.Thread):
                 "encoded": round(t_enc - t_done, 3),
             },
             "steps": result.steps,
+            "resumed_from_step": result.resumed_from or None,
+            "steps_run": result.steps - result.resumed_from,
             "losses": result.losses,
             "device": result.device,
             "precision": result.precision,
@@ -290,7 +315,7 @@ class Worker(threading.Thread):
                                                    precision=e["precision"], lbfgs_history=e["lbfgs_history"])
         return self._cpu_engine
 
-    def _stylize(self, engine, content, styles, digests, weights, p, init, job, log):
+    def _stylize(self, engine, content, styles, digests, weights, p, init, job, log, resume):
         edge = max(16, round(max(images.fit_long_edge(content.size, p.size)) * p.style_scale))
         grams = [
             self.cache.get((d, edge, p.style_layers, p.pooling, str(engine.device)),
@@ -311,5 +336,39 @@ class Worker(threading.Thread):
                 log.info("step {}/{} loss {:.4g} eta {:.0f} s", info.step, info.steps, loss, eta)
 
         return engine.stylize(content, [(img, w) for img, w in zip(styles, weights)], p, init_image=init,
-                              on_step=on_step, style_grams=grams)
+                              on_step=on_step, style_grams=grams, resume=resume,
+                              checkpoint_every=self.cfg["service"]["checkpoint_every"],
+                              on_checkpoint=lambda cp: self._save_checkpoint(job, cp, log),
+                              should_stop=self._should_stop)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, job: Claimed, cp: Checkpoint, log=None) -> None:
+        """The current image (float32, lossless) and the GIF frames so far, in the job's state folder."""
+        folder = job.dir / "checkpoint"
+        frames_dir = folder / "frames"
+        frames_dir.mkdir(parents=True, exist_ok=True)
+        for i, frame in enumerate(cp.frames):
+            path = frames_dir / f"{i:05d}.png"
+            if not path.exists():
+                images.save(frame, path, "png")
+        with atomic_open(folder / "checkpoint.pt") as fh:
+            torch.save({"step": cp.step, "image": cp.image, "frames": len(cp.frames)}, fh)
+        if log is not None:
+            log.debug("checkpoint at step {}", cp.step)
+
+    def _load_checkpoint(self, job: Claimed) -> Checkpoint | None:
+        folder = job.dir / "checkpoint"
+        try:
+            data = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+            frames = []
+            for i in range(int(data["frames"])):
+                with Image.open(folder / "frames" / f"{i:05d}.png") as img:
+                    frames.append(img.convert("RGB"))
+            return Checkpoint(int(data["step"]), data["image"].float(), frames)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # a damaged checkpoint costs the progress, never the job
+            logger.bind(job=job.name).warning("ignoring an unreadable checkpoint: {}", exc)
+            return None
 

@@ -40,16 +40,22 @@ class Daemon:
     quarantine = property(lambda self: self.root / "quarantine")
     state = property(lambda self: self.root / "state")
 
-    def start(self, wait: bool = True) -> "Daemon":
+    def start(self, wait: bool = True, env: dict | None = None) -> "Daemon":
         self.runs += 1
         self.log = open(self.tmp / f"daemon-{self.runs}.log", "w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "nstd.cli", "run", "--config", str(self.config)],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env)
         if wait:
             self.wait(lambda: (self.status() or {}).get("state") == "running" and
                       (self.status() or {}).get("pid") == self.proc.pid, 90, "the daemon to start")
         return self
+
+    def write_config(self, **sections) -> None:
+        cfg = yaml.safe_load(self.config.read_text())
+        for section, values in sections.items():
+            cfg.setdefault(section, {}).update(values)
+        self.config.write_text(yaml.safe_dump(cfg))
 
     def status(self) -> dict | None:
         try:

@@ -13,10 +13,10 @@ def running(d, name):
 
 
 def test_kill_9_during_a_job_then_restart(tmp_path):
-    d = Daemon(tmp_path)
+    d = Daemon(tmp_path, service={"checkpoint_every": 5})
     d.start()
     d.drop("long", {**LONG, "steps": 40})
-    d.wait(lambda: running(d, "long"), 60, "the job to run")
+    d.wait(lambda: ((d.status() or {}).get("running") or {}).get("step", 0) >= 7, 60, "a checkpoint")
     d.kill()
     assert not d.landed("long") and os.listdir(d.state / "jobs")
     d.start()
@@ -26,6 +26,8 @@ def test_kill_9_during_a_job_then_restart(tmp_path):
         assert os.listdir(d.state / "jobs") == [] and os.listdir(d.inbox) == []
         report = json.loads((d.outbox / "long" / "report.json").read_text())
         assert report["attempts"] == 2
+        k = report["resumed_from_step"]
+        assert k and k % 5 == 0 and report["steps_run"] == 40 - k  # resumed from the last checkpoint
         log = (d.outbox / "long" / "job.log").read_text()
         assert "started (attempt 1)" in log and "started (attempt 2)" in log
     finally:

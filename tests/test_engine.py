@@ -105,3 +105,22 @@ def test_result_is_never_worse_than_the_best_step(engine, pair):
     assert max(seen) > 100 * min(seen)  # the overshoot this test is about did happen
     assert r.restarts >= 1
     assert r.losses["total"] <= min(seen) + 1e-6
+
+
+def test_stop_checkpoint_and_resume_runs_only_the_remaining_steps(engine, pair):
+    from nstd.engine import Interrupted
+
+    content, style = pair
+    params = StyleParams(size=48, steps=20, frame_every=5)
+    saved, steps_seen = [], []
+    with pytest.raises(Interrupted) as info:
+        engine.stylize(content, [(style, 1.0)], params, checkpoint_every=4, on_checkpoint=saved.append,
+                       should_stop=lambda: len(saved) >= 2)
+    cp = info.value.checkpoint
+    assert [c.step for c in saved] == [4, 8] and cp.step == 8
+    assert cp.image.shape == (1, 3, 36, 48) and len(cp.frames) == 2  # start, step 5
+    r = engine.stylize(content, [(style, 1.0)], params, resume=cp, on_step=lambda i: steps_seen.append(i.step))
+    assert steps_seen == list(range(9, 21)) and r.resumed_from == 8
+    assert len(r.frames) == 5  # start, 5, 10, 15, 20
+    first = engine.stylize(content, [(style, 1.0)], StyleParams(size=48, steps=8, frame_every=0))
+    assert r.losses["total"] < first.losses["total"]  # the resumed run kept the progress made

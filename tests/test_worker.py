@@ -29,7 +29,7 @@ class FakeEngine:
     def style_grams(self, img, edge, layers, pooling):
         return {"conv1_1": torch.zeros(1, 1, 1)}
 
-    def stylize(self, content, styles, params, init_image=None, on_step=None, style_grams=None):
+    def stylize(self, content, styles, params, init_image=None, on_step=None, style_grams=None, **_):
         w, h = (params.size, params.size * content.height // content.width)
         FakeEngine.calls.append((str(self.device), params.size))
         if self.oom_above is not None and w * h > self.oom_above:

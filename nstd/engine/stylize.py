@@ -68,9 +68,27 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: int | None = None
     restarts: int = 0  # L-BFGS restarts after a diverging step
+    resumed_from: int = 0  # the checkpoint's step, when the run resumed one
 
 
 ProgressFn = Callable[[StepInfo], None]
+
+
+@dataclass
+class Checkpoint:
+    """Where a run is after `step` steps: enough to resume it (the L-BFGS history is not kept)."""
+
+    step: int
+    image: torch.Tensor  # (1, 3, H, W) float32 on the CPU
+    frames: list[Image.Image]
+
+
+class Interrupted(Exception):
+    """The run stopped at a step boundary because `should_stop()` said so; resume from `checkpoint`."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        super().__init__(f"stopped after step {checkpoint.step}")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -170,11 +188,17 @@ class Engine:
         init_image: Image.Image | None = None,
         on_step: ProgressFn | None = None,
         style_grams: Sequence[dict[str, torch.Tensor]] | None = None,
+        resume: Checkpoint | None = None,
+        checkpoint_every: int = 0,
+        on_checkpoint: Callable[[Checkpoint], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Result:
         """Stylize `content` with the weighted blend of `styles`.
 
         `style_grams` may carry precomputed targets (one dict per style, from `style_grams()`),
-        which the daemon caches across jobs.
+        which the daemon caches across jobs. `resume` continues from a checkpoint for the remaining
+        steps; `on_checkpoint` gets one every `checkpoint_every` steps; when `should_stop()` turns
+        true the run raises `Interrupted` with a checkpoint at that step boundary.
         """
         t0 = time.perf_counter()
         p = params
@@ -208,7 +232,13 @@ class Engine:
         )
         del content_feats
 
-        x = self._initial(p, content_t, init_image).requires_grad_(True)
+        if resume is not None:
+            x = resume.image.to(dev, torch.float32)
+            if x.shape != content_t.shape:  # resumed at another working size (memory budget)
+                x = torch.nn.functional.interpolate(x, size=content_t.shape[-2:], mode="bilinear", align_corners=False)
+            x = x.contiguous().requires_grad_(True)
+        else:
+            x = self._initial(p, content_t, init_image).requires_grad_(True)
         if p.optimizer == "lbfgs":
             opt: torch.optim.Optimizer = torch.optim.LBFGS(
                 [x], lr=1.0, max_iter=1, history_size=self.lbfgs_history, tolerance_grad=-1, tolerance_change=-1
@@ -218,9 +248,10 @@ class Engine:
         else:
             raise ValueError(f"unknown optimizer {p.optimizer!r} (expected lbfgs or adam)")
 
-        frames: list[Image.Image] = []
-        if p.frame_every:
+        frames: list[Image.Image] = list(resume.frames) if resume is not None else []
+        if p.frame_every and not frames:
             frames.append(self._frame(x, p))
+        start = resume.step if resume is not None else 0
         guard = _Guard(x)
 
         def closure() -> torch.Tensor:
@@ -234,7 +265,7 @@ class Engine:
 
         t_opt = time.perf_counter()
         restarts = 0
-        for step in range(1, p.steps + 1):
+        for step in range(start + 1, p.steps + 1):
             opt.step(closure)
             if p.optimizer == "adam":
                 with torch.no_grad():
@@ -249,6 +280,11 @@ class Engine:
                 frames.append(self._frame(x, p))
             if on_step is not None:
                 on_step(StepInfo(step, p.steps, time.perf_counter() - t_opt, guard.last))
+            if step < p.steps:
+                if checkpoint_every and on_checkpoint is not None and step % checkpoint_every == 0:
+                    on_checkpoint(Checkpoint(step, x.detach().float().cpu().clone(), list(frames)))
+                if should_stop is not None and should_stop():
+                    raise Interrupted(Checkpoint(step, x.detach().float().cpu().clone(), list(frames)))
         # The last update has not been evaluated: keep it only if it is no worse than the best.
         with torch.no_grad(), self._autocast():
             final_losses = objective(extractor(x), x)
@@ -269,6 +305,7 @@ class Engine:
             precision=self.precision,
             timings={"prepare": t_opt - t0, "optimise": t_done - t_opt},
             restarts=restarts,
+            resumed_from=start,
         )
         if dev.type == "cuda":
             result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(dev))
