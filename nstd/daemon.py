@@ -242,6 +242,7 @@ class Daemon:
             "priority": settings["priority"],
             "style_weights": [w for _, w in p.files.styles],
             "first_seen": time.time() - (time.monotonic() - p.first_seen),
+            "arrived": p.arrived,
         }
 
     def _quarantine_inbox(self, p: Pending, name: str, exc: JobError, lines: list[str]) -> None:

@@ -56,6 +56,9 @@ class Pending:
 
     sidecar: Path
     first_seen: float
+    #: when the job file arrived (its ctime: set by creating or renaming it into the inbox, and not
+    #: carried over by `cp -p` the way mtime is); "oldest first" means this
+    arrived: float = 0.0
     sig: tuple | None = None
     stable_since: float = 0.0
     files: JobFiles | None = None
@@ -90,7 +93,11 @@ class Readiness:
             del self.pending[gone]
         for s in sidecars:
             if s not in self.pending:
-                self.pending[s] = Pending(s, now)
+                try:
+                    arrived = s.lstat().st_ctime
+                except OSError:
+                    arrived = time.time()
+                self.pending[s] = Pending(s, now, arrived)
 
     def forget(self, sidecar: Path) -> None:
         self.pending.pop(sidecar, None)

@@ -37,9 +37,11 @@ class Notifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Never block: a full receive queue must not stall the daemon (a ping is dropped).
+                self._sock.setblocking(False)
             self._sock.sendto(message, self.address)
             return True
-        except OSError:
+        except OSError:  # includes BlockingIOError on a full queue
             return False
 
     def ready(self, status: str) -> bool:

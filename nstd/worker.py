@@ -40,7 +40,7 @@ SHRINK = 0.75
 
 
 class JobQueue:
-    """Highest priority first, then oldest claim first. Thread-safe."""
+    """Highest priority first, then the job file that arrived first. Thread-safe."""
 
     def __init__(self) -> None:
         self._heap: list[tuple] = []
@@ -49,7 +49,8 @@ class JobQueue:
 
     def put(self, job: Claimed) -> None:
         with self._cond:
-            key = (-int(job.record.get("priority", 0)), job.record["claimed_at"], next(self._seq))
+            rec = job.record
+            key = (-int(rec.get("priority", 0)), rec.get("arrived", rec["claimed_at"]), rec["claimed_at"], next(self._seq))
             heapq.heappush(self._heap, (key, job))
             self._cond.notify()
 

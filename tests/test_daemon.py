@@ -139,14 +139,18 @@ def test_jobs_dropped_while_down_are_taken_at_start(daemon):
 def test_priority_then_age(daemon):
     daemon.start()
     # One long job keeps the worker busy while the others queue up behind it.
-    daemon.drop("first", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 30, "size": 64})
+    daemon.drop("first", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 150, "size": 64})
     daemon.wait(lambda: (daemon.status() or {}).get("running"), 60, "the first job to run")
     daemon.drop("low", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 1})
-    time.sleep(0.5)
+    daemon.drop("low-later", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 1})
     daemon.drop("high", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 1, "priority": 5})
-    daemon.wait_landed("first", "low", "high")
-    started = {n: json.loads((daemon.outbox / n / "report.json").read_text())["timings"]["waited"] for n in ("low", "high")}
-    assert (daemon.outbox / "high").stat().st_mtime < (daemon.outbox / "low").stat().st_mtime, started
+    daemon.wait(lambda: len((daemon.status() or {}).get("queue", [])) == 3, 60, "three queued jobs")
+    assert (daemon.status() or {})["running"]["name"] == "first"  # still busy: the order is the queue's
+    assert daemon.status()["queue"][0] == "high"
+    daemon.wait_landed("first", "low", "low-later", "high")
+    starts = {n: (daemon.outbox / n / "job.log").read_text().split(" | INFO    | started")[0].rsplit("\n", 1)[-1]
+              for n in ("high", "low", "low-later")}
+    assert starts["high"] < starts["low"] < starts["low-later"], starts
 
 
 def test_status_command_while_running(daemon):

@@ -2,6 +2,7 @@
 import json
 import signal
 import socket
+import threading
 import time
 
 import yaml
@@ -20,18 +21,29 @@ def test_notify_ready_status_watchdog_stopping(tmp_path):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / "notify"))
     sock.settimeout(0.2)
+    messages, done = [], threading.Event()
+
+    def listen():  # read as systemd does, all the time
+        while not done.is_set():
+            try:
+                messages.append(sock.recv(4096).decode())
+            except socket.timeout:
+                pass
+
+    listener = threading.Thread(target=listen)
+    listener.start()
     d = Daemon(tmp_path)
-    d.start(env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "900000"})
-    d.drop("job", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 1})
-    d.wait_landed("job")
-    time.sleep(1.5)
-    assert d.stop() == 0
-    messages = []
-    while True:
-        try:
-            messages.append(sock.recv(4096).decode())
-        except socket.timeout:
-            break
+    try:
+        d.start(env={"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "900000"})
+        d.drop("job", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 1})
+        d.wait_landed("job")
+        time.sleep(1.5)
+        assert d.stop() == 0
+        time.sleep(0.5)
+    finally:
+        done.set()
+        listener.join()
+        d.stop()
     ready = [m for m in messages if "READY=1" in m]
     assert len(ready) == 1 and "STATUS=" in ready[0]
     assert messages.index(ready[0]) < len(messages) - 1

@@ -71,3 +71,16 @@ def test_unit_verifies(tmp_path):
     r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "nstd.service")], capture_output=True, text=True)
     problems = [l for l in (r.stdout + r.stderr).splitlines() if "nstd.service" in l]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+def test_a_full_queue_never_blocks(tmp_path):
+    """Nobody reads this socket: sends must fail fast once its queue is full, not hang."""
+    import time
+
+    sock = bound_socket(str(tmp_path / "notify"))
+    n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    t0 = time.monotonic()
+    results = [n.watchdog() for _ in range(2000)]
+    assert time.monotonic() - t0 < 5
+    assert results[0] and not all(results)
+    assert sock.recv(4096) == b"WATCHDOG=1"

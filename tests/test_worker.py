@@ -92,7 +92,9 @@ def test_else_quarantined_as_out_of_memory(tmp_path, monkeypatch):
 def test_queue_orders_by_priority_then_age():
     q = JobQueue()
     for name, prio, t in (("old-low", 0, 1.0), ("new-high", 5, 3.0), ("old-high", 5, 2.0), ("new-low", 0, 4.0)):
-        q.put(Claimed(Path("/nonexistent"), {"id": name, "name": name, "priority": prio, "claimed_at": t}))
+        # claimed in the reverse order of arrival: arrival decides
+        q.put(Claimed(Path("/nonexistent"), {"id": name, "name": name, "priority": prio, "arrived": t,
+                                             "claimed_at": 10 - t}))
     assert q.names() == ["old-high", "new-high", "old-low", "new-low"]
     assert [q.get(0).name for _ in range(4)] == ["old-high", "new-high", "old-low", "new-low"]
     assert q.get(0.01) is None
