@@ -139,7 +139,7 @@ def test_jobs_dropped_while_down_are_taken_at_start(daemon):
 def test_priority_then_age(daemon):
     daemon.start()
     # One long job keeps the worker busy while the others queue up behind it.
-    daemon.drop("first", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 150, "size": 64})
+    daemon.drop("first", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 80, "size": 64})
     daemon.wait(lambda: (daemon.status() or {}).get("running"), 60, "the first job to run")
     daemon.drop("low", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 1})
     daemon.drop("low-later", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 1})
@@ -153,10 +153,11 @@ def test_priority_then_age(daemon):
     assert starts["high"] < starts["low"] < starts["low-later"], starts
 
 
-def test_status_command_while_running(daemon):
+def test_status_command_while_running(tmp_path):
     import subprocess
     import sys
 
+    daemon = Daemon(tmp_path, service={"shutdown_grace_seconds": 0})
     daemon.start()
     daemon.drop("busy", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 120, "size": 64})
     daemon.wait(lambda: ((daemon.status() or {}).get("running") or {}).get("step", 0) >= 2, 60, "a running job")
@@ -164,3 +165,4 @@ def test_status_command_while_running(daemon):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "nstd is running" in r.stdout and "running: busy step" in r.stdout and "ETA" in r.stdout
+    assert daemon.stop() == 0

@@ -56,7 +56,7 @@ def test_notify_ready_status_watchdog_stopping(tmp_path):
 def test_sigterm_mid_job_stops_at_a_step_and_resumes_later(tmp_path):
     d = Daemon(tmp_path, service={"shutdown_grace_seconds": 0.5, "checkpoint_every": 5})
     d.start()
-    d.drop("long", LONG)
+    d.drop("long", {**LONG, "size": 48, "steps": 60})
     d.wait(lambda: step_of(d, "long") >= 7, 60, "a few steps")
     t0 = time.monotonic()
     d.proc.send_signal(signal.SIGTERM)
@@ -72,11 +72,10 @@ def test_sigterm_mid_job_stops_at_a_step_and_resumes_later(tmp_path):
         d.wait_landed("long", timeout=120)
         report = json.loads((d.outbox / "long" / "report.json").read_text())
         k = report["resumed_from_step"]
-        assert k >= 7 and report["steps_run"] == 400 - k and report["steps"] == 400
+        assert k >= 7 and report["steps_run"] == 60 - k and report["steps"] == 60
         log = (d.outbox / "long" / "job.log").read_text()
         assert f"stopped at step {k}" in log and f"resuming from the checkpoint at step {k}" in log
-        assert f"step {k}/400" not in log.split("resuming from the checkpoint")[1]  # step k is not run again
-        assert "| step 1/400" not in log.split("resuming from the checkpoint")[1]
+        assert f"step {k}/60 " not in log.split("resuming from the checkpoint")[1]  # step k is not run again
     finally:
         d.stop()
 
