@@ -27,6 +27,8 @@ from nstd.worker import JobQueue, Worker
 
 TICK = 0.25
 STATUS_EVERY = 5.0
+#: After a claim or quarantine that could not be written, wait this long before trying again.
+HOLD_SECONDS = 30.0
 
 #: Settings that only a restart applies (SIGHUP names them in a warning).
 RESTART_KEYS = ("paths", "engine", "gpu.devices", "watch.polling", "watch.poll_interval_seconds")
@@ -170,7 +172,11 @@ class Daemon:
                     continue
                 self.readiness.update(sidecars)
             for verdict in self.readiness.check():
-                self.handle(verdict.pending, verdict.error)
+                try:
+                    self.handle(verdict.pending, verdict.error)
+                except Exception as exc:  # a bug on one job must not stop the intake of the others
+                    logger.bind(job=verdict.pending.sidecar.name).exception("intake failed: {}", exc)
+                    verdict.pending.hold_until = time.monotonic() + HOLD_SECONDS
             self.status.update(waiting=len(self.readiness.pending), queue=self.queue.names())
             if not ready:
                 # The network is loaded, the inbox watched and scanned once: now systemd may call us up.
@@ -219,7 +225,12 @@ class Daemon:
                      **({"init": files.init} if files.init else {}), "sidecar": files.sidecar}
             shared = self.readiness.waiting_references(exclude=p.sidecar) & set(roles.values())
             record["origins_by_role"] = {r: str(path.relative_to(self.folders.inbox)) for r, path in roles.items()}
-            job = self.store.claim(name, roles, shared, record)
+            try:
+                job = self.store.claim(name, roles, shared, record)
+            except OSError as exc:  # rolled back: the files are still in the inbox
+                log.error("cannot claim: {}; trying again in {:g} s", exc, HOLD_SECONDS)
+                p.hold_until = time.monotonic() + HOLD_SECONDS
+                return
             self.readiness.forget(p.sidecar)
             log.info("claimed as {} (priority {}){}", job.id, record["priority"],
                      f"; kept {len(shared)} shared file(s) in the inbox" if shared else "")
@@ -256,8 +267,9 @@ class Daemon:
                  "times": {"seen": iso(time.time() - (time.monotonic() - p.first_seen)), "failed": iso(time.time())}}
         try:
             final = self.store.quarantine_from_inbox(name, files, shared, error, "".join(lines))
-        except OSError as exc2:
-            logger.bind(job=name).error("could not quarantine: {}; will try again", exc2)
+        except OSError as exc2:  # rolled back: the files are still in the inbox
+            logger.bind(job=name).error("could not quarantine: {}; trying again in {:g} s", exc2, HOLD_SECONDS)
+            p.hold_until = time.monotonic() + HOLD_SECONDS
             return
         self.readiness.forget(p.sidecar)
         logger.bind(job=name).warning("quarantined in {}: {}", final, exc.message)

@@ -65,7 +65,8 @@ class Pending:
     data: dict | None = None
     error: JobError | None = None
     parsed_sig: tuple | None = None
-    missing_logged: bool = False
+    #: after a failed claim or quarantine (a full disk, say): not looked at again before this
+    hold_until: float = 0.0
 
 
 @dataclass
@@ -131,6 +132,8 @@ class Readiness:
     def _check_one(self, p: Pending, now: float) -> Verdict | None:
         if not p.sidecar.exists() and not p.sidecar.is_symlink():
             self.pending.pop(p.sidecar, None)
+            return None
+        if now < p.hold_until:
             return None
         self._parse(p)
         if p.files is not None:

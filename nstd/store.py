@@ -15,8 +15,10 @@ import os
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from loguru import logger
 
@@ -85,10 +87,15 @@ def unique_name(parent: Path, name: str) -> Path:
     return candidate
 
 
+#: Bytes kept of a job name in the folder and file names nstd makes: room for "-NN", ".webp" and
+#: a temporary name within the 255-byte limit of most filesystems.
+NAME_BYTES = 180
+
+
 def safe_component(name: str) -> str:
-    """A job name usable as one folder name (the sidecar's own name normally is)."""
-    cleaned = "".join(c if c.isprintable() and c not in "/\0" else "_" for c in name).strip()
-    return (cleaned or "job")[:200]
+    """A job name usable in one folder or file name: printable, and at most NAME_BYTES of UTF-8."""
+    cleaned = "".join(c if c.isprintable() and c not in "/\0" else "_" for c in name).strip() or "job"
+    return cleaned.encode("utf-8")[:NAME_BYTES].decode("utf-8", "ignore")
 
 
 class Transfer:
@@ -178,6 +185,19 @@ class Store:
     def __init__(self, folders: Folders):
         self.f = folders
 
+    @contextmanager
+    def _transfer(self, parent: Path, tag: str) -> Iterator[Transfer]:
+        """A Transfer that is rolled back at once if anything fails (a full disk, say)."""
+        t = Transfer(parent, tag)
+        try:
+            yield t
+        except BaseException:
+            try:
+                rollback(t.dir)
+            except Exception as exc:  # recovery at the next start will try again
+                logger.error("could not roll back {}: {}", t.dir, exc)
+            raise
+
     # ------------------------------------------------------------------ start-up
 
     def recover(self) -> list[Claimed]:
@@ -217,7 +237,11 @@ class Store:
         moves last.
         """
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        t = Transfer(self.f.jobs, job_id)
+        with self._transfer(self.f.jobs, job_id) as t:
+            return self._claim_into(t, job_id, name, files, shared, record)
+
+    def _claim_into(self, t: Transfer, job_id: str, name: str, files: dict[str, Path], shared: set[Path],
+                    record: dict) -> Claimed:
         names: dict[str, str] = {}
         moved: dict[Path, str] = {}
         order = sorted(files.items(), key=lambda kv: kv[0] == "sidecar")
@@ -225,7 +249,7 @@ class Store:
             if src in moved:
                 names[role] = moved[src]
                 continue
-            base = safe_component(src.name)
+            base = src.name  # inputs keep the name they were dropped with
             taken = set(moved.values())
             candidate, n = base, 1
             while candidate in taken:
@@ -249,34 +273,34 @@ class Store:
 
     def quarantine_from_inbox(self, name: str, files: list[Path], shared: set[Path], error: dict, log: str) -> Path:
         """A job judged in the inbox: its files (copies of shared ones) go to quarantine/<name>/."""
-        t = Transfer(self.f.quarantine, uuid.uuid4().hex[:12])
-        used = {"error.yaml", "job.log"}
-        for src in dict.fromkeys(files):
-            if not (src.exists() or src.is_symlink()):
-                continue
-            t.put(src, _free_name(src.name, used), copy=src in shared)
-        _write_error(t.dir, error, log)
-        return t.commit(self.f.quarantine / safe_component(name))
+        with self._transfer(self.f.quarantine, uuid.uuid4().hex[:12]) as t:
+            used = {"error.yaml", "job.log"}
+            for src in dict.fromkeys(files):
+                if not (src.exists() or src.is_symlink()):
+                    continue
+                t.put(src, _free_name(src.name, used), copy=src in shared)
+            _write_error(t.dir, error, log)
+            return t.commit(self.f.quarantine / safe_component(name))
 
     def quarantine_claimed(self, job: Claimed, error: dict, log: str) -> Path:
-        t = Transfer(self.f.quarantine, job.id)
-        used = {"error.yaml", "job.log"}
-        for p in sorted(job.inputs.iterdir()):
-            t.put(p, _free_name(p.name, used))
-        _write_error(t.dir, error, log)
-        final = t.commit(self.f.quarantine / safe_component(job.name))
-        shutil.rmtree(job.dir)
+        with self._transfer(self.f.quarantine, job.id) as t:
+            used = {"error.yaml", "job.log"}
+            for p in sorted(job.inputs.iterdir()):
+                t.put(p, _free_name(p.name, used))
+            _write_error(t.dir, error, log)
+            final = t.commit(self.f.quarantine / safe_component(job.name))
+        shutil.rmtree(job.dir, ignore_errors=True)
         return final
 
     def deliver(self, job: Claimed, outputs: dict[str, bytes]) -> Path:
         """Write the results, move the inputs beside them, and rename outbox/<name> into place."""
-        t = Transfer(self.f.outbox, job.id)
-        for rel, data in outputs.items():
-            atomic_write_bytes(t.dir / rel, data)
-        for p in sorted(job.inputs.iterdir()):
-            t.put(p, f"inputs/{p.name}")
-        final = t.commit(self.f.outbox / safe_component(job.name))
-        shutil.rmtree(job.dir)
+        with self._transfer(self.f.outbox, job.id) as t:
+            for rel, data in outputs.items():
+                atomic_write_bytes(t.dir / rel, data)
+            for p in sorted(job.inputs.iterdir()):
+                t.put(p, f"inputs/{p.name}")
+            final = t.commit(self.f.outbox / safe_component(job.name))
+        shutil.rmtree(job.dir, ignore_errors=True)
         return final
 
 

@@ -6,6 +6,7 @@ it restarts the observer if its thread dies (a share that dropped out, say).
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -23,7 +24,7 @@ class _Wake(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         try:
-            if event.event_type in ("created", "modified", "moved", "closed"):
+            if event.event_type in ("created", "modified", "moved", "closed", "deleted"):
                 dest = getattr(event, "dest_path", "") or event.src_path
                 name = Path(str(dest)).name
                 if not is_ignored(name) or event.event_type == "moved":
@@ -39,32 +40,49 @@ class InboxWatcher:
         self.poll_interval = poll_interval
         self.wake = wake
         self.observer = None
+        self.inode: int | None = None
         self.restarts = 0
+        self._warned = False
+
+    def _inbox_inode(self) -> int | None:
+        try:
+            return os.stat(self.inbox).st_ino
+        except OSError:
+            return None
 
     def start(self) -> bool:
-        """Start an observer; False (and a warning) if the inbox cannot be watched right now."""
+        """Start an observer; False (and one warning) if the inbox cannot be watched right now."""
+        inode = self._inbox_inode()
         obs = PollingObserver(timeout=self.poll_interval) if self.polling else Observer()
         try:
+            if inode is None:
+                raise FileNotFoundError(f"{self.inbox} does not exist")
             obs.schedule(_Wake(self.wake), str(self.inbox), recursive=False)
             obs.start()
         except Exception as exc:
-            logger.warning("cannot watch {} ({}); rescanning on the timer until it can be", self.inbox, exc)
+            if not self._warned:
+                logger.warning("cannot watch {} ({}); rescanning on the timer until it can be", self.inbox, exc)
+                self._warned = True
             self.observer = None
             return False
-        self.observer = obs
+        self.observer, self.inode, self._warned = obs, inode, False
         return True
 
     def alive(self) -> bool:
         return self.observer is not None and self.observer.is_alive()
 
     def ensure_alive(self) -> None:
-        if self.alive():
+        """Restart the observer if its thread died or the inbox folder was removed or replaced
+        (a recreated folder is a new inode, which the old inotify watch never sees)."""
+        inode = self._inbox_inode()
+        if self.alive() and inode == self.inode:
             return
         if self.observer is not None:
-            logger.error("the inbox observer stopped; restarting it")
+            logger.warning("the inbox observer stopped or the inbox folder went away; restarting it")
             self.restarts += 1
             self.stop()
-        self.start()
+        if inode is not None and self.start():
+            self.wake.set()  # look at the (new) folder at once
 
     def stop(self) -> None:
         obs, self.observer = self.observer, None

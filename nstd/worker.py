@@ -32,11 +32,13 @@ from nstd.engine import Checkpoint, Engine, ImageError, Interrupted, StepInfo, i
 from nstd.engine.memory import fit_size
 from nstd.job import JobError, style_params
 from nstd.status import Status, iso
-from nstd.store import Claimed, Store
+from nstd.store import Claimed, Store, safe_component
 
 #: Give up shrinking below this long edge.
 MIN_EDGE = 64
 SHRINK = 0.75
+#: A job whose results could be written neither to the outbox nor to quarantine waits this long.
+RETRY_SECONDS = 60.0
 
 
 class JobQueue:
@@ -47,24 +49,35 @@ class JobQueue:
         self._cond = threading.Condition()
         self._seq = itertools.count()
 
-    def put(self, job: Claimed) -> None:
+    def put(self, job: Claimed, not_before: float = 0.0) -> None:
+        """Queue a job; `not_before` (time.monotonic()) holds it back, for a retry after a failure."""
         with self._cond:
             rec = job.record
             key = (-int(rec.get("priority", 0)), rec.get("arrived", rec["claimed_at"]), rec["claimed_at"], next(self._seq))
-            heapq.heappush(self._heap, (key, job))
+            heapq.heappush(self._heap, (key, not_before, job))
             self._cond.notify()
 
     def get(self, timeout: float) -> Claimed | None:
         with self._cond:
-            if not self._heap:
+            entry = self._first_ready()
+            if entry is None:
                 self._cond.wait(timeout)
-            if not self._heap:
+                entry = self._first_ready()
+            if entry is None:
                 return None
-            return heapq.heappop(self._heap)[1]
+            self._heap.remove(entry)
+            heapq.heapify(self._heap)
+            return entry[2]
+
+    def _first_ready(self) -> tuple | None:
+        if self._heap and self._heap[0][1] <= time.monotonic():
+            return self._heap[0]  # the common case: the best job is not held back
+        now = time.monotonic()
+        return next((e for e in sorted(self._heap, key=lambda e: e[0]) if e[1] <= now), None)
 
     def names(self) -> list[str]:
         with self._cond:
-            return [job.name for _, job in sorted(self._heap, key=lambda e: e[0])]
+            return [e[2].name for e in sorted(self._heap, key=lambda e: e[0])]
 
     def __len__(self) -> int:
         with self._cond:
@@ -151,8 +164,14 @@ class Worker(threading.Thread):
         while not self.stopping.is_set():
             self.heartbeat = time.monotonic()
             job = self.queue.get(timeout=0.5)
-            if job is not None:
+            if job is None:
+                continue
+            try:
                 self.process(job)
+            except Exception as exc:  # the worker must outlive any job; the job stays in state
+                logger.bind(job=job.name).exception("could not finish the job ({}); retrying in {:g} s", exc,
+                                                    RETRY_SECONDS)
+                self.queue.put(job, not_before=time.monotonic() + RETRY_SECONDS)
 
     # ------------------------------------------------------------------ one job
 
@@ -186,12 +205,29 @@ class Worker(threading.Thread):
                     return
                 log.info("finished; writing to the outbox")
             outputs["job.log"] = log_path.read_bytes()
-            final = self.store.deliver(job, outputs)
+            try:
+                final = self.store.deliver(job, outputs)
+            except OSError as exc:
+                self._deliver_failed(job, exc, log, log_path)
+                return
             logger.bind(job=job.name).info("delivered to {}", final)
             self.status.count("done")
         finally:
             self.current = None
             self.status.update(force=True, running=None, queue=self.queue.names())
+
+    def _deliver_failed(self, job: Claimed, exc: OSError, log, log_path: Path) -> None:
+        """The outbox could not be written (the transfer was rolled back): quarantine with the
+        reason, or if that cannot be written either, keep the job in state and retry later."""
+        reason = f"cannot write the outbox: {exc.strerror or exc} ({getattr(exc, 'filename', '') or self.store.f.outbox})"
+        with logs.job_file(job.id, log_path):
+            log.error(reason)
+        try:
+            self.quarantine(job, JobError("cannot write outbox", reason, "deliver"), log_path)
+        except OSError as exc2:
+            logger.bind(job=job.name).error("cannot write quarantine either ({}); the job stays queued and is "
+                                            "retried in {:g} s", exc2.strerror or exc2, RETRY_SECONDS)
+            self.queue.put(job, not_before=time.monotonic() + RETRY_SECONDS)
 
     def quarantine(self, job: Claimed, exc: JobError, log_path: Path) -> None:
         error = {
@@ -259,11 +295,12 @@ class Worker(threading.Thread):
         t_done = time.time()
 
         fmt = settings["output"]["format"]
-        outputs = {f"{job.name}.{fmt}": images.encode(result.image, fmt)}
+        stem = safe_component(job.name)
+        outputs = {f"{stem}.{fmt}": images.encode(result.image, fmt)}
         if settings["gif"] and result.frames:
             buf = io.BytesIO()
             images.save_gif_to(result.frames, buf, settings["gif"]["fps"])
-            outputs[f"{job.name}.gif"] = buf.getvalue()
+            outputs[f"{stem}.gif"] = buf.getvalue()
         t_enc = time.time()
         effective = {"content": rec["origins_by_role"]["content"],
                      "style": [{"path": rec["origins_by_role"][f"style{i}"], "weight": w}

@@ -1,6 +1,7 @@
 """The real daemon as a subprocess on temporary folders, for end-to-end tests."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,8 @@ class Daemon:
         self.config.write_text(yaml.safe_dump(cfg))
         self.proc: subprocess.Popen | None = None
         self.runs = 0
+        #: sidecar name -> {file name: sha256} of everything dropped for it, for nstd.audit
+        self.dropped: dict[str, dict[str, str]] = {}
 
     # folders
     inbox = property(lambda self: self.root / "inbox")
@@ -111,8 +114,33 @@ class Daemon:
         text = sidecar if isinstance(sidecar, str) else yaml.safe_dump(sidecar)
         tmp = self.inbox / f".{name}.yaml.tmp"
         tmp.write_text(text)
+        self._remember(name, text)
         os.rename(tmp, self.inbox / f"{name}.yaml")
         return self.inbox / f"{name}.yaml"
+
+    def _remember(self, name: str, text: str) -> None:
+        from nstd.audit import digest
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            data = None
+        names = []
+        if isinstance(data, dict):
+            for key in ("content", "style"):
+                value = data.get(key)
+                if isinstance(value, str):
+                    names.append(value)
+        names += [p.name for p in self.inbox.glob(f"{name}.content.*")] + [p.name for p in self.inbox.glob(f"{name}.style.*")]
+        files = {n: digest(self.inbox / n) for n in names
+                 if "/" not in n and (self.inbox / n).is_file() and not (self.inbox / n).is_symlink()}
+        files[f"{name}.yaml"] = hashlib.sha256(text.encode()).hexdigest()
+        self.dropped[f"{name}.yaml"] = files
+
+    def audit(self, **kw) -> list[str]:
+        from nstd.audit import audit
+
+        return audit(self.root, self.dropped, **kw)
 
     def landed(self, name: str) -> bool:
         return (self.outbox / name).is_dir()

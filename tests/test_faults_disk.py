@@ -1,0 +1,69 @@
+"""A full disk under the outbox (a real 256 KB tmpfs) and an outbox that cannot be written."""
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from nstd import worker as worker_mod
+from test_worker import claim, make_worker
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def fill(folder):
+    with open(folder / "filler", "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+        except OSError:
+            pass
+
+
+def test_full_outbox_quarantines_with_the_reason(tmp_path, monkeypatch, small_fs):
+    w, store = make_worker(tmp_path, monkeypatch, "cpu", oom_above=None)
+    outbox = small_fs / "outbox"
+    outbox.mkdir()
+    fill(small_fs)
+    object.__setattr__(store.f, "outbox", outbox)
+    job = claim(store, w.cfg["defaults"])
+    w.process(job)
+    err = yaml.safe_load((store.f.quarantine / "j" / "error.yaml").read_text())
+    assert err["kind"] == "cannot write outbox" and "No space left on device" in err["message"]
+    assert err["stage"] == "deliver"
+    assert sorted(p.name for p in (store.f.quarantine / "j").iterdir()) == ["c.png", "error.yaml", "j.yaml", "job.log", "s.png"]
+    assert sorted(os.listdir(outbox)) == []  # the half-written folder was rolled back
+    assert os.listdir(store.f.jobs) == []
+
+
+def test_when_nothing_can_be_written_the_job_waits_in_state_and_lands_later(tmp_path, monkeypatch, small_fs):
+    w, store = make_worker(tmp_path, monkeypatch, "cpu", oom_above=None)
+    for name in ("outbox", "quarantine"):
+        (small_fs / name).mkdir()
+        object.__setattr__(store.f, name, small_fs / name)
+    fill(small_fs)
+    monkeypatch.setattr(worker_mod, "RETRY_SECONDS", 0.2)
+    job = claim(store, w.cfg["defaults"])
+    w.process(job)
+    assert [p.name for p in store.f.jobs.iterdir()] == [job.id]  # still claimed, nothing lost
+    assert sorted(os.listdir(job.inputs)) == ["c.png", "j.yaml", "s.png"]
+    assert os.listdir(small_fs / "outbox") == [] and os.listdir(small_fs / "quarantine") == []
+    os.unlink(small_fs / "filler")  # space comes back
+    time.sleep(0.3)
+    again = w.queue.get(timeout=1)
+    assert again is not None and again.id == job.id
+    w.process(again)
+    report = json.loads((small_fs / "outbox" / "j" / "report.json").read_text())
+    assert report["status"] == "done"
