@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +40,14 @@ def list_sidecars(inbox: Path) -> list[Path]:
 
 
 def signature(paths: list[Path]) -> tuple | None:
-    """(size, mtime) of every path, or None if any is missing."""
+    """(size, mtime) of every path, or None if any is missing or not a regular file."""
     sig = []
     for p in paths:
         try:
             st = p.stat()
         except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
             return None
         sig.append((st.st_size, st.st_mtime_ns))
     return tuple(sig)
@@ -136,10 +139,10 @@ class Readiness:
         if now < p.hold_until:
             return None
         self._parse(p)
-        if p.files is not None:
-            p.files.missing = [f for f in p.files.inputs() if not f.is_file()]
         watched = [p.sidecar] if p.files is None else p.files.inputs()
-        sig = signature(watched) if (p.files is None or not p.files.missing) else None
+        sig = signature(watched)  # one stat a file a tick; only a gap costs a second look
+        if p.files is not None:
+            p.files.missing = [] if sig is not None else [f for f in watched if not f.is_file()]
         if sig != p.sig or sig is None:
             p.sig, p.stable_since = sig, now
         settled = sig is not None and now - p.stable_since >= self.settle_seconds

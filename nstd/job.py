@@ -16,7 +16,7 @@ import yaml
 
 from nstd.engine.stylize import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, StyleParams
 from nstd.engine.vgg import CONV_LAYERS
-from nstd.schema import Field, SchemaError, boolean, choice, integer, list_of, number, section, string, validate
+from nstd.schema import Field, SchemaError, choice, integer, list_of, number, section, string, validate
 
 layer = choice(*CONV_LAYERS)
 
@@ -29,10 +29,6 @@ def _gif(v: Any, key: str) -> dict | bool:
     if not isinstance(v, dict):
         raise SchemaError(key, f"expected false or a mapping like {{every: 5, fps: 12}}, got {v!r}")
     return validate(v, GIF_FIELDS, key)
-
-
-def _init(v: Any, key: str) -> str:
-    return string(v, key)
 
 
 GIF_FIELDS = {
@@ -53,7 +49,7 @@ JOB_FIELDS: dict[str, Any] = {
     "content_weight": Field(1.0, "alpha: weight of the content term", number(0, 1e12)),
     "style_weight": Field(1.0e4, "beta: weight of the style term", number(0, 1e12)),
     "tv_weight": Field(0.0, "total-variation smoothing; 0 = off, about 1 = visible", number(0, 1e12)),
-    "init": Field("content", "content | noise | an image file", _init),
+    "init": Field("content", "content | noise | an image file", string),
     "pooling": Field("avg", "avg | max", choice("avg", "max")),
     "content_layers": Field(list(DEFAULT_CONTENT_LAYERS), "VGG-19 layers for content", list_of(layer, 1)),
     "style_layers": Field(list(DEFAULT_STYLE_LAYERS), "VGG-19 layers for style", list_of(layer, 1)),

@@ -9,11 +9,11 @@ from __future__ import annotations
 import hashlib
 import heapq
 import io
+import dataclasses
 import itertools
 import json
 import platform
 import resource
-import sys
 import threading
 import time
 import traceback
@@ -270,7 +270,7 @@ class Worker(threading.Thread):
                          self.cfg["gpu"]["vram_budget_mb"])
         t_opt = time.time()
         while True:
-            p = params.__class__(**{**params.__dict__, "size": size})
+            p = dataclasses.replace(params, size=size)
             try:
                 result = self._stylize(engine, content, styles, digests, rec["style_weights"], p, init, job, log,
                                        resume)

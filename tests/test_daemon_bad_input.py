@@ -1,9 +1,7 @@
 """Hostile and odd input: every case gets the right verdict, and the daemon runs on."""
+import hashlib
 import io
 import os
-
-import pytest
-from PIL import Image
 
 from harness import IMAGES, Daemon
 
@@ -152,7 +150,7 @@ def test_bad_input_is_quarantined_and_the_daemon_runs_on(tmp_path):
             (d.inbox / fname).write_bytes(special.get(data, data) if not isinstance(data, bytes) else data)
         if text == "\udcff":
             (d.inbox / f".{name}.tmp").write_bytes(b"content: \xff\xfe broken\n")
-            d.dropped[f"{name}.yaml"] = {f"{name}.yaml": __import__("hashlib").sha256(b"content: \xff\xfe broken\n").hexdigest()}
+            d.dropped[f"{name}.yaml"] = {f"{name}.yaml": hashlib.sha256(b"content: \xff\xfe broken\n").hexdigest()}
             os.rename(d.inbox / f".{name}.tmp", d.inbox / f"{name}.yaml")
             continue
         d.drop(name, text.replace("OUTSIDE", str(outside / "fifo.jpg")), images=False)

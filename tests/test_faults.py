@@ -3,8 +3,6 @@ unreadable files, full or unwritable output folders. After each: nothing lost (n
 import os
 import random
 import shutil
-import signal
-import subprocess
 import time
 
 import pytest

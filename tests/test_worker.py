@@ -2,14 +2,12 @@
 import json
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from PIL import Image
 
 from nstd.config import load_config
 from nstd.engine.stylize import Result
-from nstd.job import JobError
 from nstd.status import Status
 from nstd.store import Claimed, Folders, Store
 from nstd.worker import JobQueue, StyleCache, Worker

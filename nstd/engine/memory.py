@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from nstd.engine.vgg import _BLOCKS, _CHANNELS, CONV_LAYERS, CONV_SHAPES, layer_index
+from nstd.engine.vgg import _CHANNELS, CONV_LAYERS, CONV_SHAPES, layer_index
 
 #: Backward-pass transients, in multiples of the largest feature map (its grad, the next grad,
 #: and the conv's temporary); fitted on the CPU against autograd's saved-tensor bytes.
