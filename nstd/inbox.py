@@ -39,15 +39,15 @@ def list_sidecars(inbox: Path) -> list[Path]:
     return sorted(out)
 
 
-def signature(paths: list[Path]) -> tuple | None:
-    """(size, mtime) of every path, or None if any is missing or not a regular file."""
+def signature(paths: list[Path], regular: bool = True) -> tuple | None:
+    """(size, mtime) of every path, or None if any is missing (or, with `regular`, not a file)."""
     sig = []
     for p in paths:
         try:
             st = p.stat()
         except OSError:
             return None
-        if not stat.S_ISREG(st.st_mode):
+        if regular and not stat.S_ISREG(st.st_mode):
             return None
         sig.append((st.st_size, st.st_mtime_ns))
     return tuple(sig)
@@ -140,7 +140,9 @@ class Readiness:
             return None
         self._parse(p)
         watched = [p.sidecar] if p.files is None else p.files.inputs()
-        sig = signature(watched)  # one stat a file a tick; only a gap costs a second look
+        # One stat a file a tick; only a gap costs a second look. A job file judged for an error
+        # (it may be a link to a FIFO outside) only has to settle, never be a regular file.
+        sig = signature(watched, regular=p.files is not None)
         if p.files is not None:
             p.files.missing = [] if sig is not None else [f for f in watched if not f.is_file()]
         if sig != p.sig or sig is None:
