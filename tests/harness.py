@@ -154,5 +154,9 @@ class Daemon:
     def wait_landed(self, *names: str, timeout: float = 90) -> None:
         self.wait(lambda: all(self.landed(n) for n in names), timeout, f"{names} in the outbox")
 
+    def wait_state_clean(self, timeout: float = 30) -> None:
+        """The outbox rename comes before the state folder is removed: wait for both."""
+        self.wait(lambda: os.listdir(self.state / "jobs") == [], timeout, "an empty state/jobs")
+
     def wait_quarantined(self, *names: str, timeout: float = 90) -> None:
         self.wait(lambda: all(self.quarantined(n) for n in names), timeout, f"{names} in quarantine")

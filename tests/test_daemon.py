@@ -38,8 +38,9 @@ def test_a_job_lands_complete(daemon):
     assert report["weights"] == "vgg19-caffe" and "torch" in report["versions"]
     log = (out / "job.log").read_text()
     assert "claimed as" in log and "step 3/3" in log and "done:" in log
-    assert os.listdir(daemon.inbox) == [] and os.listdir(daemon.state / "jobs") == []
-    assert daemon.status()["done"] == 1
+    daemon.wait_state_clean()
+    assert os.listdir(daemon.inbox) == []
+    daemon.wait(lambda: daemon.status()["done"] == 1, 10, "the done count")  # counted after the rename
     assert "| tower |" in (daemon.root / "logs" / "nstd.log").read_text()
 
 

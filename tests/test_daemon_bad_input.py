@@ -182,7 +182,8 @@ def test_bad_input_is_quarantined_and_the_daemon_runs_on(tmp_path):
             assert fname in os.listdir(folder), (name, fname)
     assert (outside / "fifo.jpg").exists() and not (tmp_path / "PWNED").exists() and not os.path.exists("PWNED")
     assert (d.inbox / "sneaky.jpg").is_symlink()  # a link the daemon refused stays where the user put it
-    assert d.status()["failed"] == len(CASES) + 1 and d.status()["done"] == 1 + len(LANDS)
+    counts = (len(CASES) + 1, 1 + len(LANDS))  # counted just after each move: wait, don't race
+    d.wait(lambda: (d.status()["failed"], d.status()["done"]) == counts, 10, f"failed/done == {counts}")
     assert d.stop() == 0
     problems = [p for p in d.audit() if "linked-sidecar" not in p]  # that job file was a link, not a file
     assert problems == []
