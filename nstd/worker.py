@@ -272,8 +272,8 @@ class Worker(threading.Thread):
         while True:
             p = dataclasses.replace(params, size=size)
             try:
-                result = self._stylize(engine, content, styles, digests, rec["style_weights"], p, init, job, log,
-                                       resume)
+                result, grams_seconds = self._stylize(engine, content, styles, digests, rec["style_weights"], p,
+                                                      init, job, log, resume)
                 break
             except Exception as exc:
                 if not is_oom(exc):
@@ -293,6 +293,7 @@ class Worker(threading.Thread):
                     continue
                 raise JobError("out of memory", f"out of memory at {size} px on {engine.device}", "run") from None
         t_done = time.time()
+        targets = grams_seconds + result.timings["prepare"]
 
         fmt = settings["output"]["format"]
         stem = safe_component(job.name)
@@ -313,9 +314,10 @@ class Worker(threading.Thread):
             "attempts": rec["attempts"],
             "timings": {
                 "waited": round(t0 - rec.get("first_seen", rec["claimed_at"]), 3),  # seen in the inbox -> started
-                "loaded": round(t_loaded - t0, 3),
-                "optimised": round(t_done - t_opt, 3),
-                "encoded": round(t_enc - t_done, 3),
+                "loaded": round(t_loaded - t0, 3),  # decode + style digests
+                "targets": round(targets, 3),  # style Grams (unless cached) + content features
+                "optimised": round(t_done - t_opt - targets, 3),  # the optimiser's loop, OOM retries included
+                "encoded": round(t_enc - t_done, 3),  # result + GIF encoding
             },
             "steps": result.steps,
             "resumed_from_step": result.resumed_from or None,
@@ -354,12 +356,16 @@ class Worker(threading.Thread):
         return self._cpu_engine
 
     def _stylize(self, engine, content, styles, digests, weights, p, init, job, log, resume):
+        """Run the engine with the style targets from the cache; returns the result and the seconds
+        spent on the targets (a miss computes them; a batch sharing one style pays once)."""
+        t0 = time.perf_counter()
         edge = max(16, round(max(images.fit_long_edge(content.size, p.size)) * p.style_scale))
         grams = [
             self.cache.get((d, edge, p.style_layers, p.pooling, str(engine.device)),
                            lambda img=img: engine.style_grams(img, edge, p.style_layers, p.pooling))
             for d, img in zip(digests, styles)
         ]
+        grams_seconds = time.perf_counter() - t0
         every = max(1, p.steps // 20)
         name = job.name
 
@@ -373,11 +379,12 @@ class Worker(threading.Thread):
                 loss = info.losses()["total"]
                 log.info("step {}/{} loss {:.4g} eta {:.0f} s", info.step, info.steps, loss, eta)
 
-        return engine.stylize(content, [(img, w) for img, w in zip(styles, weights)], p, init_image=init,
-                              on_step=on_step, style_grams=grams, resume=resume,
-                              checkpoint_every=self.cfg["service"]["checkpoint_every"],
-                              on_checkpoint=lambda cp: self._save_checkpoint(job, cp, log),
-                              should_stop=self._should_stop)
+        result = engine.stylize(content, [(img, w) for img, w in zip(styles, weights)], p, init_image=init,
+                                on_step=on_step, style_grams=grams, resume=resume,
+                                checkpoint_every=self.cfg["service"]["checkpoint_every"],
+                                on_checkpoint=lambda cp: self._save_checkpoint(job, cp, log),
+                                should_stop=self._should_stop)
+        return result, grams_seconds
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -33,7 +33,7 @@ def test_a_job_lands_complete(daemon):
     assert job["steps"] == 3 and job["style_weight"] == 1e4 and job["content"] == "hoovertowernight.jpg"
     assert set(job) >= {"size", "optimizer", "init", "pooling", "content_layers", "style_layers", "seed", "gif", "output"}
     report = json.loads((out / "report.json").read_text())
-    assert set(report["timings"]) == {"waited", "loaded", "optimised", "encoded"}
+    assert set(report["timings"]) == {"waited", "loaded", "targets", "optimised", "encoded"}
     assert report["steps"] == 3 and report["size_used"] == [32, 17] and report["device"] == "cpu"
     assert report["weights"] == "vgg19-caffe" and "torch" in report["versions"]
     log = (out / "job.log").read_text()

@@ -164,6 +164,9 @@ class Engine:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.network = Network.load(weights, weights_file, str(self.device))
+        # The first optimizer built in a process imports torch._dynamo (1.5 s here): pay it while
+        # loading, not inside the first job's timings.
+        torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
 
     def _autocast(self):
         if self.precision == "bf16":
