@@ -2,11 +2,14 @@
 init (the content image) and seed, as whole processes, alternating, several rounds.
 
     .venv/bin/python bench/compare.py [--size 256] [--steps 100] [--rounds 3] [--device cpu]
+    .venv/bin/python bench/compare.py --device cuda --size 512 --steps 300 --gif    # the GPU figure
 
-Prints each tool's median wall time and the ratio, peak memory (peak RSS of the process on the
-CPU; on CUDA nstd's report of torch.cuda.max_memory_allocated), and one quality figure computed the
+Prints each tool's median wall time and the ratio, peak memory, and one quality figure computed the
 same way for both results: nstd's relative content and style losses (caffe VGG-19, the default
-layers) of each result image against the same inputs.
+layers) of each result image against the same inputs. Peak memory comes from one more run of each
+tool through bench/peak.py: torch.cuda.max_memory_allocated on CUDA, peak RSS on the CPU.
+`--gif` adds progress output to both: nstd's GIF (a frame every 5 steps), pastiche's workspace
+PNGs every 5 steps (it writes no GIF).
 """
 from __future__ import annotations
 
@@ -60,6 +63,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--gif", action="store_true", help="progress output on both sides (see above)")
     args = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="nstd-compare-"))
     tools = {
@@ -71,6 +75,9 @@ def main() -> int:
                      "--num-steps", str(args.steps), "--pooling", "avg", "--optimizer", "lbfgs", "--seed", "0",
                      "--device", args.device, "--no-verbose"],
     }
+    if args.gif:
+        tools["nstd"] += ["--gif", str(out / "nstd.gif"), "--gif-every", "5"]
+        tools["pastiche"] += ["--workspace", str(out / "workspace"), "--workspace-step", "5"]
     times: dict[str, list[float]] = {k: [] for k in tools}
     peaks: dict[str, int] = {}
     for r in range(args.rounds):
@@ -79,14 +86,23 @@ def main() -> int:
             wall = timed(tools[name])
             times[name].append(wall)
             print(f"round {r + 1}: {name:<8} {wall:7.1f} s", flush=True)
-    for name, cmd in tools.items():  # peak RSS: one more run each, alone, through /usr/bin/time
-        r = subprocess.run(["/usr/bin/time", "-f", "%M", *cmd], capture_output=True, text=True)
-        peaks[name] = int(r.stderr.strip().splitlines()[-1]) * 1024
+    cuda = args.device.startswith("cuda")
+    for name, cmd in tools.items():  # peak memory: one more run each, alone, measured the same way
+        r = subprocess.run([sys.executable, str(REPO / "bench" / "peak.py"), *cmd], capture_output=True, text=True,
+                           check=True)
+        fields = dict(kv.split("=") for kv in r.stderr.strip().splitlines()[-1].split()[1:])
+        peaks[name] = int(fields["cuda_bytes" if cuda else "rss_bytes"])
     q = {name: quality(out / f"{name}.png", Path(args.content), Path(args.style), args.size) for name in tools}
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, device {args.device}, "
-          f"{args.size} px, {args.steps} steps, {args.rounds} rounds alternating\n")
-    print("| tool | median s | peak RSS MB | content loss | style loss |\n| --- | --- | --- | --- | --- |")
+    where = args.device
+    if cuda:
+        import torch
+
+        where += f" ({torch.cuda.get_device_name(torch.device(args.device))})"
+    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, device {where}, "
+          f"{args.size} px, {args.steps} steps, {args.rounds} rounds alternating{', progress output on' if args.gif else ''}\n")
+    peak = "peak CUDA MB (max_memory_allocated)" if cuda else "peak RSS MB"
+    print(f"| tool | median s | {peak} | content loss | style loss |\n| --- | --- | --- | --- | --- |")
     for name in tools:
         print(f"| {name} | {med[name]:.1f} | {peaks[name] / 2**20:.0f} | {q[name]['content']:.3f} | {q[name]['style']:.3f} |")
     print(f"\nnstd / pastiche time: {med['nstd'] / med['pastiche']:.2f}  (results in {out})")

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import platform
+import queue
 import resource
 import threading
 import time
@@ -28,7 +29,7 @@ from PIL import Image
 
 from nstd import __version__, logs
 from nstd.fsutil import atomic_open
-from nstd.engine import Checkpoint, Engine, ImageError, Interrupted, StepInfo, images
+from nstd.engine import Checkpoint, Engine, ImageError, Interrupted, Result, StepInfo, images
 from nstd.engine.memory import fit_size
 from nstd.job import JobError, style_params
 from nstd.status import Status, iso
@@ -123,6 +124,58 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+@dataclasses.dataclass
+class Optimised:
+    """A job whose picture is made: what the finisher needs to encode, report and deliver it."""
+
+    job: Claimed
+    log_path: Path
+    result: Result
+    size_requested: int
+    timings: dict[str, float]
+    oom_retries: int
+    cpu_fallback: bool
+    style_cache: dict[str, int]
+    peak_rss_bytes: int
+
+
+class Finisher(threading.Thread):
+    """Encodes and delivers finished jobs while the worker optimises the next one.
+
+    One job may wait while one is being finished; a third blocks the worker, so memory stays
+    bounded. A crash before delivery loses nothing: the job is still in state and runs again.
+    """
+
+    def __init__(self, finish: Callable[[Optimised], None], failed: Callable[[Optimised, Exception], None],
+                 name: str):
+        super().__init__(name=name, daemon=True)
+        self._finish, self._failed = finish, failed
+        self._q: "queue.Queue[Optimised | None]" = queue.Queue(maxsize=1)
+
+    def submit(self, done: Optimised) -> None:
+        """Hand a job over; without a running finisher thread (a worker driven by hand), finish it here."""
+        if self.is_alive():
+            self._q.put(done)
+        else:
+            self._finish_one(done)
+
+    def close(self) -> None:
+        """Finish what was handed over, then end the thread."""
+        if self.is_alive():
+            self._q.put(None)
+            self.join()
+
+    def run(self) -> None:
+        while (done := self._q.get()) is not None:
+            self._finish_one(done)
+
+    def _finish_one(self, done: Optimised) -> None:
+        try:
+            self._finish(done)
+        except Exception as exc:  # the finisher must outlive any job; the job stays in state
+            self._failed(done, exc)
+
+
 class Worker(threading.Thread):
     """Runs claimed jobs one after another on one device."""
 
@@ -143,6 +196,7 @@ class Worker(threading.Thread):
         self.stop_deadline = float("inf")
         self.current: Claimed | None = None
         self.heartbeat = time.monotonic()
+        self.finisher = Finisher(self.finish, self._finish_failed, name=f"finisher-{device}")
         if self.engine.device.type == "cuda":
             self._cap_allocator()
 
@@ -161,6 +215,13 @@ class Worker(threading.Thread):
         return self.stopping.is_set() and time.monotonic() >= self.stop_deadline
 
     def run(self) -> None:
+        self.finisher.start()
+        try:
+            self._take_jobs()
+        finally:
+            self.finisher.close()  # a stop waits for the last result to reach the outbox
+
+    def _take_jobs(self) -> None:
         while not self.stopping.is_set():
             self.heartbeat = time.monotonic()
             job = self.queue.get(timeout=0.5)
@@ -186,7 +247,7 @@ class Worker(threading.Thread):
             with logs.job_file(job.id, log_path):
                 log.info("started (attempt {}) on {}", job.record["attempts"], self.engine.device)
                 try:
-                    outputs = self.run_job(job, log)
+                    done = self.run_job(job, log)
                 except Interrupted as exc:
                     self._save_checkpoint(job, exc.checkpoint)
                     # An orderly stop is not a crash: give the attempt back.
@@ -203,18 +264,37 @@ class Worker(threading.Thread):
                     log.error("internal error: {}\n{}", exc, traceback.format_exc())
                     self.quarantine(job, JobError("internal error", f"{type(exc).__name__}: {exc}", "run"), log_path)
                     return
-                log.info("finished; writing to the outbox")
-            outputs["job.log"] = log_path.read_bytes()
-            try:
-                final = self.store.deliver(job, outputs)
-            except OSError as exc:
-                self._deliver_failed(job, exc, log, log_path)
-                return
-            logger.bind(job=job.name).info("delivered to {}", final)
-            self.status.count("done")
         finally:
             self.current = None
             self.status.update(force=True, running=None, queue=self.queue.names())
+        # Encoding and the move to the outbox overlap the next job's optimisation.
+        self.finisher.submit(done)
+
+    def finish(self, done: "Optimised") -> None:
+        """On the finisher thread: encode, report and deliver one optimised job."""
+        job, log_path = done.job, done.log_path
+        log = logger.bind(job=job.name, job_id=job.id)
+        with logs.job_file(job.id, log_path):
+            try:
+                outputs = self.encode(done)
+            except Exception as exc:  # an encoder failure quarantines the job, the daemon goes on
+                log.error("internal error: {}\n{}", exc, traceback.format_exc())
+                self.quarantine(job, JobError("internal error", f"{type(exc).__name__}: {exc}", "encode"), log_path)
+                return
+            log.info("finished; writing to the outbox")
+        outputs["job.log"] = log_path.read_bytes()
+        try:
+            final = self.store.deliver(job, outputs)
+        except OSError as exc:
+            self._deliver_failed(job, exc, log, log_path)
+            return
+        logger.bind(job=job.name).info("delivered to {}", final)
+        self.status.count("done")
+
+    def _finish_failed(self, done: "Optimised", exc: Exception) -> None:
+        logger.bind(job=done.job.name).opt(exception=exc).error(
+            "could not finish the job ({}); retrying in {:g} s", exc, RETRY_SECONDS)
+        self.queue.put(done.job, not_before=time.monotonic() + RETRY_SECONDS)
 
     def _deliver_failed(self, job: Claimed, exc: OSError, log, log_path: Path) -> None:
         """The outbox could not be written (the transfer was rolled back): quarantine with the
@@ -243,7 +323,8 @@ class Worker(threading.Thread):
         logger.bind(job=job.name).warning("quarantined in {}: {}", final, exc.message)
         self.status.count("failed")
 
-    def run_job(self, job: Claimed, log) -> dict[str, bytes]:
+    def run_job(self, job: Claimed, log) -> "Optimised":
+        """Decode, fit, and optimise: everything that needs the device. Encoding is the finisher's."""
         t0 = time.time()
         rec = job.record
         settings = rec["settings"]
@@ -294,7 +375,27 @@ class Worker(threading.Thread):
                 raise JobError("out of memory", f"out of memory at {size} px on {engine.device}", "run") from None
         t_done = time.time()
         targets = grams_seconds + result.timings["prepare"]
+        log.info("done: {}x{} in {:.1f} s, losses {}", *result.size, t_done - t_opt,
+                 ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items()))
+        return Optimised(
+            job=job, log_path=job.dir / "job.log", result=result, size_requested=params.size,
+            timings={
+                "waited": round(t0 - rec.get("first_seen", rec["claimed_at"]), 3),  # seen in the inbox -> started
+                "loaded": round(t_loaded - t0, 3),  # decode + style digests
+                "targets": round(targets, 3),  # style Grams (unless cached) + content features
+                "optimised": round(t_done - t_opt - targets, 3),  # the optimiser's loop, OOM retries included
+            },
+            oom_retries=oom_retries, cpu_fallback=fallback,
+            style_cache={"hits": self.cache.hits, "misses": self.cache.misses},
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        )
 
+    def encode(self, done: "Optimised") -> dict[str, bytes]:
+        """The result, the GIF, job.yaml and report.json, as bytes for the outbox."""
+        t_start = time.time()
+        job, result = done.job, done.result
+        rec = job.record
+        settings = rec["settings"]
         fmt = settings["output"]["format"]
         stem = safe_component(job.name)
         outputs = {f"{stem}.{fmt}": images.encode(result.image, fmt)}
@@ -302,7 +403,7 @@ class Worker(threading.Thread):
             buf = io.BytesIO()
             images.save_gif_to(result.frames, buf, settings["gif"]["fps"])
             outputs[f"{stem}.gif"] = buf.getvalue()
-        t_enc = time.time()
+        encoded = time.time() - t_start
         effective = {"content": rec["origins_by_role"]["content"],
                      "style": [{"path": rec["origins_by_role"][f"style{i}"], "weight": w}
                                for i, w in enumerate(rec["style_weights"])],
@@ -312,32 +413,24 @@ class Worker(threading.Thread):
             "job": job.name,
             "status": "done",
             "attempts": rec["attempts"],
-            "timings": {
-                "waited": round(t0 - rec.get("first_seen", rec["claimed_at"]), 3),  # seen in the inbox -> started
-                "loaded": round(t_loaded - t0, 3),  # decode + style digests
-                "targets": round(targets, 3),  # style Grams (unless cached) + content features
-                "optimised": round(t_done - t_opt - targets, 3),  # the optimiser's loop, OOM retries included
-                "encoded": round(t_enc - t_done, 3),  # result + GIF encoding
-            },
+            "timings": {**done.timings, "encoded": round(encoded, 3)},  # encoded: result + GIF
             "steps": result.steps,
             "resumed_from_step": result.resumed_from or None,
             "steps_run": result.steps - result.resumed_from,
             "losses": result.losses,
             "device": result.device,
             "precision": result.precision,
-            "size_requested": params.size,
+            "size_requested": done.size_requested,
             "size_used": list(result.size),
-            "oom_retries": oom_retries,
-            "cpu_fallback": fallback,
+            "oom_retries": done.oom_retries,
+            "cpu_fallback": done.cpu_fallback,
             "peak_memory_bytes": result.peak_memory_bytes,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "style_cache": {"hits": self.cache.hits, "misses": self.cache.misses},
+            "peak_rss_bytes": done.peak_rss_bytes,
+            "style_cache": done.style_cache,
             "weights": self.cfg["engine"]["weights"],
             "versions": {"nstd": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
         outputs["report.json"] = json.dumps(report, indent=1).encode()
-        log.info("done: {}x{} in {:.1f} s, losses {}", *result.size, t_done - t_opt,
-                 ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items()))
         return outputs
 
     def _fit_budget(self, content, params, engine) -> int:

@@ -1,5 +1,7 @@
 """The worker's out-of-memory ladder, the queue order and the style cache, with a fake engine."""
 import json
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -33,7 +35,8 @@ class FakeEngine:
         if self.oom_above is not None and w * h > self.oom_above:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return Result(image=Image.new("RGB", (w, h)), frames=[], losses={"total": 1.0}, steps=params.steps,
-                      size=(w, h), device=str(self.device), precision="fp32")
+                      size=(w, h), device=str(self.device), precision="fp32",
+                      timings={"prepare": 0.0, "optimise": 0.0})
 
 
 def make_worker(tmp_path, monkeypatch, device, oom_above, cpu_fallback=True):
@@ -49,14 +52,15 @@ def make_worker(tmp_path, monkeypatch, device, oom_above, cpu_fallback=True):
     return Worker(cfg, device, JobQueue(), store, Status(folders.state), engine_factory=factory), store
 
 
-def claim(store, cfg_defaults, size=512):
-    Image.new("RGB", (400, 300)).save(store.f.inbox / "c.png")
-    Image.new("RGB", (40, 30)).save(store.f.inbox / "s.png")
-    (store.f.inbox / "j.yaml").write_text("content: c.png\nstyle: s.png\n")
+def claim(store, cfg_defaults, size=512, name="j"):
+    c, s = (("c.png", "s.png") if name == "j" else (f"{name}-c.png", f"{name}-s.png"))
+    Image.new("RGB", (400, 300)).save(store.f.inbox / c)
+    Image.new("RGB", (40, 30)).save(store.f.inbox / s)
+    (store.f.inbox / f"{name}.yaml").write_text(f"content: {c}\nstyle: {s}\n")
     settings = {**cfg_defaults, "size": size, "gif": False}
-    files = {"content": store.f.inbox / "c.png", "style0": store.f.inbox / "s.png", "sidecar": store.f.inbox / "j.yaml"}
-    return store.claim("j", files, set(), {"settings": settings, "priority": 0, "style_weights": [1.0],
-                                           "origins_by_role": {"content": "c.png", "style0": "s.png"}})
+    files = {"content": store.f.inbox / c, "style0": store.f.inbox / s, "sidecar": store.f.inbox / f"{name}.yaml"}
+    return store.claim(name, files, set(), {"settings": settings, "priority": 0, "style_weights": [1.0],
+                                            "origins_by_role": {"content": c, "style0": s}})
 
 
 def test_oom_retries_smaller_on_the_gpu(tmp_path, monkeypatch):
@@ -85,6 +89,38 @@ def test_else_quarantined_as_out_of_memory(tmp_path, monkeypatch):
     assert err["kind"] == "out of memory" and err["stage"] == "run"
     assert sorted(p.name for p in (store.f.quarantine / "j").iterdir()) == ["c.png", "error.yaml", "j.yaml", "job.log", "s.png"]
     assert "out of memory at 512 px" in (store.f.quarantine / "j" / "job.log").read_text()
+
+
+def test_encoding_overlaps_the_next_job_and_a_stop_waits_for_it(tmp_path, monkeypatch):
+    w, store = make_worker(tmp_path, monkeypatch, "cpu", oom_above=None)
+    FakeEngine.calls = []
+    release, encoding = threading.Event(), threading.Event()
+    real_encode = Worker.encode
+
+    def slow_encode(self, done):
+        if done.job.name == "a":
+            encoding.set()
+            assert release.wait(30)
+        return real_encode(self, done)
+
+    monkeypatch.setattr(Worker, "encode", slow_encode)
+    w.start()
+    try:
+        w.queue.put(claim(store, w.cfg["defaults"], size=64, name="a"))
+        assert encoding.wait(30)
+        w.queue.put(claim(store, w.cfg["defaults"], size=48, name="b"))
+        deadline = time.monotonic() + 30
+        while len(FakeEngine.calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # b was optimised while a was still being encoded
+        assert [s for _, s in FakeEngine.calls] == [64, 48] and not (store.f.outbox / "a").exists()
+        w.begin_stop(0)
+    finally:
+        release.set()
+        w.join(30)
+    assert not w.is_alive() and not w.finisher.is_alive()
+    assert sorted(p.name for p in store.f.outbox.iterdir()) == ["a", "b"]  # the stop waited for both
+    assert list(store.f.jobs.iterdir()) == []
 
 
 def test_queue_orders_by_priority_then_age():
