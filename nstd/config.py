@@ -63,7 +63,7 @@ CONFIG_FIELDS: dict[str, Any] = {
         "weights_file": Field(None, "local weights file (torchvision: a state dict)", optional(string)),
         "device": Field("auto", "auto | cpu | cuda | cuda:N", _device),
         "precision": Field("auto", "auto | fp32 | bf16", choice("auto", "fp32", "bf16")),
-        "lbfgs_history": Field(50, "L-BFGS history length (memory: 2 x this x image size)", integer(1, 1000)),
+        "lbfgs_history": Field(20, "L-BFGS history length (memory: 2 x this x image size)", integer(1, 1000)),
     },
     "limits": {
         "max_pixels": Field(DEFAULT_MAX_PIXELS, "largest input image, in pixels", integer(1, 2**40)),

@@ -35,7 +35,7 @@ def predict_peak_bytes(
     width: int,
     layers: Sequence[str],
     optimizer: str = "lbfgs",
-    history: int = 50,
+    history: int = 20,
     precision: str = "fp32",
     pooling: str = "avg",
 ) -> int:

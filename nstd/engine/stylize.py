@@ -154,7 +154,7 @@ class Engine:
         weights_file: Path | None = None,
         device: str = "auto",
         precision: str = "auto",
-        lbfgs_history: int = 50,
+        lbfgs_history: int = 20,
     ):
         self.device = pick_device(device)
         self.precision = pick_precision(precision, self.device)
