@@ -125,7 +125,7 @@ class Daemon:
             if job.record.get("attempts", 0) >= max_attempts:
                 self.workers[0].quarantine(
                     job, JobError("crashed", f"the daemon stopped during this job {job.record['attempts']} times "
-                                  f"(queue.max_attempts={max_attempts})", "run"), job.dir / "job.log")
+                                  f"(queue.max_attempts={max_attempts})", "run"), job.log_path)
             else:
                 logger.bind(job=job.name).info("found in state after a restart; queued again")
                 self.queue.put(job)
@@ -234,7 +234,7 @@ class Daemon:
             self.readiness.forget(p.sidecar)
             log.info("claimed as {} (priority {}){}", job.id, record["priority"],
                      f"; kept {len(shared)} shared file(s) in the inbox" if shared else "")
-        (job.dir / "job.log").write_text("".join(lines), encoding="utf-8")
+        (job.log_path).write_text("".join(lines), encoding="utf-8")
         self.queue.put(job)
 
     def _validate(self, p: Pending, log) -> dict:

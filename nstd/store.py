@@ -174,6 +174,11 @@ class Claimed:
     def inputs(self) -> Path:
         return self.dir / "inputs"
 
+    @property
+    def log_path(self) -> Path:
+        """The job's own log, copied into the outbox or quarantine with it."""
+        return self.dir / "job.log"
+
     def input(self, key: str) -> Path:
         return self.inputs / self.record["files"][key]
 

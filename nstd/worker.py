@@ -129,7 +129,6 @@ class Optimised:
     """A job whose picture is made: what the finisher needs to encode, report and deliver it."""
 
     job: Claimed
-    log_path: Path
     result: Result
     size_requested: int
     timings: dict[str, float]
@@ -196,7 +195,8 @@ class Worker(threading.Thread):
         self.stop_deadline = float("inf")
         self.current: Claimed | None = None
         self.heartbeat = time.monotonic()
-        self.finisher = Finisher(self.finish, self._finish_failed, name=f"finisher-{device}")
+        self.finisher = Finisher(self.finish, lambda done, exc: self._retry_later(done.job, exc),
+                                 name=f"finisher-{device}")
         if self.engine.device.type == "cuda":
             self._cap_allocator()
 
@@ -230,9 +230,13 @@ class Worker(threading.Thread):
             try:
                 self.process(job)
             except Exception as exc:  # the worker must outlive any job; the job stays in state
-                logger.bind(job=job.name).exception("could not finish the job ({}); retrying in {:g} s", exc,
-                                                    RETRY_SECONDS)
-                self.queue.put(job, not_before=time.monotonic() + RETRY_SECONDS)
+                self._retry_later(job, exc)
+
+    def _retry_later(self, job: Claimed, exc: Exception) -> None:
+        """A job that failed for a reason of nstd's, not the user's: log it and queue it again."""
+        logger.bind(job=job.name).opt(exception=exc).error("could not finish the job ({}); retrying in {:g} s",
+                                                           exc, RETRY_SECONDS)
+        self.queue.put(job, not_before=time.monotonic() + RETRY_SECONDS)
 
     # ------------------------------------------------------------------ one job
 
@@ -242,7 +246,7 @@ class Worker(threading.Thread):
         job.record["attempts"] = job.record.get("attempts", 0) + 1
         job.record.setdefault("started_at", []).append(time.time())
         job.save()  # the attempt counts before anything can crash
-        log_path = job.dir / "job.log"
+        log_path = job.log_path
         try:
             with logs.job_file(job.id, log_path):
                 log.info("started (attempt {}) on {}", job.record["attempts"], self.engine.device)
@@ -261,8 +265,7 @@ class Worker(threading.Thread):
                     self.quarantine(job, exc, log_path)
                     return
                 except Exception as exc:  # a bug or an engine failure must not end the daemon
-                    log.error("internal error: {}\n{}", exc, traceback.format_exc())
-                    self.quarantine(job, JobError("internal error", f"{type(exc).__name__}: {exc}", "run"), log_path)
+                    self._internal_error(job, exc, log, "run")
                     return
         finally:
             self.current = None
@@ -270,16 +273,20 @@ class Worker(threading.Thread):
         # Encoding and the move to the outbox overlap the next job's optimisation.
         self.finisher.submit(done)
 
-    def finish(self, done: "Optimised") -> None:
+    def _internal_error(self, job: Claimed, exc: Exception, log, stage: str) -> None:
+        """A bug or an engine/encoder failure: quarantine the job with the traceback in its log."""
+        log.error("internal error: {}\n{}", exc, traceback.format_exc())
+        self.quarantine(job, JobError("internal error", f"{type(exc).__name__}: {exc}", stage), job.log_path)
+
+    def finish(self, done: Optimised) -> None:
         """On the finisher thread: encode, report and deliver one optimised job."""
-        job, log_path = done.job, done.log_path
+        job, log_path = done.job, done.job.log_path
         log = logger.bind(job=job.name, job_id=job.id)
         with logs.job_file(job.id, log_path):
             try:
                 outputs = self.encode(done)
             except Exception as exc:  # an encoder failure quarantines the job, the daemon goes on
-                log.error("internal error: {}\n{}", exc, traceback.format_exc())
-                self.quarantine(job, JobError("internal error", f"{type(exc).__name__}: {exc}", "encode"), log_path)
+                self._internal_error(job, exc, log, "encode")
                 return
             log.info("finished; writing to the outbox")
         outputs["job.log"] = log_path.read_bytes()
@@ -290,11 +297,6 @@ class Worker(threading.Thread):
             return
         logger.bind(job=job.name).info("delivered to {}", final)
         self.status.count("done")
-
-    def _finish_failed(self, done: "Optimised", exc: Exception) -> None:
-        logger.bind(job=done.job.name).opt(exception=exc).error(
-            "could not finish the job ({}); retrying in {:g} s", exc, RETRY_SECONDS)
-        self.queue.put(done.job, not_before=time.monotonic() + RETRY_SECONDS)
 
     def _deliver_failed(self, job: Claimed, exc: OSError, log, log_path: Path) -> None:
         """The outbox could not be written (the transfer was rolled back): quarantine with the
@@ -323,7 +325,7 @@ class Worker(threading.Thread):
         logger.bind(job=job.name).warning("quarantined in {}: {}", final, exc.message)
         self.status.count("failed")
 
-    def run_job(self, job: Claimed, log) -> "Optimised":
+    def run_job(self, job: Claimed, log) -> Optimised:
         """Decode, fit, and optimise: everything that needs the device. Encoding is the finisher's."""
         t0 = time.time()
         rec = job.record
@@ -378,7 +380,7 @@ class Worker(threading.Thread):
         log.info("done: {}x{} in {:.1f} s, losses {}", *result.size, t_done - t_opt,
                  ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items()))
         return Optimised(
-            job=job, log_path=job.dir / "job.log", result=result, size_requested=params.size,
+            job=job, result=result, size_requested=params.size,
             timings={
                 "waited": round(t0 - rec.get("first_seen", rec["claimed_at"]), 3),  # seen in the inbox -> started
                 "loaded": round(t_loaded - t0, 3),  # decode + style digests
@@ -390,7 +392,7 @@ class Worker(threading.Thread):
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         )
 
-    def encode(self, done: "Optimised") -> dict[str, bytes]:
+    def encode(self, done: Optimised) -> dict[str, bytes]:
         """The result, the GIF, job.yaml and report.json, as bytes for the outbox."""
         t_start = time.time()
         job, result = done.job, done.result
