@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-IMAGES = REPO.parent / "shared" / "images"
+IMAGES = Path(os.environ.get("NSTD_IMAGES") or REPO.parent / "shared" / "images")
 BIN = Path(sys.executable).parent
 
 
@@ -96,9 +96,9 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     where = args.device
     if cuda:
-        import torch
+        from nstd.engine.device import resolve
 
-        where += f" ({torch.cuda.get_device_name(torch.device(args.device))})"
+        where = f"{resolve(args.device)} ({resolve(args.device).name})"
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} cores, device {where}, "
           f"{args.size} px, {args.steps} steps, {args.rounds} rounds alternating{', progress output on' if args.gif else ''}\n")
     peak = "peak CUDA MB (max_memory_allocated)" if cuda else "peak RSS MB"

@@ -9,6 +9,7 @@ Engine; rounds alternate the order. The memory columns are the model's predictio
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -21,7 +22,7 @@ from nstd.engine import Engine, StyleParams, open_image  # noqa: E402
 from nstd.engine.images import fit_long_edge  # noqa: E402
 from nstd.engine.memory import predict_peak_bytes  # noqa: E402
 
-IMAGES = Path(__file__).resolve().parent.parent.parent / "shared" / "images"
+IMAGES = Path(os.environ.get("NSTD_IMAGES") or Path(__file__).resolve().parent.parent.parent / "shared" / "images")
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from nstd.engine import Engine, StyleParams, open_image  # noqa: E402
 from nstd.engine.images import fit_long_edge  # noqa: E402
 from nstd.engine.memory import predict_peak_bytes  # noqa: E402
 
-IMAGES = Path(__file__).resolve().parent.parent.parent / "shared" / "images"
+IMAGES = Path(os.environ.get("NSTD_IMAGES") or Path(__file__).resolve().parent.parent.parent / "shared" / "images")
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     engine = Engine(device=args.device, precision=args.precision)
     content = open_image(IMAGES / "tubingen.jpg")
     style = open_image(IMAGES / "starry_night.jpg")
-    print(f"device {engine.device} ({torch.cuda.get_device_name(engine.device) if engine.device.type == 'cuda' else 'cpu'}), "
+    print(f"device {engine.device} ({engine.device.name}), "
           f"precision {engine.precision}, optimizer {args.optimizer}, history {engine.lbfgs_history}")
     # Warm up first: the first job's RSS rise includes one-time library set-up (kernels, thread pools).
     engine.stylize(content, [(style, 1.0)], StyleParams(size=64, steps=3, optimizer=args.optimizer, frame_every=0))
@@ -45,12 +45,13 @@ def main() -> None:
         params = StyleParams(size=size, steps=args.steps, optimizer=args.optimizer, frame_every=0)
         w, h = fit_long_edge(content.size, size)
         layers = list(dict.fromkeys((*params.content_layers, *params.style_layers)))
-        predicted = predict_peak_bytes(h, w, layers, args.optimizer, engine.lbfgs_history, engine.precision)
+        predicted = predict_peak_bytes(h, w, layers, args.optimizer, engine.lbfgs_history, engine.precision,
+                                       device=engine.device.type)
         # L-BFGS's history fills up over `history` steps; run enough for the peak to show.
         steps = max(args.steps, engine.lbfgs_history + 2) if args.optimizer == "lbfgs" else args.steps
         params = StyleParams(size=size, steps=steps, optimizer=args.optimizer, frame_every=0)
-        if engine.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if engine.device.is_cuda:
+            engine.device.free_cache()
             measured = engine.stylize(content, [(style, 1.0)], params).peak_memory_bytes or 0
         else:
             before = rss_bytes()

@@ -55,7 +55,7 @@ CONFIG_FIELDS: dict[str, Any] = {
     },
     "gpu": {
         "devices": Field([], "one worker per device, e.g. [cuda:0, cuda:1]; [] = engine.device", list_of(_device)),
-        "vram_budget_mb": Field(4096, "peak memory a job may use on a GPU, MiB", integer(256, 1_048_576)),
+        "vram_budget_mb": Field(4096, "peak memory a job may use on a GPU, MiB", integer(64, 1_048_576)),
         "cpu_fallback": Field(True, "after out-of-memory at the smallest size, run on the CPU", boolean),
     },
     "engine": {

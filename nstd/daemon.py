@@ -17,6 +17,7 @@ from loguru import logger
 from nstd import logs
 from nstd.config import ConfigError, load_config
 from nstd.engine import ImageError, WeightsError, images
+from nstd.engine.device import resolve as resolve_device, resolve_all
 from nstd.inbox import Pending, Readiness, list_sidecars
 from nstd.job import JobError, job_name, job_settings
 from nstd.service import Notifier, healthy
@@ -81,8 +82,7 @@ class Daemon:
         r.settle_seconds, r.missing_timeout = self.cfg["watch"]["settle_seconds"], self.cfg["watch"]["missing_timeout"]
         r.max_sidecar_bytes = self.cfg["limits"]["max_sidecar_bytes"]
         for worker in self.workers:
-            if worker.engine.device.type == "cuda":
-                worker._cap_allocator()
+            worker.cap_memory()
         if needs_restart:
             logger.warning("configuration reloaded; these settings need a restart to take effect: {}",
                            ", ".join(needs_restart))
@@ -104,6 +104,8 @@ class Daemon:
 
     def start(self) -> None:
         """Folders, logging, recovery, the network(s), the watcher. Raises on a start-up problem."""
+        # Devices first: a GPU that is not there is a one-line error before anything is touched.
+        devices = resolve_all(self.cfg["gpu"]["devices"]) or [resolve_device(self.cfg["engine"]["device"])]
         self.folders.check_layout()
         self.folders.create()
         logs.setup(self.cfg["logging"], self.folders.logs)
@@ -114,7 +116,6 @@ class Daemon:
         self.readiness = Readiness(w["settle_seconds"], w["missing_timeout"], self.cfg["limits"]["max_sidecar_bytes"],
                                    self.folders.inbox)
         recovered = self.store.recover()
-        devices = self.cfg["gpu"]["devices"] or [self.cfg["engine"]["device"]]
         for dev in devices:
             worker = Worker(self.cfg, dev, self.queue, self.store, self.status)
             logger.info("network {} loaded on {} ({})", self.cfg["engine"]["weights"], worker.engine.device,
@@ -290,21 +291,25 @@ def _get(cfg: dict, dotted: str):
     return cfg
 
 
+def _refuse_start(what: str, exc: Exception, code: int) -> int:
+    """One line on stderr (journald under systemd), and the same into logs/nstd.log if it is open."""
+    logger.bind(file_only=True).error("{}: {}", what, exc)
+    print(f"nstd: error: {exc}", file=sys.stderr)
+    return code
+
+
 def run_daemon(cfg: dict, config_path: Path | None = None) -> int:
     daemon = Daemon(cfg, config_path)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     signal.signal(signal.SIGHUP, daemon.request_reload)
+    logger.remove()  # until logs.setup(): a start-up error is the one line printed below
     try:
         daemon.start()
     except (ValueError, OSError) as exc:
-        logger.error("cannot start: {}", exc)
-        print(f"nstd: error: {exc}", file=sys.stderr)
-        return 2
+        return _refuse_start("cannot start", exc, 2)
     except WeightsError as exc:
-        logger.error("cannot load the weights: {}", exc)
-        print(f"nstd: error: {exc}", file=sys.stderr)
-        return 3
+        return _refuse_start("cannot load the weights", exc, 3)
     try:
         daemon.run()
     finally:

@@ -21,7 +21,9 @@ def setup(logging_cfg: dict, logs_dir: Path | None) -> None:
     logger.remove()
     logger.configure(extra={"job": "-", "job_id": None})
     level = logging_cfg["level"]
-    logger.add(sys.stderr, level=level, format=FORMAT, backtrace=False, diagnose=False)
+    # Lines bound with file_only=True (a start-up error the command prints itself) skip stderr.
+    logger.add(sys.stderr, level=level, format=FORMAT, backtrace=False, diagnose=False,
+               filter=lambda record: not record["extra"].get("file_only"))
     if logs_dir is not None:
         logs_dir.mkdir(parents=True, exist_ok=True)
         logger.add(

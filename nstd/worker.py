@@ -30,6 +30,7 @@ from PIL import Image
 from nstd import __version__, logs
 from nstd.fsutil import atomic_open
 from nstd.engine import Checkpoint, Engine, ImageError, Interrupted, Result, StepInfo, images
+from nstd.engine.device import Device
 from nstd.engine.memory import fit_size
 from nstd.job import JobError, style_params
 from nstd.status import Status, iso
@@ -178,7 +179,7 @@ class Finisher(threading.Thread):
 class Worker(threading.Thread):
     """Runs claimed jobs one after another on one device."""
 
-    def __init__(self, cfg: dict, device: str, queue: JobQueue, store: Store, status: Status,
+    def __init__(self, cfg: dict, device: Device | str, queue: JobQueue, store: Store, status: Status,
                  engine_factory: Callable[..., Engine] = Engine):
         super().__init__(name=f"worker-{device}", daemon=True)
         self.cfg = cfg
@@ -197,14 +198,11 @@ class Worker(threading.Thread):
         self.heartbeat = time.monotonic()
         self.finisher = Finisher(self.finish, lambda done, exc: self._retry_later(done.job, exc),
                                  name=f"finisher-{device}")
-        if self.engine.device.type == "cuda":
-            self._cap_allocator()
+        self.cap_memory()
 
-    def _cap_allocator(self) -> None:
-        dev = self.engine.device
-        total = torch.cuda.get_device_properties(dev).total_memory
-        budget = self.cfg["gpu"]["vram_budget_mb"] * 2**20
-        torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), dev)
+    def cap_memory(self) -> None:
+        """Cap the GPU's allocator at `gpu.vram_budget_mb` (at start and after a reload)."""
+        self.engine.device.cap_memory(self.cfg["gpu"]["vram_budget_mb"] * 2**20)
 
     def begin_stop(self, grace_seconds: float) -> None:
         """Take no new job; the running one may go on for `grace_seconds`, then stops at a step."""
@@ -362,8 +360,7 @@ class Worker(threading.Thread):
                 if not is_oom(exc):
                     raise
                 oom_retries += 1
-                if engine.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                engine.device.free_cache()
                 self.cache.clear()
                 smaller = int(size * SHRINK)
                 if smaller >= MIN_EDGE and engine.device.type == "cuda":
@@ -421,6 +418,7 @@ class Worker(threading.Thread):
             "steps_run": result.steps - result.resumed_from,
             "losses": result.losses,
             "device": result.device,
+            "device_name": result.device_name,
             "precision": result.precision,
             "size_requested": done.size_requested,
             "size_used": list(result.size),
@@ -440,7 +438,7 @@ class Worker(threading.Thread):
         layers = list(dict.fromkeys((*params.content_layers, *params.style_layers)))
         fit = fit_size(h, w, self.cfg["gpu"]["vram_budget_mb"] * 2**20, min_long_edge=MIN_EDGE, layers=layers,
                        optimizer=params.optimizer, history=engine.lbfgs_history, precision=engine.precision,
-                       pooling=params.pooling)
+                       pooling=params.pooling, device=engine.device.type)
         return max(fit) if fit else MIN_EDGE
 
     def _cpu(self) -> Engine:

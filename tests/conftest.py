@@ -1,13 +1,14 @@
 """Shared fixtures: real images from ../shared/images and one CPU engine per test session."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-IMAGES = REPO.parent / "shared" / "images"
+IMAGES = Path(os.environ.get("NSTD_IMAGES") or REPO.parent / "shared" / "images")
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

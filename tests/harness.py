@@ -13,11 +13,13 @@ from pathlib import Path
 
 import yaml
 
-IMAGES = Path(__file__).resolve().parent.parent.parent / "shared" / "images"
+IMAGES = Path(os.environ.get("NSTD_IMAGES") or Path(__file__).resolve().parent.parent.parent / "shared" / "images")
 
 
 class Daemon:
-    def __init__(self, tmp: Path, **sections):
+    def __init__(self, tmp: Path, fake_cuda: dict | None = None, **sections):
+        """`fake_cuda` runs the daemon with CUDA faked (tests/fake_cuda.py), its calls logged to
+        `self.cuda_calls_path`."""
         self.tmp = tmp
         self.root = tmp / "var"
         cfg = {
@@ -32,6 +34,8 @@ class Daemon:
             cfg.setdefault(section, {}).update(values)
         self.config = tmp / "config.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
+        self.fake_cuda = fake_cuda
+        self.cuda_calls_path = tmp / "cuda-calls.jsonl"
         self.proc: subprocess.Popen | None = None
         self.runs = 0
         #: sidecar name -> {file name: sha256} of everything dropped for it, for nstd.audit
@@ -47,7 +51,11 @@ class Daemon:
         self.runs += 1
         self.log = open(self.tmp / f"daemon-{self.runs}.log", "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "nstd.cli", "run", "--config", str(self.config)],
+        entry = ["-m", "nstd.cli"]
+        if self.fake_cuda is not None:
+            entry = [str(Path(__file__).with_name("fake_cuda.py"))]
+            env.update(NSTD_FAKE_CUDA=json.dumps(self.fake_cuda), NSTD_FAKE_CUDA_LOG=str(self.cuda_calls_path))
+        self.proc = subprocess.Popen([sys.executable, *entry, "run", "--config", str(self.config)],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env)
         if wait:
             self.wait(lambda: (self.status() or {}).get("state") == "running" and
@@ -59,6 +67,13 @@ class Daemon:
         for section, values in sections.items():
             cfg.setdefault(section, {}).update(values)
         self.config.write_text(yaml.safe_dump(cfg))
+
+    def cuda_calls(self, name: str) -> list[list]:
+        """The arguments of each faked CUDA call `name` the daemon made."""
+        if not self.cuda_calls_path.exists():
+            return []
+        lines = [json.loads(x) for x in self.cuda_calls_path.read_text().splitlines() if x]
+        return [args for n, args in lines if n == name]
 
     def status(self) -> dict | None:
         try:

@@ -8,7 +8,9 @@ import torch
 import yaml
 from PIL import Image
 
+import fake_cuda
 from nstd.config import load_config
+from nstd.engine.device import resolve
 from nstd.engine.stylize import Result
 from nstd.status import Status
 from nstd.store import Claimed, Folders, Store
@@ -21,7 +23,7 @@ class FakeEngine:
     calls: list = []
 
     def __init__(self, device="cpu", oom_above=None, **_):
-        self.device = torch.device(device)
+        self.device = resolve(device)
         self.precision = "fp32"
         self.lbfgs_history = 50
         self.oom_above = oom_above
@@ -46,10 +48,12 @@ def make_worker(tmp_path, monkeypatch, device, oom_above, cpu_fallback=True):
     cfg["defaults"]["gif"] = False
     folders = Folders(*(tmp_path / n for n in ("inbox", "outbox", "quarantine", "state", "logs")))
     folders.create()
-    monkeypatch.setattr(Worker, "_cap_allocator", lambda self: None)
+    cuda = fake_cuda.install(monkeypatch, total_memory=200_000 * 2**20)
     factory = lambda device="cpu", **kw: FakeEngine(device, oom_above if device != "cpu" else None)
     store = Store(folders)
-    return Worker(cfg, device, JobQueue(), store, Status(folders.state), engine_factory=factory), store
+    worker = Worker(cfg, device, JobQueue(), store, Status(folders.state), engine_factory=factory)
+    worker.cuda = cuda
+    return worker, store
 
 
 def claim(store, cfg_defaults, size=512, name="j"):
@@ -70,6 +74,10 @@ def test_oom_retries_smaller_on_the_gpu(tmp_path, monkeypatch):
     assert [s for _, s in FakeEngine.calls] == [512, 384, 288, 216, 162]
     report = json.loads((store.f.outbox / "j" / "report.json").read_text())
     assert report["oom_retries"] == 4 and report["size_used"][0] == 162 and not report["cpu_fallback"]
+    assert report["device"] == "cuda:0"
+    # the allocator was capped at the budget on cuda:0, and each out-of-memory freed the cache
+    assert w.cuda.called("set_per_process_memory_fraction") == [(0.5, 0)]
+    assert len(w.cuda.called("empty_cache")) == 4
 
 
 def test_then_falls_back_to_the_cpu(tmp_path, monkeypatch):

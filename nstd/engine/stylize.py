@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from nstd.engine import images
+from nstd.engine.device import Device, resolve as resolve_device
 from nstd.engine.losses import Losses, Objective, blend_grams, gram
 from nstd.engine.vgg import Network, layer_index
 
@@ -65,6 +66,7 @@ class Result:
     size: tuple[int, int]  # (width, height) actually used
     device: str
     precision: str
+    device_name: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: int | None = None
     restarts: int = 0  # L-BFGS restarts after a diverging step
@@ -91,15 +93,6 @@ class Interrupted(Exception):
         super().__init__(f"stopped after step {checkpoint.step}")
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is slower."""
     try:
@@ -109,7 +102,7 @@ def cpu_has_fast_bf16() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-def pick_precision(precision: str, device: torch.device) -> str:
+def pick_precision(precision: str, device: Device) -> str:
     """`auto` picks bf16 only where it is known to pay off; the Gram matrices and losses stay fp32."""
     if precision in ("fp32", "bf16"):
         return precision
@@ -152,25 +145,25 @@ class Engine:
         self,
         weights: str = "vgg19-caffe",
         weights_file: Path | None = None,
-        device: str = "auto",
+        device: str | Device = "auto",
         precision: str = "auto",
         lbfgs_history: int = 20,
     ):
-        self.device = pick_device(device)
+        self.device = resolve_device(device)
         self.precision = pick_precision(precision, self.device)
         self.weights = weights
         self.lbfgs_history = lbfgs_history
-        if self.device.type == "cuda":
+        if self.device.is_cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self.network = Network.load(weights, weights_file, str(self.device))
+        self.network = Network.load(weights, weights_file, self.device.place)
         # The first optimizer built in a process imports torch._dynamo (1.5 s here): pay it while
         # loading, not inside the first job's timings.
         torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
 
     def _autocast(self):
         if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+            return torch.autocast(self.device.place.type, dtype=torch.bfloat16)
         return nullcontext()
 
     @torch.no_grad()
@@ -178,7 +171,7 @@ class Engine:
         self, style: Image.Image, long_edge: int, layers: Sequence[str], pooling: str
     ) -> dict[str, torch.Tensor]:
         """Gram targets of one style image resized so its long edge is `long_edge` (cacheable)."""
-        x = images.to_tensor(images.resize_long_edge(style, long_edge)).to(self.device)
+        x = images.to_tensor(images.resize_long_edge(style, long_edge)).to(self.device.place)
         with self._autocast():
             feats = self.network.extractor(layers, pooling)(x)
         return {k: gram(v).detach() for k, v in feats.items()}
@@ -210,9 +203,8 @@ class Engine:
         if not styles:
             raise ValueError("at least one style image is needed")
         torch.manual_seed(p.seed)
-        dev = self.device
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
+        dev = self.device.place
+        self.device.reset_peak()
 
         content_img = images.resize_long_edge(content, p.size)
         w, h = content_img.size
@@ -304,14 +296,14 @@ class Engine:
             losses=final_losses.as_floats(),
             steps=p.steps,
             size=(w, h),
-            device=str(dev),
+            device=str(self.device),
+            device_name=self.device.name,
             precision=self.precision,
             timings={"prepare": t_opt - t0, "optimise": t_done - t_opt},
             restarts=restarts,
             resumed_from=start,
         )
-        if dev.type == "cuda":
-            result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(dev))
+        result.peak_memory_bytes = self.device.peak_bytes()
         return result
 
     def _initial(self, p: StyleParams, content_t: torch.Tensor, init_image: Image.Image | None) -> torch.Tensor:
@@ -319,11 +311,11 @@ class Engine:
             return content_t.clone()
         if p.init == "noise":
             g = torch.Generator().manual_seed(p.seed)
-            return torch.rand(content_t.shape, generator=g).to(self.device)
+            return torch.rand(content_t.shape, generator=g).to(self.device.place)
         if init_image is None:
             raise ValueError(f"init {p.init!r} needs an init image")
         _, _, h, w = content_t.shape
-        return images.to_tensor(init_image.resize((w, h), Image.Resampling.LANCZOS)).to(self.device)
+        return images.to_tensor(init_image.resize((w, h), Image.Resampling.LANCZOS)).to(self.device.place)
 
     @staticmethod
     def _frame(x: torch.Tensor, p: StyleParams) -> Image.Image:

