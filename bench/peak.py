@@ -24,7 +24,8 @@ def main() -> int:
     finally:
         import torch
 
-        cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_initialized() else 0
+        cuda = max((torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())), default=0) \
+            if torch.cuda.is_initialized() else 0  # the GPU the tool used, whichever it was
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(f"PEAK cuda_bytes={cuda} rss_bytes={rss}", file=sys.stderr, flush=True)
     return code

@@ -9,7 +9,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from nstd.store import MANIFEST, TMP_PREFIX
+from nstd.daemon.transfer import MANIFEST, TMP_PREFIX
 
 OUTBOX_FILES = ("job.yaml", "report.json", "job.log")
 QUARANTINE_FILES = ("error.yaml", "job.log")

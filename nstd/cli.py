@@ -11,13 +11,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-EXIT_BAD_INPUT = 2
-EXIT_WEIGHTS = 3
-EXIT_INTERRUPTED = 130
+from nstd.errors import ExitCode, NstdError
 
 
-class UsageError(Exception):
-    pass
+class UsageError(NstdError):
+    """A bad combination of arguments."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,23 +70,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_validate(args)
         if args.command == "status":
             return cmd_status(args)
+    except NstdError as exc:  # anything a user can cause: one line, its own exit code
+        return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         print("nstd: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    return 0
+        return ExitCode.INTERRUPTED
+    return ExitCode.OK
 
 
 def _fail(message: str, code: int) -> int:
     print(f"nstd: error: {message}", file=sys.stderr)
-    return code
+    return int(code)
 
 
 def cmd_stylize(args: argparse.Namespace) -> int:
     # Imports here keep `nstd --help` fast.
-    from nstd.config import ConfigError, load_config
-    from nstd.engine import Engine, ImageError, WeightsError, images
-    from nstd.job import merge, style_params
-    from nstd.schema import SchemaError, validate
+    from nstd.config import load_config
+    from nstd.engine import Engine, images
+    from nstd.jobkeys import merge, style_params
+    from nstd.schema import validate
 
     try:
         cfg = load_config(args.config)
@@ -109,22 +109,20 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         if job["init"] not in ("content", "noise"):
             init_image = images.open_image(job["init"], max_pixels)
         params = style_params(job)
-    except (ConfigError, SchemaError, ImageError, UsageError, ValueError) as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT)
+    except ValueError as exc:  # NstdErrors are mapped by main()
+        if isinstance(exc, NstdError):
+            raise
+        return _fail(str(exc), ExitCode.BAD_INPUT)
 
-    try:
-        engine = Engine(**engine_cfg)
-    except WeightsError as exc:
-        return _fail(str(exc), EXIT_WEIGHTS)
-    except (RuntimeError, ValueError) as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT)
-
+    engine = Engine(**engine_cfg)  # DeviceError: exit 2, WeightsError: exit 3 (by main())
     t0 = time.perf_counter()
     bar = _progress(params.steps, disabled=args.quiet)
     try:
-        result = engine.stylize(content, styles, params, init_image=init_image, on_step=bar.update_step)
+        result = engine.stylize(content, styles, params, init_image=init_image, progress=bar)
     except ValueError as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT)
+        if isinstance(exc, NstdError):
+            raise
+        return _fail(str(exc), ExitCode.BAD_INPUT)
     finally:
         bar.close()
     images.save(result.image, out, out_format)
@@ -134,40 +132,31 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     took = time.perf_counter() - t0
     losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items())
     print(f"wrote {out} ({w}x{h}, {result.steps} steps, {took:.1f} s on {result.device}, {result.precision}; {losses})")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from nstd.config import ConfigError, load_config
-    from nstd.daemon import run_daemon
+    from nstd.config import load_config
+    from nstd.daemon.daemon import run_daemon
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT)
-    return run_daemon(cfg, Path(args.config))
+    return run_daemon(load_config(args.config), lambda: load_config(args.config))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """The daemon's intake checks on one sidecar: keys, paths, inputs present, images decodable."""
-    from nstd.config import ConfigError, load_config
-    from nstd.engine import ImageError, images
-    from nstd.job import JobError, job_settings, read_sidecar, resolve_files
+    from nstd.config import load_config
+    from nstd.daemon.jobfile import check_job, read_sidecar, resolve_files
+    from nstd.errors import JobError
 
     sidecar = Path(args.sidecar)
+    cfg = load_config(args.config)
     try:
-        cfg = load_config(args.config)
         data = read_sidecar(sidecar, cfg["limits"]["max_sidecar_bytes"])
-        files = resolve_files(data, sidecar, sidecar.parent)
-        settings = job_settings(data, cfg["defaults"])
-        if files.missing:
-            raise JobError("missing input", "not found: " + ", ".join(str(p) for p in files.missing))
-        sizes = {}
-        for path in files.inputs()[:-1]:
-            sizes[path] = images.open_image(path, cfg["limits"]["max_pixels"]).size
-    except (ConfigError, JobError, ImageError) as exc:
-        kind = f"{exc.kind}: " if isinstance(exc, JobError) else ""
-        return _fail(f"{sidecar.name}: {kind}{exc}", EXIT_BAD_INPUT)
+        checked = check_job(data, resolve_files(data, sidecar, sidecar.parent), cfg["defaults"],
+                            cfg["limits"]["max_pixels"])
+    except JobError as exc:
+        return _fail(f"{sidecar.name}: {exc.kind}: {exc}", exc.exit_code)
+    files, settings, sizes = checked.files, checked.settings, checked.sizes
     print(f"{sidecar.name}: ok")
     print(f"  content  {files.content.name} ({'x'.join(map(str, sizes[files.content]))})")
     for path, weight in files.styles:
@@ -178,26 +167,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
           f"tv_weight {settings['tv_weight']:g}, init {settings['init']}, pooling {settings['pooling']}, "
           f"seed {settings['seed']}, gif {'every %d steps' % gif['every'] if gif else 'off'}, "
           f"output {settings['output']['format']}, priority {settings['priority']}")
-    return 0
+    return ExitCode.OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from nstd.config import ConfigError, load_config
-    from nstd.status import describe, read_status
+    from nstd.config import load_config
+    from nstd.daemon.status import describe, read_status
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        return _fail(str(exc), EXIT_BAD_INPUT)
+    cfg = load_config(args.config)
     data = read_status(Path(cfg["paths"]["state"]))
     text, alive = describe(data)
     if args.json:
         print(json.dumps({**(data or {}), "daemon_running": alive}, indent=1))
     else:
         print(text)
-    return 0 if alive else 1
+    return ExitCode.OK if alive else ExitCode.NOT_RUNNING
 
 
 def _job_from_args(args, cfg, merge, validate) -> tuple[dict, dict]:
@@ -234,7 +220,9 @@ def _job_from_args(args, cfg, merge, validate) -> tuple[dict, dict]:
 
 
 class _progress:
-    """A tqdm bar fed by the engine's per-step callback; losses are read only every few steps."""
+    """A tqdm bar as the engine's Progress; losses are read only every few steps."""
+
+    checkpoint_every = 0
 
     def __init__(self, total: int, disabled: bool):
         from tqdm import tqdm
@@ -242,7 +230,13 @@ class _progress:
         self.bar = tqdm(total=total, unit="step", disable=disabled or None, dynamic_ncols=True, leave=False)
         self.every = max(1, total // 50)
 
-    def update_step(self, info) -> None:
+    def on_checkpoint(self, checkpoint) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+    def on_step(self, info) -> None:
         self.bar.update(1)
         if info.step % self.every == 0 or info.step == info.steps:
             self.bar.set_postfix(loss=f"{info.losses()['total']:.4g}", refresh=False)

@@ -12,7 +12,8 @@ import yaml
 
 from nstd.engine.images import DEFAULT_MAX_PIXELS
 from nstd.engine.vgg import WEIGHT_SOURCES
-from nstd.job import JOB_FIELDS
+from nstd.errors import NstdError
+from nstd.jobkeys import JOB_FIELDS
 from nstd.schema import (
     Field,
     SchemaError,
@@ -83,7 +84,7 @@ CONFIG_FIELDS: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(NstdError, ValueError):
     """config.yaml cannot be used; the message names the file and the key."""
 
 

@@ -9,8 +9,10 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from nstd.errors import NstdError
 
-class SchemaError(ValueError):
+
+class SchemaError(NstdError, ValueError):
     """A value in a config or job file is missing, unknown, of the wrong type or out of range."""
 
     def __init__(self, key: str, message: str):

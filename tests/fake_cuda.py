@@ -94,6 +94,7 @@ class FakeCuda:
             "max_memory_allocated": max_allocated,
             "memory_allocated": allocated,
             "empty_cache": lambda: self.record("empty_cache"),
+            "set_device": lambda device: self.record("set_device", self.index(device)),
         }
 
 

@@ -1,5 +1,6 @@
 """Every CUDA path reached on the CPU: device settings resolve to indexed devices, and each
 CUDA-only call gets an index, with CUDA faked (tests/fake_cuda.py) by fakes as strict as torch."""
+import os
 import subprocess
 import sys
 
@@ -128,8 +129,9 @@ def test_daemon_on_fake_cuda_lands_a_job(tmp_path, engine_cfg, gpu_cfg):
     assert report["device"] == "cuda:0" and report["device_name"] == "Fake GPU 16GB"
     assert report["precision"] == "fp32" and report["peak_memory_bytes"] == 123 * 2**20
     assert d.cuda_calls("set_per_process_memory_fraction") == [[0.25, 0]]  # 4096 MiB of 16 GiB, on cuda:0
-    assert [0] in d.cuda_calls("reset_peak_memory_stats")
-    assert "worker-cuda:0" in d.logs() or "on cuda:0" in d.logs()
+    assert [0] in d.cuda_calls("reset_peak_memory_stats") and [0] in d.cuda_calls("max_memory_allocated")
+    assert d.cuda_calls("set_device") == [[0]]  # the worker thread made its GPU current
+    assert "started (attempt 1) on cuda:0" in (d.outbox / "gpujob" / "job.log").read_text()
 
 
 @pytest.mark.parametrize("section,value,message", [
@@ -138,7 +140,7 @@ def test_daemon_on_fake_cuda_lands_a_job(tmp_path, engine_cfg, gpu_cfg):
 ])
 def test_daemon_without_cuda_exits_2_with_one_line(tmp_path, section, value, message):
     d = Daemon(tmp_path, **{section: value})
-    d.start(wait=False)
+    d.start(wait=False, env={"CUDA_VISIBLE_DEVICES": ""})  # no GPU, even on a machine that has one
     assert d.proc.wait(60) == 2
     out = d.logs()
     assert message in out and "Traceback" not in out
@@ -155,7 +157,8 @@ def test_daemon_refuses_one_gpu_named_twice(tmp_path):
 def test_stylize_on_cuda_without_cuda_exits_2(tmp_path, images_dir):
     proc = subprocess.run([sys.executable, "-m", "nstd.cli", "stylize", str(images_dir / "tubingen.jpg"),
                            str(images_dir / "starry_night.jpg"), "-o", str(tmp_path / "o.png"), "--size", "32",
-                           "--steps", "1", "--device", "cuda", "-q"], capture_output=True, text=True, timeout=120)
+                           "--steps", "1", "--device", "cuda", "-q"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         proc.stderr.strip().splitlines()[0]] and "CUDA is not available" in proc.stderr
@@ -163,8 +166,6 @@ def test_stylize_on_cuda_without_cuda_exits_2(tmp_path, images_dir):
 
 
 def test_stylize_on_fake_cuda_writes_result_and_gif(tmp_path, images_dir):
-    import os
-
     env = {**os.environ, "NSTD_FAKE_CUDA": "{}"}
     proc = subprocess.run([sys.executable, str(fake_cuda.__file__), "stylize", str(images_dir / "tubingen.jpg"),
                            str(images_dir / "starry_night.jpg"), "-o", str(tmp_path / "o.png"), "--size", "32",

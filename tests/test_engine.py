@@ -22,7 +22,7 @@ def test_loss_falls_and_style_distance_shrinks(engine, pair):
     content, style = pair
     params = StyleParams(size=64, steps=40, frame_every=0)
     seen = []
-    result = engine.stylize(content, [(style, 1.0)], params, on_step=lambda i: seen.append(i.losses()["total"]))
+    result = engine.stylize(content, [(style, 1.0)], params, progress=lambda i: seen.append(i.losses()["total"]))
     assert len(seen) == 40
     assert seen[-1] < 0.5 * seen[0], seen
     grams = engine.style_grams(style, 64, STYLE_LAYERS, "avg")
@@ -37,7 +37,7 @@ def test_adam_also_lowers_the_loss(engine, pair):
     seen = []
     engine.stylize(
         content, [(style, 1.0)], StyleParams(size=48, steps=30, optimizer="adam", frame_every=0),
-        on_step=lambda i: seen.append(i.losses()["total"]),
+        progress=lambda i: seen.append(i.losses()["total"]),
     )
     assert seen[-1] < 0.7 * seen[0], seen
 
@@ -101,25 +101,32 @@ def test_result_is_never_worse_than_the_best_step(engine, pair):
     content, style = pair
     seen = []
     r = engine.stylize(content, [(style, 1.0)], StyleParams(size=48, steps=8, frame_every=0),
-                       on_step=lambda i: seen.append(i.losses()["total"]))
+                       progress=lambda i: seen.append(i.losses()["total"]))
     assert max(seen) > 100 * min(seen)  # the overshoot this test is about did happen
     assert r.restarts >= 1
     assert r.losses["total"] <= min(seen) + 1e-6
 
 
 def test_stop_checkpoint_and_resume_runs_only_the_remaining_steps(engine, pair):
-    from nstd.engine import Interrupted
+    from nstd.engine import Interrupted, Progress
 
     content, style = pair
     params = StyleParams(size=48, steps=20, frame_every=5)
     saved, steps_seen = [], []
+
+    class StopAfterTwo(Progress):
+        checkpoint_every = 4
+        on_checkpoint = staticmethod(saved.append)
+
+        def should_stop(self):
+            return len(saved) >= 2
+
     with pytest.raises(Interrupted) as info:
-        engine.stylize(content, [(style, 1.0)], params, checkpoint_every=4, on_checkpoint=saved.append,
-                       should_stop=lambda: len(saved) >= 2)
+        engine.stylize(content, [(style, 1.0)], params, progress=StopAfterTwo())
     cp = info.value.checkpoint
     assert [c.step for c in saved] == [4, 8] and cp.step == 8
     assert cp.image.shape == (1, 3, 36, 48) and len(cp.frames) == 2  # start, step 5
-    r = engine.stylize(content, [(style, 1.0)], params, resume=cp, on_step=lambda i: steps_seen.append(i.step))
+    r = engine.stylize(content, [(style, 1.0)], params, resume=cp, progress=lambda i: steps_seen.append(i.step))
     assert steps_seen == list(range(9, 21)) and r.resumed_from == 8
     assert len(r.frames) == 5  # start, 5, 10, 15, 20
     first = engine.stylize(content, [(style, 1.0)], StyleParams(size=48, steps=8, frame_every=0))

@@ -7,7 +7,7 @@ import time
 import pytest
 import yaml
 
-from nstd import worker as worker_mod
+from nstd.daemon import queue as queue_mod
 from test_worker import claim, make_worker
 
 
@@ -54,11 +54,11 @@ def test_when_nothing_can_be_written_the_job_waits_in_state_and_lands_later(tmp_
         (small_fs / name).mkdir()
         object.__setattr__(store.f, name, small_fs / name)
     fill(small_fs)
-    monkeypatch.setattr(worker_mod, "RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(queue_mod, "RETRY_SECONDS", 0.2)
     job = claim(store, w.cfg["defaults"])
     w.process(job)
     assert [p.name for p in store.f.jobs.iterdir()] == [job.id]  # still claimed, nothing lost
-    assert sorted(os.listdir(job.inputs)) == ["c.png", "j.yaml", "s.png"]
+    assert sorted(os.listdir(job.inputs_dir)) == ["c.png", "j.yaml", "s.png"]
     assert os.listdir(small_fs / "outbox") == [] and os.listdir(small_fs / "quarantine") == []
     os.unlink(small_fs / "filler")  # space comes back
     time.sleep(0.3)

@@ -95,7 +95,7 @@ def test_real_out_of_memory_walks_the_ladder(tmp_path, cpu_fallback):
 
 
 def test_sigterm_mid_job_then_resume_from_the_checkpoint(tmp_path):
-    d = gpu_daemon(tmp_path, defaults={"size": 384, "steps": 1500, "gif": {"every": 50}},
+    d = gpu_daemon(tmp_path, defaults={"size": 384, "steps": 3000, "gif": {"every": 100}},
                    service={"shutdown_grace_seconds": 0, "checkpoint_every": 25})
     d.start()
     d.drop("long", {"content": "tubingen.jpg", "style": "starry_night.jpg"})
@@ -108,18 +108,18 @@ def test_sigterm_mid_job_then_resume_from_the_checkpoint(tmp_path):
     finally:
         d.stop()
     r = report(d, "long")
-    assert r["resumed_from_step"] and r["resumed_from_step"] >= 50 and r["steps_run"] == 1500 - r["resumed_from_step"]
+    assert r["resumed_from_step"] and r["resumed_from_step"] >= 60 and r["steps_run"] == 3000 - r["resumed_from_step"]
     assert r["device"].startswith("cuda") and r["attempts"] == 1
     with Image.open(d.outbox / "long" / "long.gif") as gif:
-        assert gif.n_frames == 1500 // 50 + 1  # frames from before the stop were kept
+        assert gif.n_frames == 3000 // 100 + 1  # frames from before the stop were kept
 
 
 def test_style_targets_are_cached_on_the_gpu(tmp_path):
     d = gpu_daemon(tmp_path, defaults={"size": 128, "steps": 5, "gif": False})
     d.start()
     try:
-        d.image("starry_night.jpg")
         for name, content in (("a", "tubingen.jpg"), ("b", "golden_gate.jpg")):
+            d.image("starry_night.jpg")  # a's claim took it: the same file again, so the same digest
             d.image(content)
             d.drop(name, {"content": content, "style": "starry_night.jpg"}, images=False)
             d.wait_landed(name, timeout=120)
@@ -156,6 +156,12 @@ def test_stylize_on_cuda_with_a_gif(tmp_path, images_dir):
         assert max(img.size) == 256
     with Image.open(gif) as g:
         assert g.n_frames == 50 // 5 + 1
+
+
+def test_torch_refuses_a_device_without_an_index():
+    """What tests/fake_cuda.py imitates: the call that broke the first GPU run."""
+    with pytest.raises((ValueError, RuntimeError), match="index"):
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.device("cuda"))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Readiness: settle time, half-written sidecars, missing inputs; ignore rules. A fake clock."""
 import pytest
 
-from nstd.inbox import Readiness, is_ignored, list_sidecars
+from nstd.daemon.inbox import Readiness, is_ignored, list_sidecars
 
 
 @pytest.mark.parametrize("name", [".hidden.yaml", "x.yaml.tmp", "a.part", "b.crdownload", "~$doc.yaml", "._x.yaml",

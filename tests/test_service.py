@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nstd.service import Notifier, healthy
+from nstd.daemon.notify import Notifier, healthy
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-from nstd.store import Folders, Store, Transfer
+from nstd.daemon.jobfile import JobFiles
+from nstd.daemon.store import Folders, Store
+from nstd.daemon.transfer import Transfer
 
 
 @pytest.fixture
@@ -19,7 +21,7 @@ def drop(store, name="j", shared_style=False):
     (inbox / f"{name}.jpg").write_bytes(b"content-" + name.encode())
     (inbox / "style.jpg").write_bytes(b"style")
     (inbox / f"{name}.yaml").write_text(f"content: {name}.jpg\nstyle: style.jpg\n")
-    return {"content": inbox / f"{name}.jpg", "style0": inbox / "style.jpg", "sidecar": inbox / f"{name}.yaml"}
+    return JobFiles(sidecar=inbox / f"{name}.yaml", content=inbox / f"{name}.jpg", styles=[(inbox / "style.jpg", 1.0)])
 
 
 def everything(root):
@@ -28,32 +30,32 @@ def everything(root):
 
 def test_claim_deliver(store):
     files = drop(store)
-    job = store.claim("j", files, shared=set(), record={"priority": 0})
+    job = store.claim("j", files, shared=set(), settings={"priority": 0})
     assert sorted(os.listdir(store.f.inbox)) == []
-    assert sorted(os.listdir(job.inputs)) == ["j.jpg", "j.yaml", "style.jpg"]
-    assert job.input("style0").read_bytes() == b"style"
+    assert sorted(os.listdir(job.inputs_dir)) == ["j.jpg", "j.yaml", "style.jpg"]
+    assert job.path(job.styles[0]).read_bytes() == b"style"
     final = store.deliver(job, {"j.png": b"png", "report.json": b"{}"})
     assert final == store.f.outbox / "j"
     assert sorted(os.listdir(final)) == ["inputs", "j.png", "report.json"]
-    assert not job.dir.exists()
+    assert not job.folder.exists()
 
 
 def test_shared_files_are_copied_and_stay(store):
     files = drop(store)
-    job = store.claim("j", files, shared={files["style0"]}, record={"priority": 0})
+    job = store.claim("j", files, shared={files.styles[0][0]}, settings={"priority": 0})
     assert (store.f.inbox / "style.jpg").read_bytes() == b"style"
-    assert job.input("style0").read_bytes() == b"style"
+    assert job.path(job.styles[0]).read_bytes() == b"style"
 
 
 def test_names_never_collide(store):
     for expected in ("j", "j-2", "j-3"):
-        job = store.claim("j", drop(store), shared=set(), record={"priority": 0})
+        job = store.claim("j", drop(store), shared=set(), settings={"priority": 0})
         assert store.deliver(job, {"r.png": b"x"}).name == expected
 
 
 def test_quarantine_from_inbox_keeps_inputs_beside_error(store):
     files = drop(store, name="error")  # a job named "error": its sidecar must not clash with error.yaml
-    final = store.quarantine_from_inbox("error", list(files.values()), set(), {"kind": "bad"}, "log line\n")
+    final = store.quarantine_from_inbox("error", files.inputs(), set(), {"kind": "bad"}, "log line\n")
     names = sorted(os.listdir(final))
     assert "error.yaml" in names and "job.log" in names and "error.jpg" in names and "style.jpg" in names
     assert any(n.endswith("error.yaml") and n != "error.yaml" for n in names)  # the user's sidecar, renamed
@@ -63,7 +65,7 @@ def test_quarantine_from_inbox_keeps_inputs_beside_error(store):
 def test_recover_rolls_back_a_half_done_claim(store):
     files = drop(store)
     t = Transfer(store.f.jobs, "crashed")
-    t.put(files["content"], "inputs/j.jpg")  # ...then the power went out
+    t.put(files.content, "inputs/j.jpg")  # ...then the power went out
     store2 = Store(store.f)
     assert store2.recover() == []
     assert sorted(os.listdir(store.f.inbox)) == ["j.jpg", "j.yaml", "style.jpg"]
@@ -71,17 +73,17 @@ def test_recover_rolls_back_a_half_done_claim(store):
 
 
 def test_recover_rolls_back_a_half_done_delivery(store):
-    job = store.claim("j", drop(store), shared=set(), record={"priority": 0})
+    job = store.claim("j", drop(store), shared=set(), settings={"priority": 0})
     t = Transfer(store.f.outbox, job.id)
     (t.dir / "j.png").write_bytes(b"png")
-    t.put(job.inputs / "j.jpg", "inputs/j.jpg")
+    t.put(job.inputs_dir / "j.jpg", "inputs/j.jpg")
     [again] = Store(store.f).recover()
-    assert again.id == job.id and sorted(os.listdir(again.inputs)) == ["j.jpg", "j.yaml", "style.jpg"]
+    assert again.id == job.id and sorted(os.listdir(again.inputs_dir)) == ["j.jpg", "j.yaml", "style.jpg"]
     assert os.listdir(store.f.outbox) == []
 
 
 def test_recover_drops_delivered_state_and_keeps_claimed(store):
-    job = store.claim("j", drop(store), shared=set(), record={"priority": 0})
+    job = store.claim("j", drop(store), shared=set(), settings={"priority": 0})
     delivered = store.f.jobs / "old"
     delivered.mkdir()
     (delivered / "claim.json").write_text(json.dumps({"id": "old", "name": "x"}))

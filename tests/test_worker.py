@@ -12,9 +12,14 @@ import fake_cuda
 from nstd.config import load_config
 from nstd.engine.device import resolve
 from nstd.engine.stylize import Result
-from nstd.status import Status
-from nstd.store import Claimed, Folders, Store
-from nstd.worker import JobQueue, StyleCache, Worker
+from nstd.daemon.status import Status
+from nstd.daemon.store import Folders, Store
+from nstd.daemon.queue import JobQueue
+from nstd.daemon.outcome import Outcomes
+from nstd.daemon.worker import Worker
+from nstd.daemon.claim import Claim, Input, Times
+from nstd.daemon.jobfile import check_job, read_sidecar, resolve_files
+from nstd.engine import TargetCache
 
 
 class FakeEngine:
@@ -31,14 +36,14 @@ class FakeEngine:
     def style_grams(self, img, edge, layers, pooling):
         return {"conv1_1": torch.zeros(1, 1, 1)}
 
-    def stylize(self, content, styles, params, init_image=None, on_step=None, style_grams=None, **_):
+    def stylize(self, content, styles, params, init_image=None, progress=None, cache=None, **_):
         w, h = (params.size, params.size * content.height // content.width)
         FakeEngine.calls.append((str(self.device), params.size))
         if self.oom_above is not None and w * h > self.oom_above:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return Result(image=Image.new("RGB", (w, h)), frames=[], losses={"total": 1.0}, steps=params.steps,
                       size=(w, h), device=str(self.device), precision="fp32",
-                      timings={"prepare": 0.0, "optimise": 0.0})
+                      timings={"targets": 0.0, "optimise": 0.0})
 
 
 def make_worker(tmp_path, monkeypatch, device, oom_above, cpu_fallback=True):
@@ -57,14 +62,15 @@ def make_worker(tmp_path, monkeypatch, device, oom_above, cpu_fallback=True):
 
 
 def claim(store, cfg_defaults, size=512, name="j"):
+    """Drop a job and claim it the way intake does: its files read from the job file."""
     c, s = (("c.png", "s.png") if name == "j" else (f"{name}-c.png", f"{name}-s.png"))
     Image.new("RGB", (400, 300)).save(store.f.inbox / c)
     Image.new("RGB", (40, 30)).save(store.f.inbox / s)
-    (store.f.inbox / f"{name}.yaml").write_text(f"content: {c}\nstyle: {s}\n")
-    settings = {**cfg_defaults, "size": size, "gif": False}
-    files = {"content": store.f.inbox / c, "style0": store.f.inbox / s, "sidecar": store.f.inbox / f"{name}.yaml"}
-    return store.claim(name, files, set(), {"settings": settings, "priority": 0, "style_weights": [1.0],
-                                            "origins_by_role": {"content": c, "style0": s}})
+    sidecar = store.f.inbox / f"{name}.yaml"
+    sidecar.write_text(f"content: {c}\nstyle: {s}\nsize: {size}\ngif: false\n")
+    data = read_sidecar(sidecar, 65536)
+    checked = check_job(data, resolve_files(data, sidecar, store.f.inbox), cfg_defaults, 10**8)
+    return store.claim(name, checked.files, set(), checked.settings)
 
 
 def test_oom_retries_smaller_on_the_gpu(tmp_path, monkeypatch):
@@ -103,7 +109,7 @@ def test_encoding_overlaps_the_next_job_and_a_stop_waits_for_it(tmp_path, monkey
     w, store = make_worker(tmp_path, monkeypatch, "cpu", oom_above=None)
     FakeEngine.calls = []
     release, encoding = threading.Event(), threading.Event()
-    real_encode = Worker.encode
+    real_encode = Outcomes.encode
 
     def slow_encode(self, done):
         if done.job.name == "a":
@@ -111,7 +117,7 @@ def test_encoding_overlaps_the_next_job_and_a_stop_waits_for_it(tmp_path, monkey
             assert release.wait(30)
         return real_encode(self, done)
 
-    monkeypatch.setattr(Worker, "encode", slow_encode)
+    monkeypatch.setattr(Outcomes, "encode", slow_encode)
     w.start()
     try:
         w.queue.put(claim(store, w.cfg["defaults"], size=64, name="a"))
@@ -135,16 +141,33 @@ def test_queue_orders_by_priority_then_age():
     q = JobQueue()
     for name, prio, t in (("old-low", 0, 1.0), ("new-high", 5, 3.0), ("old-high", 5, 2.0), ("new-low", 0, 4.0)):
         # claimed in the reverse order of arrival: arrival decides
-        q.put(Claimed(Path("/nonexistent"), {"id": name, "name": name, "priority": prio, "arrived": t,
-                                             "claimed_at": 10 - t}))
+        i = Input("x.jpg", "x.jpg")
+        q.put(Claim(name, name, i, [], i, {"priority": prio}, Times(first_seen=t, arrived=t, claimed=10 - t)))
     assert q.names() == ["old-high", "new-high", "old-low", "new-low"]
     assert [q.get(0).name for _ in range(4)] == ["old-high", "new-high", "old-low", "new-low"]
     assert q.get(0.01) is None
 
 
 def test_style_cache_is_lru():
-    c = StyleCache(capacity=2)
+    c = TargetCache(capacity=2)
     calls = []
     get = lambda k: c.get(k, lambda: calls.append(k) or {k: k})
     get("a"), get("b"), get("a"), get("c"), get("b")
     assert calls == ["a", "b", "c", "b"] and c.hits == 1
+
+
+def test_a_budget_below_the_smallest_job_warns(tmp_path, monkeypatch):
+    from loguru import logger
+
+    w, _ = make_worker(tmp_path, monkeypatch, "cuda", oom_above=None)
+    lines = []
+    sink = logger.add(lines.append, level="WARNING")
+    try:
+        w.cfg["gpu"]["vram_budget_mb"] = 64
+        w.cap_memory()
+        w.cfg["gpu"]["vram_budget_mb"] = 4096
+        w.cap_memory()
+    finally:
+        logger.remove(sink)
+    assert len(lines) == 1 and "gpu.vram_budget_mb=64 is below what the smallest job needs on cuda:0" in lines[0]
+    assert [f for f, _ in w.cuda.called("set_per_process_memory_fraction")][-2:] == [64 / 200_000, 4096 / 200_000]

@@ -10,13 +10,16 @@ CUDA faked (tests/fake_cuda.py).
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
+from nstd.errors import NstdError
 
-class DeviceError(ValueError):
+
+class DeviceError(NstdError, ValueError):
     """A device setting this machine cannot honour: a start-up error (exit 2), never a traceback."""
 
 
@@ -82,6 +85,12 @@ class Device:
         fraction = min(1.0, budget_bytes / total)
         torch.cuda.set_per_process_memory_fraction(fraction, self.torch.index)
         return fraction
+
+    def make_current(self) -> None:
+        """Make this GPU the calling thread's current device (a worker thread's allocations go
+        to its own GPU, not to cuda:0)."""
+        if self.is_cuda:
+            torch.cuda.set_device(self.torch.index)
 
     def reset_peak(self) -> None:
         if self.is_cuda:
@@ -153,3 +162,23 @@ def resolve_all(settings: Sequence[str]) -> list[Device]:
             raise DeviceError(f"gpu.devices names {d} twice ({seen[str(d)]!r} and {s!r}): one worker per device")
         seen[str(d)] = s
     return devices
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
+
+
+def pick_precision(precision: str, device: Device) -> str:
+    """`auto` picks bf16 only where it is known to pay off; the Gram matrices and losses stay fp32."""
+    if precision in ("fp32", "bf16"):
+        return precision
+    if precision != "auto":
+        raise ValueError(f"unknown precision {precision!r} (expected auto, fp32 or bf16)")
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return "bf16"
+    return "fp32"

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from nstd.errors import NstdError
 from nstd.fsutil import atomic_write_bytes
 
 #: Formats nstd reads (Pillow's names); the JPEG opener also takes the multi-picture JPEGs (MPO) cameras write.
@@ -28,7 +29,7 @@ DEFAULT_MAX_PIXELS = 50_000_000
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-class ImageError(ValueError):
+class ImageError(NstdError, ValueError):
     """A user's image cannot be used: missing, empty, not an image, corrupt, truncated, too big."""
 
     def __init__(self, path: Path | str, reason: str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from nstd.engine.vgg import _CHANNELS, CONV_LAYERS, CONV_SHAPES, layer_index
+from nstd.engine.vgg import CHANNELS, CONV_LAYERS, CONV_SHAPES, layer_index
 
 #: On CUDA, what the allocator hands out beyond the tensors above: cuDNN's convolution workspaces
 #: and the allocator's rounding. On an H100 (torch 2.11, fp32) the model without it predicted 202 MiB
@@ -30,8 +30,8 @@ def feature_maps(height: int, width: int, deepest: str) -> list[tuple[str, int]]
         b = int(name[4])
         if b != block:
             h, w, block = h // 2, w // 2, b
-            maps.append((f"pool{block - 1}", _CHANNELS[block - 1] * h * w))
-        maps.append((name, _CHANNELS[b] * h * w))
+            maps.append((f"pool{block - 1}", CHANNELS[block - 1] * h * w))
+        maps.append((name, CHANNELS[b] * h * w))
     return maps
 
 

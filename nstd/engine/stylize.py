@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 
 from nstd.engine import images
-from nstd.engine.device import Device, resolve as resolve_device
+from nstd.engine.device import Device, pick_precision, resolve as resolve_device
 from nstd.engine.losses import Losses, Objective, blend_grams, gram
+from nstd.engine.progress import Checkpoint, Interrupted, OnStep, Progress, StepInfo
+from nstd.engine.targets import StyleImage, TargetCache, style_edge
 from nstd.engine.vgg import Network, layer_index
 
 DEFAULT_STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
@@ -45,19 +47,6 @@ class StyleParams:
 
 
 @dataclass
-class StepInfo:
-    """Passed to the progress callback after every step; `losses()` costs a device sync, so it is lazy."""
-
-    step: int
-    steps: int
-    elapsed: float
-    _losses: Losses
-
-    def losses(self) -> dict[str, float]:
-        return self._losses.as_floats()
-
-
-@dataclass
 class Result:
     image: Image.Image
     frames: list[Image.Image]
@@ -71,46 +60,6 @@ class Result:
     peak_memory_bytes: int | None = None
     restarts: int = 0  # L-BFGS restarts after a diverging step
     resumed_from: int = 0  # the checkpoint's step, when the run resumed one
-
-
-ProgressFn = Callable[[StepInfo], None]
-
-
-@dataclass
-class Checkpoint:
-    """Where a run is after `step` steps: enough to resume it (the L-BFGS history is not kept)."""
-
-    step: int
-    image: torch.Tensor  # (1, 3, H, W) float32 on the CPU
-    frames: list[Image.Image]
-
-
-class Interrupted(Exception):
-    """The run stopped at a step boundary because `should_stop()` said so; resume from `checkpoint`."""
-
-    def __init__(self, checkpoint: Checkpoint):
-        self.checkpoint = checkpoint
-        super().__init__(f"stopped after step {checkpoint.step}")
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AMX or AVX512-BF16); elsewhere bf16 is slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
-
-
-def pick_precision(precision: str, device: Device) -> str:
-    """`auto` picks bf16 only where it is known to pay off; the Gram matrices and losses stay fp32."""
-    if precision in ("fp32", "bf16"):
-        return precision
-    if precision != "auto":
-        raise ValueError(f"unknown precision {precision!r} (expected auto, fp32 or bf16)")
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return "bf16"
-    return "fp32"
 
 
 class _Guard:
@@ -170,32 +119,46 @@ class Engine:
     def style_grams(
         self, style: Image.Image, long_edge: int, layers: Sequence[str], pooling: str
     ) -> dict[str, torch.Tensor]:
-        """Gram targets of one style image resized so its long edge is `long_edge` (cacheable)."""
+        """Gram targets of one style image resized so its long edge is `long_edge`."""
         x = images.to_tensor(images.resize_long_edge(style, long_edge)).to(self.device.place)
         with self._autocast():
             feats = self.network.extractor(layers, pooling)(x)
         return {k: gram(v).detach() for k, v in feats.items()}
 
+    def style_targets(self, styles: Sequence[StyleImage], content_size: tuple[int, int], p: StyleParams,
+                      cache: TargetCache | None = None) -> list[dict[str, torch.Tensor]]:
+        """Each style's Gram targets at the size rule's edge, from `cache` where it has them."""
+        edge = style_edge(content_size, p.size, p.style_scale)
+        out = []
+        for s in styles:
+            compute = lambda img=s.image: self.style_grams(img, edge, p.style_layers, p.pooling)  # noqa: E731
+            if cache is None or s.digest is None:
+                out.append(compute())
+            else:
+                out.append(cache.get(cache.key(s.digest, edge, p.style_layers, p.pooling, str(self.device)), compute))
+        return out
+
     def stylize(
         self,
         content: Image.Image,
-        styles: Sequence[tuple[Image.Image, float]],
+        styles: Sequence[StyleImage | tuple[Image.Image, float]],
         params: StyleParams = StyleParams(),
         init_image: Image.Image | None = None,
-        on_step: ProgressFn | None = None,
-        style_grams: Sequence[dict[str, torch.Tensor]] | None = None,
+        progress: Progress | Callable[[StepInfo], None] | None = None,
+        cache: TargetCache | None = None,
         resume: Checkpoint | None = None,
-        checkpoint_every: int = 0,
-        on_checkpoint: Callable[[Checkpoint], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
     ) -> Result:
-        """Stylize `content` with the weighted blend of `styles`.
+        """Stylize `content` with the weighted blend of `styles` ((image, weight) pairs or StyleImages).
 
-        `style_grams` may carry precomputed targets (one dict per style, from `style_grams()`),
-        which the daemon caches across jobs. `resume` continues from a checkpoint for the remaining
-        steps; `on_checkpoint` gets one every `checkpoint_every` steps; when `should_stop()` turns
-        true the run raises `Interrupted` with a checkpoint at that step boundary.
+        `cache` keeps style targets across runs (for styles with a digest). `progress` is told
+        every step (a plain function is taken as `on_step`), gets checkpoints, and may stop the
+        run with `Interrupted`. `resume` continues from a checkpoint for the remaining steps.
         """
+        styles = [s if isinstance(s, StyleImage) else StyleImage(*s) for s in styles]
+        if progress is None:
+            progress = Progress()
+        elif not hasattr(progress, "on_step"):  # a plain function; any object shaped like Progress will do
+            progress = OnStep(progress)
         t0 = time.perf_counter()
         p = params
         for name in (*p.content_layers, *p.style_layers):
@@ -209,10 +172,8 @@ class Engine:
         content_img = images.resize_long_edge(content, p.size)
         w, h = content_img.size
         content_t = images.to_tensor(content_img).to(dev)
-        style_edge = max(16, round(max(w, h) * p.style_scale))
-        if style_grams is None:
-            style_grams = [self.style_grams(img, style_edge, p.style_layers, p.pooling) for img, _ in styles]
-        target_grams = blend_grams(list(style_grams), [wt for _, wt in styles])
+        grams = self.style_targets(styles, content.size, p, cache)
+        target_grams = blend_grams(grams, [s.weight for s in styles])
 
         layers = tuple(dict.fromkeys((*p.content_layers, *p.style_layers)))
         extractor = self.network.extractor(layers, p.pooling)
@@ -273,12 +234,12 @@ class Engine:
                 restarts += 1
             if p.frame_every and (step % p.frame_every == 0 or step == p.steps):
                 frames.append(self._frame(x, p))
-            if on_step is not None:
-                on_step(StepInfo(step, p.steps, time.perf_counter() - t_opt, guard.last))
+            progress.on_step(StepInfo(step, p.steps, time.perf_counter() - t_opt, guard.last))
             if step < p.steps:
-                if checkpoint_every and on_checkpoint is not None and step % checkpoint_every == 0:
-                    on_checkpoint(Checkpoint(step, x.detach().float().cpu().clone(), list(frames)))
-                if should_stop is not None and should_stop():
+                every = progress.checkpoint_every
+                if every and step % every == 0:
+                    progress.on_checkpoint(Checkpoint(step, x.detach().float().cpu().clone(), list(frames)))
+                if progress.should_stop():
                     raise Interrupted(Checkpoint(step, x.detach().float().cpu().clone(), list(frames)))
         # The last update has not been evaluated: keep it only if it is no worse than the best.
         with torch.no_grad(), self._autocast():
@@ -299,7 +260,7 @@ class Engine:
             device=str(self.device),
             device_name=self.device.name,
             precision=self.precision,
-            timings={"prepare": t_opt - t0, "optimise": t_done - t_opt},
+            timings={"targets": t_opt - t0, "optimise": t_done - t_opt},  # targets: style Grams + content features
             restarts=restarts,
             resumed_from=start,
         )

@@ -15,9 +15,11 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from nstd.errors import ExitCode, NstdError
+
 #: (block, convs in block) for VGG-19.
 _BLOCKS = ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))
-_CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
+CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
 
 #: Every conv layer in forward order: conv1_1 .. conv5_4.
 CONV_LAYERS: tuple[str, ...] = tuple(f"conv{b}_{i}" for b, n in _BLOCKS for i in range(1, n + 1))
@@ -27,8 +29,8 @@ def _conv_shapes() -> dict[str, tuple[int, int, int, int]]:
     shapes, cin = {}, 3
     for b, n in _BLOCKS:
         for i in range(1, n + 1):
-            shapes[f"conv{b}_{i}"] = (_CHANNELS[b], cin, 3, 3)
-            cin = _CHANNELS[b]
+            shapes[f"conv{b}_{i}"] = (CHANNELS[b], cin, 3, 3)
+            cin = CHANNELS[b]
     return shapes
 
 
@@ -43,8 +45,10 @@ CAFFE_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
 WEIGHT_SOURCES = ("vgg19-caffe", "torchvision")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(NstdError, RuntimeError):
     """The weights cannot be loaded: a missing, unreadable or malformed file, or a failed download."""
+
+    exit_code = ExitCode.WEIGHTS
 
 
 Weights = dict[str, tuple[torch.Tensor, torch.Tensor]]

@@ -15,7 +15,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from nstd.inbox import is_ignored
+from nstd.daemon.inbox import is_ignored
 
 
 class _Wake(FileSystemEventHandler):

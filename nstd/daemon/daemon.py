@@ -10,35 +10,35 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
+from typing import Callable
 
 from loguru import logger
 
 from nstd import logs
-from nstd.config import ConfigError, load_config
-from nstd.engine import ImageError, WeightsError, images
+from nstd.daemon.inbox import Readiness, list_sidecars
+from nstd.daemon.intake import Intake
+from nstd.daemon.notify import Notifier, healthy
+from nstd.daemon.outcome import Outcomes
+from nstd.daemon.queue import JobQueue, retry_at
+from nstd.daemon.status import Status
+from nstd.daemon.store import Folders, Store
+from nstd.daemon.watcher import InboxWatcher
+from nstd.daemon.worker import Worker
 from nstd.engine.device import resolve as resolve_device, resolve_all
-from nstd.inbox import Pending, Readiness, list_sidecars
-from nstd.job import JobError, job_name, job_settings
-from nstd.service import Notifier, healthy
-from nstd.status import Status, iso
-from nstd.store import Folders, Store
-from nstd.watcher import InboxWatcher
-from nstd.worker import JobQueue, Worker
+from nstd.errors import ErrorKind, ExitCode, JobError, NstdError, Stage
 
 TICK = 0.25
 STATUS_EVERY = 5.0
-#: After a claim or quarantine that could not be written, wait this long before trying again.
-HOLD_SECONDS = 30.0
 
 #: Settings that only a restart applies (SIGHUP names them in a warning).
 RESTART_KEYS = ("paths", "engine", "gpu.devices", "watch.polling", "watch.poll_interval_seconds")
 
 
 class Daemon:
-    def __init__(self, cfg: dict, config_path: Path | None = None):
+    def __init__(self, cfg: dict, reload_config: Callable[[], dict] | None = None):
+        """`reload_config` reads the configuration again for SIGHUP (the CLI's config.yaml)."""
         self.cfg = cfg
-        self.config_path = config_path
+        self.reload_config = reload_config or (lambda: cfg)
         self.folders = Folders.from_config(cfg)
         self.stop = threading.Event()
         self.wake = threading.Event()
@@ -66,8 +66,8 @@ class Daemon:
         """SIGHUP: job defaults, limits, watch timings, queue, budget and logging apply to the next job."""
         self.reload_requested = False
         try:
-            new = load_config(self.config_path)
-        except ConfigError as exc:
+            new = self.reload_config()
+        except NstdError as exc:
             logger.error("reload failed; keeping the running configuration: {}", exc)
             return
         needs_restart = [key for key in RESTART_KEYS if _get(self.cfg, key) != _get(new, key)]
@@ -78,9 +78,8 @@ class Daemon:
         for key in ("vram_budget_mb", "cpu_fallback"):
             self.cfg["gpu"][key] = new["gpu"][key]
         logs.setup(self.cfg["logging"], self.folders.logs)
-        r = self.readiness
-        r.settle_seconds, r.missing_timeout = self.cfg["watch"]["settle_seconds"], self.cfg["watch"]["missing_timeout"]
-        r.max_sidecar_bytes = self.cfg["limits"]["max_sidecar_bytes"]
+        self.readiness.configure(self.cfg["watch"]["settle_seconds"], self.cfg["watch"]["missing_timeout"],
+                                 self.cfg["limits"]["max_sidecar_bytes"])
         for worker in self.workers:
             worker.cap_memory()
         if needs_restart:
@@ -116,6 +115,8 @@ class Daemon:
         self.readiness = Readiness(w["settle_seconds"], w["missing_timeout"], self.cfg["limits"]["max_sidecar_bytes"],
                                    self.folders.inbox)
         recovered = self.store.recover()
+        self.outcomes = Outcomes(self.cfg, self.store, self.status, self.queue)
+        self.intake = Intake(self.cfg, self.readiness, self.store, self.outcomes, self.queue)
         for dev in devices:
             worker = Worker(self.cfg, dev, self.queue, self.store, self.status)
             logger.info("network {} loaded on {} ({})", self.cfg["engine"]["weights"], worker.engine.device,
@@ -123,10 +124,10 @@ class Daemon:
             self.workers.append(worker)
         max_attempts = self.cfg["queue"]["max_attempts"]
         for job in recovered:
-            if job.record.get("attempts", 0) >= max_attempts:
-                self.workers[0].quarantine(
-                    job, JobError("crashed", f"the daemon stopped during this job {job.record['attempts']} times "
-                                  f"(queue.max_attempts={max_attempts})", "run"), job.log_path)
+            if job.attempts >= max_attempts:
+                self.outcomes.quarantine(job, JobError(
+                    ErrorKind.CRASHED, f"the daemon stopped during this job {job.attempts} times "
+                    f"(queue.max_attempts={max_attempts})", Stage.RUN))
             else:
                 logger.bind(job=job.name).info("found in state after a restart; queued again")
                 self.queue.put(job)
@@ -174,10 +175,10 @@ class Daemon:
                 self.readiness.update(sidecars)
             for verdict in self.readiness.check():
                 try:
-                    self.handle(verdict.pending, verdict.error)
+                    self.intake.take(verdict.pending, verdict.error)
                 except Exception as exc:  # a bug on one job must not stop the intake of the others
                     logger.bind(job=verdict.pending.sidecar.name).exception("intake failed: {}", exc)
-                    verdict.pending.hold_until = time.monotonic() + HOLD_SECONDS
+                    verdict.pending.hold_until = retry_at()
             self.status.update(waiting=len(self.readiness.pending), queue=self.queue.names())
             if not ready:
                 # The network is loaded, the inbox watched and scanned once: now systemd may call us up.
@@ -202,88 +203,6 @@ class Daemon:
         self.status.update(force=True, state="stopped", running=None)
         logger.info("stopped")
 
-    # ------------------------------------------------------------------ intake
-
-    def handle(self, p: Pending, error: JobError | None) -> None:
-        """A sidecar that is ready (error None) or judged: claim it, or quarantine it."""
-        name = job_name(p.sidecar)
-        log = logger.bind(job=name, job_id=f"intake:{p.sidecar}")
-        with logs.captured(f"intake:{p.sidecar}") as lines:
-            try:
-                if error is not None:
-                    raise error
-                record = self._validate(p, log)
-            except JobError as exc:
-                log.error("{}: {}", exc.kind, exc.message)
-                self._quarantine_inbox(p, name, exc, lines)
-                return
-            except Exception as exc:  # unexpected: keep the job, keep the daemon
-                log.exception("could not take the job: {}", exc)
-                self._quarantine_inbox(p, name, JobError("internal error", f"{type(exc).__name__}: {exc}"), lines)
-                return
-            files = p.files
-            roles = {"content": files.content, **{f"style{i}": s for i, (s, _) in enumerate(files.styles)},
-                     **({"init": files.init} if files.init else {}), "sidecar": files.sidecar}
-            shared = self.readiness.waiting_references(exclude=p.sidecar) & set(roles.values())
-            record["origins_by_role"] = {r: str(path.relative_to(self.folders.inbox)) for r, path in roles.items()}
-            try:
-                job = self.store.claim(name, roles, shared, record)
-            except OSError as exc:  # rolled back: the files are still in the inbox
-                log.error("cannot claim: {}; trying again in {:g} s", exc, HOLD_SECONDS)
-                p.hold_until = time.monotonic() + HOLD_SECONDS
-                return
-            self.readiness.forget(p.sidecar)
-            log.info("claimed as {} (priority {}){}", job.id, record["priority"],
-                     f"; kept {len(shared)} shared file(s) in the inbox" if shared else "")
-        (job.log_path).write_text("".join(lines), encoding="utf-8")
-        self.queue.put(job)
-
-    def _validate(self, p: Pending, log) -> dict:
-        """Settings and images checked before a job is queued: a bad image never reaches a worker."""
-        assert p.data is not None and p.files is not None
-        settings = job_settings(p.data, self.cfg["defaults"])
-        max_pixels = self.cfg["limits"]["max_pixels"]
-        for path in p.files.inputs()[:-1]:
-            try:
-                img = images.open_image(path, max_pixels)
-            except ImageError as exc:
-                raise JobError("bad image", str(exc)) from None
-            log.debug("{}: {}x{}", path.name, *img.size)
-        return {
-            "settings": settings,
-            "priority": settings["priority"],
-            "style_weights": [w for _, w in p.files.styles],
-            "first_seen": time.time() - (time.monotonic() - p.first_seen),
-            "arrived": p.arrived,
-        }
-
-    def _quarantine_inbox(self, p: Pending, name: str, exc: JobError, lines: list[str]) -> None:
-        files = [p.sidecar]
-        if p.files is not None:
-            files = [f for f in p.files.inputs() if f.exists()]
-        else:
-            files += convention_files(p.sidecar)
-        shared = self.readiness.waiting_references(exclude=p.sidecar) & set(files)
-        error = {"job": name, "stage": exc.stage, "kind": exc.kind, "message": exc.message, "attempts": 0,
-                 "times": {"seen": iso(time.time() - (time.monotonic() - p.first_seen)), "failed": iso(time.time())}}
-        try:
-            final = self.store.quarantine_from_inbox(name, files, shared, error, "".join(lines))
-        except OSError as exc2:  # rolled back: the files are still in the inbox
-            logger.bind(job=name).error("could not quarantine: {}; trying again in {:g} s", exc2, HOLD_SECONDS)
-            p.hold_until = time.monotonic() + HOLD_SECONDS
-            return
-        self.readiness.forget(p.sidecar)
-        logger.bind(job=name).warning("quarantined in {}: {}", final, exc.message)
-        self.status.count("failed")
-
-
-def convention_files(sidecar: Path) -> list[Path]:
-    """`<name>.content.*` and `<name>.style.*` beside a sidecar that could not be read."""
-    stem = job_name(sidecar)
-    return sorted(p for p in sidecar.parent.glob(f"{stem}.*") if p != sidecar and p.is_file()
-                  and p.name.split(".")[-2] in ("content", "style") and p.name.rsplit(".", 2)[0] == stem)
-
-
 
 def _get(cfg: dict, dotted: str):
     for part in dotted.split("."):
@@ -291,25 +210,23 @@ def _get(cfg: dict, dotted: str):
     return cfg
 
 
-def _refuse_start(what: str, exc: Exception, code: int) -> int:
+def _refuse_start(exc: Exception) -> int:
     """One line on stderr (journald under systemd), and the same into logs/nstd.log if it is open."""
-    logger.bind(file_only=True).error("{}: {}", what, exc)
+    logger.bind(file_only=True).error("cannot start: {}", exc)
     print(f"nstd: error: {exc}", file=sys.stderr)
-    return code
+    return getattr(exc, "exit_code", ExitCode.BAD_INPUT)
 
 
-def run_daemon(cfg: dict, config_path: Path | None = None) -> int:
-    daemon = Daemon(cfg, config_path)
+def run_daemon(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
+    daemon = Daemon(cfg, reload_config)
     signal.signal(signal.SIGTERM, daemon.request_stop)
     signal.signal(signal.SIGINT, daemon.request_stop)
     signal.signal(signal.SIGHUP, daemon.request_reload)
     logger.remove()  # until logs.setup(): a start-up error is the one line printed below
     try:
         daemon.start()
-    except (ValueError, OSError) as exc:
-        return _refuse_start("cannot start", exc, 2)
-    except WeightsError as exc:
-        return _refuse_start("cannot load the weights", exc, 3)
+    except (NstdError, ValueError, OSError) as exc:
+        return _refuse_start(exc)
     try:
         daemon.run()
     finally:

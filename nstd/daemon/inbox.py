@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nstd.job import SIDECAR_SUFFIXES, JobError, JobFiles, inside, read_sidecar, resolve_files
+from nstd.daemon.jobfile import SIDECAR_SUFFIXES, JobFiles, inside, read_sidecar, resolve_files
+from nstd.errors import ErrorKind, JobError
 
 #: Hidden and temporary names, and the litter operating systems and sync tools leave.
 IGNORED_PATTERNS = (
@@ -103,6 +104,10 @@ class Readiness:
                     arrived = time.time()
                 self.pending[s] = Pending(s, now, arrived)
 
+    def configure(self, settle_seconds: float, missing_timeout: float, max_sidecar_bytes: int) -> None:
+        """New timings and limits (SIGHUP); jobs already waiting keep their first-seen time."""
+        self.settle_seconds, self.missing_timeout, self.max_sidecar_bytes = settle_seconds, missing_timeout, max_sidecar_bytes
+
     def forget(self, sidecar: Path) -> None:
         self.pending.pop(sidecar, None)
 
@@ -124,13 +129,13 @@ class Readiness:
         p.error, p.files, p.data = None, None, None
         try:
             if not inside(Path(os.path.realpath(p.sidecar)), Path(os.path.realpath(self.inbox))):
-                raise JobError("path outside inbox", f"{p.sidecar.name} is a link that leads out of the inbox")
+                raise JobError(ErrorKind.PATH_OUTSIDE_INBOX, f"{p.sidecar.name} is a link that leads out of the inbox")
             p.data = read_sidecar(p.sidecar, self.max_sidecar_bytes)
             p.files = resolve_files(p.data, p.sidecar, self.inbox)
         except JobError as exc:
             p.error = exc
         except OSError as exc:
-            p.error = JobError("unreadable", f"{p.sidecar.name}: {exc.strerror or exc}")
+            p.error = JobError(ErrorKind.UNREADABLE, f"{p.sidecar.name}: {exc.strerror or exc}")
 
     def _check_one(self, p: Pending, now: float) -> Verdict | None:
         if not p.sidecar.exists() and not p.sidecar.is_symlink():
@@ -155,7 +160,7 @@ class Readiness:
         if p.files.missing:
             if now - p.first_seen >= self.missing_timeout:
                 names = ", ".join(f.name for f in p.files.missing if f != p.sidecar)
-                return Verdict(p, error=JobError("missing input", f"still missing after {self.missing_timeout:g} s: {names}"))
+                return Verdict(p, error=JobError(ErrorKind.MISSING_INPUT, f"still missing after {self.missing_timeout:g} s: {names}"))
             return None
         return Verdict(p, ready=True) if settled else None
 

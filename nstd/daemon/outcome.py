@@ -1,0 +1,203 @@
+"""How a job ends: delivered to the outbox, quarantined with error.yaml, or tried again later.
+
+Every quarantine (from the inbox or from state) and every error.yaml is written here, and so is
+every output of a finished job (the result, the GIF, job.yaml, report.json). A finisher thread
+encodes and delivers while the worker optimises the next job.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import platform
+import queue
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from loguru import logger
+
+from nstd import __version__, logs
+from nstd.daemon.claim import Claim
+from nstd.daemon.queue import RETRY_SECONDS, JobQueue, retry_at
+from nstd.daemon.status import Status, iso
+from nstd.daemon.store import Store
+from nstd.daemon.transfer import safe_component
+from nstd.engine import Result, images
+from nstd.errors import ErrorKind, JobError, Stage
+
+
+@dataclasses.dataclass
+class Optimised:
+    """A job whose picture is made: what the finisher needs to encode, report and deliver it."""
+
+    job: Claim
+    result: Result
+    size_requested: int
+    timings: dict[str, float]
+    oom_retries: int
+    cpu_fallback: bool
+    style_cache: dict[str, int]
+    peak_rss_bytes: int
+
+
+def error_record(name: str, exc: JobError, attempts: int, times: dict[str, float]) -> dict:
+    """error.yaml: stage, kind, message, attempts and times (local time with offset)."""
+    return {"job": name, "stage": exc.stage.value, "kind": exc.kind.value, "message": exc.message,
+            "attempts": attempts, "times": {k: iso(v) for k, v in times.items()}}
+
+
+class Outcomes:
+    """The one place a job's end is decided and written."""
+
+    def __init__(self, cfg: dict, store: Store, status: Status, jobs: JobQueue):
+        self.cfg, self.store, self.status, self.queue = cfg, store, status, jobs
+
+    # ------------------------------------------------------------------ failures
+
+    def quarantine_inbox(self, name: str, files: list[Path], shared: set[Path], exc: JobError, seen: float,
+                         log_text: str) -> Path:
+        """A job judged before its claim. Raises OSError (rolled back) when it cannot be written."""
+        error = error_record(name, exc, 0, {"seen": seen, "failed": time.time()})
+        final = self.store.quarantine_from_inbox(name, files, shared, error, log_text)
+        logger.bind(job=name).warning("quarantined in {}: {}", final, exc.message)
+        self.status.count("failed")
+        return final
+
+    def quarantine(self, job: Claim, exc: JobError) -> None:
+        """A claimed job that cannot be done. Raises OSError when quarantine cannot be written."""
+        error = error_record(job.name, exc, job.attempts, {"claimed": job.times.claimed, "failed": time.time()})
+        text = job.log_path.read_text(encoding="utf-8") if job.log_path.exists() else ""
+        final = self.store.quarantine_claimed(job, error, text)
+        logger.bind(job=job.name).warning("quarantined in {}: {}", final, exc.message)
+        self.status.count("failed")
+
+    def internal_error(self, job: Claim, exc: Exception, stage: Stage) -> None:
+        """A bug or an engine/encoder failure: quarantine the job with the traceback in its log."""
+        logger.bind(job=job.name, job_id=job.id).error("internal error: {}\n{}", exc, traceback.format_exc())
+        self.quarantine(job, JobError(ErrorKind.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", stage))
+
+    def retry_later(self, job: Claim, exc: Exception) -> None:
+        """A job that failed for a reason of nstd's, not the user's: log it and queue it again."""
+        logger.bind(job=job.name).opt(exception=exc).error("could not finish the job ({}); retrying in {:g} s",
+                                                           exc, RETRY_SECONDS)
+        self.queue.put(job, not_before=retry_at())
+
+    # ------------------------------------------------------------------ success
+
+    def finish(self, done: Optimised) -> None:
+        """On the finisher thread: encode, report and deliver one optimised job."""
+        job = done.job
+        log = logger.bind(job=job.name, job_id=job.id)
+        with logs.job_file(job.id, job.log_path):
+            try:
+                outputs = self.encode(done)
+            except Exception as exc:  # an encoder failure quarantines the job, the daemon goes on
+                self.internal_error(job, exc, Stage.ENCODE)
+                return
+            log.info("finished; writing to the outbox")
+        outputs["job.log"] = job.log_path.read_bytes()
+        try:
+            final = self.store.deliver(job, outputs)
+        except OSError as exc:
+            self._deliver_failed(job, exc)
+            return
+        logger.bind(job=job.name).info("delivered to {}", final)
+        self.status.count("done")
+
+    def _deliver_failed(self, job: Claim, exc: OSError) -> None:
+        """The outbox could not be written (the transfer was rolled back): quarantine with the
+        reason, or if that cannot be written either, keep the job in state and retry later."""
+        reason = f"cannot write the outbox: {exc.strerror or exc} ({getattr(exc, 'filename', '') or self.store.outbox})"
+        with logs.job_file(job.id, job.log_path):
+            logger.bind(job=job.name, job_id=job.id).error(reason)
+        try:
+            self.quarantine(job, JobError(ErrorKind.CANNOT_WRITE_OUTBOX, reason, Stage.DELIVER))
+        except OSError as exc2:
+            logger.bind(job=job.name).error("cannot write quarantine either ({}); the job stays queued and is "
+                                            "retried in {:g} s", exc2.strerror or exc2, RETRY_SECONDS)
+            self.queue.put(job, not_before=retry_at())
+
+    def encode(self, done: Optimised) -> dict[str, bytes]:
+        """The result, the GIF, job.yaml and report.json, as bytes for the outbox."""
+        t_start = time.time()
+        job, result, settings = done.job, done.result, done.job.settings
+        fmt = settings["output"]["format"]
+        stem = safe_component(job.name)
+        outputs = {f"{stem}.{fmt}": images.encode(result.image, fmt)}
+        if settings["gif"] and result.frames:
+            buf = io.BytesIO()
+            images.save_gif_to(result.frames, buf, settings["gif"]["fps"])
+            outputs[f"{stem}.gif"] = buf.getvalue()
+        encoded = time.time() - t_start
+        effective = {"content": job.content.origin,
+                     "style": [{"path": s.origin, "weight": s.weight} for s in job.styles], **settings}
+        outputs["job.yaml"] = yaml.safe_dump(effective, sort_keys=False, allow_unicode=True).encode()
+        outputs["report.json"] = json.dumps(self.report(done, encoded), indent=1).encode()
+        return outputs
+
+    def report(self, done: Optimised, encoded: float) -> dict:
+        result = done.result
+        return {
+            "job": done.job.name,
+            "status": "done",
+            "attempts": done.job.attempts,
+            "timings": {**done.timings, "encoded": round(encoded, 3)},  # encoded: result + GIF
+            "steps": result.steps,
+            "resumed_from_step": result.resumed_from or None,
+            "steps_run": result.steps - result.resumed_from,
+            "losses": result.losses,
+            "device": result.device,
+            "device_name": result.device_name,
+            "precision": result.precision,
+            "size_requested": done.size_requested,
+            "size_used": list(result.size),
+            "oom_retries": done.oom_retries,
+            "cpu_fallback": done.cpu_fallback,
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "peak_rss_bytes": done.peak_rss_bytes,
+            "style_cache": done.style_cache,
+            "weights": self.cfg["engine"]["weights"],
+            "versions": {"nstd": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        }
+
+
+class Finisher(threading.Thread):
+    """Encodes and delivers finished jobs while the worker optimises the next one.
+
+    One job may wait while one is being finished; a third blocks the worker, so memory stays
+    bounded. A crash before delivery loses nothing: the job is still in state and runs again.
+    """
+
+    def __init__(self, finish: Callable[[Optimised], None], failed: Callable[[Claim, Exception], None],
+                 name: str):
+        super().__init__(name=name, daemon=True)
+        self._finish, self._failed = finish, failed
+        self._q: "queue.Queue[Optimised | None]" = queue.Queue(maxsize=1)
+
+    def submit(self, done: Optimised) -> None:
+        """Hand a job over; without a running finisher thread (a worker driven by hand), finish it here."""
+        if self.is_alive():
+            self._q.put(done)
+        else:
+            self._finish_one(done)
+
+    def close(self) -> None:
+        """Finish what was handed over, then end the thread."""
+        if self.is_alive():
+            self._q.put(None)
+            self.join()
+
+    def run(self) -> None:
+        while (done := self._q.get()) is not None:
+            self._finish_one(done)
+
+    def _finish_one(self, done: Optimised) -> None:
+        try:
+            self._finish(done)
+        except Exception as exc:  # the finisher must outlive any job; the job stays in state
+            self._failed(done.job, exc)

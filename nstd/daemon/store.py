@@ -1,0 +1,192 @@
+"""Where a job's files are: inbox -> state (claimed) -> outbox or quarantine, crash-safe.
+
+Every move between folders is a Transfer (nstd/daemon/transfer.py): after kill -9 or power loss
+`recover()` rolls leftovers back, so each job is in exactly one of inbox, state, outbox or
+quarantine, and no user file is ever deleted. The store also owns the layout of a job's state
+folder: its record, its inputs, its log and its checkpoint. Keep state/, outbox/ and quarantine/
+on one filesystem for atomic renames.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+from loguru import logger
+
+from nstd.daemon.claim import CLAIM_FILE, Claim, Input, StyleInput, Times
+from nstd.daemon.jobfile import JobFiles
+from nstd.daemon.transfer import TMP_PREFIX, Transfer, rollback, safe_component
+from nstd.fsutil import atomic_write_bytes, atomic_write_text
+
+
+@dataclass(frozen=True)
+class Folders:
+    inbox: Path
+    outbox: Path
+    quarantine: Path
+    state: Path
+    logs: Path
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "Folders":
+        p = cfg["paths"]
+        return cls(*(Path(p[k]) for k in ("inbox", "outbox", "quarantine", "state", "logs")))
+
+    @property
+    def jobs(self) -> Path:
+        return self.state / "jobs"
+
+    def check_layout(self) -> None:
+        """Refuse folders nested in the inbox (or the inbox in them): jobs would feed on results."""
+        inbox = Path(os.path.realpath(self.inbox))
+        for name in ("outbox", "quarantine", "state", "logs"):
+            other = Path(os.path.realpath(getattr(self, name)))
+            if other == inbox or inbox in other.parents:
+                raise ValueError(f"paths.{name} ({other}) lies inside the inbox ({inbox}); move it out")
+            if other in inbox.parents:
+                raise ValueError(f"the inbox ({inbox}) lies inside paths.{name} ({other}); move it out")
+
+    def create(self) -> None:
+        for d in (self.inbox, self.outbox, self.quarantine, self.jobs, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+class Store:
+    def __init__(self, folders: Folders):
+        self.f = folders
+
+    @property
+    def outbox(self) -> Path:
+        return self.f.outbox
+
+    @contextmanager
+    def _transfer(self, parent: Path, tag: str) -> Iterator[Transfer]:
+        """A Transfer that is rolled back at once if anything fails (a full disk, say)."""
+        t = Transfer(parent, tag)
+        try:
+            yield t
+        except BaseException:
+            try:
+                rollback(t.dir)
+            except Exception as exc:  # recovery at the next start will try again
+                logger.error("could not roll back {}: {}", t.dir, exc)
+            raise
+
+    # ------------------------------------------------------------------ start-up
+
+    def recover(self) -> list[Claim]:
+        """Roll back unfinished transfers, drop delivered state folders; return the claimed jobs."""
+        for parent in (self.f.jobs, self.f.outbox, self.f.quarantine):
+            for tmp in sorted(parent.glob(f"{TMP_PREFIX}*")):
+                try:
+                    n = rollback(tmp)
+                    logger.warning("recovered an interrupted transfer {} ({} file(s) put back)", tmp.name, n)
+                except Exception as exc:  # never lose files to a recovery bug: leave it for a person
+                    logger.error("could not roll back {}: {}", tmp, exc)
+        claimed = []
+        for d in sorted(self.f.jobs.iterdir()):
+            if d.name.startswith(".") or not d.is_dir():
+                continue
+            has_inputs = (d / "inputs").is_dir() and any((d / "inputs").iterdir())
+            if not has_inputs:
+                shutil.rmtree(d)  # delivered: only nstd's own files were left
+                continue
+            try:
+                claimed.append(Claim.from_folder(d))
+            except (OSError, ValueError, KeyError, TypeError):
+                logger.error("state folder {} has inputs but no readable claim record; left for a person", d)
+        return claimed
+
+    # ------------------------------------------------------------------ transitions
+
+    def claim(self, name: str, files: JobFiles, shared: set[Path], settings: dict,
+              first_seen: float | None = None, arrived: float | None = None) -> Claim:
+        """Move a ready job's files out of the inbox into state/jobs/<id>/inputs.
+
+        Files in `shared` (named by other waiting sidecars) are copied instead and stay in the
+        inbox. Inputs keep the name they were dropped with; the sidecar moves last.
+        """
+        job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        now = time.time()
+        with self._transfer(self.f.jobs, job_id) as t:
+            moved: dict[Path, str] = {}
+            for src in files.inputs():  # unique, sidecar last
+                base, n, candidate = Path(src.name), 1, src.name
+                while candidate in moved.values():
+                    n += 1
+                    candidate = f"{base.stem}-{n}{base.suffix}"
+                t.put(src, f"inputs/{candidate}", copy=src in shared)
+                moved[src] = candidate
+
+            def inp(path: Path) -> Input:
+                return Input(moved[path], str(path.relative_to(self.f.inbox)))
+
+            claim = Claim(
+                id=job_id, name=name, content=inp(files.content),
+                styles=[StyleInput(**vars(inp(p)), weight=w) for p, w in files.styles],
+                sidecar=inp(files.sidecar), init=inp(files.init) if files.init else None, settings=settings,
+                times=Times(first_seen=first_seen or now, arrived=arrived or now, claimed=now), folder=t.dir,
+            )
+            atomic_write_text(t.dir / CLAIM_FILE, claim.to_json())
+            claim.folder = t.commit(self.f.jobs / job_id)
+        return claim
+
+    def quarantine_from_inbox(self, name: str, files: list[Path], shared: set[Path], error: dict, log: str) -> Path:
+        """A job judged in the inbox: its files (copies of shared ones) go to quarantine/<name>/."""
+        with self._transfer(self.f.quarantine, uuid.uuid4().hex[:12]) as t:
+            used = {"error.yaml", "job.log"}
+            for src in dict.fromkeys(files):
+                if not (src.exists() or src.is_symlink()):
+                    continue
+                t.put(src, _free_name(src.name, used), copy=src in shared)
+            _write_error(t.dir, error, log)
+            return t.commit(self.f.quarantine / safe_component(name))
+
+    def quarantine_claimed(self, job: Claim, error: dict, log: str) -> Path:
+        with self._transfer(self.f.quarantine, job.id) as t:
+            used = {"error.yaml", "job.log"}
+            for p in sorted(job.inputs_dir.iterdir()):
+                t.put(p, _free_name(p.name, used))
+            _write_error(t.dir, error, log)
+            final = t.commit(self.f.quarantine / safe_component(job.name))
+        shutil.rmtree(job.folder, ignore_errors=True)
+        return final
+
+    def deliver(self, job: Claim, outputs: dict[str, bytes]) -> Path:
+        """Write the results, move the inputs beside them, and rename outbox/<name> into place."""
+        with self._transfer(self.f.outbox, job.id) as t:
+            for rel, data in outputs.items():
+                atomic_write_bytes(t.dir / rel, data)
+            for p in sorted(job.inputs_dir.iterdir()):
+                t.put(p, f"inputs/{p.name}")
+            final = t.commit(self.f.outbox / safe_component(job.name))
+        shutil.rmtree(job.folder, ignore_errors=True)
+        return final
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @staticmethod
+    def checkpoint_dir(job: Claim) -> Path:
+        """`state/jobs/<id>/checkpoint/`: checkpoint.pt and frames/NNNNN.png (see checkpoints.py)."""
+        return job.folder / "checkpoint"
+
+
+def _free_name(name: str, used: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in used:
+        n += 1
+        candidate = f"input-{n}-{name}"
+    used.add(candidate)
+    return candidate
+
+
+def _write_error(folder: Path, error: dict, log: str) -> None:
+    atomic_write_text(folder / "error.yaml", yaml.safe_dump(error, sort_keys=False, allow_unicode=True))
+    atomic_write_text(folder / "job.log", log)

@@ -1,0 +1,245 @@
+"""The serial worker: one job at a time on one device, inside a memory budget.
+
+Its steps read as verbs: take a job, perform it (decode, fit the budget, optimise, walking the
+out-of-memory ladder: smaller, then the CPU, else quarantine), then hand it to the finisher, or
+quarantine it, or queue it again. The network is loaded once; style targets are cached across jobs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import resource
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from loguru import logger
+
+from nstd import logs
+from nstd.daemon import checkpoints
+from nstd.daemon.claim import Claim
+from nstd.daemon.outcome import Finisher, Optimised, Outcomes
+from nstd.daemon.queue import JobQueue
+from nstd.daemon.status import Status
+from nstd.daemon.store import Store
+from nstd.engine import Checkpoint, Device, Engine, ImageError, Interrupted, Progress, StepInfo, StyleImage, TargetCache, images
+from nstd.engine.memory import fit_size, predict_peak_bytes
+from nstd.errors import ErrorKind, JobError, Stage
+from nstd.jobkeys import style_params
+
+#: Give up shrinking below this long edge.
+MIN_EDGE = 64
+SHRINK = 0.75
+#: Besides "out of memory": what cuDNN and cuBLAS say when an allocation fails under a tight cap.
+OOM_MESSAGES = ("out of memory", "cublas_status_alloc_failed", "unable to find an engine to execute this computation")
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in OOM_MESSAGES)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class JobProgress(Progress):
+    """What a running job reports: status and heartbeat every step, a log line every 5 %,
+    checkpoints into its state folder, and the worker's stop."""
+
+    def __init__(self, worker: "Worker", job: Claim, device: Device, steps: int):
+        self.worker, self.job, self.device = worker, job, device
+        self.every = max(1, steps // 20)
+        self.checkpoint_every = worker.cfg["service"]["checkpoint_every"]
+        self.log = logger.bind(job=job.name, job_id=job.id)
+
+    def on_step(self, info: StepInfo) -> None:
+        w = self.worker
+        w.heartbeat = time.monotonic()
+        eta = info.elapsed / info.step * (info.steps - info.step)
+        w.status.update(running={"name": self.job.name, "step": info.step, "steps": info.steps,
+                                 "eta_seconds": round(eta, 1), "device": str(self.device)}, queue=w.queue.names())
+        if info.step % self.every == 0 or info.step == info.steps:
+            self.log.info("step {}/{} loss {:.4g} eta {:.0f} s", info.step, info.steps, info.losses()["total"], eta)
+
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        checkpoints.save(self.worker.store.checkpoint_dir(self.job), checkpoint)
+        self.log.debug("checkpoint at step {}", checkpoint.step)
+
+    def should_stop(self) -> bool:
+        return self.worker.should_stop()
+
+
+class Worker(threading.Thread):
+    """Runs claimed jobs one after another on one device."""
+
+    def __init__(self, cfg: dict, device: Device | str, jobs: JobQueue, store: Store, status: Status,
+                 engine_factory: Callable[..., Engine] = Engine):
+        super().__init__(name=f"worker-{device}", daemon=True)
+        self.cfg, self.queue, self.store, self.status = cfg, jobs, store, status
+        self.engine_factory = engine_factory
+        self.engine = self._engine(device)
+        self._cpu_engine: Engine | None = None
+        self.cache = TargetCache()
+        self.outcomes = Outcomes(cfg, store, status, jobs)
+        self.stopping = threading.Event()
+        self.stop_deadline = float("inf")
+        self.current: Claim | None = None
+        self.heartbeat = time.monotonic()
+        self.finisher = Finisher(self.outcomes.finish, self.outcomes.retry_later, name=f"finisher-{device}")
+        self.cap_memory()
+
+    def _engine(self, device: Device | str) -> Engine:
+        e = self.cfg["engine"]
+        return self.engine_factory(weights=e["weights"], weights_file=e["weights_file"], device=device,
+                                   precision=e["precision"], lbfgs_history=e["lbfgs_history"])
+
+    def cap_memory(self) -> None:
+        """Cap the GPU's allocator at `gpu.vram_budget_mb` (at start and after a reload); warn when
+        even the smallest job cannot fit it."""
+        budget_mb = self.cfg["gpu"]["vram_budget_mb"]
+        if self.engine.device.cap_memory(budget_mb * 2**20) is None:
+            return
+        smallest = predict_peak_bytes(MIN_EDGE, MIN_EDGE, ("conv1_1", "conv5_1"), history=self.engine.lbfgs_history,
+                                      precision=self.engine.precision, device="cuda")
+        if smallest > budget_mb * 2**20:
+            logger.warning("gpu.vram_budget_mb={} is below what the smallest job needs on {} (about {} MiB): every "
+                           "job will run out of memory there and go to the CPU or to quarantine", budget_mb,
+                           self.engine.device, smallest >> 20)
+
+    def begin_stop(self, grace_seconds: float) -> None:
+        """Take no new job; the running one may go on for `grace_seconds`, then stops at a step."""
+        self.stop_deadline = time.monotonic() + grace_seconds
+        self.stopping.set()
+
+    def should_stop(self) -> bool:
+        return self.stopping.is_set() and time.monotonic() >= self.stop_deadline
+
+    def run(self) -> None:
+        self.engine.device.make_current()
+        self.finisher.start()
+        try:
+            while not self.stopping.is_set():
+                self.heartbeat = time.monotonic()
+                job = self.queue.get(timeout=0.5)
+                if job is not None:
+                    try:
+                        self.process(job)
+                    except Exception as exc:  # the worker must outlive any job; the job stays in state
+                        self.outcomes.retry_later(job, exc)
+        finally:
+            self.finisher.close()  # a stop waits for the last result to reach the outbox
+
+    # ------------------------------------------------------------------ one job
+
+    def process(self, job: Claim) -> None:
+        """Perform one job, then hand it on: to the finisher, to quarantine, or back to the queue."""
+        self.current = job
+        log = logger.bind(job=job.name, job_id=job.id)
+        job.begin_attempt()
+        try:
+            with logs.job_file(job.id, job.log_path):
+                log.info("started (attempt {}) on {}", job.attempts, self.engine.device)
+                try:
+                    done = self.perform(job, log)
+                except Interrupted as exc:
+                    checkpoints.save(self.store.checkpoint_dir(job), exc.checkpoint)
+                    job.give_back_attempt()
+                    log.warning("stopped at step {} for shutdown; it resumes from there at the next start",
+                                exc.checkpoint.step)
+                    return
+                except JobError as exc:
+                    log.error("{}: {}", exc.kind, exc.message)
+                    self.outcomes.quarantine(job, exc)
+                    return
+                except Exception as exc:  # a bug or an engine failure must not end the daemon
+                    self.outcomes.internal_error(job, exc, Stage.RUN)
+                    return
+        finally:
+            self.current = None
+            self.status.update(force=True, running=None, queue=self.queue.names())
+        # Encoding and the move to the outbox overlap the next job's optimisation.
+        self.finisher.submit(done)
+
+    def perform(self, job: Claim, log) -> Optimised:
+        """Decode, fit, and optimise: everything that needs the device. Encoding is the finisher's."""
+        t0 = time.time()
+        max_pixels = self.cfg["limits"]["max_pixels"]
+        try:  # intake decoded these; a failure now means the file changed since
+            content = images.open_image(job.path(job.content), max_pixels)
+            styles = [StyleImage(images.open_image(job.path(s), max_pixels), s.weight, file_digest(job.path(s)))
+                      for s in job.styles]
+            init = images.open_image(job.path(job.init), max_pixels) if job.init else None
+        except ImageError as exc:
+            raise JobError(ErrorKind.INPUT_CHANGED, f"{exc} (it was readable when the job was taken)", Stage.RUN) from None
+        params = style_params(job.settings)
+        t_loaded = time.time()
+
+        resume = checkpoints.load(self.store.checkpoint_dir(job))
+        if resume is not None:
+            log.info("resuming from the checkpoint at step {} of {}", resume.step, params.steps)
+        engine, size, oom_retries, fallback = self.engine, params.size, 0, False
+        if engine.device.is_cuda:
+            size = self._fit_budget(content.size, params, engine)
+            if size < params.size:
+                log.info("size {} lowered to {} to fit gpu.vram_budget_mb={}", params.size, size,
+                         self.cfg["gpu"]["vram_budget_mb"])
+        t_opt = time.time()
+        while True:
+            p = dataclasses.replace(params, size=size)
+            try:
+                result = engine.stylize(content, styles, p, init_image=init, cache=self.cache, resume=resume,
+                                        progress=JobProgress(self, job, engine.device, p.steps))
+                break
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
+            # Outside the except block: the failed attempt's tensors are released before the cache is.
+            oom_retries += 1
+            self.cache.clear()
+            engine.device.free_cache()
+            smaller = int(size * SHRINK)
+            if smaller >= MIN_EDGE and engine.device.is_cuda:
+                log.warning("out of memory at {} px; retrying at {} px", size, smaller)
+                size = smaller
+            elif self.cfg["gpu"]["cpu_fallback"] and engine.device.is_cuda:
+                log.warning("out of memory at {} px; finishing on the CPU at {} px", size, params.size)
+                engine, size, fallback = self._cpu(), params.size, True
+            else:
+                raise JobError(ErrorKind.OUT_OF_MEMORY, f"out of memory at {size} px on {engine.device}", Stage.RUN)
+        t_done = time.time()
+        targets = result.timings["targets"]
+        log.info("done: {}x{} in {:.1f} s, losses {}", *result.size, t_done - t_opt,
+                 ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items()))
+        return Optimised(
+            job=job, result=result, size_requested=params.size,
+            timings={
+                "waited": round(t0 - job.times.first_seen, 3),  # seen in the inbox -> started
+                "loaded": round(t_loaded - t0, 3),  # decode + style digests
+                "targets": round(targets, 3),  # style Grams (unless cached) + content features
+                "optimised": round(t_done - t_opt - targets, 3),  # the optimiser's loop, OOM retries included
+            },
+            oom_retries=oom_retries, cpu_fallback=fallback, style_cache=self.cache.counts(),
+            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        )
+
+    def _fit_budget(self, content_size: tuple[int, int], params, engine: Engine) -> int:
+        w, h = images.fit_long_edge(content_size, params.size)
+        layers = list(dict.fromkeys((*params.content_layers, *params.style_layers)))
+        fit = fit_size(h, w, self.cfg["gpu"]["vram_budget_mb"] * 2**20, min_long_edge=MIN_EDGE, layers=layers,
+                       optimizer=params.optimizer, history=engine.lbfgs_history, precision=engine.precision,
+                       pooling=params.pooling, device=engine.device.type)
+        return max(fit) if fit else MIN_EDGE
+
+    def _cpu(self) -> Engine:
+        if self._cpu_engine is None:
+            self._cpu_engine = self._engine("cpu")
+        return self._cpu_engine

@@ -1,0 +1,67 @@
+"""How a run talks to its caller: after each step, at checkpoints, and when asked to stop."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from nstd.engine.losses import Losses
+
+
+@dataclass
+class StepInfo:
+    """Passed to the progress callback after every step; `losses()` costs a device sync, so it is lazy."""
+
+    step: int
+    steps: int
+    elapsed: float
+    _losses: Losses
+
+    def losses(self) -> dict[str, float]:
+        return self._losses.as_floats()
+
+
+@dataclass
+class Checkpoint:
+    """Where a run is after `step` steps: enough to resume it (the L-BFGS history is not kept)."""
+
+    step: int
+    image: torch.Tensor  # (1, 3, H, W) float32 on the CPU
+    frames: list[Image.Image]
+
+
+class Interrupted(Exception):
+    """The run stopped at a step boundary because `should_stop()` said so; resume from `checkpoint`."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        super().__init__(f"stopped after step {checkpoint.step}")
+
+
+class Progress:
+    """The one callback object a run reports to; override what you need.
+
+    `on_step` after every step; `on_checkpoint` every `checkpoint_every` steps (0: never) with a
+    resumable checkpoint; `should_stop` is asked after every step, and True ends the run with
+    `Interrupted`.
+    """
+
+    checkpoint_every: int = 0
+
+    def on_step(self, info: StepInfo) -> None:
+        pass
+
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+class OnStep(Progress):
+    """A Progress from a plain per-step function."""
+
+    def __init__(self, fn: Callable[[StepInfo], None]):
+        self.on_step = fn  # type: ignore[method-assign]
