@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 from nstd.daemon.transfer import MANIFEST, TMP_PREFIX
@@ -94,3 +95,27 @@ def audit(root: Path, dropped: dict[str, dict[str, str]], outside: dict[Path, di
 def dropped_files(folder: Path, sidecar: str, names: list[str]) -> dict[str, str]:
     """{name: sha256} for a job about to be dropped from `folder` (helper for tests)."""
     return {n: digest(folder / n) for n in [*names, sidecar] if os.path.exists(folder / n)}
+
+
+def audit_confinement(root: Path, outside: dict[Path, dict] | None = None) -> list[str]:
+    """What an inbox user must never achieve: a link, FIFO, socket or device in state/, outbox/ or
+    quarantine/, or a file from outside the inbox (any file in `outside`'s snapshots, by digest)
+    among them; and `outside` itself changed (compared with its `snapshot()`)."""
+    problems: list[str] = []
+    foreign = {d: f"{folder}/{name}" for folder, snap in (outside or {}).items() for name, (d, _) in snap.items()}
+    for sub in ("state", "outbox", "quarantine"):
+        base = root / sub
+        for p in sorted(base.rglob("*")) if base.is_dir() else []:
+            st = p.lstat()
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{p.relative_to(root)} is not a regular file (mode {oct(st.st_mode)})")
+                continue
+            d = digest(p)
+            if d in foreign:
+                problems.append(f"{p.relative_to(root)} is a copy of {foreign[d]}, from outside the inbox")
+    for folder, before in (outside or {}).items():
+        if snapshot(folder) != before:
+            problems.append(f"{folder} changed")
+    return problems

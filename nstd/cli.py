@@ -114,7 +114,12 @@ def cmd_stylize(args: argparse.Namespace) -> int:
             raise
         return _fail(str(exc), ExitCode.BAD_INPUT)
 
-    engine = Engine(**engine_cfg)  # DeviceError: exit 2, WeightsError: exit 3 (by main())
+    try:
+        engine = Engine(**engine_cfg)  # DeviceError: exit 2, WeightsError: exit 3 (by main())
+    except (RuntimeError, ValueError) as exc:  # a CUDA driver error, out of memory loading the network
+        if isinstance(exc, NstdError):
+            raise
+        return _fail(str(exc), ExitCode.BAD_INPUT)
     t0 = time.perf_counter()
     bar = _progress(params.steps, disabled=args.quiet)
     try:

@@ -35,7 +35,7 @@ def setup(logging_cfg: dict, logs_dir: Path | None) -> None:
             serialize=logging_cfg["json"],
             backtrace=False,
             diagnose=False,
-            encoding="utf-8",
+            encoding="utf-8", errors="backslashreplace",
         )
 
 
@@ -43,7 +43,8 @@ def setup(logging_cfg: dict, logs_dir: Path | None) -> None:
 def job_file(job_id: str, path: Path) -> Iterator[None]:
     """Copy the lines bound to `job_id` into `path` (appending: a retried job keeps its history)."""
     sink = logger.add(
-        path, level="DEBUG", format=JOB_FORMAT, filter=lambda r: r["extra"].get("job_id") == job_id, encoding="utf-8"
+        path, level="DEBUG", format=JOB_FORMAT, filter=lambda r: r["extra"].get("job_id") == job_id,
+        encoding="utf-8", errors="backslashreplace",  # a file name may hold a lone surrogate
     )
     try:
         yield

@@ -167,7 +167,11 @@ def test_bad_input_is_quarantined_and_the_daemon_runs_on(tmp_path):
     d.wait_landed(*landed_as.values(), timeout=180)
     assert len(CASES) + 1 + len(LANDS) >= 50
     assert d.error("linked-sidecar")["kind"] == "path outside inbox"
-    assert (d.quarantine / "linked-sidecar" / "linked-sidecar.yaml").is_symlink()  # the link, moved as dropped
+    # no link ever leaves the inbox: the job file that is one is renamed aside there, never followed
+    assert sorted(os.listdir(d.quarantine / "linked-sidecar")) == ["error.yaml", "job.log"]
+    assert (d.inbox / ".nstd-refused-linked-sidecar.yaml").is_symlink()
+    assert "left in the inbox as .nstd-refused-linked-sidecar.yaml" in (d.quarantine / "linked-sidecar" / "job.log").read_text()
+    assert not any(p.is_symlink() for p in d.root.rglob("*") if d.inbox not in p.parents)
     d.wait_landed("good-after", timeout=60)
     assert d.alive()
     for name, (_, files, kind, words) in CASES.items():

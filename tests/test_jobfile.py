@@ -61,13 +61,23 @@ def test_paths_must_stay_inside_the_inbox(tmp_path):
         assert info.value.kind == "path outside inbox"
 
 
-def test_links_inside_and_subfolders_are_fine(tmp_path):
+def test_subfolders_are_fine_and_links_even_inside_are_refused(tmp_path):
     (tmp_path / "styles").mkdir()
     (tmp_path / "styles" / "s.jpg").write_bytes(b"x")
     (tmp_path / "c.jpg").write_bytes(b"x")
+    files = resolve_files({"content": "c.jpg", "style": "styles/s.jpg"}, tmp_path / "j.yaml", tmp_path)
+    assert files.content == tmp_path / "c.jpg" and files.styles == [(tmp_path / "styles" / "s.jpg", 1.0)]
+    # a link inside the inbox today may lead out tomorrow: nstd never follows one
     os.symlink("c.jpg", tmp_path / "alias.jpg")
-    files = resolve_files({"content": "alias.jpg", "style": "styles/s.jpg"}, tmp_path / "j.yaml", tmp_path)
-    assert files.content == tmp_path / "alias.jpg" and files.styles == [(tmp_path / "styles" / "s.jpg", 1.0)]
+    os.symlink("styles", tmp_path / "linked")
+    for name, words in (("alias.jpg", "'alias.jpg' is a link"), ("linked/s.jpg", "leads through 'linked', a link")):
+        with pytest.raises(JobError) as info:
+            resolve_files({"content": name, "style": "styles/s.jpg"}, tmp_path / "j.yaml", tmp_path)
+        assert info.value.kind == "path outside inbox" and words in info.value.message
+    for value, words in ((".", "names the inbox itself"), ("styles", "is a folder")):
+        with pytest.raises(JobError) as info:
+            resolve_files({"content": value, "style": "styles/s.jpg"}, tmp_path / "j.yaml", tmp_path)
+        assert info.value.kind == "invalid job file" and words in info.value.message
 
 
 def test_convention_names_and_blends(tmp_path):

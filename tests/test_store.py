@@ -55,7 +55,7 @@ def test_names_never_collide(store):
 
 def test_quarantine_from_inbox_keeps_inputs_beside_error(store):
     files = drop(store, name="error")  # a job named "error": its sidecar must not clash with error.yaml
-    final = store.quarantine_from_inbox("error", files.inputs(), set(), {"kind": "bad"}, "log line\n")
+    final = store.quarantine_from_inbox("error", files.sidecar, files.inputs(), set(), {"kind": "bad"}, "log line\n")
     names = sorted(os.listdir(final))
     assert "error.yaml" in names and "job.log" in names and "error.jpg" in names and "style.jpg" in names
     assert any(n.endswith("error.yaml") and n != "error.yaml" for n in names)  # the user's sidecar, renamed

@@ -26,8 +26,8 @@ def save(folder: Path, cp: Checkpoint) -> None:
         torch.save({"step": cp.step, "image": cp.image, "frames": len(cp.frames)}, fh)
 
 
-def load(folder: Path) -> Checkpoint | None:
-    """The checkpoint, or None when there is none or it cannot be read (logged)."""
+def load(folder: Path, log=logger) -> Checkpoint | None:
+    """The checkpoint, or None when there is none or it cannot be read (logged to `log`, the job's)."""
     try:
         data = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
         frames = []
@@ -38,5 +38,5 @@ def load(folder: Path) -> Checkpoint | None:
     except FileNotFoundError:
         return None
     except Exception as exc:  # a damaged checkpoint costs the progress, never the job
-        logger.warning("ignoring an unreadable checkpoint in {}: {}", folder, exc)
+        log.warning("ignoring an unreadable checkpoint: {}", exc)
         return None

@@ -17,6 +17,7 @@ from loguru import logger
 from nstd import logs
 from nstd.daemon.inbox import Readiness, list_sidecars
 from nstd.daemon.intake import Intake
+from nstd.daemon.lock import RootLock
 from nstd.daemon.notify import Notifier, healthy
 from nstd.daemon.outcome import Outcomes
 from nstd.daemon.queue import JobQueue, retry_at
@@ -70,6 +71,12 @@ class Daemon:
         except NstdError as exc:
             logger.error("reload failed; keeping the running configuration: {}", exc)
             return
+        try:  # a value the validator took and loguru refuses must not take the logs down
+            logs.setup(new["logging"], self.folders.logs)
+        except Exception as exc:
+            logs.setup(self.cfg["logging"], self.folders.logs)
+            logger.error("reload refused; keeping the running configuration: logging: {}", exc)
+            return
         needs_restart = [key for key in RESTART_KEYS if _get(self.cfg, key) != _get(new, key)]
         for section in ("defaults", "limits", "queue", "service", "logging"):
             self.cfg[section] = new[section]
@@ -77,7 +84,6 @@ class Daemon:
             self.cfg["watch"][key] = new["watch"][key]
         for key in ("vram_budget_mb", "cpu_fallback"):
             self.cfg["gpu"][key] = new["gpu"][key]
-        logs.setup(self.cfg["logging"], self.folders.logs)
         self.readiness.configure(self.cfg["watch"]["settle_seconds"], self.cfg["watch"]["missing_timeout"],
                                  self.cfg["limits"]["max_sidecar_bytes"])
         for worker in self.workers:
@@ -107,6 +113,7 @@ class Daemon:
         devices = resolve_all(self.cfg["gpu"]["devices"]) or [resolve_device(self.cfg["engine"]["device"])]
         self.folders.check_layout()
         self.folders.create()
+        self.lock = RootLock(self.folders.state)  # before anything is touched
         logs.setup(self.cfg["logging"], self.folders.logs)
         self.store = Store(self.folders)
         self.status = Status(self.folders.state)
@@ -118,7 +125,7 @@ class Daemon:
         self.outcomes = Outcomes(self.cfg, self.store, self.status, self.queue)
         self.intake = Intake(self.cfg, self.readiness, self.store, self.outcomes, self.queue)
         for dev in devices:
-            worker = Worker(self.cfg, dev, self.queue, self.store, self.status)
+            worker = Worker(self.cfg, dev, self.queue, self.store, self.status, outcomes=self.outcomes)
             logger.info("network {} loaded on {} ({})", self.cfg["engine"]["weights"], worker.engine.device,
                         worker.engine.precision)
             self.workers.append(worker)
@@ -152,7 +159,10 @@ class Daemon:
             if self.stop.is_set():
                 break
             if self.reload_requested:
-                self.reload()
+                try:
+                    self.reload()
+                except Exception as exc:  # an admin's reload never ends the daemon
+                    logger.exception("reload failed: {}", exc)
             self.watcher.ensure_alive()
             if ping_every and now >= next_ping and self.healthy():
                 self.notify.watchdog()
@@ -202,6 +212,7 @@ class Daemon:
         self.watcher.stop()
         self.status.update(force=True, state="stopped", running=None)
         logger.info("stopped")
+        self.lock.release()
 
 
 def _get(cfg: dict, dotted: str):

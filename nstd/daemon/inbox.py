@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nstd.daemon.jobfile import SIDECAR_SUFFIXES, JobFiles, inside, read_sidecar, resolve_files
+from nstd.daemon import safefs
+from nstd.daemon.jobfile import SIDECAR_SUFFIXES, JobFiles, check_input, read_sidecar, resolve_files
 from nstd.errors import ErrorKind, JobError
 
 #: Hidden and temporary names, and the litter operating systems and sync tools leave.
@@ -29,28 +30,36 @@ def is_ignored(name: str) -> bool:
 
 
 def list_sidecars(inbox: Path) -> list[Path]:
-    """Sidecars at the top of the inbox (sub-folders may hold images, never jobs)."""
+    """Job files at the top of the inbox (sub-folders may hold images, never jobs). Anything named
+    like one that is not a folder counts, links and FIFOs too: they are judged, never opened."""
     out = []
     with os.scandir(inbox) as it:
         for entry in it:
             if is_ignored(entry.name) or not entry.name.lower().endswith(SIDECAR_SUFFIXES):
                 continue
-            if entry.is_file(follow_symlinks=False) or entry.is_symlink():
+            if not entry.is_dir(follow_symlinks=False):
                 out.append(Path(entry.path))
     return sorted(out)
 
 
-def signature(paths: list[Path], regular: bool = True) -> tuple | None:
-    """(size, mtime) of every path, or None if any is missing (or, with `regular`, not a file)."""
+def signature(inbox_fd: int, inbox: Path, paths: list[Path], regular: bool = True) -> tuple | None:
+    """(size, mtime) of every path, links not followed, or None if any is missing. With `regular`,
+    anything but a regular file raises JobError: the job is judged at once."""
     sig = []
     for p in paths:
+        rel = safefs.relative(inbox, p)
         try:
-            st = p.stat()
-        except OSError:
+            st = safefs.lstat(inbox_fd, rel)
+        except FileNotFoundError:
             return None
-        if regular and not stat.S_ISREG(st.st_mode):
-            return None
-        sig.append((st.st_size, st.st_mtime_ns))
+        except (safefs.Refused, OSError, UnicodeEncodeError):
+            if not regular:
+                return None
+            st = None
+        if regular and (st is None or not stat.S_ISREG(st.st_mode)):
+            check_input(inbox_fd, rel, p.name)  # raises the job's error
+            return None  # gone in between
+        sig.append((st.st_size, st.st_mtime_ns, st.st_ino))
     return tuple(sig)
 
 
@@ -115,41 +124,56 @@ class Readiness:
         """Verdicts for sidecars that are ready or must be quarantined; others keep waiting."""
         now = time.monotonic() if now is None else now
         out = []
-        for p in list(self.pending.values()):
-            v = self._check_one(p, now)
-            if v is not None:
-                out.append(v)
+        try:
+            inbox_fd = safefs.open_inbox(self.inbox)
+        except OSError:
+            return out  # the intake loop reports an unreadable inbox
+        try:
+            for p in list(self.pending.values()):
+                try:
+                    v = self._check_one(inbox_fd, p, now)
+                except JobError as exc:
+                    v = Verdict(p, error=exc)
+                except Exception as exc:  # nothing a user drops may stop the intake
+                    v = Verdict(p, error=JobError(ErrorKind.INVALID_JOB_FILE, f"{p.sidecar.name!r}: {type(exc).__name__}: {exc}"))
+                if v is not None:
+                    out.append(v)
+        finally:
+            os.close(inbox_fd)
         return out
 
-    def _parse(self, p: Pending) -> None:
-        sig = signature([p.sidecar])
+    def _parse(self, inbox_fd: int, p: Pending) -> None:
+        sig = signature(inbox_fd, self.inbox, [p.sidecar], regular=False)
         if sig is not None and sig == p.parsed_sig:
             return
         p.parsed_sig = sig
         p.error, p.files, p.data = None, None, None
         try:
-            if not inside(Path(os.path.realpath(p.sidecar)), Path(os.path.realpath(self.inbox))):
-                raise JobError(ErrorKind.PATH_OUTSIDE_INBOX, f"{p.sidecar.name} is a link that leads out of the inbox")
             p.data = read_sidecar(p.sidecar, self.max_sidecar_bytes)
             p.files = resolve_files(p.data, p.sidecar, self.inbox)
         except JobError as exc:
             p.error = exc
-        except OSError as exc:
-            p.error = JobError(ErrorKind.UNREADABLE, f"{p.sidecar.name}: {exc.strerror or exc}")
+        except Exception as exc:  # a job file that breaks the parser is that job's problem only
+            p.error = JobError(ErrorKind.INVALID_JOB_FILE, f"{p.sidecar.name!r}: cannot be read ({type(exc).__name__}: {exc})")
 
-    def _check_one(self, p: Pending, now: float) -> Verdict | None:
-        if not p.sidecar.exists() and not p.sidecar.is_symlink():
+    def _check_one(self, inbox_fd: int, p: Pending, now: float) -> Verdict | None:
+        try:
+            present = os.path.lexists(p.sidecar)
+        except (UnicodeEncodeError, ValueError):
+            present = True
+        if not present:
             self.pending.pop(p.sidecar, None)
             return None
         if now < p.hold_until:
             return None
-        self._parse(p)
+        self._parse(inbox_fd, p)
         watched = [p.sidecar] if p.files is None else p.files.inputs()
-        # One stat a file a tick; only a gap costs a second look. A job file judged for an error
+        # One lstat a file a tick; only a gap costs a second look. A job file judged for an error
         # (it may be a link to a FIFO outside) only has to settle, never be a regular file.
-        sig = signature(watched, regular=p.files is not None)
+        sig = signature(inbox_fd, self.inbox, watched, regular=p.files is not None)
         if p.files is not None:
-            p.files.missing = [] if sig is not None else [f for f in watched if not f.is_file()]
+            p.files.missing = [] if sig is not None else \
+                [f for f in watched if signature(inbox_fd, self.inbox, [f], regular=False) is None]
         if sig != p.sig or sig is None:
             p.sig, p.stable_since = sig, now
         settled = sig is not None and now - p.stable_since >= self.settle_seconds

@@ -8,8 +8,10 @@ from pathlib import Path
 from loguru import logger
 
 from nstd import logs
+from nstd.daemon import safefs
+from nstd.daemon.claim import Claim
 from nstd.daemon.inbox import Pending, Readiness
-from nstd.daemon.jobfile import check_job, job_name
+from nstd.daemon.jobfile import NO_LINKS, check_job, job_name
 from nstd.daemon.outcome import Outcomes
 from nstd.daemon.queue import RETRY_SECONDS, JobQueue, retry_at
 from nstd.daemon.store import Store
@@ -29,10 +31,16 @@ class Intake:
                 if error is not None:
                     raise error
                 assert p.data is not None and p.files is not None
-                checked = check_job(p.data, p.files, self.cfg["defaults"], self.cfg["limits"]["max_pixels"])
-                for path, (w, h) in checked.sizes.items():
-                    log.debug("{}: {}x{}", path.name, w, h)
-            except JobError as exc:
+                with self.store.pinned(p.files.inputs()) as pins:  # what is checked is what is claimed
+                    checked = check_job(p.data, p.files, self.cfg["defaults"], self.cfg["limits"]["max_pixels"], pins)
+                    for path, (w, h) in checked.sizes.items():
+                        log.debug("{}: {}x{}", path.name, w, h)
+                    shared = self.readiness.waiting_references(exclude=p.sidecar) & set(checked.files.inputs())
+                    job = self._claim(p, name, checked, shared, pins, log)
+            except FileNotFoundError:
+                return  # a file went away since the readiness check: the job waits again
+            except (JobError, safefs.Refused, OSError, UnicodeEncodeError) as exc:
+                exc = as_job_error(exc)
                 log.error("{}: {}", exc.kind, exc.message)
                 self._quarantine(p, name, exc, lines)
                 return
@@ -40,31 +48,49 @@ class Intake:
                 log.exception("could not take the job: {}", exc)
                 self._quarantine(p, name, JobError(ErrorKind.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"), lines)
                 return
-            shared = self.readiness.waiting_references(exclude=p.sidecar) & set(checked.files.inputs())
-            try:
-                job = self.store.claim(name, checked.files, shared, checked.settings, first_seen=wall(p.first_seen),
-                                       arrived=p.arrived)
-            except OSError as exc:  # rolled back: the files are still in the inbox
-                log.error("cannot claim: {}; trying again in {:g} s", exc, RETRY_SECONDS)
-                p.hold_until = retry_at()
+            if job is None:
                 return
             self.readiness.forget(p.sidecar)
             log.info("claimed as {} (priority {}){}", job.id, job.priority,
                      f"; kept {len(shared)} shared file(s) in the inbox" if shared else "")
-        job.log_path.write_text("".join(lines), encoding="utf-8")
+        job.log_path.write_text("".join(lines), encoding="utf-8", errors="backslashreplace")
         self.queue.put(job)
 
+    def _claim(self, p: Pending, name: str, checked, shared: set[Path], pins, log) -> Claim | None:
+        """Claim the pinned files; None (and held for a retry) when the store cannot be written."""
+        try:
+            return self.store.claim(name, checked.files, shared, checked.settings, pins,
+                                    first_seen=wall(p.first_seen), arrived=p.arrived)
+        except safefs.Refused:
+            raise
+        except OSError as exc:  # rolled back: the files are still in the inbox
+            log.error("cannot claim: {}; trying again in {:g} s", exc, RETRY_SECONDS)
+            p.hold_until = retry_at()
+            return None
+
     def _quarantine(self, p: Pending, name: str, exc: JobError, lines: list[str]) -> None:
-        files = [f for f in p.files.inputs() if f.exists()] if p.files is not None else \
-            [p.sidecar, *convention_files(p.sidecar)]
+        files = p.files.inputs() if p.files is not None else [p.sidecar, *convention_files(p.sidecar)]
         shared = self.readiness.waiting_references(exclude=p.sidecar) & set(files)
         try:
-            self.outcomes.quarantine_inbox(name, files, shared, exc, wall(p.first_seen), "".join(lines))
+            self.outcomes.quarantine_inbox(name, p.sidecar, files, shared, exc, wall(p.first_seen), "".join(lines))
         except OSError as exc2:  # rolled back: the files are still in the inbox
             logger.bind(job=name).error("could not quarantine: {}; trying again in {:g} s", exc2, RETRY_SECONDS)
             p.hold_until = retry_at()
             return
         self.readiness.forget(p.sidecar)
+
+
+def as_job_error(exc: Exception) -> JobError:
+    """What pinning or reading a user's file raised, as the job's error."""
+    if isinstance(exc, JobError):
+        return exc
+    if isinstance(exc, safefs.Refused):
+        kind = ErrorKind.PATH_OUTSIDE_INBOX if exc.outside else ErrorKind.INVALID_JOB_FILE
+        return JobError(kind, f"{exc.rel!r} {exc.reason}" + (f"; {NO_LINKS}" if exc.outside else ""))
+    if isinstance(exc, UnicodeEncodeError):
+        return JobError(ErrorKind.INVALID_JOB_FILE, "a file name is not valid text")
+    return JobError(ErrorKind.UNREADABLE, f"{getattr(exc, 'filename', '') or 'a file'}: {exc.strerror or exc} "
+                    "(the service user must be able to read every file of the job)")
 
 
 def wall(monotonic: float) -> float:

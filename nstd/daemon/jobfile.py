@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from nstd.daemon import safefs
 from nstd.errors import ErrorKind, JobError
 from nstd.jobkeys import merge
 from nstd.schema import SchemaError, number
@@ -21,28 +22,56 @@ from nstd.schema import SchemaError, number
 
 SIDECAR_SUFFIXES = (".yaml", ".yml")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+#: How deep lists and mappings may nest in a job file (a real one needs 3).
+MAX_DEPTH = 16
+#: The most style images one job may blend.
+MAX_STYLES = 16
+NO_LINKS = ("nstd takes regular files only and never follows a link: a link that leads out of the inbox, "
+            "or could at any moment, would let a job read what its dropper cannot")
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors and aliases: a job file never needs them."""
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases (a job file never needs them) and nesting deeper
+    than MAX_DEPTH (2 KB of brackets must not exhaust the stack)."""
+
+    depth = 0
 
     def compose_node(self, parent, index):  # type: ignore[override]
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.YAMLError(f"anchors and aliases are not allowed in a job file (line {event.start_mark.line + 1})")
         event = self.peek_event()
-        if getattr(event, "anchor", None):
+        if self.check_event(yaml.AliasEvent) or getattr(event, "anchor", None):
             raise yaml.YAMLError(f"anchors and aliases are not allowed in a job file (line {event.start_mark.line + 1})")
-        return super().compose_node(parent, index)
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels (line {event.start_mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def read_sidecar(path: Path, max_bytes: int) -> dict:
-    """The sidecar's mapping, or JobError(ErrorKind.INVALID_JOB_FILE) saying why not."""
+    """The sidecar's mapping, or JobError(ErrorKind.INVALID_JOB_FILE) saying why not.
+
+    Opened through its folder without following a link, and only if it is a regular file: a job
+    file that is a link, FIFO, socket, device or folder is refused before anything opens it."""
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(max_bytes + 1)
+        fd = safefs.open_inbox(path.parent)
+        try:
+            pinned = safefs.pin(fd, path.parent, path.name)
+        finally:
+            os.close(fd)
+        try:
+            with pinned.reader() as fh:
+                raw = fh.read(max_bytes + 1)
+        finally:
+            pinned.close()
+    except safefs.Refused as exc:
+        raise JobError(ErrorKind.PATH_OUTSIDE_INBOX if exc.outside else ErrorKind.INVALID_JOB_FILE,
+                       f"{path.name} {exc.reason}" + (f"; {NO_LINKS}" if exc.outside else "")) from None
     except OSError as exc:
         raise JobError(ErrorKind.UNREADABLE, f"{path.name}: cannot be read ({exc.strerror or exc})") from None
+    except UnicodeEncodeError:
+        raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name!r}: not a valid file name") from None
     if len(raw) > max_bytes:
         raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name}: larger than {max_bytes} bytes (limits.max_sidecar_bytes)")
     try:
@@ -50,9 +79,11 @@ def read_sidecar(path: Path, max_bytes: int) -> dict:
     except UnicodeDecodeError:
         raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name}: not UTF-8 text") from None
     try:
-        data = yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name}: not valid YAML: {_one_line(exc)}") from None
+    except RecursionError:  # belt and braces: the depth limit should have stopped it
+        raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name}: not valid YAML: nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -87,16 +118,9 @@ def job_name(sidecar: Path) -> str:
     return sidecar.name[: -len(sidecar.suffix)]
 
 
-def inside(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-        return True
-    except ValueError:
-        return False
-
-
-def resolve_path(value: Any, key: str, sidecar: Path, inbox: Path) -> Path:
-    """A path named by the sidecar, checked to stay inside the inbox, symlinks included."""
+def resolve_path(value: Any, key: str, sidecar: Path, inbox_fd: int) -> Path:
+    """A path named by the sidecar, walked inside the inbox without following any link: it must be a
+    regular file, or not there yet (then the job waits for it)."""
     if not isinstance(value, str) or not value.strip():
         raise JobError(ErrorKind.INVALID_JOB_FILE, f"{key}: expected a file name, got {value!r}")
     if "\0" in value:
@@ -105,11 +129,27 @@ def resolve_path(value: Any, key: str, sidecar: Path, inbox: Path) -> Path:
         raise JobError(ErrorKind.PATH_OUTSIDE_INBOX, f"{key}: {value!r} is an absolute path; name a file beside the job file")
     if ".." in Path(value).parts:
         raise JobError(ErrorKind.PATH_OUTSIDE_INBOX, f"{key}: {value!r} leads out of the inbox ('..' is not allowed)")
-    path = sidecar.parent / value
-    real_inbox = Path(os.path.realpath(inbox))
-    if not inside(Path(os.path.realpath(path)), real_inbox):
-        raise JobError(ErrorKind.PATH_OUTSIDE_INBOX, f"{key}: {value!r} is a link that leads out of the inbox")
-    return path
+    check_input(inbox_fd, value, key)
+    return sidecar.parent / value
+
+
+def check_input(inbox_fd: int, rel: str, key: str) -> None:
+    """A regular file inside the inbox, or nothing yet; anything else is the job's error."""
+    try:
+        safefs.regular(inbox_fd, rel)
+    except FileNotFoundError:
+        pass
+    except safefs.Refused as exc:
+        if exc.outside:
+            raise JobError(ErrorKind.PATH_OUTSIDE_INBOX, f"{key}: {rel!r} {exc.reason}; {NO_LINKS}") from None
+        raise JobError(ErrorKind.INVALID_JOB_FILE, f"{key}: {rel!r} {exc.reason}") from None
+    except PermissionError:
+        raise JobError(ErrorKind.UNREADABLE, f"{key}: {rel!r} cannot be reached: permission denied "
+                       "(the service user must be able to read it)") from None
+    except UnicodeEncodeError:
+        raise JobError(ErrorKind.INVALID_JOB_FILE, f"{key}: {rel!r} is not a valid file name") from None
+    except OSError as exc:
+        raise JobError(ErrorKind.UNREADABLE, f"{key}: {rel!r} cannot be reached ({exc.strerror or exc})") from None
 
 
 def _by_convention(sidecar: Path, role: str) -> Path | None:
@@ -126,22 +166,43 @@ def _by_convention(sidecar: Path, role: str) -> Path | None:
 
 
 def resolve_files(data: dict, sidecar: Path, inbox: Path) -> JobFiles:
-    """Which files the job uses: named in the sidecar, or `<name>.content.*` / `<name>.style.*`."""
-    if "content" in data:
-        content = resolve_path(data["content"], "content", sidecar, inbox)
-    else:
-        content = _by_convention(sidecar, "content") or sidecar.parent / f"{job_name(sidecar)}.content.jpg"
+    """Which files the job uses: named in the sidecar, or `<name>.content.*` / `<name>.style.*`.
+
+    Job files sit at the top of the inbox, so a name is relative to both. Every name is walked
+    inside the inbox without following links (see safefs.py)."""
+    try:
+        inbox_fd = safefs.open_inbox(inbox)
+    except OSError as exc:
+        raise JobError(ErrorKind.UNREADABLE, f"the inbox cannot be read ({exc.strerror or exc})") from None
+    try:
+        return _resolve_files(data, sidecar, inbox_fd)
+    finally:
+        os.close(inbox_fd)
+
+
+def _resolve_files(data: dict, sidecar: Path, inbox_fd: int) -> JobFiles:
+    def by_convention(role: str) -> Path:
+        found = _by_convention(sidecar, role)
+        if found is None:
+            return sidecar.parent / f"{job_name(sidecar)}.{role}.jpg"
+        check_input(inbox_fd, found.name, role)
+        return found
+
+    content = resolve_path(data["content"], "content", sidecar, inbox_fd) if "content" in data \
+        else by_convention("content")
     style = data.get("style")
     styles: list[tuple[Path, float]] = []
     if style is None:
-        styles = [(_by_convention(sidecar, "style") or sidecar.parent / f"{job_name(sidecar)}.style.jpg", 1.0)]
+        styles = [(by_convention("style"), 1.0)]
     elif isinstance(style, str):
-        styles = [(resolve_path(style, "style", sidecar, inbox), 1.0)]
+        styles = [(resolve_path(style, "style", sidecar, inbox_fd), 1.0)]
     elif isinstance(style, list) and style:
+        if len(style) > MAX_STYLES:
+            raise JobError(ErrorKind.INVALID_JOB_FILE, f"style: {len(style)} styles; a blend takes at most {MAX_STYLES}")
         for i, item in enumerate(style):
             key = f"style[{i}]"
             if isinstance(item, str):
-                styles.append((resolve_path(item, key, sidecar, inbox), 1.0))
+                styles.append((resolve_path(item, key, sidecar, inbox_fd), 1.0))
                 continue
             if not isinstance(item, dict) or "path" not in item or set(item) - {"path", "weight"}:
                 raise JobError(ErrorKind.INVALID_JOB_FILE, f"{key}: expected a file name or {{path: FILE, weight: NUMBER}}, got {item!r}")
@@ -149,7 +210,7 @@ def resolve_files(data: dict, sidecar: Path, inbox: Path) -> JobFiles:
                 weight = number(0, 1e6)(item.get("weight", 1.0), f"{key}.weight")
             except SchemaError as exc:
                 raise JobError(ErrorKind.INVALID_JOB_FILE, str(exc)) from None
-            styles.append((resolve_path(item["path"], f"{key}.path", sidecar, inbox), weight))
+            styles.append((resolve_path(item["path"], f"{key}.path", sidecar, inbox_fd), weight))
         if sum(w for _, w in styles) <= 0:
             raise JobError(ErrorKind.INVALID_JOB_FILE, "style: the blend weights add up to 0")
     else:
@@ -157,10 +218,18 @@ def resolve_files(data: dict, sidecar: Path, inbox: Path) -> JobFiles:
     init = None
     init_value = data.get("init")
     if isinstance(init_value, str) and init_value not in ("content", "noise"):
-        init = resolve_path(init_value, "init", sidecar, inbox)
+        init = resolve_path(init_value, "init", sidecar, inbox_fd)
     files = JobFiles(sidecar=sidecar, content=content, styles=styles, init=init)
-    files.missing = [p for p in files.inputs() if not p.is_file()]
+    files.missing = [p for p in files.inputs() if not _present(inbox_fd, sidecar.parent, p)]
     return files
+
+
+def _present(inbox_fd: int, inbox: Path, path: Path) -> bool:
+    try:
+        safefs.lstat(inbox_fd, safefs.relative(inbox, path))
+        return True
+    except FileNotFoundError:
+        return False
 
 
 #: Keys a sidecar may hold besides the job keys.
@@ -185,9 +254,11 @@ class CheckedJob:
     sizes: dict[Path, tuple[int, int]]
 
 
-def check_job(data: dict, files: JobFiles, defaults: dict, max_pixels: int) -> CheckedJob:
+def check_job(data: dict, files: JobFiles, defaults: dict, max_pixels: int,
+              pins: dict[Path, safefs.Pinned] | None = None) -> CheckedJob:
     """The one verdict on a job, for intake and `nstd validate` alike: its keys are valid, every
-    input is there, and every image decodes (a bad image never reaches a worker)."""
+    input is there, and every image decodes (a bad image never reaches a worker). With `pins`
+    (intake) the images are read from the pinned files, each once however often it is named."""
     from nstd.engine.images import ImageError, open_image  # torch: only for a real check
 
     settings = job_settings(data, defaults)
@@ -196,7 +267,11 @@ def check_job(data: dict, files: JobFiles, defaults: dict, max_pixels: int) -> C
     sizes = {}
     for path in files.inputs()[:-1]:
         try:
-            sizes[path] = open_image(path, max_pixels).size
+            if pins is None:
+                sizes[path] = open_image(path, max_pixels).size
+            else:
+                with pins[path].reader() as fh:
+                    sizes[path] = open_image(path, max_pixels, fileobj=fh).size
         except ImageError as exc:
             raise JobError(ErrorKind.BAD_IMAGE, str(exc)) from None
     return CheckedJob(files, settings, sizes)

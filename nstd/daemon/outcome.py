@@ -59,11 +59,11 @@ class Outcomes:
 
     # ------------------------------------------------------------------ failures
 
-    def quarantine_inbox(self, name: str, files: list[Path], shared: set[Path], exc: JobError, seen: float,
-                         log_text: str) -> Path:
+    def quarantine_inbox(self, name: str, sidecar: Path, files: list[Path], shared: set[Path], exc: JobError,
+                         seen: float, log_text: str) -> Path:
         """A job judged before its claim. Raises OSError (rolled back) when it cannot be written."""
         error = error_record(name, exc, 0, {"seen": seen, "failed": time.time()})
-        final = self.store.quarantine_from_inbox(name, files, shared, error, log_text)
+        final = self.store.quarantine_from_inbox(name, sidecar, files, shared, error, log_text)
         logger.bind(job=name).warning("quarantined in {}: {}", final, exc.message)
         self.status.count("failed")
         return final

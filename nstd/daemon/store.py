@@ -21,8 +21,10 @@ import yaml
 from loguru import logger
 
 from nstd.daemon.claim import CLAIM_FILE, Claim, Input, StyleInput, Times
+from nstd.daemon import safefs
 from nstd.daemon.jobfile import JobFiles
-from nstd.daemon.transfer import TMP_PREFIX, Transfer, rollback, safe_component
+from nstd.daemon.safefs import Pinned
+from nstd.daemon.transfer import TMP_PREFIX, Transfer, free_name_in, rollback, safe_component
 from nstd.fsutil import atomic_write_bytes, atomic_write_text
 
 
@@ -63,8 +65,16 @@ class Store:
         self.f = folders
 
     @property
+    def inbox(self) -> Path:
+        return self.f.inbox
+
+    @property
     def outbox(self) -> Path:
         return self.f.outbox
+
+    @property
+    def jobs(self) -> Path:
+        return self.f.jobs
 
     @contextmanager
     def _transfer(self, parent: Path, tag: str) -> Iterator[Transfer]:
@@ -106,13 +116,35 @@ class Store:
 
     # ------------------------------------------------------------------ transitions
 
+    @contextmanager
+    def pinned(self, paths: list[Path]) -> Iterator[dict[Path, Pinned]]:
+        """Every path pinned (safefs): opened inside the inbox without following a link, regular
+        files only. Raises safefs.Refused, FileNotFoundError or PermissionError for the first
+        that cannot be; all are closed on leaving."""
+        pins: dict[Path, Pinned] = {}
+        fd = safefs.open_inbox(self.f.inbox)
+        try:
+            for p in paths:
+                if p not in pins:
+                    pins[p] = safefs.pin(fd, self.f.inbox, safefs.relative(self.f.inbox, p))
+            yield pins
+        finally:
+            os.close(fd)
+            for pin in pins.values():
+                pin.close()
+
     def claim(self, name: str, files: JobFiles, shared: set[Path], settings: dict,
-              first_seen: float | None = None, arrived: float | None = None) -> Claim:
-        """Move a ready job's files out of the inbox into state/jobs/<id>/inputs.
+              pins: dict[Path, Pinned] | None = None, first_seen: float | None = None,
+              arrived: float | None = None) -> Claim:
+        """Move a ready job's pinned files out of the inbox into state/jobs/<id>/inputs.
 
         Files in `shared` (named by other waiting sidecars) are copied instead and stay in the
-        inbox. Inputs keep the name they were dropped with; the sidecar moves last.
+        inbox. Inputs keep the name they were dropped with; the sidecar moves last. Without
+        `pins` (the ones intake checked) the files are pinned here.
         """
+        if pins is None:
+            with self.pinned(files.inputs()) as pins:
+                return self.claim(name, files, shared, settings, pins, first_seen, arrived)
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         now = time.time()
         with self._transfer(self.f.jobs, job_id) as t:
@@ -122,7 +154,7 @@ class Store:
                 while candidate in moved.values():
                     n += 1
                     candidate = f"{base.stem}-{n}{base.suffix}"
-                t.put(src, f"inputs/{candidate}", copy=src in shared)
+                t.put_pinned(pins[src], f"inputs/{candidate}", copy=src in shared)
                 moved[src] = candidate
 
             def inp(path: Path) -> Input:
@@ -138,16 +170,36 @@ class Store:
             claim.folder = t.commit(self.f.jobs / job_id)
         return claim
 
-    def quarantine_from_inbox(self, name: str, files: list[Path], shared: set[Path], error: dict, log: str) -> Path:
-        """A job judged in the inbox: its files (copies of shared ones) go to quarantine/<name>/."""
-        with self._transfer(self.f.quarantine, uuid.uuid4().hex[:12]) as t:
-            used = {"error.yaml", "job.log"}
-            for src in dict.fromkeys(files):
-                if not (src.exists() or src.is_symlink()):
-                    continue
-                t.put(src, _free_name(src.name, used), copy=src in shared)
-            _write_error(t.dir, error, log)
-            return t.commit(self.f.quarantine / safe_component(name))
+    def quarantine_from_inbox(self, name: str, sidecar: Path, files: list[Path], shared: set[Path], error: dict,
+                              log: str) -> Path:
+        """A job judged in the inbox: its regular files (copies of shared ones) go to
+        quarantine/<name>/. What is not a regular file (a link, a FIFO) is never moved: an input
+        stays where it is; a job file is renamed `.nstd-refused-<name>` in the inbox, so it is not
+        judged again. job.log says which."""
+        fd = safefs.open_inbox(self.f.inbox)
+        try:
+            with self._transfer(self.f.quarantine, uuid.uuid4().hex[:12]) as t:
+                used = {"error.yaml", "job.log"}
+                notes = []
+                for src in dict.fromkeys([*files, sidecar]):
+                    rel = safefs.relative(self.f.inbox, src)
+                    try:
+                        pin = safefs.pin(fd, self.f.inbox, rel)
+                    except FileNotFoundError:
+                        continue
+                    except (safefs.Refused, OSError, UnicodeEncodeError) as exc:
+                        notes.append(_leave(fd, rel, exc, is_sidecar=src == sidecar))
+                        continue
+                    try:
+                        t.put_pinned(pin, _free_name(src.name, used), copy=src in shared)
+                    except safefs.Refused as exc:  # swapped while being moved: put back, left there
+                        notes.append(_leave(fd, rel, exc, is_sidecar=False))
+                    finally:
+                        pin.close()
+                _write_error(t.dir, error, log + "".join(notes))
+                return t.commit(self.f.quarantine / safe_component(name))
+        finally:
+            os.close(fd)
 
     def quarantine_claimed(self, job: Claim, error: dict, log: str) -> Path:
         with self._transfer(self.f.quarantine, job.id) as t:
@@ -176,6 +228,20 @@ class Store:
     def checkpoint_dir(job: Claim) -> Path:
         """`state/jobs/<id>/checkpoint/`: checkpoint.pt and frames/NNNNN.png (see checkpoints.py)."""
         return job.folder / "checkpoint"
+
+
+def _leave(inbox_fd: int, rel: str, exc: Exception, is_sidecar: bool) -> str:
+    """A file of a quarantined job that is not a regular file: left in the inbox; a job file is
+    renamed aside (never deleted, never followed). Returns the line for job.log."""
+    why = exc.reason if isinstance(exc, safefs.Refused) else (getattr(exc, "strerror", None) or str(exc))
+    if is_sidecar and "/" not in rel:
+        try:
+            aside = free_name_in(inbox_fd, f".nstd-refused-{rel}")
+            os.rename(rel, aside, src_dir_fd=inbox_fd, dst_dir_fd=inbox_fd)
+            return f"{rel}: {why}; left in the inbox as {aside}\n"
+        except OSError as exc2:
+            return f"{rel}: {why}; left in the inbox (could not be renamed aside: {exc2.strerror or exc2})\n"
+    return f"{rel}: {why}; left in the inbox\n"
 
 
 def _free_name(name: str, used: set[str]) -> str:

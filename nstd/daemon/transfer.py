@@ -4,6 +4,13 @@ A transfer builds `.nstd-tmp-<tag>` beside its destination, writes a manifest th
 file came from where, moved or copied), moves or copies the files in, and only then renames the
 folder into place. After kill -9 or power loss `rollback()` puts every moved file back by the
 manifest, so no user file is ever lost. Moves fall back to copy+fsync+unlink across filesystems.
+
+Files from the inbox come pinned (safefs.Pinned): renamed through their folder's descriptor and
+checked to be the inode that was pinned, or copied from the pinned descriptor itself, so what
+lands is what was checked, never a link. The manifest records that inode: a rollback whose origin
+still holds it knows the copy here is a spare (a copy cut short, across filesystems or by a full
+disk) and leaves nothing behind; otherwise it puts the file back through the inbox's descriptor,
+never through a link a user swapped in meanwhile.
 """
 from __future__ import annotations
 
@@ -11,8 +18,10 @@ import errno
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
+from nstd.daemon.safefs import Pinned, Refused, open_inbox, parts_of
 from nstd.fsutil import atomic_write_text, fsync_dir
 
 MANIFEST = ".nstd-manifest.json"
@@ -67,6 +76,32 @@ class Transfer:
     def _save_manifest(self) -> None:
         atomic_write_text(self.dir / MANIFEST, json.dumps({"entries": self.entries}, indent=1))
 
+    def put_pinned(self, pin: Pinned, rel: str, copy: bool = False) -> Path:
+        """Move (or copy) a pinned inbox file to `rel`; refuses (Refused) a name swapped since the pin."""
+        dst = self.dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        self.entries.append({"from": str(pin.path), "to": rel, "copy": copy, "inbox": str(_inbox_of(pin)), "rel": pin.rel, "inode": [pin.st.st_dev, pin.st.st_ino]})
+        self._save_manifest()
+        if copy:
+            _copy_fd(pin.fd, dst)
+            return dst
+        try:
+            os.rename(pin.name, dst, src_dir_fd=pin.parent_fd)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            _copy_fd(pin.fd, dst)  # across filesystems: the pinned file's bytes, then its name
+            if pin.is_still_there():
+                os.unlink(pin.name, dir_fd=pin.parent_fd)
+            return dst
+        st = os.stat(dst, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != (pin.st.st_dev, pin.st.st_ino):
+            _put_back(dst, st, pin)  # not what was checked: it goes back, and the job is refused
+            self.entries.pop()
+            self._save_manifest()
+            raise Refused(pin.rel, "was replaced while the job was being claimed")
+        return dst
+
     def put(self, src: Path, rel: str, copy: bool = False) -> Path:
         """Move (or copy) `src` to `rel` inside the folder, recording it in the manifest first."""
         dst = self.dir / rel
@@ -103,6 +138,9 @@ def rollback(tmp: Path) -> int:
         here, origin = tmp / e["to"], Path(e["from"])
         if e.get("copy") or not (here.exists() or here.is_symlink()):
             continue
+        if "inode" in e:
+            restored += _restore_to_inbox(here, Path(e["inbox"]), e["rel"], tuple(e["inode"]))
+            continue
         origin.parent.mkdir(parents=True, exist_ok=True)
         if origin.exists() or origin.is_symlink():
             origin = unique_name(origin.parent, origin.name + ".restored")
@@ -111,3 +149,93 @@ def rollback(tmp: Path) -> int:
     # Every user file was listed before it was moved in, and is back now: the rest is nstd's own.
     shutil.rmtree(tmp)
     return restored
+
+
+def _inbox_of(pin: Pinned) -> Path:
+    """The inbox folder a pinned file was reached from (its path minus its relative name)."""
+    path = pin.path
+    for _ in parts_of(pin.rel):
+        path = path.parent
+    return path
+
+
+def _copy_fd(fd: int, dst: Path) -> None:
+    """Copy the open file `fd` (from its start) to a new `dst`, flushed to disk."""
+    with os.fdopen(os.dup(fd), "rb") as src, open(dst, "xb") as out:
+        src.seek(0)
+        shutil.copyfileobj(src, out, 1 << 20)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _put_back(here: Path, st: os.stat_result, pin: Pinned) -> None:
+    """Return an entry swapped in under a pinned name to that name, replacing nothing: a hard link
+    fails rather than replaces (a folder is renamed: that replaces nothing but an empty folder)."""
+    name = pin.name
+    for n in range(1, 100):
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                os.rename(here, name, dst_dir_fd=pin.parent_fd)
+            else:
+                os.link(here, name, dst_dir_fd=pin.parent_fd, follow_symlinks=False)
+                os.unlink(here)
+            return
+        except (FileExistsError, IsADirectoryError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+                raise
+            name = f"{pin.name}.restored" if n == 1 else f"{pin.name}.restored-{n}"
+
+
+def _restore_to_inbox(here: Path, inbox: Path, rel: str, inode: tuple[int, int]) -> int:
+    """Put a claimed file back at `rel` in the inbox, through descriptors only. Returns 1 if it was
+    put back, 0 if the inbox still holds the original (then `here` is a spare copy)."""
+    parts = parts_of(rel)
+    fd = open_inbox(inbox)
+    try:
+        for part in parts[:-1]:  # the folders on the way, created if gone, never through a link
+            try:
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except FileNotFoundError:
+                os.mkdir(part, dir_fd=fd)
+                nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError:  # swapped for a link or a file: put it back at the top of the inbox
+                break
+            os.close(fd)
+            fd = nfd
+        name = parts[-1]
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == inode:
+                return 0  # the original never left: what is here is a spare copy
+            name = free_name_in(fd, name + ".restored")
+        except FileNotFoundError:
+            pass
+        try:
+            os.rename(here, name, dst_dir_fd=fd)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            tmp = free_name_in(fd, f".nstd-restoring-{name}")
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=fd)
+            with open(here, "rb") as src, os.fdopen(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+            os.unlink(here)
+        os.fsync(fd)
+        return 1
+    finally:
+        os.close(fd)
+
+
+def free_name_in(dir_fd: int, name: str) -> str:
+    """`name`, else `name-2`, ...: a name not taken in the folder `dir_fd`."""
+    candidate, n = name, 1
+    while True:
+        try:
+            os.stat(candidate, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return candidate
+        n += 1
+        candidate = f"{name}-{n}"

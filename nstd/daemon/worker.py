@@ -82,14 +82,14 @@ class Worker(threading.Thread):
     """Runs claimed jobs one after another on one device."""
 
     def __init__(self, cfg: dict, device: Device | str, jobs: JobQueue, store: Store, status: Status,
-                 engine_factory: Callable[..., Engine] = Engine):
+                 engine_factory: Callable[..., Engine] = Engine, outcomes: Outcomes | None = None):
         super().__init__(name=f"worker-{device}", daemon=True)
         self.cfg, self.queue, self.store, self.status = cfg, jobs, store, status
         self.engine_factory = engine_factory
         self.engine = self._engine(device)
         self._cpu_engine: Engine | None = None
         self.cache = TargetCache()
-        self.outcomes = Outcomes(cfg, store, status, jobs)
+        self.outcomes = outcomes or Outcomes(cfg, store, status, jobs)
         self.stopping = threading.Event()
         self.stop_deadline = float("inf")
         self.current: Claim | None = None
@@ -183,7 +183,7 @@ class Worker(threading.Thread):
         params = style_params(job.settings)
         t_loaded = time.time()
 
-        resume = checkpoints.load(self.store.checkpoint_dir(job))
+        resume = checkpoints.load(self.store.checkpoint_dir(job), log)
         if resume is not None:
             log.info("resuming from the checkpoint at step {} of {}", resume.step, params.steps)
         engine, size, oom_retries, fallback = self.engine, params.size, 0, False
@@ -202,6 +202,7 @@ class Worker(threading.Thread):
             except Exception as exc:
                 if not is_oom(exc):
                     raise
+                log.debug("out of memory: {}", exc)
             # Outside the except block: the failed attempt's tensors are released before the cache is.
             oom_retries += 1
             self.cache.clear()

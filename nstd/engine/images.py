@@ -6,9 +6,11 @@ the CLI prints it and the daemon quarantines the job with it.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -38,15 +40,17 @@ class ImageError(NstdError, ValueError):
         super().__init__(f"{self.path.name}: {reason}")
 
 
-def open_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, fileobj: BinaryIO | None = None) -> Image.Image:
     """Decode an image file fully and return it as 8-bit RGB, EXIF orientation applied.
 
     Dimensions are checked from the header before any pixel is decoded, so a decompression
     bomb costs nothing. Animated files give their first frame. Alpha is composited over white.
+    With `fileobj` (an open file, e.g. one pinned in the inbox) that is read and `path` only
+    names it in messages.
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        size = os.fstat(fileobj.fileno()).st_size if fileobj is not None else path.stat().st_size
     except FileNotFoundError:
         raise ImageError(path, "file not found") from None
     except OSError as exc:
@@ -56,7 +60,7 @@ def open_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path, formats=READ_FORMATS)
+            img = Image.open(fileobj if fileobj is not None else path, formats=READ_FORMATS)
             w, h = img.size
             if w * h > max_pixels:
                 raise ImageError(

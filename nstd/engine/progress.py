@@ -17,10 +17,10 @@ class StepInfo:
     step: int
     steps: int
     elapsed: float
-    _losses: Losses
+    raw_losses: Losses
 
     def losses(self) -> dict[str, float]:
-        return self._losses.as_floats()
+        return self.raw_losses.as_floats()
 
 
 @dataclass

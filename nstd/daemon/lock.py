@@ -1,0 +1,52 @@
+"""One daemon per root: two `nstd run` on the same folders would take the same jobs twice.
+
+The daemon holds an exclusive flock, for its whole life, on `state/nstd.lock` (which also holds
+its pid, for the message a second daemon prints). The kernel drops it when the process ends,
+however it ends, so a crash never leaves a stale lock. (Not on the inbox folder itself: an open
+descriptor of it would delay the kernel's "deleted" event that tells the watcher a share dropped
+out.)
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from nstd.errors import NstdError
+
+
+class AlreadyRunning(NstdError):
+    """Another daemon holds this root (exit 2)."""
+
+
+class RootLock:
+    def __init__(self, state: Path):
+        self.path = state / "nstd.lock"
+        self._fds: list[int] = []
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._fds.append(fd)
+            self._take(fd, f"its state folder {state}")
+        except BaseException:
+            self.release()
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _take(self, fd: int, what: str) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(f"another nstd (pid {self.holder()}) is running on {what}; one daemon per root") \
+                from None
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "unknown"
+        except OSError:
+            return "unknown"
+
+    def release(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []

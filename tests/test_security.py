@@ -1,0 +1,373 @@
+"""A hostile inbox user: links, folders, FIFOs and files swapped while jobs are judged and claimed,
+fuzzed job files, the cases of the security issue, two daemons, and a daemon without file
+permission capabilities. nstd.audit.audit_confinement is the judge: nothing outside the inbox is
+ever read, moved or changed, and no link or special file ever reaches state/, outbox/ or quarantine/."""
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from harness import Daemon
+from nstd.audit import audit_confinement, snapshot
+
+GOOD = "content: hoovertowernight.jpg\nstyle: starry_night.jpg\n"
+
+
+def png(seed: int, size: int = 8) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (seed % 256, (seed * 7) % 256, 99)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def make_outside(tmp_path):
+    """Files a hostile user would like nstd to read, move or overwrite: a private folder too."""
+    outside = tmp_path / "outside"
+    (outside / "private").mkdir(parents=True)
+    (outside / "secret.png").write_bytes(png(1, 9))
+    (outside / "private" / "p.png").write_bytes(png(2, 9))
+    (outside / "job.yaml").write_text("content: ../outside/secret.png\nstyle: secret.png\n# outside\n")
+    os.mkfifo(outside / "fifo.png")
+    (outside / "private").chmod(0o700)
+    return outside
+
+
+# --------------------------------------------------------------------------- the property
+
+
+def _replace(path, kind, outside, rng):
+    """Atomically (where the kernel allows) make `path` a link out, a link in, a file, a FIFO or a folder."""
+    tmp = path.with_name(f".swap-{rng.random()}")
+    try:
+        if kind == "link-out":
+            os.symlink(rng.choice([outside / "secret.png", outside / "private", outside / "fifo.png",
+                                   outside / "job.yaml", outside]), tmp)
+        elif kind == "link-in":
+            os.symlink(rng.choice(["c-other.png", "sub", "."]), tmp)
+        elif kind == "file":
+            tmp.write_bytes(png(rng.randrange(1000)))
+        elif kind == "fifo":
+            os.mkfifo(tmp)
+        elif kind == "dir":
+            tmp.mkdir()
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+    except OSError:
+        for cleanup in (os.unlink, os.rmdir):
+            try:
+                cleanup(tmp)
+            except OSError:
+                pass
+
+
+class Swapper(threading.Thread):
+    """Keeps swapping the names a job uses until stopped."""
+
+    def __init__(self, inbox, names, outside, seed):
+        super().__init__(daemon=True)
+        self.inbox, self.names, self.outside, self.rng = inbox, names, outside, random.Random(seed)
+        self.halt = threading.Event()
+
+    def run(self):
+        self.halt.wait(self.rng.random() * 0.02)  # sometimes the claim wins the race, sometimes not
+        while not self.halt.is_set():
+            name = self.rng.choice(self.names)
+            kind = self.rng.choice(["link-out", "link-out", "link-in", "file", "fifo", "dir"])
+            _replace(self.inbox / name, kind, self.outside, self.rng)
+            time.sleep(self.rng.random() * 0.002)
+
+
+def test_swapping_names_while_jobs_are_judged_and_claimed_never_reaches_outside(tmp_path):
+    from nstd.config import load_config
+    from nstd.daemon.inbox import Readiness, list_sidecars
+    from nstd.daemon.intake import Intake
+    from nstd.daemon.outcome import Outcomes
+    from nstd.daemon.queue import JobQueue
+    from nstd.daemon.status import Status
+    from nstd.daemon.store import Folders, Store
+
+    outside = make_outside(tmp_path)
+    before = {outside: snapshot(outside)}
+    root = tmp_path / "var"
+    folders = Folders(*(root / n for n in ("inbox", "outbox", "quarantine", "state", "logs")))
+    folders.create()
+    cfg = load_config(None)
+    store, queue = Store(folders), JobQueue()
+    readiness = Readiness(0.0, 0.0, 65536, folders.inbox)
+    intake = Intake(cfg, readiness, store, Outcomes(cfg, store, Status(folders.state), queue), queue)
+    (folders.inbox / "c-other.png").write_bytes(png(3))
+    seen = {"claimed": 0, "quarantined": 0}
+    for r in range(80):
+        inbox = folders.inbox
+        sub = inbox / "sub"  # the user puts their folder back (never writing through a link)
+        if os.path.islink(sub) or (os.path.lexists(sub) and not sub.is_dir()):
+            os.unlink(sub)
+        sub.mkdir(exist_ok=True)
+        for name, data in ((f"c{r}.png", png(r)), (f"sub/s{r}.png", png(r + 500))):
+            try:
+                (inbox / name).write_bytes(data)
+            except OSError:
+                pass
+        (inbox / f"j{r}.yaml").write_text(f"content: c{r}.png\nstyle: sub/s{r}.png\n")
+        swapper = Swapper(inbox, [f"c{r}.png", "sub", f"j{r}.yaml"], outside, seed=r)
+        swapper.start()
+        try:
+            for _ in range(20):
+                readiness.update(list_sidecars(inbox))
+                for verdict in readiness.check():
+                    intake.take(verdict.pending, verdict.error)
+                time.sleep(0.001)
+        finally:
+            swapper.halt.set()
+            swapper.join()
+        # settle whatever is still waiting (missing_timeout is 0: it is judged now)
+        for _ in range(3):
+            readiness.update(list_sidecars(inbox))
+            for verdict in readiness.check():
+                intake.take(verdict.pending, verdict.error)
+        seen["claimed"] = len(queue)
+        seen["quarantined"] = len(os.listdir(folders.quarantine))
+    problems = audit_confinement(root, before)
+    assert problems == [], problems[:10]
+    assert seen["claimed"] > 5 and seen["quarantined"] > 5, seen  # both outcomes were exercised
+    assert store.recover() is not None and audit_confinement(root, before) == []
+
+
+# --------------------------------------------------------------------------- the real daemon
+
+
+def test_the_daemon_under_a_swapping_user(tmp_path):
+    outside = make_outside(tmp_path)
+    before = {outside: snapshot(outside)}
+    d = Daemon(tmp_path, watch={"settle_seconds": 0.05, "missing_timeout": 2.0, "rescan_seconds": 1.0})
+    d.start()
+    try:
+        swappers = []
+        for r in range(8):
+            d.image("hoovertowernight.jpg", f"c{r}.jpg")
+            d.image("starry_night.jpg", f"s{r}.jpg")
+            d.drop(f"j{r}", {"content": f"c{r}.jpg", "style": f"s{r}.jpg"}, images=False)
+            s = Swapper(d.inbox, [f"c{r}.jpg", f"s{r}.jpg"], outside, seed=1000 + r)
+            s.start()
+            swappers.append(s)
+            time.sleep(0.3)
+        time.sleep(2)
+        for s in swappers:
+            s.halt.set()
+            s.join()
+        d.drop("after", GOOD)
+        d.wait_landed("after", timeout=60)
+        d.wait(lambda: not [p for p in d.inbox.glob("j*.yaml")], 30, "every swapped job judged")
+        assert d.alive()
+    finally:
+        assert d.stop() == 0
+    assert audit_confinement(d.root, before) == []
+
+
+def _fuzz_texts(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    keys = ["content", "style", "size", "steps", "optimizer", "content_weight", "style_weight", "tv_weight", "init",
+            "pooling", "content_layers", "style_layers", "seed", "style_scale", "gif", "output", "priority", "x"]
+    odd = ["~", ".inf", "-.nan", "0x1F", "1e999", "-0", "!!binary aGVsbG8=", "2026-11-26", "'\\u0000'", "yes",
+           '"\\ud800.jpg"', '"\\udcff"', "'.'", "'..'", "'/etc/passwd'", "'sub'", "'c.jpg\\n'", "[]", "{}", "''",
+           '"\\u202e gpj.exe"', "'😀.jpg'", "'" + "a" * 5000 + "'", "[" + ", ".join(["s.jpg"] * 300) + "]",
+           "{path: s.jpg, weight: .nan}", "!!python/name:os.system", "&a [1]", "*a", "!!set {a, b}", "? complex"]
+    texts = [
+        "[" * 1000 + "]" * 1000, "{a: " * 400 + "1" + "}" * 400, "- " * 2000 + "x", "content: " + "[" * 3000,
+        "style: [" + ", ".join(f"{{path: s.jpg, weight: {i}}}" for i in range(150)) + "]\ncontent: c.jpg\n",
+        "\ufeffcontent: c.jpg\nstyle: s.jpg\n", "content: c.jpg\nstyle: s.jpg\n" * 500, "\x00\x01\x02",
+    ]
+    while len(texts) < n:
+        lines = [f"{rng.choice(keys)}: {rng.choice(odd)}" for _ in range(rng.randrange(1, 6))]
+        texts.append("\n".join(lines) + "\n")
+    return texts
+
+
+def test_fuzzed_job_files_never_kill_or_stall_the_daemon(tmp_path):
+    d = Daemon(tmp_path, watch={"settle_seconds": 0.05, "missing_timeout": 1.0, "rescan_seconds": 1.0})
+    d.start()
+    try:
+        d.image("hoovertowernight.jpg", "c.jpg")
+        d.image("starry_night.jpg", "s.jpg")
+        (d.inbox / "sub").mkdir()
+        texts = _fuzz_texts(seed=12, n=70)
+        for i, text in enumerate(texts):
+            tmp = d.inbox / f".f{i}.tmp"
+            tmp.write_bytes(text.encode("utf-8", "surrogatepass"))
+            os.rename(tmp, d.inbox / f"f{i}.yaml")
+        d.wait(lambda: not list(d.inbox.glob("f*.yaml")), 120, "every fuzzed job judged")
+        d.drop("after", GOOD)  # ... and the daemon still works
+        d.wait_landed("after", timeout=60)
+        assert d.alive() and d.status()["state"] == "running"
+    finally:
+        assert d.stop() == 0
+    assert audit_confinement(d.root) == []
+    assert len(os.listdir(d.quarantine)) + len(os.listdir(d.outbox)) == len(texts) + 1
+
+
+def test_the_cases_of_the_issue(tmp_path):
+    """content: '.', a subfolder's name, 2 KB of brackets, a lone surrogate, a job file that is a
+    link to a FIFO in the inbox, 150 styles, and a SIGHUP with a rotation loguru refuses."""
+    d = Daemon(tmp_path, watch={"settle_seconds": 0.1, "missing_timeout": 3.0})
+    d.start()
+    try:
+        d.image("hoovertowernight.jpg")
+        d.image("starry_night.jpg")
+        (d.inbox / "other-user.part").write_bytes(b"half an upload")
+        (d.inbox / "folder").mkdir()
+        (d.inbox / "folder" / "kept.jpg").write_bytes(b"someone's file")
+        os.mkfifo(d.inbox / "pipe")
+        os.symlink("pipe", d.inbox / "piped.yaml")
+        cases = {
+            "dot": ("content: '.'\nstyle: starry_night.jpg\n", "names the inbox itself"),
+            "folder": ("content: folder\nstyle: starry_night.jpg\n", "is a folder"),
+            "brackets": ("[" * 1000 + "]" * 1000, "nested deeper than"),
+            "surrogate": ('content: "\\ud800.jpg"\nstyle: starry_night.jpg\n', "not a valid file name"),
+            "many-styles": ("content: hoovertowernight.jpg\nstyle: [" + ", ".join(["starry_night.jpg"] * 150) + "]\n",
+                            "at most 16"),
+        }
+        for name, (text, _) in cases.items():
+            d.drop(name, text, images=False)
+        d.wait_quarantined(*cases, "piped", timeout=60)
+        for name, (_, words) in cases.items():
+            assert words in d.error(name)["message"], (name, d.error(name))
+        assert "is a link" in d.error("piped")["message"]
+        # nothing else of the inbox went with them
+        assert (d.inbox / "other-user.part").read_bytes() == b"half an upload"
+        assert (d.inbox / "folder" / "kept.jpg").read_bytes() == b"someone's file"
+        assert (d.inbox / "pipe").exists() and (d.inbox / "starry_night.jpg").exists()
+        assert sorted(os.listdir(d.quarantine / "dot")) == ["dot.yaml", "error.yaml", "job.log"]
+        # an admin's reload with a value loguru refuses: refused, the daemon goes on
+        d.write_config(logging={"rotation": "10 parsecs"})
+        d.proc.send_signal(signal.SIGHUP)
+        d.wait(lambda: "reload refused" in d.logs(), 30, "the reload to be refused")
+        d.drop("after", GOOD, images=False)
+        d.wait_landed("after", timeout=60)
+        assert d.alive()
+    finally:
+        t0 = time.monotonic()
+        assert d.stop() == 0
+        assert time.monotonic() - t0 < 30  # nothing blocks on the FIFO
+    assert audit_confinement(d.root) == []
+
+
+def test_a_second_daemon_on_the_same_root_exits_2(tmp_path):
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        second = subprocess.run([*d.command(), "run", "--config", str(d.config)], capture_output=True, text=True,
+                                timeout=60)
+        assert second.returncode == 2
+        assert f"another nstd (pid {d.proc.pid}) is running" in second.stderr and "Traceback" not in second.stderr
+        assert d.alive()
+    finally:
+        assert d.stop() == 0
+    d.start()  # the lock went with the first daemon
+    assert d.stop() == 0
+
+
+def test_state_full_on_another_filesystem_leaves_nothing_in_the_inbox(tmp_path):
+    from test_faults_disk import fill
+
+    from nstd.daemon.jobfile import JobFiles
+    from nstd.daemon.store import Folders, Store
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small filesystem here")
+    try:
+        folders = Folders(tmp_path / "inbox", tmp_path / "outbox", tmp_path / "q", mnt / "state", tmp_path / "logs")
+        folders.create()
+        store = Store(folders)
+        big = os.urandom(400_000)
+        (folders.inbox / "c.jpg").write_bytes(big)
+        (folders.inbox / "j.yaml").write_text("content: c.jpg\nstyle: c.jpg\n")
+        files = JobFiles(sidecar=folders.inbox / "j.yaml", content=folders.inbox / "c.jpg",
+                         styles=[(folders.inbox / "c.jpg", 1.0)])
+        for _ in range(3):  # each retry fails the same way and leaves nothing
+            with pytest.raises(OSError):
+                store.claim("j", files, set(), {})
+            assert sorted(os.listdir(folders.inbox)) == ["c.jpg", "j.yaml"]
+            assert (folders.inbox / "c.jpg").read_bytes() == big
+            assert os.listdir(folders.jobs) == []
+        fill(mnt)  # no space even for the manifest: same
+        with pytest.raises(OSError):
+            store.claim("j", files, set(), {})
+        assert sorted(os.listdir(folders.inbox)) == ["c.jpg", "j.yaml"]
+        os.unlink(mnt / "filler")
+        (folders.inbox / "c.jpg").write_bytes(b"small")  # now it fits: claimed across filesystems
+        job = store.claim("j", files, set(), {})
+        assert os.listdir(folders.inbox) == [] and job.path(job.content).read_bytes() == b"small"
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_a_copy_cut_short_is_rolled_back_without_a_trace(tmp_path):
+    """kill -9 in the middle of a claim's copy across filesystems: recovery leaves the inbox as it was."""
+    from nstd.daemon import safefs
+    from nstd.daemon.store import Folders, Store
+    from nstd.daemon.transfer import Transfer
+
+    folders = Folders(*(tmp_path / n for n in ("inbox", "outbox", "quarantine", "state", "logs")))
+    folders.create()
+    (folders.inbox / "c.jpg").write_bytes(b"x" * 10_000)
+    fd = safefs.open_inbox(folders.inbox)
+    pin = safefs.pin(fd, folders.inbox, "c.jpg")
+    t = Transfer(folders.jobs, "cut")
+    t.put_pinned(pin, "inputs/c.jpg", copy=True)  # the manifest entry and a copy...
+    (t.dir / "inputs" / "c.jpg").write_bytes(b"x" * 10)  # ...cut short
+    t.entries[-1]["copy"] = False  # as a move across filesystems records it
+    t._save_manifest()
+    pin.close()
+    os.close(fd)
+    assert Store(folders).recover() == []
+    assert os.listdir(folders.inbox) == ["c.jpg"] and (folders.inbox / "c.jpg").read_bytes() == b"x" * 10_000
+    assert os.listdir(folders.jobs) == []
+
+
+# --------------------------------------------------------------------------- without capabilities
+
+
+def test_without_file_permission_capabilities_an_unreadable_job_is_quarantined(tmp_path):
+    """The service user (here: nobody, no capabilities) cannot enter a user's private subfolder:
+    that job is quarantined as unreadable at once, not retried forever; the others land."""
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root to become nobody")
+    base = Path(tempfile.mkdtemp(prefix="nstd-nobody-"))  # pytest's tmp_path is root's alone
+    base.chmod(0o755)
+    request_cleanup = base
+    d = Daemon(base, watch={"settle_seconds": 0.1, "missing_timeout": 600.0})
+    d.root.mkdir(parents=True)
+    (d.root / "inbox" / "private").mkdir(parents=True)
+    d.image("starry_night.jpg", folder=d.inbox / "private")
+    d.image("hoovertowernight.jpg")
+    d.image("starry_night.jpg")
+    subprocess.run(["chown", "-R", "nobody:nogroup", str(base)], check=True)
+    (d.inbox / "private").chmod(0o000)  # the user made their folder unreadable while the job waits
+    d.start(user="nobody", env={"HOME": str(base)})
+    try:
+        d.drop("locked", "content: hoovertowernight.jpg\nstyle: private/starry_night.jpg\n", images=False)
+        d.wait_quarantined("locked", timeout=60)
+        err = d.error("locked")
+        assert err["kind"] == "unreadable" and "permission denied" in err["message"]
+        d.drop("fine", GOOD, images=False)
+        d.wait_landed("fine", timeout=60)
+    finally:
+        assert d.stop() == 0
+        (d.inbox / "private").chmod(0o755)
+    assert audit_confinement(d.root) == []
+    shutil.rmtree(request_cleanup, ignore_errors=True)
