@@ -371,3 +371,41 @@ def test_without_file_permission_capabilities_an_unreadable_job_is_quarantined(t
         (d.inbox / "private").chmod(0o755)
     assert audit_confinement(d.root) == []
     shutil.rmtree(request_cleanup, ignore_errors=True)
+
+
+def test_a_job_nstd_cannot_claim_is_held_with_its_reason_in_status(tmp_path):
+    """A full state folder: the job is held and retried, and `nstd status` says why, not silence."""
+    from test_faults_disk import fill
+
+    from nstd.config import load_config
+    from nstd.daemon.inbox import Readiness, list_sidecars
+    from nstd.daemon.intake import Intake
+    from nstd.daemon.outcome import Outcomes
+    from nstd.daemon.queue import JobQueue
+    from nstd.daemon.status import Status, describe
+    from nstd.daemon.store import Folders, Store
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small filesystem here")
+    try:
+        folders = Folders(tmp_path / "inbox", tmp_path / "outbox", tmp_path / "q", mnt / "state", tmp_path / "logs")
+        folders.create()
+        store, queue, status = Store(folders), JobQueue(), Status(tmp_path)
+        readiness = Readiness(0.0, 600.0, 65536, folders.inbox)
+        intake = Intake(load_config(None), readiness, store, Outcomes(load_config(None), store, status, queue), queue)
+        (folders.inbox / "c.png").write_bytes(png(1, 64))
+        (folders.inbox / "j.yaml").write_text("content: c.png\nstyle: c.png\n")
+        fill(mnt)
+        readiness.update(list_sidecars(folders.inbox))
+        for verdict in readiness.check():
+            intake.take(verdict.pending, verdict.error)
+        [held] = readiness.held()
+        assert held["job"] == "j.yaml" and "cannot claim" in held["reason"] and "No space left" in held["reason"]
+        assert sorted(os.listdir(folders.inbox)) == ["c.png", "j.yaml"] and len(queue) == 0
+        status.update(force=True, held=readiness.held())
+        text, _ = describe(status.data)
+        assert "held: j.yaml: cannot claim" in text
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)])

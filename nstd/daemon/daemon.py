@@ -20,7 +20,7 @@ from nstd.daemon.intake import Intake
 from nstd.daemon.lock import RootLock
 from nstd.daemon.notify import Notifier, healthy
 from nstd.daemon.outcome import Outcomes
-from nstd.daemon.queue import JobQueue, retry_at
+from nstd.daemon.queue import JobQueue
 from nstd.daemon.status import Status
 from nstd.daemon.store import Folders, Store
 from nstd.daemon.watcher import InboxWatcher
@@ -188,8 +188,9 @@ class Daemon:
                     self.intake.take(verdict.pending, verdict.error)
                 except Exception as exc:  # a bug on one job must not stop the intake of the others
                     logger.bind(job=verdict.pending.sidecar.name).exception("intake failed: {}", exc)
-                    verdict.pending.hold_until = retry_at()
-            self.status.update(waiting=len(self.readiness.pending), queue=self.queue.names())
+                    verdict.pending.hold(f"intake failed: {type(exc).__name__}: {exc}")
+            self.status.update(waiting=len(self.readiness.pending), held=self.readiness.held(),
+                               queue=self.queue.names())
             if not ready:
                 # The network is loaded, the inbox watched and scanned once: now systemd may call us up.
                 ready = True

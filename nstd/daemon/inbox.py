@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nstd.daemon import safefs
+from nstd.daemon.queue import retry_at
 from nstd.daemon.jobfile import SIDECAR_SUFFIXES, JobFiles, check_input, read_sidecar, resolve_files
 from nstd.errors import ErrorKind, JobError
 
@@ -80,6 +81,12 @@ class Pending:
     parsed_sig: tuple | None = None
     #: after a failed claim or quarantine (a full disk, say): not looked at again before this
     hold_until: float = 0.0
+    #: why it is held, for `nstd status` and the log
+    held_for: str = ""
+
+    def hold(self, reason: str) -> None:
+        """Try this job again after the retry delay; `nstd status` shows why it waits."""
+        self.hold_until, self.held_for = retry_at(), reason
 
 
 @dataclass
@@ -187,6 +194,10 @@ class Readiness:
                 return Verdict(p, error=JobError(ErrorKind.MISSING_INPUT, f"still missing after {self.missing_timeout:g} s: {names}"))
             return None
         return Verdict(p, ready=True) if settled else None
+
+    def held(self) -> list[dict]:
+        """Jobs held after nstd itself failed to claim or quarantine them, with the reason."""
+        return [{"job": p.sidecar.name, "reason": p.held_for} for p in self.pending.values() if p.held_for]
 
     def waiting_references(self, exclude: Path) -> set[Path]:
         """Every input named by another waiting sidecar: those files must stay in the inbox."""

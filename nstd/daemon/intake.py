@@ -13,7 +13,7 @@ from nstd.daemon.claim import Claim
 from nstd.daemon.inbox import Pending, Readiness
 from nstd.daemon.jobfile import NO_LINKS, check_job, job_name
 from nstd.daemon.outcome import Outcomes
-from nstd.daemon.queue import RETRY_SECONDS, JobQueue, retry_at
+from nstd.daemon.queue import RETRY_SECONDS, JobQueue
 from nstd.daemon.store import Store
 from nstd.errors import ErrorKind, JobError
 
@@ -25,6 +25,7 @@ class Intake:
     def take(self, p: Pending, error: JobError | None) -> None:
         """A sidecar that is ready (error None) or judged: claim it, or quarantine it."""
         name = job_name(p.sidecar)
+        p.held_for = ""
         log = logger.bind(job=name, job_id=f"intake:{p.sidecar}")
         with logs.captured(f"intake:{p.sidecar}") as lines:
             try:
@@ -65,7 +66,7 @@ class Intake:
             raise
         except OSError as exc:  # rolled back: the files are still in the inbox
             log.error("cannot claim: {}; trying again in {:g} s", exc, RETRY_SECONDS)
-            p.hold_until = retry_at()
+            p.hold(f"cannot claim: {exc}")
             return None
 
     def _quarantine(self, p: Pending, name: str, exc: JobError, lines: list[str]) -> None:
@@ -75,7 +76,7 @@ class Intake:
             self.outcomes.quarantine_inbox(name, p.sidecar, files, shared, exc, wall(p.first_seen), "".join(lines))
         except OSError as exc2:  # rolled back: the files are still in the inbox
             logger.bind(job=name).error("could not quarantine: {}; trying again in {:g} s", exc2, RETRY_SECONDS)
-            p.hold_until = retry_at()
+            p.hold(f"could not quarantine ({exc.kind}: {exc.message}): {exc2}")
             return
         self.readiness.forget(p.sidecar)
 

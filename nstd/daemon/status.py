@@ -94,5 +94,7 @@ def describe(data: dict | None) -> tuple[str, bool]:
     queue = data.get("queue") or []
     lines.append(f"queued: {len(queue)}" + (f" ({', '.join(queue[:10])}{', ...' if len(queue) > 10 else ''})" if queue else ""))
     lines.append(f"waiting in inbox: {data.get('waiting', 0)}")
+    for held in data.get("held") or []:
+        lines.append(f"  held: {held['job']}: {held['reason']} (tried again every 30 s)")
     lines.append(f"done: {data.get('done', 0)}, failed: {data.get('failed', 0)}")
     return "\n".join(lines), alive

@@ -173,11 +173,17 @@ class Worker(threading.Thread):
         """Decode, fit, and optimise: everything that needs the device. Encoding is the finisher's."""
         t0 = time.time()
         max_pixels = self.cfg["limits"]["max_pixels"]
+        decoded: dict[str, tuple] = {}  # a file named several times is decoded (and hashed) once
+
+        def image(inp):
+            if inp.file not in decoded:
+                decoded[inp.file] = (images.open_image(job.path(inp), max_pixels), file_digest(job.path(inp)))
+            return decoded[inp.file]
+
         try:  # intake decoded these; a failure now means the file changed since
-            content = images.open_image(job.path(job.content), max_pixels)
-            styles = [StyleImage(images.open_image(job.path(s), max_pixels), s.weight, file_digest(job.path(s)))
-                      for s in job.styles]
-            init = images.open_image(job.path(job.init), max_pixels) if job.init else None
+            content = image(job.content)[0]
+            styles = [StyleImage(*image(s)[:1], s.weight, image(s)[1]) for s in job.styles]
+            init = image(job.init)[0] if job.init else None
         except ImageError as exc:
             raise JobError(ErrorKind.INPUT_CHANGED, f"{exc} (it was readable when the job was taken)", Stage.RUN) from None
         params = style_params(job.settings)
