@@ -158,7 +158,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         data = read_sidecar(sidecar, cfg["limits"]["max_sidecar_bytes"])
         checked = check_job(data, resolve_files(data, sidecar, sidecar.parent), cfg["defaults"],
-                            cfg["limits"]["max_pixels"])
+                            cfg["limits"]["max_pixels"], max_bytes=cfg["limits"]["max_input_bytes"])
     except JobError as exc:
         return _fail(f"{sidecar.name}: {exc.kind}: {exc}", exc.exit_code)
     files, settings, sizes = checked.files, checked.settings, checked.sizes

@@ -69,6 +69,7 @@ CONFIG_FIELDS: dict[str, Any] = {
     "limits": {
         "max_pixels": Field(DEFAULT_MAX_PIXELS, "largest input image, in pixels", integer(1, 2**40)),
         "max_sidecar_bytes": Field(65536, "largest job file", integer(64, 16 * 2**20)),
+        "max_input_bytes": Field(512 * 2**20, "largest input file, bytes", integer(1024, 2**40)),
     },
     "service": {
         "shutdown_grace_seconds": Field(60.0, "on SIGTERM, time the running job gets to finish", number(0, 86400)),

@@ -409,3 +409,91 @@ def test_a_job_nstd_cannot_claim_is_held_with_its_reason_in_status(tmp_path):
         assert "held: j.yaml: cannot claim" in text
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+# --------------------------------------------------------------------------- found by a hostile helper
+
+
+def _store(tmp_path):
+    from nstd.daemon.store import Folders, Store
+
+    folders = Folders(*(tmp_path / n for n in ("inbox", "outbox", "quarantine", "state", "logs")))
+    folders.create()
+    return Store(folders)
+
+
+def test_a_file_named_like_the_manifest_is_kept(tmp_path):
+    store = _store(tmp_path)
+    (store.inbox / ".nstd-manifest.json").write_text("a user's own file")
+    (store.inbox / "q.yaml").write_text("content: .nstd-manifest.json\n")
+    final = store.quarantine_from_inbox("q", store.inbox / "q.yaml", [store.inbox / ".nstd-manifest.json"], set(),
+                                        {"kind": "bad"}, "")
+    assert (final / "input-2-.nstd-manifest.json").read_text() == "a user's own file"
+
+
+def test_a_name_swapped_between_pin_and_move_goes_back_and_nothing_is_lost(tmp_path):
+    from nstd.daemon import safefs
+    from nstd.daemon.transfer import Transfer
+
+    store = _store(tmp_path)
+    (store.inbox / "big.png").write_bytes(b"what was checked")
+    for n in ["big.png.restored", *(f"big.png.restored-{i}" for i in range(2, 120))]:
+        (store.inbox / n).write_bytes(b"taken")  # every put-back name a hostile user could pre-take
+    fd = safefs.open_inbox(store.inbox)
+    pin = safefs.pin(fd, store.inbox, "big.png")
+    (store.inbox / "precious.dat").write_bytes(b"precious")
+    os.rename(store.inbox / "precious.dat", store.inbox / "big.png")  # swapped in after the pin
+    t = Transfer(store.jobs, "swap")
+    with pytest.raises(safefs.Refused, match="was replaced"):
+        t.put_pinned(pin, "inputs/big.png")
+    pin.close()
+    os.close(fd)
+    kept = [p for p in store.inbox.iterdir() if p.read_bytes() == b"precious"]
+    assert len(kept) == 1 and not (t.dir / "inputs" / "big.png").exists()
+    assert [e["to"] for e in t.entries] == []  # it left the manifest only once it was back
+
+
+def test_a_job_file_too_long_to_rename_aside_is_judged_once(tmp_path):
+    store = _store(tmp_path)
+    long_name = "a" * 246 + ".yaml"
+    os.symlink("/etc/hostname", store.inbox / long_name)
+    final = store.quarantine_from_inbox("a", store.inbox / long_name, [], set(), {"kind": "x"}, "")
+    assert not os.path.lexists(store.inbox / long_name)
+    [aside] = [p for p in store.inbox.iterdir() if p.name.startswith(".nstd-refused-")]
+    assert aside.is_symlink() and "left in the inbox as .nstd-refused-" in (final / "job.log").read_text()
+
+
+def test_hard_links_and_huge_sparse_files_are_refused(tmp_path):
+    from nstd.config import load_config
+    from nstd.daemon.jobfile import check_job, resolve_files
+    from nstd.errors import JobError
+
+    outside = make_outside(tmp_path)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    os.link(outside / "secret.png", inbox / "hl.png")
+    with pytest.raises(JobError) as info:
+        resolve_files({"content": "hl.png", "style": "hl.png"}, inbox / "j.yaml", inbox)
+    assert info.value.kind == "path outside inbox" and "hard link" in info.value.message
+    (inbox / "sparse.png").write_bytes(png(1))
+    os.truncate(inbox / "sparse.png", 2**31)
+    (inbox / "j.yaml").write_text("x")
+    files = resolve_files({"content": "sparse.png", "style": "sparse.png"}, inbox / "j.yaml", inbox)
+    with pytest.raises(JobError, match="over the limit of .* \\(limits.max_input_bytes\\)"):
+        check_job({}, files, load_config(None)["defaults"], 10**8, max_bytes=512 * 2**20)
+
+
+def test_a_burst_of_signals_never_deadlocks_the_daemon(tmp_path):
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        for _ in range(5):
+            for _ in range(200):
+                d.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.2)
+        d.drop("after", GOOD)
+        d.wait_landed("after", timeout=60)
+    finally:
+        t0 = time.monotonic()
+        assert d.stop() == 0
+        assert time.monotonic() - t0 < 30

@@ -44,6 +44,7 @@ class Daemon:
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.reload_requested = False
+        self.stop_requested = False
         self.queue = JobQueue()
         self.workers: list[Worker] = []
         self.notify = Notifier()
@@ -59,9 +60,15 @@ class Daemon:
                 worker.begin_stop(grace)
         self.wake.set()
 
-    def request_reload(self, *_args) -> None:
-        self.reload_requested = True
-        self.wake.set()
+    def on_signal(self, signum: int, _frame) -> None:
+        """SIGTERM/SIGINT ask for a stop, SIGHUP for a reload. A handler only sets a flag, which the
+        intake loop reads within a tick: it may run while the main thread holds a lock (an
+        Event's, the logger's), and taking that lock again here would deadlock (a burst of
+        SIGHUPs did)."""
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+        else:
+            self.stop_requested = True
 
     def reload(self) -> None:
         """SIGHUP: job defaults, limits, watch timings, queue, budget and logging apply to the next job."""
@@ -156,6 +163,8 @@ class Daemon:
             woke = self.wake.wait(TICK) if ready else True
             self.wake.clear()
             now = time.monotonic()
+            if self.stop_requested:
+                self.request_stop()
             if self.stop.is_set():
                 break
             if self.reload_requested:
@@ -231,9 +240,8 @@ def _refuse_start(exc: Exception) -> int:
 
 def run_daemon(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
     daemon = Daemon(cfg, reload_config)
-    signal.signal(signal.SIGTERM, daemon.request_stop)
-    signal.signal(signal.SIGINT, daemon.request_stop)
-    signal.signal(signal.SIGHUP, daemon.request_reload)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, daemon.on_signal)
     logger.remove()  # until logs.setup(): a start-up error is the one line printed below
     try:
         daemon.start()

@@ -105,6 +105,9 @@ class Readiness:
     max_sidecar_bytes: int
     inbox: Path
     pending: dict[Path, Pending] = field(default_factory=dict)
+    #: job files judged and quarantined that could not be moved or renamed aside: (dev, ino,
+    #: ctime) of each, so the same file is not judged again and again (a new one is)
+    refused: set[tuple[int, int, int]] = field(default_factory=set)
 
     def update(self, sidecars: list[Path], now: float | None = None) -> None:
         """Track newly seen sidecars and forget those that left the inbox."""
@@ -115,14 +118,25 @@ class Readiness:
         for s in sidecars:
             if s not in self.pending:
                 try:
-                    arrived = s.lstat().st_ctime
+                    st = s.lstat()
                 except OSError:
-                    arrived = time.time()
-                self.pending[s] = Pending(s, now, arrived)
+                    continue
+                if (st.st_dev, st.st_ino, st.st_ctime_ns) in self.refused:
+                    continue
+                self.pending[s] = Pending(s, now, st.st_ctime)
 
     def configure(self, settle_seconds: float, missing_timeout: float, max_sidecar_bytes: int) -> None:
         """New timings and limits (SIGHUP); jobs already waiting keep their first-seen time."""
         self.settle_seconds, self.missing_timeout, self.max_sidecar_bytes = settle_seconds, missing_timeout, max_sidecar_bytes
+
+    def refuse(self, sidecar: Path) -> None:
+        """A judged job file that is still in the inbox (it could not be moved aside)."""
+        try:
+            st = sidecar.lstat()
+            self.refused.add((st.st_dev, st.st_ino, st.st_ctime_ns))
+        except OSError:
+            pass
+        self.forget(sidecar)
 
     def forget(self, sidecar: Path) -> None:
         self.pending.pop(sidecar, None)

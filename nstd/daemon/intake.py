@@ -2,6 +2,7 @@
 quarantined straight from the inbox with the reason. Nothing a user drops gets further unchecked."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -33,7 +34,9 @@ class Intake:
                     raise error
                 assert p.data is not None and p.files is not None
                 with self.store.pinned(p.files.inputs()) as pins:  # what is checked is what is claimed
-                    checked = check_job(p.data, p.files, self.cfg["defaults"], self.cfg["limits"]["max_pixels"], pins)
+                    limits = self.cfg["limits"]
+                    checked = check_job(p.data, p.files, self.cfg["defaults"], limits["max_pixels"], pins,
+                                        limits["max_input_bytes"])
                     for path, (w, h) in checked.sizes.items():
                         log.debug("{}: {}x{}", path.name, w, h)
                     shared = self.readiness.waiting_references(exclude=p.sidecar) & set(checked.files.inputs())
@@ -78,7 +81,10 @@ class Intake:
             logger.bind(job=name).error("could not quarantine: {}; trying again in {:g} s", exc2, RETRY_SECONDS)
             p.hold(f"could not quarantine ({exc.kind}: {exc.message}): {exc2}")
             return
-        self.readiness.forget(p.sidecar)
+        if os.path.lexists(p.sidecar):  # left where it was (not a regular file, and no way to rename it)
+            self.readiness.refuse(p.sidecar)
+        else:
+            self.readiness.forget(p.sidecar)
 
 
 def as_job_error(exc: Exception) -> JobError:

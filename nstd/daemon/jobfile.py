@@ -255,7 +255,7 @@ class CheckedJob:
 
 
 def check_job(data: dict, files: JobFiles, defaults: dict, max_pixels: int,
-              pins: dict[Path, safefs.Pinned] | None = None) -> CheckedJob:
+              pins: dict[Path, safefs.Pinned] | None = None, max_bytes: int | None = None) -> CheckedJob:
     """The one verdict on a job, for intake and `nstd validate` alike: its keys are valid, every
     input is there, and every image decodes (a bad image never reaches a worker). With `pins`
     (intake) the images are read from the pinned files, each once however often it is named."""
@@ -266,6 +266,10 @@ def check_job(data: dict, files: JobFiles, defaults: dict, max_pixels: int,
         raise JobError(ErrorKind.MISSING_INPUT, "not found: " + ", ".join(str(p) for p in files.missing))
     sizes = {}
     for path in files.inputs()[:-1]:
+        size = pins[path].st.st_size if pins is not None else path.stat().st_size
+        if max_bytes is not None and size > max_bytes:  # a sparse file would multiply on disk
+            raise JobError(ErrorKind.BAD_IMAGE, f"{path.name}: {size:,} bytes, over the limit of {max_bytes:,} "
+                           "(limits.max_input_bytes)")
         try:
             if pins is None:
                 sizes[path] = open_image(path, max_pixels).size

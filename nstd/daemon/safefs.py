@@ -94,7 +94,15 @@ def regular(inbox_fd: int, rel: str) -> os.stat_result:
         kind = kind_of(st.st_mode)
         raise Refused(rel, f"is {kind}" + ("" if kind == "a link" else ": only regular files are inputs"),
                       outside=kind == "a link")
+    _one_name(rel, st)
     return st
+
+
+def _one_name(rel: str, st: os.stat_result) -> None:
+    """A regular file with other names (a hard link) may be a file from outside the inbox."""
+    if st.st_nlink > 1:
+        raise Refused(rel, f"has {st.st_nlink - 1} other name(s) (a hard link), which may lie outside the inbox",
+                      outside=True)
 
 
 @dataclass
@@ -142,6 +150,11 @@ def pin(inbox_fd: int, inbox: Path, rel: str) -> Pinned:
         if (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino) or not stat.S_ISREG(st2.st_mode):
             os.close(fd)
             raise Refused(rel, "changed while it was being opened")
+        try:
+            _one_name(rel, st2)
+        except Refused:
+            os.close(fd)
+            raise
         return Pinned(rel, inbox / rel, parent, name, fd, st2)
     except BaseException:
         os.close(parent)

@@ -8,6 +8,7 @@ on one filesystem for atomic renames.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -24,7 +25,7 @@ from nstd.daemon.claim import CLAIM_FILE, Claim, Input, StyleInput, Times
 from nstd.daemon import safefs
 from nstd.daemon.jobfile import JobFiles
 from nstd.daemon.safefs import Pinned
-from nstd.daemon.transfer import TMP_PREFIX, Transfer, free_name_in, rollback, safe_component
+from nstd.daemon.transfer import MANIFEST, TMP_PREFIX, Transfer, free_name_in, rollback, safe_component
 from nstd.fsutil import atomic_write_bytes, atomic_write_text
 
 
@@ -179,7 +180,7 @@ class Store:
         fd = safefs.open_inbox(self.f.inbox)
         try:
             with self._transfer(self.f.quarantine, uuid.uuid4().hex[:12]) as t:
-                used = {"error.yaml", "job.log"}
+                used = {"error.yaml", "job.log", MANIFEST}  # a user file never takes these names
                 notes = []
                 for src in dict.fromkeys([*files, sidecar]):
                     rel = safefs.relative(self.f.inbox, src)
@@ -203,7 +204,7 @@ class Store:
 
     def quarantine_claimed(self, job: Claim, error: dict, log: str) -> Path:
         with self._transfer(self.f.quarantine, job.id) as t:
-            used = {"error.yaml", "job.log"}
+            used = {"error.yaml", "job.log", MANIFEST}  # a user file never takes these names
             for p in sorted(job.inputs_dir.iterdir()):
                 t.put(p, _free_name(p.name, used))
             _write_error(t.dir, error, log)
@@ -235,12 +236,19 @@ def _leave(inbox_fd: int, rel: str, exc: Exception, is_sidecar: bool) -> str:
     renamed aside (never deleted, never followed). Returns the line for job.log."""
     why = exc.reason if isinstance(exc, safefs.Refused) else (getattr(exc, "strerror", None) or str(exc))
     if is_sidecar and "/" not in rel:
-        try:
-            aside = free_name_in(inbox_fd, f".nstd-refused-{rel}")
-            os.rename(rel, aside, src_dir_fd=inbox_fd, dst_dir_fd=inbox_fd)
-            return f"{rel}: {why}; left in the inbox as {aside}\n"
-        except OSError as exc2:
-            return f"{rel}: {why}; left in the inbox (could not be renamed aside: {exc2.strerror or exc2})\n"
+        short = ".nstd-refused-" + hashlib.sha256(os.fsencode(rel)).hexdigest()[:16] + ".yaml"
+        for aside in (f".nstd-refused-{rel}", short):  # a long name may not take the prefix
+            try:
+                aside = free_name_in(inbox_fd, aside)
+                try:  # a link never replaces a name taken meanwhile
+                    os.link(rel, aside, src_dir_fd=inbox_fd, dst_dir_fd=inbox_fd, follow_symlinks=False)
+                    os.unlink(rel, dir_fd=inbox_fd)
+                except PermissionError:  # protected_hardlinks: someone else's entry
+                    os.rename(rel, aside, src_dir_fd=inbox_fd, dst_dir_fd=inbox_fd)
+                return f"{rel}: {why}; left in the inbox as {aside}\n"
+            except OSError as exc2:
+                failed = exc2
+        return f"{rel}: {why}; left in the inbox (could not be renamed aside: {failed.strerror or failed})\n"
     return f"{rel}: {why}; left in the inbox\n"
 
 

@@ -78,9 +78,9 @@ class Transfer:
 
     def put_pinned(self, pin: Pinned, rel: str, copy: bool = False) -> Path:
         """Move (or copy) a pinned inbox file to `rel`; refuses (Refused) a name swapped since the pin."""
-        dst = self.dir / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        self.entries.append({"from": str(pin.path), "to": rel, "copy": copy, "inbox": str(_inbox_of(pin)), "rel": pin.rel, "inode": [pin.st.st_dev, pin.st.st_ino]})
+        dst = self._fresh(rel)
+        self.entries.append({"from": str(pin.path), "to": rel, "copy": copy, "inbox": str(_inbox_of(pin)),
+                             "rel": pin.rel, "inode": [pin.st.st_dev, pin.st.st_ino]})
         self._save_manifest()
         if copy:
             _copy_fd(pin.fd, dst)
@@ -96,16 +96,28 @@ class Transfer:
             return dst
         st = os.stat(dst, follow_symlinks=False)
         if (st.st_dev, st.st_ino) != (pin.st.st_dev, pin.st.st_ino):
-            _put_back(dst, st, pin)  # not what was checked: it goes back, and the job is refused
+            # Not what was checked: it goes back to the inbox (replacing nothing), and only then
+            # leaves the manifest; if it cannot go back, the rollback puts it back.
+            place(dst, pin.parent_fd, pin.name)
             self.entries.pop()
             self._save_manifest()
             raise Refused(pin.rel, "was replaced while the job was being claimed")
         return dst
 
-    def put(self, src: Path, rel: str, copy: bool = False) -> Path:
-        """Move (or copy) `src` to `rel` inside the folder, recording it in the manifest first."""
+    def _fresh(self, rel: str) -> Path:
+        """`rel` inside the folder, which must not exist yet (a user's file named like the manifest
+        must never overwrite it, nor anything else)."""
+        if Path(rel).name == MANIFEST:
+            raise ValueError(f"{rel}: reserved for the manifest")
         dst = self.dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, "already in the transfer", str(dst))
+        return dst
+
+    def put(self, src: Path, rel: str, copy: bool = False) -> Path:
+        """Move (or copy) `src` to `rel` inside the folder, recording it in the manifest first."""
+        dst = self._fresh(rel)
         self.entries.append({"from": str(src), "to": rel, "copy": copy})
         self._save_manifest()
         if copy:
@@ -168,22 +180,52 @@ def _copy_fd(fd: int, dst: Path) -> None:
         os.fsync(out.fileno())
 
 
-def _put_back(here: Path, st: os.stat_result, pin: Pinned) -> None:
-    """Return an entry swapped in under a pinned name to that name, replacing nothing: a hard link
-    fails rather than replaces (a folder is renamed: that replaces nothing but an empty folder)."""
-    name = pin.name
-    for n in range(1, 100):
+def place(here: Path, dir_fd: int, name: str) -> str:
+    """Move `here` into the folder `dir_fd` as `name`, or `name.restored`, `name.restored-2`...,
+    replacing nothing, ever: a hard link fails where a rename would replace (a folder is renamed,
+    which can replace nothing but an empty folder). Across filesystems the bytes go through a
+    hidden temporary name first. Returns the name used."""
+    st = os.stat(here, follow_symlinks=False)
+    n = 0
+    while True:
+        candidate = name if n == 0 else f"{name}.restored" if n == 1 else f"{name}.restored-{n}"
+        n += 1
         try:
             if stat.S_ISDIR(st.st_mode):
-                os.rename(here, name, dst_dir_fd=pin.parent_fd)
+                try:
+                    os.stat(candidate, dir_fd=dir_fd, follow_symlinks=False)
+                    continue
+                except FileNotFoundError:
+                    os.rename(here, candidate, dst_dir_fd=dir_fd)
             else:
-                os.link(here, name, dst_dir_fd=pin.parent_fd, follow_symlinks=False)
+                try:
+                    os.link(here, candidate, dst_dir_fd=dir_fd, follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    _copy_across(here, dir_fd, candidate)
                 os.unlink(here)
-            return
-        except (FileExistsError, IsADirectoryError, OSError) as exc:
-            if isinstance(exc, OSError) and exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+            return candidate
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
-            name = f"{pin.name}.restored" if n == 1 else f"{pin.name}.restored-{n}"
+
+
+def _copy_across(here: Path, dir_fd: int, name: str) -> None:
+    """`here`'s bytes as `name` in another filesystem's folder: written to a hidden temporary
+    name, flushed, then linked (never replacing) and the temporary name dropped."""
+    tmp = free_name_in(dir_fd, f".nstd-restoring-{name}")
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+    try:
+        with open(here, "rb") as src, os.fdopen(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    finally:
+        os.unlink(tmp, dir_fd=dir_fd)
 
 
 def _restore_to_inbox(here: Path, inbox: Path, rel: str, inode: tuple[int, int]) -> int:
@@ -207,22 +249,9 @@ def _restore_to_inbox(here: Path, inbox: Path, rel: str, inode: tuple[int, int])
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             if (st.st_dev, st.st_ino) == inode:
                 return 0  # the original never left: what is here is a spare copy
-            name = free_name_in(fd, name + ".restored")
         except FileNotFoundError:
             pass
-        try:
-            os.rename(here, name, dst_dir_fd=fd)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            tmp = free_name_in(fd, f".nstd-restoring-{name}")
-            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=fd)
-            with open(here, "rb") as src, os.fdopen(out, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
-            os.unlink(here)
+        place(here, fd, name)
         os.fsync(fd)
         return 1
     finally:
