@@ -16,6 +16,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+#: A file this large that takes under an eighth of its size on disk is refused as sparse.
+SPARSE_MIN_BYTES = 16 * 2**20
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -99,10 +101,14 @@ def regular(inbox_fd: int, rel: str) -> os.stat_result:
 
 
 def _one_name(rel: str, st: os.stat_result) -> None:
-    """A regular file with other names (a hard link) may be a file from outside the inbox."""
+    """A regular file with other names (a hard link) may be a file from outside the inbox; a
+    sparse one would be written out in full by every copy nstd makes (a few KB on disk, gigabytes
+    in the outbox)."""
     if st.st_nlink > 1:
         raise Refused(rel, f"has {st.st_nlink - 1} other name(s) (a hard link), which may lie outside the inbox",
                       outside=True)
+    if st.st_size > SPARSE_MIN_BYTES and st.st_blocks * 512 < st.st_size // 8:
+        raise Refused(rel, f"is a sparse file ({st.st_size:,} bytes, {st.st_blocks * 512:,} on disk)")
 
 
 @dataclass
@@ -159,6 +165,42 @@ def pin(inbox_fd: int, inbox: Path, rel: str) -> Pinned:
     except BaseException:
         os.close(parent)
         raise
+
+
+_libc = None
+RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
+    """Move one entry atomically and never over another: renameat2(RENAME_NOREPLACE). Raises
+    FileExistsError when `dst` is taken. Where the kernel or filesystem lacks it, a hard link and
+    an unlink of the very inode that was linked (folders: a plain rename, which can replace only an
+    empty folder)."""
+    global _libc
+    import ctypes
+
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(_libc, "renameat2", None)
+    if fn is not None:
+        if fn(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), dst)
+    st = os.stat(src, dir_fd=src_dir_fd, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
+            raise FileExistsError(errno.EEXIST, "taken", dst)
+        except FileNotFoundError:
+            os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+        return
+    os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
+    linked = os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
+    now = os.stat(src, dir_fd=src_dir_fd, follow_symlinks=False)
+    if (now.st_dev, now.st_ino) == (linked.st_dev, linked.st_ino):
+        os.unlink(src, dir_fd=src_dir_fd)
 
 
 def open_inbox(inbox: Path) -> int:

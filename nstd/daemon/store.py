@@ -173,10 +173,11 @@ class Store:
 
     def quarantine_from_inbox(self, name: str, sidecar: Path, files: list[Path], shared: set[Path], error: dict,
                               log: str) -> Path:
-        """A job judged in the inbox: its regular files (copies of shared ones) go to
-        quarantine/<name>/. What is not a regular file (a link, a FIFO) is never moved: an input
-        stays where it is; a job file is renamed `.nstd-refused-<name>` in the inbox, so it is not
-        judged again. job.log says which."""
+        """A job judged in the inbox: its regular files go to quarantine/<name>/. Files in `shared`
+        (named by other waiting jobs) stay in the inbox for them: copying them into every failed
+        job's folder would let one dropped file fill the disk. What is not a regular file (a
+        link, a FIFO) is never moved: an input stays where it is; a job file is renamed
+        `.nstd-refused-<name>` in the inbox, so it is not judged again. job.log says which."""
         fd = safefs.open_inbox(self.f.inbox)
         try:
             with self._transfer(self.f.quarantine, uuid.uuid4().hex[:12]) as t:
@@ -184,6 +185,9 @@ class Store:
                 notes = []
                 for src in dict.fromkeys([*files, sidecar]):
                     rel = safefs.relative(self.f.inbox, src)
+                    if src in shared:
+                        notes.append(f"{rel}: named by another waiting job; left in the inbox for it\n")
+                        continue
                     try:
                         pin = safefs.pin(fd, self.f.inbox, rel)
                     except FileNotFoundError:
@@ -192,7 +196,7 @@ class Store:
                         notes.append(_leave(fd, rel, exc, is_sidecar=src == sidecar))
                         continue
                     try:
-                        t.put_pinned(pin, _free_name(src.name, used), copy=src in shared)
+                        t.put_pinned(pin, _free_name(src.name, used))
                     except safefs.Refused as exc:  # swapped while being moved: put back, left there
                         notes.append(_leave(fd, rel, exc, is_sidecar=False))
                     finally:
@@ -240,11 +244,9 @@ def _leave(inbox_fd: int, rel: str, exc: Exception, is_sidecar: bool) -> str:
         for aside in (f".nstd-refused-{rel}", short):  # a long name may not take the prefix
             try:
                 aside = free_name_in(inbox_fd, aside)
-                try:  # a link never replaces a name taken meanwhile
-                    os.link(rel, aside, src_dir_fd=inbox_fd, dst_dir_fd=inbox_fd, follow_symlinks=False)
-                    os.unlink(rel, dir_fd=inbox_fd)
-                except PermissionError:  # protected_hardlinks: someone else's entry
-                    os.rename(rel, aside, src_dir_fd=inbox_fd, dst_dir_fd=inbox_fd)
+                # one atomic move of whatever the name holds now, replacing nothing: an entry
+                # swapped in meanwhile is moved aside, never deleted
+                safefs.rename_noreplace(inbox_fd, rel, inbox_fd, aside)
                 return f"{rel}: {why}; left in the inbox as {aside}\n"
             except OSError as exc2:
                 failed = exc2

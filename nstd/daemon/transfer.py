@@ -21,7 +21,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from nstd.daemon.safefs import Pinned, Refused, open_inbox, parts_of
+from nstd.daemon.safefs import Pinned, Refused, open_inbox, parts_of, rename_noreplace
 from nstd.fsutil import atomic_write_text, fsync_dir
 
 MANIFEST = ".nstd-manifest.json"
@@ -84,6 +84,7 @@ class Transfer:
         self._save_manifest()
         if copy:
             _copy_fd(pin.fd, dst)
+            _unchanged(pin)
             return dst
         try:
             os.rename(pin.name, dst, src_dir_fd=pin.parent_fd)
@@ -91,10 +92,16 @@ class Transfer:
             if exc.errno != errno.EXDEV:
                 raise
             _copy_fd(pin.fd, dst)  # across filesystems: the pinned file's bytes, then its name
+            _unchanged(pin)
             if pin.is_still_there():
                 os.unlink(pin.name, dir_fd=pin.parent_fd)
             return dst
         st = os.stat(dst, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) == (pin.st.st_dev, pin.st.st_ino) and not _same_content(st, pin.st):
+            place(dst, pin.parent_fd, pin.name)  # written to since it was checked: back, refused
+            self.entries.pop()
+            self._save_manifest()
+            raise Refused(pin.rel, "was written to while the job was being claimed")
         if (st.st_dev, st.st_ino) != (pin.st.st_dev, pin.st.st_ino):
             # Not what was checked: it goes back to the inbox (replacing nothing), and only then
             # leaves the manifest; if it cannot go back, the rollback puts it back.
@@ -107,7 +114,7 @@ class Transfer:
     def _fresh(self, rel: str) -> Path:
         """`rel` inside the folder, which must not exist yet (a user's file named like the manifest
         must never overwrite it, nor anything else)."""
-        if Path(rel).name == MANIFEST:
+        if rel == MANIFEST:
             raise ValueError(f"{rel}: reserved for the manifest")
         dst = self.dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +170,17 @@ def rollback(tmp: Path) -> int:
     return restored
 
 
+def _same_content(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_size, a.st_mtime_ns) == (b.st_size, b.st_mtime_ns)
+
+
+def _unchanged(pin: Pinned) -> None:
+    """After a copy: the pinned file must not have been written to since it was checked (a held
+    descriptor could grow it past limits.max_input_bytes)."""
+    if not _same_content(os.fstat(pin.fd), pin.st):
+        raise Refused(pin.rel, "was written to while the job was being claimed")
+
+
 def _inbox_of(pin: Pinned) -> Path:
     """The inbox folder a pinned file was reached from (its path minus its relative name)."""
     path = pin.path
@@ -182,35 +200,31 @@ def _copy_fd(fd: int, dst: Path) -> None:
 
 def place(here: Path, dir_fd: int, name: str) -> str:
     """Move `here` into the folder `dir_fd` as `name`, or `name.restored`, `name.restored-2`...,
-    replacing nothing, ever: a hard link fails where a rename would replace (a folder is renamed,
-    which can replace nothing but an empty folder). Across filesystems the bytes go through a
-    hidden temporary name first. Returns the name used."""
-    st = os.stat(here, follow_symlinks=False)
-    n = 0
-    while True:
-        candidate = name if n == 0 else f"{name}.restored" if n == 1 else f"{name}.restored-{n}"
-        n += 1
-        try:
-            if stat.S_ISDIR(st.st_mode):
-                try:
-                    os.stat(candidate, dir_fd=dir_fd, follow_symlinks=False)
-                    continue
-                except FileNotFoundError:
-                    os.rename(here, candidate, dst_dir_fd=dir_fd)
-            else:
-                try:
-                    os.link(here, candidate, dst_dir_fd=dir_fd, follow_symlinks=False)
-                except OSError as exc:
-                    if exc.errno != errno.EXDEV:
-                        raise
+    replacing nothing, ever (renameat2 with RENAME_NOREPLACE). Across filesystems the bytes go
+    through a hidden temporary name first. Returns the name used."""
+    src_fd = os.open(here.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        n, across = 0, False
+        while True:
+            candidate = name if n == 0 else f"{name}.restored" if n == 1 else f"{name}.restored-{n}"
+            try:
+                if across:
                     _copy_across(here, dir_fd, candidate)
-                os.unlink(here)
-            return candidate
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
+                    os.unlink(here)
+                else:
+                    rename_noreplace(src_fd, here.name, dir_fd, candidate)
+                return candidate
+            except FileExistsError:
+                n += 1
+            except OSError as exc:
+                if exc.errno == errno.EXDEV and not across:
+                    across = True  # the same name again, by copy
+                elif exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    n += 1
+                else:
+                    raise
+    finally:
+        os.close(src_fd)
 
 
 def _copy_across(here: Path, dir_fd: int, name: str) -> None:
@@ -223,9 +237,12 @@ def _copy_across(here: Path, dir_fd: int, name: str) -> None:
             shutil.copyfileobj(src, dst, 1 << 20)
             dst.flush()
             os.fsync(dst.fileno())
-        os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        rename_noreplace(dir_fd, tmp, dir_fd, name)
     finally:
-        os.unlink(tmp, dir_fd=dir_fd)
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
 
 
 def _restore_to_inbox(here: Path, inbox: Path, rel: str, inode: tuple[int, int]) -> int:
