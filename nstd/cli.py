@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--style-blend", type=float, nargs="+", metavar="W", help="one weight per style (normalised)")
     s.add_argument("--style-scale", type=float, help="style size relative to the result (default 1)")
     s.add_argument("--init", help="content (default), noise, or an image file")
+    s.add_argument("--preserve-color", help="none (default), luminance or histogram: keep the content's colours")
     s.add_argument("--pooling", help="avg (default) or max")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
     s.add_argument("--gif", metavar="PATH", help="also write the progress animation here")
@@ -203,6 +204,7 @@ def _job_from_args(args, cfg, merge, validate) -> tuple[dict, dict]:
             ("style_weight", "style_weight"),
             ("tv_weight", "tv_weight"),
             ("style_scale", "style_scale"),
+            ("preserve_color", "preserve_color"),
             ("init", "init"),
             ("pooling", "pooling"),
             ("seed", "seed"),

@@ -5,12 +5,9 @@ everywhere and its error reads the same. Reading a job file is the daemon's (nst
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from nstd.engine.color import MODES as COLOR_MODES
 from nstd.engine.stylize import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, StyleParams
 from nstd.engine.vgg import CONV_LAYERS
 from nstd.schema import Field, SchemaError, choice, integer, list_of, number, section, string, validate
@@ -52,6 +49,8 @@ JOB_FIELDS: dict[str, Any] = {
     "style_layers": Field(list(DEFAULT_STYLE_LAYERS), "VGG-19 layers for style", list_of(layer, 1)),
     "seed": Field(0, "random seed (noise init); same seed, same CPU result", integer(0, 2**63 - 1)),
     "style_scale": Field(1.0, "style image size relative to the result's long edge", number(0.1, 4.0)),
+    "preserve_color": Field("none", "none | luminance | histogram: keep the content's colours",
+                            choice(*COLOR_MODES)),
     "gif": Field(dict((k, f.default) for k, f in GIF_FIELDS.items()), "progress GIF, or false", _gif),
     "output": Field({"format": "png"}, "result format", section(OUTPUT_FIELDS)),
     "priority": Field(0, "higher runs first", integer(-1_000_000, 1_000_000)),
@@ -76,6 +75,7 @@ def style_params(job: dict) -> StyleParams:
         style_scale=job["style_scale"],
         frame_every=gif["every"] if gif else 0,
         frame_max_size=gif["max_size"] if gif else 512,
+        preserve_color=job.get("preserve_color", "none"),  # a claim from before the key
     )
 
 

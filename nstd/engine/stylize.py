@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from nstd.engine import images
+from nstd.engine.color import Palette
 from nstd.engine.device import Device, pick_precision, resolve as resolve_device
 from nstd.engine.losses import Losses, Objective, blend_grams, gram
 from nstd.engine.progress import Checkpoint, Interrupted, OnStep, Progress, StepInfo
@@ -44,6 +45,7 @@ class StyleParams:
     style_scale: float = 1.0
     frame_every: int = 5  # 0: no frames
     frame_max_size: int = 512
+    preserve_color: str = "none"  # none | luminance | histogram (see engine/color.py)
 
 
 @dataclass
@@ -117,25 +119,30 @@ class Engine:
 
     @torch.no_grad()
     def style_grams(
-        self, style: Image.Image, long_edge: int, layers: Sequence[str], pooling: str
+        self, style: Image.Image, long_edge: int, layers: Sequence[str], pooling: str,
+        palette: Palette | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Gram targets of one style image resized so its long edge is `long_edge`."""
+        """Gram targets of one style image resized so its long edge is `long_edge` (its colours
+        adjusted by `palette` when the run keeps the content's)."""
         x = images.to_tensor(images.resize_long_edge(style, long_edge)).to(self.device.place)
+        if palette is not None:
+            x = palette.style(x)
         with self._autocast():
             feats = self.network.extractor(layers, pooling)(x)
         return {k: gram(v).detach() for k, v in feats.items()}
 
     def style_targets(self, styles: Sequence[StyleImage], content_size: tuple[int, int], p: StyleParams,
-                      cache: TargetCache | None = None) -> list[dict[str, torch.Tensor]]:
+                      cache: TargetCache | None = None, palette: Palette | None = None) -> list[dict[str, torch.Tensor]]:
         """Each style's Gram targets at the size rule's edge, from `cache` where it has them."""
         edge = style_edge(content_size, p.size, p.style_scale)
         out = []
         for s in styles:
-            compute = lambda img=s.image: self.style_grams(img, edge, p.style_layers, p.pooling)  # noqa: E731
+            compute = lambda img=s.image: self.style_grams(img, edge, p.style_layers, p.pooling, palette)  # noqa: E731
             if cache is None or s.digest is None:
                 out.append(compute())
             else:
-                out.append(cache.get(cache.key(s.digest, edge, p.style_layers, p.pooling, str(self.device)), compute))
+                key = cache.key(s.digest, edge, p.style_layers, p.pooling, str(self.device))
+                out.append(cache.get(key + (palette.key() if palette else ()), compute))
         return out
 
     def stylize(
@@ -171,8 +178,9 @@ class Engine:
 
         content_img = images.resize_long_edge(content, p.size)
         w, h = content_img.size
-        content_t = images.to_tensor(content_img).to(dev)
-        grams = self.style_targets(styles, content.size, p, cache)
+        palette = Palette(p.preserve_color, images.to_tensor(content_img).to(dev))
+        content_t = palette.content()
+        grams = self.style_targets(styles, content.size, p, cache, palette)
         target_grams = blend_grams(grams, [s.weight for s in styles])
 
         layers = tuple(dict.fromkeys((*p.content_layers, *p.style_layers)))
@@ -194,7 +202,7 @@ class Engine:
                 x = torch.nn.functional.interpolate(x, size=content_t.shape[-2:], mode="bilinear", align_corners=False)
             x = x.contiguous().requires_grad_(True)
         else:
-            x = self._initial(p, content_t, init_image).requires_grad_(True)
+            x = palette.start(self._initial(p, content_t, init_image)).requires_grad_(True)
         if p.optimizer == "lbfgs":
             opt: torch.optim.Optimizer = torch.optim.LBFGS(
                 [x], lr=1.0, max_iter=1, history_size=self.lbfgs_history, tolerance_grad=-1, tolerance_change=-1
@@ -206,7 +214,7 @@ class Engine:
 
         frames: list[Image.Image] = list(resume.frames) if resume is not None else []
         if p.frame_every and not frames:
-            frames.append(self._frame(x, p))
+            frames.append(self._frame(x, p, palette))
         start = resume.step if resume is not None else 0
         guard = _Guard(x)
 
@@ -233,7 +241,7 @@ class Engine:
                 opt.state.clear()
                 restarts += 1
             if p.frame_every and (step % p.frame_every == 0 or step == p.steps):
-                frames.append(self._frame(x, p))
+                frames.append(self._frame(x, p, palette))
             progress.on_step(StepInfo(step, p.steps, time.perf_counter() - t_opt, guard.last))
             if step < p.steps:
                 every = progress.checkpoint_every
@@ -250,9 +258,9 @@ class Engine:
         t_done = time.perf_counter()
 
         if frames:
-            frames[-1] = self._frame(x, p)
+            frames[-1] = self._frame(x, p, palette)
         result = Result(
-            image=images.to_pil(x),
+            image=images.to_pil(palette.show(x.detach())),
             frames=frames,
             losses=final_losses.as_floats(),
             steps=p.steps,
@@ -279,8 +287,8 @@ class Engine:
         return images.to_tensor(init_image.resize((w, h), Image.Resampling.LANCZOS)).to(self.device.place)
 
     @staticmethod
-    def _frame(x: torch.Tensor, p: StyleParams) -> Image.Image:
-        img = images.to_pil(x)
+    def _frame(x: torch.Tensor, p: StyleParams, palette: Palette) -> Image.Image:
+        img = images.to_pil(palette.show(x.detach()))
         if max(img.size) > p.frame_max_size:
             img = images.resize_long_edge(img, p.frame_max_size)
         return img

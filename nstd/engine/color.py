@@ -1,0 +1,125 @@
+"""Keeping the content's colours (Gatys et al. 2016, "Preserving Color in Neural Artistic Style
+Transfer"), in the two ways the paper describes.
+
+- `luminance`: the transfer runs on luminance only. Content and style are reduced to their luma
+  (Y of YCbCr, ITU-R BT.601 full range, as JPEG and Pillow define it), the style's luma is matched
+  to the content's mean and standard deviation, the picture is optimised as grey (Y in all three
+  channels, so VGG sees what it was trained on), and its luma is recombined with the content's
+  Cb and Cr. YCbCr rather than YIQ: it is what the result's JPEG/PNG readers and Pillow use, so
+  "the chroma equals the content's" can be checked with Pillow's own conversion.
+- `histogram`: before the run, the style image's colours are mapped so that their mean and
+  covariance equal the content's: x' = C_c^(1/2) C_s^(-1/2) (x - mu_s) + mu_c, with the symmetric
+  matrix square roots from an eigendecomposition. Symmetric roots (rather than Cholesky factors)
+  give the one linear map of this form that does not depend on the order of the colour channels
+  and rotates colours least; the paper's "image analogies" variant uses them too.
+
+Images are (1, 3, H, W) tensors of RGB in 0..1.
+"""
+from __future__ import annotations
+
+import torch
+
+MODES = ("none", "luminance", "histogram")
+
+#: BT.601 full range (JFIF): Y, Cb, Cr from R, G, B in 0..1 (Cb, Cr centred on 0.5).
+_TO_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+_FROM_YCC = torch.linalg.inv(_TO_YCC)
+_EPS = 1e-5
+
+
+def to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
+    m = _TO_YCC.to(rgb)
+    ycc = torch.einsum("ij,bjhw->bihw", m, rgb)
+    return ycc + torch.tensor([0.0, 0.5, 0.5], dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+
+
+def from_ycbcr(ycc: torch.Tensor) -> torch.Tensor:
+    centred = ycc - torch.tensor([0.0, 0.5, 0.5], dtype=ycc.dtype, device=ycc.device).view(1, 3, 1, 1)
+    return torch.einsum("ij,bjhw->bihw", _FROM_YCC.to(ycc), centred).clamp(0, 1)
+
+
+def luma(rgb: torch.Tensor) -> torch.Tensor:
+    """(1, 1, H, W) luma."""
+    return to_ycbcr(rgb)[:, :1]
+
+
+def grey(y: torch.Tensor) -> torch.Tensor:
+    """Luma as a 3-channel grey picture (what the VGG pass sees in luminance mode)."""
+    return y.expand(-1, 3, -1, -1).contiguous()
+
+
+def match_luma(style_y: torch.Tensor, content_y: torch.Tensor) -> torch.Tensor:
+    """The style's luma with the content's mean and standard deviation."""
+    s_mu, s_sd = style_y.mean(), style_y.std()
+    c_mu, c_sd = content_y.mean(), content_y.std()
+    return ((style_y - s_mu) * (c_sd / (s_sd + _EPS)) + c_mu).clamp(0, 1)
+
+
+def with_content_chroma(y: torch.Tensor, content_rgb: torch.Tensor) -> torch.Tensor:
+    """Luma `y` (1, 1, H, W) recombined with the content's Cb and Cr (resized to H x W if needed)."""
+    ycc = to_ycbcr(content_rgb)
+    if ycc.shape[-2:] != y.shape[-2:]:
+        ycc = torch.nn.functional.interpolate(ycc, size=y.shape[-2:], mode="bilinear", align_corners=False)
+    return from_ycbcr(torch.cat([y, ycc[:, 1:]], dim=1))
+
+
+def _stats(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = rgb.reshape(3, -1).double()
+    mu = x.mean(dim=1, keepdim=True)
+    xc = x - mu
+    return mu, xc @ xc.T / max(1, x.shape[1] - 1)
+
+
+def _sqrt_psd(c: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    vals, vecs = torch.linalg.eigh(c)
+    vals = vals.clamp_min(_EPS)
+    return vecs @ torch.diag(vals.rsqrt() if inverse else vals.sqrt()) @ vecs.T
+
+
+def match_histogram(style_rgb: torch.Tensor, content_rgb: torch.Tensor) -> torch.Tensor:
+    """The style picture with the content's colour mean and covariance (clamped to 0..1)."""
+    mu_s, cov_s = _stats(style_rgb)
+    mu_c, cov_c = _stats(content_rgb)
+    a = _sqrt_psd(cov_c) @ _sqrt_psd(cov_s, inverse=True)
+    x = style_rgb.reshape(3, -1).double()
+    out = a @ (x - mu_s) + mu_c
+    return out.reshape(style_rgb.shape).to(style_rgb.dtype).clamp(0, 1)
+
+
+def content_key(content_rgb: torch.Tensor) -> tuple:
+    """What a histogram-matched style depends on, for the style-target cache's key."""
+    mu, cov = _stats(content_rgb)
+    return tuple(round(float(v), 4) for v in (*mu.flatten(), *cov.flatten()))
+
+
+class Palette:
+    """What a run's colour mode does to its pictures: the content and style VGG sees, the start
+    picture, and what is shown (the result and the GIF frames)."""
+
+    def __init__(self, mode: str, content_rgb: torch.Tensor):
+        if mode not in MODES:
+            raise ValueError(f"unknown preserve_color {mode!r} (expected {', '.join(MODES)})")
+        self.mode, self.content_rgb = mode, content_rgb
+        self.content_y = luma(content_rgb) if mode == "luminance" else None
+
+    def content(self) -> torch.Tensor:
+        return grey(self.content_y) if self.content_y is not None else self.content_rgb
+
+    def style(self, style_rgb: torch.Tensor) -> torch.Tensor:
+        if self.mode == "luminance":
+            return grey(match_luma(luma(style_rgb), self.content_y))
+        if self.mode == "histogram":
+            return match_histogram(style_rgb, self.content_rgb)
+        return style_rgb
+
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        """A start picture (noise, an init image) in the space the run optimises."""
+        return grey(luma(x)) if self.content_y is not None else x
+
+    def show(self, x: torch.Tensor) -> torch.Tensor:
+        """The optimised picture as the user sees it: with the content's chroma in luminance mode."""
+        return with_content_chroma(luma(x), self.content_rgb) if self.content_y is not None else x
+
+    def key(self) -> tuple:
+        """For the style-target cache: an adjusted style depends on the content's colours."""
+        return (self.mode,) if self.mode == "none" else (self.mode, content_key(self.content_rgb))

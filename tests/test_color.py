@@ -1,0 +1,100 @@
+"""Keeping the content's colours: luminance-only transfer and colour (histogram) matching,
+through the engine's pieces, the CLI and the daemon's job key."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from harness import Daemon
+from nstd.engine import color, images
+
+
+def ycc(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB").convert("YCbCr")).astype(int)
+
+
+@pytest.fixture(scope="module")
+def small(pair):
+    content, style = pair
+    return images.resize_long_edge(content, 64), images.resize_long_edge(style, 64)
+
+
+def test_ycbcr_is_pillows_and_round_trips(small):
+    t = images.to_tensor(small[0])
+    ours = (color.to_ycbcr(t)[0].permute(1, 2, 0).numpy() * 255)
+    assert np.abs(ours - ycc(small[0])).max() <= 1.01  # Pillow rounds to 8 bits
+    assert torch.allclose(color.from_ycbcr(color.to_ycbcr(t)), t, atol=1e-5)
+
+
+def test_histogram_matching_gives_the_style_the_contents_mean_and_covariance(small):
+    content, style = (images.to_tensor(i) for i in small)
+    matched = color.match_histogram(style, content)
+    mu_c, cov_c = color._stats(content)
+    mu_m, cov_m = color._stats(matched)
+    assert torch.allclose(mu_m, mu_c, atol=2e-3) and torch.allclose(cov_m, cov_c, atol=2e-3)
+    mu_s, _ = color._stats(style)
+    assert (mu_s - mu_c).abs().max() > 0.05  # it did move: the two pictures' colours differ
+
+
+def test_luminance_matching_and_chroma_recombination(small):
+    content, style = (images.to_tensor(i) for i in small)
+    y = color.match_luma(color.luma(style), color.luma(content))
+    assert abs(float(y.mean() - color.luma(content).mean())) < 1e-3
+    assert abs(float(y.std() - color.luma(content).std())) < 1e-3
+    out = color.with_content_chroma(color.luma(content), content)
+    assert torch.allclose(out, content, atol=1e-4)  # its own luma with its own chroma: itself
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="preserve_color 'sepia'"):
+        color.Palette("sepia", torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("mode", ["luminance", "histogram"])
+def test_cli_keeps_the_contents_colours(tmp_path, images_dir, mode):
+    out, gif = tmp_path / "o.png", tmp_path / "o.gif"
+    args = [sys.executable, "-m", "nstd.cli", "stylize", str(images_dir / "tubingen.jpg"),
+            str(images_dir / "starry_night.jpg"), str(images_dir / "the_scream.jpg"), "--style-blend", "0.7", "0.3",
+            "-o", str(out), "--size", "64", "--steps", "8", "--precision", "fp32", "--preserve-color", mode,
+            "--gif", str(gif), "--gif-every", "4", "-q"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    content = images.resize_long_edge(images.open_image(images_dir / "tubingen.jpg"), 64)
+    d = np.abs(ycc(Image.open(out)) - ycc(content))
+    if mode == "luminance":
+        # the chroma is the content's, pixel by pixel, up to the 8-bit round trip (and the few
+        # pixels whose new luma pushes them out of the RGB gamut); the luma is stylized
+        assert d[..., 1:].mean() < 0.5 and np.percentile(d[..., 1:], 99) <= 2
+        assert d[..., 0].mean() > 3
+        with Image.open(gif) as g:  # the GIF frames show the kept colours too
+            g.seek(g.n_frames - 1)
+            frame = g.convert("RGB")
+        assert np.abs(ycc(frame) - ycc(content.resize(frame.size)))[..., 1:].mean() < 3
+    else:
+        assert d[..., 1:].mean() > 1  # colours change, but towards the content's palette
+
+
+def test_the_job_key_through_the_daemon(tmp_path):
+    d = Daemon(tmp_path, defaults={"size": 48, "steps": 4, "gif": {"every": 2}})
+    d.start()
+    try:
+        d.drop("lum", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "preserve_color": "luminance"})
+        d.drop("hist", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "preserve_color": "histogram"})
+        d.drop("bad", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "preserve_color": "sepia"})
+        d.wait_landed("lum", "hist", timeout=120)
+        d.wait_quarantined("bad", timeout=60)
+    finally:
+        d.stop()
+    for name in ("lum", "hist"):
+        report = json.loads((d.outbox / name / "report.json").read_text())
+        job = yaml.safe_load((d.outbox / name / "job.yaml").read_text())
+        assert report["preserve_color"] == job["preserve_color"] == {"lum": "luminance", "hist": "histogram"}[name]
+    content = images.resize_long_edge(images.open_image(d.outbox / "lum" / "inputs" / "hoovertowernight.jpg"), 48)
+    chroma = np.abs(ycc(Image.open(d.outbox / "lum" / "lum.png")) - ycc(content))[..., 1:]
+    assert chroma.mean() < 0.5
+    assert "preserve_color: expected one of none, luminance, histogram" in d.error("bad")["message"]
