@@ -36,7 +36,7 @@ def test_histogram_matching_gives_the_style_the_contents_mean_and_covariance(sma
     matched = color.match_histogram(style, content)
     mu_c, cov_c = color._stats(content)
     mu_m, cov_m = color._stats(matched)
-    assert torch.allclose(mu_m, mu_c, atol=2e-3) and torch.allclose(cov_m, cov_c, atol=2e-3)
+    assert torch.allclose(mu_m, mu_c, atol=2e-4) and torch.allclose(cov_m, cov_c, atol=2e-4)
     mu_s, _ = color._stats(style)
     assert (mu_s - mu_c).abs().max() > 0.05  # it did move: the two pictures' colours differ
 
@@ -48,6 +48,26 @@ def test_luminance_matching_and_chroma_recombination(small):
     assert abs(float(y.std() - color.luma(content).std())) < 1e-3
     out = color.with_content_chroma(color.luma(content), content)
     assert torch.allclose(out, content, atol=1e-4)  # its own luma with its own chroma: itself
+
+
+def test_a_near_grey_style_does_not_turn_its_noise_into_colour(small):
+    content = images.to_tensor(small[0])
+    noise = torch.from_numpy(np.random.RandomState(0).randint(-1, 2, (1, 3, 48, 64))).float() / 255
+    grey_style = (torch.full((1, 3, 48, 64), 0.5) + noise).clamp(0, 1)  # one 8-bit level of chroma noise
+    matched = color.match_histogram(grey_style, content)
+    chroma = color.to_ycbcr(matched)[0, 1:] * 255
+    assert torch.isfinite(matched).all() and float(chroma.diff(dim=2).abs().mean()) < 8
+
+
+def test_a_colour_adjusted_style_is_cached_per_content(engine, small):
+    from nstd.engine import StyleImage, StyleParams, TargetCache
+
+    cache, style = TargetCache(), StyleImage(small[1], 1.0, "digest")
+    p = StyleParams(size=32, preserve_color="histogram")
+    for content in (small[0], small[1], small[0]):
+        palette = color.Palette("histogram", images.to_tensor(images.resize_long_edge(content, 32)))
+        engine.style_targets([style], content.size, p, cache, palette)
+    assert cache.counts() == {"hits": 1, "misses": 2}
 
 
 def test_unknown_mode_is_refused():
@@ -67,16 +87,22 @@ def test_cli_keeps_the_contents_colours(tmp_path, images_dir, mode):
     content = images.resize_long_edge(images.open_image(images_dir / "tubingen.jpg"), 64)
     d = np.abs(ycc(Image.open(out)) - ycc(content))
     if mode == "luminance":
-        # the chroma is the content's, pixel by pixel, up to the 8-bit round trip (and the few
-        # pixels whose new luma pushes them out of the RGB gamut); the luma is stylized
-        assert d[..., 1:].mean() < 0.5 and np.percentile(d[..., 1:], 99) <= 2
+        # the chroma is the content's, pixel by pixel, up to the 8-bit round trip; the luma is stylized
+        assert d[..., 1:].max() <= 1
         assert d[..., 0].mean() > 3
         with Image.open(gif) as g:  # the GIF frames show the kept colours too
             g.seek(g.n_frames - 1)
             frame = g.convert("RGB")
         assert np.abs(ycc(frame) - ycc(content.resize(frame.size)))[..., 1:].mean() < 3
-    else:
-        assert d[..., 1:].mean() > 1  # colours change, but towards the content's palette
+    else:  # the result's colours are nearer the content's than a plain run's are
+        plain = tmp_path / "plain.png"
+        args[args.index(str(out))] = str(plain)
+        args[args.index(mode)] = "none"
+        assert subprocess.run(args, capture_output=True, timeout=180).returncode == 0
+        mu_c, cov_c = color._stats(images.to_tensor(content))
+        for_mode, for_plain = (color._stats(images.to_tensor(Image.open(p).convert("RGB"))) for p in (out, plain))
+        far = lambda s: float((s[0] - mu_c).norm() + (s[1] - cov_c).norm())  # noqa: E731
+        assert far(for_mode) < 0.7 * far(for_plain)
 
 
 def test_the_job_key_through_the_daemon(tmp_path):
@@ -96,5 +122,5 @@ def test_the_job_key_through_the_daemon(tmp_path):
         assert report["preserve_color"] == job["preserve_color"] == {"lum": "luminance", "hist": "histogram"}[name]
     content = images.resize_long_edge(images.open_image(d.outbox / "lum" / "inputs" / "hoovertowernight.jpg"), 48)
     chroma = np.abs(ycc(Image.open(d.outbox / "lum" / "lum.png")) - ycc(content))[..., 1:]
-    assert chroma.mean() < 0.5
+    assert chroma.max() <= 1
     assert "preserve_color: expected one of none, luminance, histogram" in d.error("bad")["message"]

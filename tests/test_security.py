@@ -548,3 +548,32 @@ def test_a_quarantined_job_leaves_files_other_jobs_wait_for(tmp_path):
                                         {"kind": "bad"}, "")
     assert (store.inbox / "style.png").exists() and sorted(os.listdir(final)) == ["error.yaml", "job.log", "q.yaml"]
     assert "style.png: named by another waiting job; left in the inbox for it" in (final / "job.log").read_text()
+
+
+def test_an_input_grown_after_its_claim_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import yaml as yaml_
+
+    from test_worker import claim, make_worker
+
+    w, store = make_worker(tmp_path, monkeypatch, "cpu", oom_above=None)
+    job = claim(store, w.cfg["defaults"])
+    with open(job.path(job.content), "r+b") as held:  # the dropper's descriptor, still open
+        held.truncate(2**33)
+    w.process(job)
+    err = yaml_.safe_load((store.f.quarantine / "j" / "error.yaml").read_text())
+    assert err["kind"] == "input changed" and "8,589,934,592 bytes" in err["message"]
+
+
+def test_only_the_judged_job_file_is_remembered_as_refused(tmp_path):
+    from nstd.daemon.inbox import Readiness
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    os.symlink("/etc/hostname", inbox / "x.yaml")
+    r = Readiness(0.0, 1.0, 65536, inbox)
+    judged = (inbox / "x.yaml").lstat()
+    os.unlink(inbox / "x.yaml")
+    (inbox / "x.yaml").write_text("{}")  # a new file under the judged name
+    r.refuse(inbox / "x.yaml", judged)
+    r.update([inbox / "x.yaml"])
+    assert inbox / "x.yaml" in r.pending  # the new one is judged

@@ -129,13 +129,10 @@ class Readiness:
         """New timings and limits (SIGHUP); jobs already waiting keep their first-seen time."""
         self.settle_seconds, self.missing_timeout, self.max_sidecar_bytes = settle_seconds, missing_timeout, max_sidecar_bytes
 
-    def refuse(self, sidecar: Path) -> None:
-        """A judged job file that is still in the inbox (it could not be moved aside)."""
-        try:
-            st = sidecar.lstat()
-            self.refused.add((st.st_dev, st.st_ino, st.st_ctime_ns))
-        except OSError:
-            pass
+    def refuse(self, sidecar: Path, judged: os.stat_result) -> None:
+        """A judged job file still in the inbox (it could not be moved aside): that very file,
+        `judged`, is not judged again; anything else put under its name is."""
+        self.refused.add((judged.st_dev, judged.st_ino, judged.st_ctime_ns))
         self.forget(sidecar)
 
     def forget(self, sidecar: Path) -> None:

@@ -75,16 +75,25 @@ class Intake:
     def _quarantine(self, p: Pending, name: str, exc: JobError, lines: list[str]) -> None:
         files = p.files.inputs() if p.files is not None else [p.sidecar, *convention_files(p.sidecar)]
         shared = self.readiness.waiting_references(exclude=p.sidecar) & set(files)
+        judged = _lstat(p.sidecar)
         try:
             self.outcomes.quarantine_inbox(name, p.sidecar, files, shared, exc, wall(p.first_seen), "".join(lines))
         except OSError as exc2:  # rolled back: the files are still in the inbox
             logger.bind(job=name).error("could not quarantine: {}; trying again in {:g} s", exc2, RETRY_SECONDS)
             p.hold(f"could not quarantine ({exc.kind}: {exc.message}): {exc2}")
             return
-        if os.path.lexists(p.sidecar):  # left where it was (not a regular file, and no way to rename it)
-            self.readiness.refuse(p.sidecar)
+        now = _lstat(p.sidecar)
+        if judged is not None and now is not None and (now.st_dev, now.st_ino) == (judged.st_dev, judged.st_ino):
+            self.readiness.refuse(p.sidecar, judged)  # left where it was: no way to move it aside
         else:
             self.readiness.forget(p.sidecar)
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return path.lstat()
+    except (OSError, ValueError):
+        return None
 
 
 def as_job_error(exc: Exception) -> JobError:

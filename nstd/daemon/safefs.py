@@ -107,8 +107,12 @@ def _one_name(rel: str, st: os.stat_result) -> None:
     if st.st_nlink > 1:
         raise Refused(rel, f"has {st.st_nlink - 1} other name(s) (a hard link), which may lie outside the inbox",
                       outside=True)
-    if st.st_size > SPARSE_MIN_BYTES and st.st_blocks * 512 < st.st_size // 8:
+    if is_sparse(st):
         raise Refused(rel, f"is a sparse file ({st.st_size:,} bytes, {st.st_blocks * 512:,} on disk)")
+
+
+def is_sparse(st: os.stat_result) -> bool:
+    return st.st_size > SPARSE_MIN_BYTES and st.st_blocks * 512 < st.st_size // 8
 
 
 @dataclass
@@ -196,7 +200,15 @@ def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> No
         except FileNotFoundError:
             os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
         return
-    os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
+    try:
+        os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
+    except PermissionError:  # protected_hardlinks and someone else's entry: a plain rename, checked first
+        try:
+            os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
+            raise FileExistsError(errno.EEXIST, "taken", dst)
+        except FileNotFoundError:
+            os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+        return
     linked = os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
     now = os.stat(src, dir_fd=src_dir_fd, follow_symlinks=False)
     if (now.st_dev, now.st_ino) == (linked.st_dev, linked.st_ino):

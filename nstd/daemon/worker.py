@@ -18,7 +18,7 @@ import torch
 from loguru import logger
 
 from nstd import logs
-from nstd.daemon import checkpoints
+from nstd.daemon import checkpoints, safefs
 from nstd.daemon.claim import Claim
 from nstd.daemon.outcome import Finisher, Optimised, Outcomes
 from nstd.daemon.queue import JobQueue
@@ -177,6 +177,7 @@ class Worker(threading.Thread):
 
         def image(inp):
             if inp.file not in decoded:
+                self._unchanged_since_claim(job.path(inp))
                 decoded[inp.file] = (images.open_image(job.path(inp), max_pixels), file_digest(job.path(inp)))
             return decoded[inp.file]
 
@@ -237,6 +238,15 @@ class Worker(threading.Thread):
             oom_retries=oom_retries, cpu_fallback=fallback, style_cache=self.cache.counts(),
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         )
+
+    def _unchanged_since_claim(self, path: Path) -> None:
+        """A dropper holding a descriptor can still write to a file after its claim moved it:
+        one grown past the limits (or into a sparse giant) is refused before it is hashed."""
+        st = path.stat()
+        limit = self.cfg["limits"]["max_input_bytes"]
+        if st.st_size > limit or safefs.is_sparse(st):
+            raise JobError(ErrorKind.INPUT_CHANGED, f"{path.name}: now {st.st_size:,} bytes ({st.st_blocks * 512:,} "
+                           f"on disk); it changed after the job was taken (limits.max_input_bytes={limit:,})", Stage.RUN)
 
     def _fit_budget(self, content_size: tuple[int, int], params, engine: Engine) -> int:
         w, h = images.fit_long_edge(content_size, params.size)

@@ -56,10 +56,19 @@ def match_luma(style_y: torch.Tensor, content_y: torch.Tensor) -> torch.Tensor:
 
 
 def with_content_chroma(y: torch.Tensor, content_rgb: torch.Tensor) -> torch.Tensor:
-    """Luma `y` (1, 1, H, W) recombined with the content's Cb and Cr (resized to H x W if needed)."""
+    """Luma `y` (1, 1, H, W) recombined with the content's Cb and Cr (resized to H x W if needed).
+
+    A luma change moves R, G and B alike (the inverse matrix's first column is all ones), so the
+    luma is first clamped per pixel to the range that keeps that pixel in gamut for its chroma:
+    the result's chroma is then exactly the content's, with no per-channel clipping to skew it.
+    """
     ycc = to_ycbcr(content_rgb)
     if ycc.shape[-2:] != y.shape[-2:]:
         ycc = torch.nn.functional.interpolate(ycc, size=y.shape[-2:], mode="bilinear", align_corners=False)
+    chroma = ycc[:, 1:] - 0.5
+    offsets = torch.einsum("ij,bjhw->bihw", _FROM_YCC[:, 1:].to(y), chroma)  # R, G, B minus the luma
+    low, high = (-offsets).amax(dim=1, keepdim=True), (1 - offsets).amin(dim=1, keepdim=True)
+    y = torch.maximum(torch.minimum(y, high), low)
     return from_ycbcr(torch.cat([y, ycc[:, 1:]], dim=1))
 
 
@@ -72,7 +81,10 @@ def _stats(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _sqrt_psd(c: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     vals, vecs = torch.linalg.eigh(c)
-    vals = vals.clamp_min(_EPS)
+    # A floor for the inverse: a near-grey style's chroma is noise, and C_s^(-1/2) would blow it up
+    # to the content's full colour range. Real pictures' smallest colour axis is far above it
+    # (3e-4 to 4e-3 for the shipped images), so their match stays exact.
+    vals = vals.clamp_min(max(1e-4, 1e-3 * float(vals.max()))) if inverse else vals.clamp_min(0)
     return vecs @ torch.diag(vals.rsqrt() if inverse else vals.sqrt()) @ vecs.T
 
 
@@ -105,6 +117,11 @@ class Palette:
     def content(self) -> torch.Tensor:
         return grey(self.content_y) if self.content_y is not None else self.content_rgb
 
+    def view(self, x: torch.Tensor) -> torch.Tensor:
+        """What VGG sees of the optimised picture: in luminance mode that is a 1-channel luma,
+        seen as grey, so it stays grey however the gradients differ between channels."""
+        return grey(x) if x.shape[1] == 1 else x
+
     def style(self, style_rgb: torch.Tensor) -> torch.Tensor:
         if self.mode == "luminance":
             return grey(match_luma(luma(style_rgb), self.content_y))
@@ -113,12 +130,14 @@ class Palette:
         return style_rgb
 
     def start(self, x: torch.Tensor) -> torch.Tensor:
-        """A start picture (noise, an init image) in the space the run optimises."""
-        return grey(luma(x)) if self.content_y is not None else x
+        """A start picture in the space the run optimises: in luminance mode its luma alone."""
+        return luma(x) if self.content_y is not None and x.shape[1] == 3 else x
 
     def show(self, x: torch.Tensor) -> torch.Tensor:
         """The optimised picture as the user sees it: with the content's chroma in luminance mode."""
-        return with_content_chroma(luma(x), self.content_rgb) if self.content_y is not None else x
+        if self.content_y is None:
+            return x
+        return with_content_chroma(x if x.shape[1] == 1 else luma(x), self.content_rgb)
 
     def key(self) -> tuple:
         """For the style-target cache: an adjusted style depends on the content's colours."""

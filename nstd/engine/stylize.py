@@ -198,7 +198,7 @@ class Engine:
 
         if resume is not None:
             x = resume.image.to(dev, torch.float32)
-            if x.shape != content_t.shape:  # resumed at another working size (memory budget)
+            if x.shape[-2:] != content_t.shape[-2:]:  # resumed at another working size (memory budget)
                 x = torch.nn.functional.interpolate(x, size=content_t.shape[-2:], mode="bilinear", align_corners=False)
             x = x.contiguous().requires_grad_(True)
         else:
@@ -220,9 +220,10 @@ class Engine:
 
         def closure() -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
+            seen = palette.view(x)
             with self._autocast():
-                feats = extractor(x)
-            losses = objective(feats, x)
+                feats = extractor(seen)
+            losses = objective(feats, seen)
             losses.total.backward()
             guard.saw(Losses(*(t.detach() for t in (losses.content, losses.style, losses.tv, losses.total))), x)
             return losses.total
@@ -251,7 +252,7 @@ class Engine:
                     raise Interrupted(Checkpoint(step, x.detach().float().cpu().clone(), list(frames)))
         # The last update has not been evaluated: keep it only if it is no worse than the best.
         with torch.no_grad(), self._autocast():
-            final_losses = objective(extractor(x), x)
+            final_losses = objective(extractor(palette.view(x)), palette.view(x))
         if guard.best is not None and not float(final_losses.total) <= float(guard.best.total):
             guard.restore(x)
             final_losses = guard.best
