@@ -194,25 +194,25 @@ def rename_noreplace(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> No
             raise OSError(err, os.strerror(err), dst)
     st = os.stat(src, dir_fd=src_dir_fd, follow_symlinks=False)
     if stat.S_ISDIR(st.st_mode):
-        try:
-            os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
-            raise FileExistsError(errno.EEXIST, "taken", dst)
-        except FileNotFoundError:
-            os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
-        return
+        return _rename_if_free(src_dir_fd, src, dst_dir_fd, dst)
     try:
         os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
-    except PermissionError:  # protected_hardlinks and someone else's entry: a plain rename, checked first
-        try:
-            os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
-            raise FileExistsError(errno.EEXIST, "taken", dst)
-        except FileNotFoundError:
-            os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
-        return
+    except PermissionError:  # protected_hardlinks and someone else's entry
+        return _rename_if_free(src_dir_fd, src, dst_dir_fd, dst)
     linked = os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
     now = os.stat(src, dir_fd=src_dir_fd, follow_symlinks=False)
     if (now.st_dev, now.st_ino) == (linked.st_dev, linked.st_ino):
         os.unlink(src, dir_fd=src_dir_fd)
+
+
+def _rename_if_free(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
+    """The last resort without renameat2: a rename once `dst` is seen free (a race can then
+    replace only what appeared under that name in between)."""
+    try:
+        os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
+        raise FileExistsError(errno.EEXIST, "taken", dst)
+    except FileNotFoundError:
+        os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
 
 def open_inbox(inbox: Path) -> int:
