@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from nstd.errors import ExitCode, NstdError
 
@@ -79,6 +80,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return ExitCode.OK
 
 
+@contextmanager
+def _as_bad_input(*more: type[Exception]) -> Iterator[None]:
+    """A plain ValueError (or `more`) from inside is the user's bad input: one line, exit 2."""
+    try:
+        yield
+    except NstdError:
+        raise
+    except (ValueError, *more) as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _fail(message: str, code: int) -> int:
     print(f"nstd: error: {message}", file=sys.stderr)
     return int(code)
@@ -91,7 +103,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     from nstd.jobkeys import merge, style_params
     from nstd.schema import validate
 
-    try:
+    with _as_bad_input():
         cfg = load_config(args.config)
         job, engine_cfg = _job_from_args(args, cfg, merge, validate)
         out = Path(args.output)
@@ -110,25 +122,13 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         if job["init"] not in ("content", "noise"):
             init_image = images.open_image(job["init"], max_pixels)
         params = style_params(job)
-    except ValueError as exc:  # NstdErrors are mapped by main()
-        if isinstance(exc, NstdError):
-            raise
-        return _fail(str(exc), ExitCode.BAD_INPUT)
-
-    try:
+    with _as_bad_input(RuntimeError):  # a CUDA driver error, out of memory loading the network
         engine = Engine(**engine_cfg)  # DeviceError: exit 2, WeightsError: exit 3 (by main())
-    except (RuntimeError, ValueError) as exc:  # a CUDA driver error, out of memory loading the network
-        if isinstance(exc, NstdError):
-            raise
-        return _fail(str(exc), ExitCode.BAD_INPUT)
     t0 = time.perf_counter()
     bar = _progress(params.steps, disabled=args.quiet)
     try:
-        result = engine.stylize(content, styles, params, init_image=init_image, progress=bar)
-    except ValueError as exc:
-        if isinstance(exc, NstdError):
-            raise
-        return _fail(str(exc), ExitCode.BAD_INPUT)
+        with _as_bad_input():
+            result = engine.stylize(content, styles, params, init_image=init_image, progress=bar)
     finally:
         bar.close()
     images.save(result.image, out, out_format)

@@ -44,7 +44,7 @@ def list_sidecars(inbox: Path) -> list[Path]:
 
 
 def signature(inbox_fd: int, inbox: Path, paths: list[Path], regular: bool = True) -> tuple | None:
-    """(size, mtime) of every path, links not followed, or None if any is missing. With `regular`,
+    """(size, mtime, inode) of every path, links not followed, or None if any is missing. With `regular`,
     anything but a regular file raises JobError: the job is judged at once."""
     sig = []
     for p in paths:
@@ -142,6 +142,8 @@ class Readiness:
         """Verdicts for sidecars that are ready or must be quarantined; others keep waiting."""
         now = time.monotonic() if now is None else now
         out = []
+        if not self.pending:
+            return out
         try:
             inbox_fd = safefs.open_inbox(self.inbox)
         except OSError:

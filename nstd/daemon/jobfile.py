@@ -103,7 +103,7 @@ class JobFiles:
     content: Path
     styles: list[tuple[Path, float]]
     init: Path | None = None
-    #: problems found while resolving (outside the inbox, missing); empty when usable
+    #: files not there yet (the job waits for them); empty when usable
     missing: list[Path] = field(default_factory=list)
 
     def inputs(self) -> list[Path]:

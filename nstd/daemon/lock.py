@@ -22,23 +22,15 @@ class AlreadyRunning(NstdError):
 class RootLock:
     def __init__(self, state: Path):
         self.path = state / "nstd.lock"
-        self._fds: list[int] = []
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            self._fds.append(fd)
-            self._take(fd, f"its state folder {state}")
-        except BaseException:
-            self.release()
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-
-    def _take(self, fd: int, what: str) -> None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise AlreadyRunning(f"another nstd (pid {self.holder()}) is running on {what}; one daemon per root") \
-                from None
+            self.release()
+            raise AlreadyRunning(f"another nstd (pid {self.holder()}) is running on its state folder {state}; "
+                                 "one daemon per root") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def holder(self) -> str:
         try:
@@ -47,6 +39,6 @@ class RootLock:
             return "unknown"
 
     def release(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

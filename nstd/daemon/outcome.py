@@ -1,6 +1,7 @@
 """How a job ends: delivered to the outbox, quarantined with error.yaml, or tried again later.
 
-Every quarantine (from the inbox or from state) and every error.yaml is written here, and so is
+Every quarantine (from the inbox or from state) and every error.yaml is decided here (the store
+writes the files), and so is
 every output of a finished job (the result, the GIF, job.yaml, report.json). A finisher thread
 encodes and delivers while the worker optimises the next job.
 """

@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+from nstd.daemon.queue import RETRY_SECONDS
 from nstd.fsutil import atomic_write_text
 
 STATUS_FILE = "status.json"
@@ -95,6 +96,6 @@ def describe(data: dict | None) -> tuple[str, bool]:
     lines.append(f"queued: {len(queue)}" + (f" ({', '.join(queue[:10])}{', ...' if len(queue) > 10 else ''})" if queue else ""))
     lines.append(f"waiting in inbox: {data.get('waiting', 0)}")
     for held in data.get("held") or []:
-        lines.append(f"  held: {held['job']}: {held['reason']} (tried again every 30 s)")
+        lines.append(f"  held: {held['job']}: {held['reason']} (tried again every {RETRY_SECONDS:g} s)")
     lines.append(f"done: {data.get('done', 0)}, failed: {data.get('failed', 0)}")
     return "\n".join(lines), alive

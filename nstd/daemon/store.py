@@ -21,7 +21,7 @@ from typing import Iterator
 import yaml
 from loguru import logger
 
-from nstd.daemon.claim import CLAIM_FILE, Claim, Input, StyleInput, Times
+from nstd.daemon.claim import Claim, Input, StyleInput, Times
 from nstd.daemon import safefs
 from nstd.daemon.jobfile import JobFiles
 from nstd.daemon.safefs import Pinned
@@ -167,7 +167,7 @@ class Store:
                 sidecar=inp(files.sidecar), init=inp(files.init) if files.init else None, settings=settings,
                 times=Times(first_seen=first_seen or now, arrived=arrived or now, claimed=now), folder=t.dir,
             )
-            atomic_write_text(t.dir / CLAIM_FILE, claim.to_json())
+            claim.save()  # into the transfer folder: claim.folder is it until the commit
             claim.folder = t.commit(self.f.jobs / job_id)
         return claim
 

@@ -97,18 +97,16 @@ class Transfer:
                 os.unlink(pin.name, dir_fd=pin.parent_fd)
             return dst
         st = os.stat(dst, follow_symlinks=False)
-        if (st.st_dev, st.st_ino) == (pin.st.st_dev, pin.st.st_ino) and not _same_content(st, pin.st):
-            place(dst, pin.parent_fd, pin.name)  # written to since it was checked: back, refused
-            self.entries.pop()
-            self._save_manifest()
-            raise Refused(pin.rel, "was written to while the job was being claimed")
-        if (st.st_dev, st.st_ino) != (pin.st.st_dev, pin.st.st_ino):
-            # Not what was checked: it goes back to the inbox (replacing nothing), and only then
-            # leaves the manifest; if it cannot go back, the rollback puts it back.
+        same_file = (st.st_dev, st.st_ino) == (pin.st.st_dev, pin.st.st_ino)
+        if not same_file or not _same_content(st, pin.st):
+            # Not what was checked (swapped, or written to since): it goes back to the inbox,
+            # replacing nothing, and only then leaves the manifest; if it cannot go back, the
+            # rollback puts it back.
             place(dst, pin.parent_fd, pin.name)
             self.entries.pop()
             self._save_manifest()
-            raise Refused(pin.rel, "was replaced while the job was being claimed")
+            raise Refused(pin.rel, "was written to while the job was being claimed" if same_file else
+                          "was replaced while the job was being claimed")
         return dst
 
     def _fresh(self, rel: str) -> Path:

@@ -66,7 +66,7 @@ class JobProgress(Progress):
         w.heartbeat = time.monotonic()
         eta = info.elapsed / info.step * (info.steps - info.step)
         w.status.update(running={"name": self.job.name, "step": info.step, "steps": info.steps,
-                                 "eta_seconds": round(eta, 1), "device": str(self.device)}, queue=w.queue.names())
+                                 "eta_seconds": round(eta, 1), "device": str(self.device)})
         if info.step % self.every == 0 or info.step == info.steps:
             self.log.info("step {}/{} loss {:.4g} eta {:.0f} s", info.step, info.steps, info.losses()["total"], eta)
 
@@ -183,7 +183,10 @@ class Worker(threading.Thread):
 
         try:  # intake decoded these; a failure now means the file changed since
             content = image(job.content)[0]
-            styles = [StyleImage(*image(s)[:1], s.weight, image(s)[1]) for s in job.styles]
+            styles = []
+            for s in job.styles:
+                picture, digest = image(s)
+                styles.append(StyleImage(picture, s.weight, digest))
             init = image(job.init)[0] if job.init else None
         except ImageError as exc:
             raise JobError(ErrorKind.INPUT_CHANGED, f"{exc} (it was readable when the job was taken)", Stage.RUN) from None

@@ -86,6 +86,12 @@ class Device:
         torch.cuda.set_per_process_memory_fraction(fraction, self.torch.index)
         return fraction
 
+    def allow_tf32(self) -> None:
+        """TF32 matrix and convolution maths on CUDA (fp32 storage, ~3x the speed on Ampere and up)."""
+        if self.is_cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
     def make_current(self) -> None:
         """Make this GPU the calling thread's current device (a worker thread's allocations go
         to its own GPU, not to cuda:0)."""
@@ -100,11 +106,6 @@ class Device:
         """The allocator's peak since `reset_peak()`; None on the CPU (reports use peak RSS there)."""
         if self.is_cuda:
             return int(torch.cuda.max_memory_allocated(self.torch.index))
-        return None
-
-    def allocated_bytes(self) -> int | None:
-        if self.is_cuda:
-            return int(torch.cuda.memory_allocated(self.torch.index))
         return None
 
     def free_cache(self) -> None:

@@ -28,7 +28,7 @@ class Checkpoint:
     """Where a run is after `step` steps: enough to resume it (the L-BFGS history is not kept)."""
 
     step: int
-    image: torch.Tensor  # (1, 3, H, W) float32 on the CPU
+    image: torch.Tensor  # (1, 3, H, W) float32 on the CPU; (1, 1, H, W), the luma, in luminance mode
     frames: list[Image.Image]
 
 

@@ -104,9 +104,7 @@ class Engine:
         self.precision = pick_precision(precision, self.device)
         self.weights = weights
         self.lbfgs_history = lbfgs_history
-        if self.device.is_cuda:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        self.device.allow_tf32()
         self.network = Network.load(weights, weights_file, self.device.place)
         # The first optimizer built in a process imports torch._dynamo (1.5 s here): pay it while
         # loading, not inside the first job's timings.

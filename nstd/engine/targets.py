@@ -2,8 +2,8 @@
 
 The engine owns both rules so that nobody else repeats them: a style image is resized so its long
 edge is the result's long edge times `style_scale`, and its Gram targets are reused when the same
-file content is seen again at the same edge, layers, pooling and device (a batch in one style
-pays once).
+file content is seen again at the same edge, layers, pooling, device and colour adjustment (a
+batch in one style pays once).
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def style_edge(content_size: tuple[int, int], size: int, style_scale: float) -> 
 
 
 class TargetCache:
-    """Gram targets keyed by (digest, edge, layers, pooling, device); least recently used goes."""
+    """Gram targets keyed by (digest, edge, layers, pooling, device) plus the colour mode's part
+    (engine/color.py Palette.key); least recently used goes."""
 
     def __init__(self, capacity: int = 32):
         self.capacity = capacity
