@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,15 @@ def pair(images_dir):
     from nstd.engine import open_image
 
     return open_image(images_dir / "tubingen.jpg"), open_image(images_dir / "starry_night.jpg")
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 256 KB tmpfs: a full disk, and another filesystem than tmp_path's."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {r.stderr.decode().strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])

@@ -1,25 +1,12 @@
 """A full disk under the outbox (a real 256 KB tmpfs) and an outbox that cannot be written."""
 import json
 import os
-import subprocess
 import time
 
-import pytest
 import yaml
 
 from nstd.daemon import queue as queue_mod
 from test_worker import claim, make_worker
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a small filesystem here: {r.stderr.decode().strip()}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
 
 
 def fill(folder):

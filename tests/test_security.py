@@ -279,41 +279,40 @@ def test_a_second_daemon_on_the_same_root_exits_2(tmp_path):
     assert d.stop() == 0
 
 
-def test_state_full_on_another_filesystem_leaves_nothing_in_the_inbox(tmp_path):
+def _state_on(mnt, tmp_path):
+    """A store whose state folder lies on `mnt` (another filesystem than the inbox's)."""
+    from nstd.daemon.store import Folders, Store
+
+    folders = Folders(tmp_path / "inbox", tmp_path / "outbox", tmp_path / "q", mnt / "state", tmp_path / "logs")
+    folders.create()
+    return folders, Store(folders)
+
+
+def test_state_full_on_another_filesystem_leaves_nothing_in_the_inbox(tmp_path, small_fs):
     from test_faults_disk import fill
 
     from nstd.daemon.jobfile import JobFiles
-    from nstd.daemon.store import Folders, Store
 
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small filesystem here")
-    try:
-        folders = Folders(tmp_path / "inbox", tmp_path / "outbox", tmp_path / "q", mnt / "state", tmp_path / "logs")
-        folders.create()
-        store = Store(folders)
-        big = os.urandom(400_000)
-        (folders.inbox / "c.jpg").write_bytes(big)
-        (folders.inbox / "j.yaml").write_text("content: c.jpg\nstyle: c.jpg\n")
-        files = JobFiles(sidecar=folders.inbox / "j.yaml", content=folders.inbox / "c.jpg",
-                         styles=[(folders.inbox / "c.jpg", 1.0)])
-        for _ in range(3):  # each retry fails the same way and leaves nothing
-            with pytest.raises(OSError):
-                store.claim("j", files, set(), {})
-            assert sorted(os.listdir(folders.inbox)) == ["c.jpg", "j.yaml"]
-            assert (folders.inbox / "c.jpg").read_bytes() == big
-            assert os.listdir(folders.jobs) == []
-        fill(mnt)  # no space even for the manifest: same
+    folders, store = _state_on(small_fs, tmp_path)
+    big = os.urandom(400_000)
+    (folders.inbox / "c.jpg").write_bytes(big)
+    (folders.inbox / "j.yaml").write_text("content: c.jpg\nstyle: c.jpg\n")
+    files = JobFiles(sidecar=folders.inbox / "j.yaml", content=folders.inbox / "c.jpg",
+                     styles=[(folders.inbox / "c.jpg", 1.0)])
+    for _ in range(3):  # each retry fails the same way and leaves nothing
         with pytest.raises(OSError):
             store.claim("j", files, set(), {})
         assert sorted(os.listdir(folders.inbox)) == ["c.jpg", "j.yaml"]
-        os.unlink(mnt / "filler")
-        (folders.inbox / "c.jpg").write_bytes(b"small")  # now it fits: claimed across filesystems
-        job = store.claim("j", files, set(), {})
-        assert os.listdir(folders.inbox) == [] and job.path(job.content).read_bytes() == b"small"
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)])
+        assert (folders.inbox / "c.jpg").read_bytes() == big
+        assert os.listdir(folders.jobs) == []
+    fill(small_fs)  # no space even for the manifest: same
+    with pytest.raises(OSError):
+        store.claim("j", files, set(), {})
+    assert sorted(os.listdir(folders.inbox)) == ["c.jpg", "j.yaml"]
+    os.unlink(small_fs / "filler")
+    (folders.inbox / "c.jpg").write_bytes(b"small")  # now it fits: claimed across filesystems
+    job = store.claim("j", files, set(), {})
+    assert os.listdir(folders.inbox) == [] and job.path(job.content).read_bytes() == b"small"
 
 
 def test_a_copy_cut_short_is_rolled_back_without_a_trace(tmp_path):
@@ -375,7 +374,7 @@ def test_without_file_permission_capabilities_an_unreadable_job_is_quarantined(t
     shutil.rmtree(request_cleanup, ignore_errors=True)
 
 
-def test_a_job_nstd_cannot_claim_is_held_with_its_reason_in_status(tmp_path):
+def test_a_job_nstd_cannot_claim_is_held_with_its_reason_in_status(tmp_path, small_fs):
     """A full state folder: the job is held and retried, and `nstd status` says why, not silence."""
     from test_faults_disk import fill
 
@@ -385,32 +384,23 @@ def test_a_job_nstd_cannot_claim_is_held_with_its_reason_in_status(tmp_path):
     from nstd.daemon.outcome import Outcomes
     from nstd.daemon.queue import JobQueue
     from nstd.daemon.status import Status, describe
-    from nstd.daemon.store import Folders, Store
 
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small filesystem here")
-    try:
-        folders = Folders(tmp_path / "inbox", tmp_path / "outbox", tmp_path / "q", mnt / "state", tmp_path / "logs")
-        folders.create()
-        store, queue, status = Store(folders), JobQueue(), Status(tmp_path)
-        readiness = Readiness(0.0, 600.0, 65536, folders.inbox)
-        intake = Intake(load_config(None), readiness, store, Outcomes(load_config(None), store, status, queue), queue)
-        (folders.inbox / "c.png").write_bytes(png(1, 64))
-        (folders.inbox / "j.yaml").write_text("content: c.png\nstyle: c.png\n")
-        fill(mnt)
-        readiness.update(list_sidecars(folders.inbox))
-        for verdict in readiness.check():
-            intake.take(verdict.pending, verdict.error)
-        [held] = readiness.held()
-        assert held["job"] == "j.yaml" and "cannot claim" in held["reason"] and "No space left" in held["reason"]
-        assert sorted(os.listdir(folders.inbox)) == ["c.png", "j.yaml"] and len(queue) == 0
-        status.update(force=True, held=readiness.held())
-        text, _ = describe(status.data)
-        assert "held: j.yaml: cannot claim" in text
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)])
+    folders, store = _state_on(small_fs, tmp_path)
+    queue, status = JobQueue(), Status(tmp_path)
+    readiness = Readiness(0.0, 600.0, 65536, folders.inbox)
+    intake = Intake(load_config(None), readiness, store, Outcomes(load_config(None), store, status, queue), queue)
+    (folders.inbox / "c.png").write_bytes(png(1, 64))
+    (folders.inbox / "j.yaml").write_text("content: c.png\nstyle: c.png\n")
+    fill(small_fs)
+    readiness.update(list_sidecars(folders.inbox))
+    for verdict in readiness.check():
+        intake.take(verdict.pending, verdict.error)
+    [held] = readiness.held()
+    assert held["job"] == "j.yaml" and "cannot claim" in held["reason"] and "No space left" in held["reason"]
+    assert sorted(os.listdir(folders.inbox)) == ["c.png", "j.yaml"] and len(queue) == 0
+    status.update(force=True, held=readiness.held())
+    text, _ = describe(status.data)
+    assert "held: j.yaml: cannot claim" in text
 
 
 # --------------------------------------------------------------------------- found by a hostile helper
