@@ -1,17 +1,18 @@
 """config.yaml: the daemon's and the CLI's settings, validated at start.
 
 An unknown key or a wrong type stops start-up with a message naming the key. Relative paths are
-taken relative to the config file's folder, so `make run` works from a checkout.
+taken relative to the config file's folder, so `make run` works from a checkout. Every command
+finds its config the same way (`find_config`), so `nstd validate` judges a job as the daemon does.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from nstd.engine.images import DEFAULT_MAX_PIXELS
-from nstd.engine.vgg import WEIGHT_SOURCES
+from nstd.engine.options import DEFAULT_MAX_PIXELS, WEIGHT_SOURCES
 from nstd.errors import NstdError
 from nstd.jobkeys import JOB_FIELDS
 from nstd.schema import (
@@ -25,6 +26,7 @@ from nstd.schema import (
     optional,
     string,
     validate,
+    yaml_problem,
 )
 
 
@@ -75,6 +77,11 @@ CONFIG_FIELDS: dict[str, Any] = {
         "shutdown_grace_seconds": Field(60.0, "on SIGTERM, time the running job gets to finish", number(0, 86400)),
         "checkpoint_every": Field(50, "save a resumable checkpoint every N steps; 0 = never", integer(0, 100_000)),
     },
+    "hooks": {
+        "on_done": Field(None, "command run after a job is delivered (job in its environment)", optional(string)),
+        "on_failed": Field(None, "command run after a job is quarantined", optional(string)),
+        "timeout_seconds": Field(60.0, "a hook still running after this is killed", number(1, 86400)),
+    },
     "logging": {
         "level": Field("INFO", "DEBUG | INFO | WARNING | ERROR", choice("DEBUG", "INFO", "WARNING", "ERROR")),
         "json": Field(False, "JSON lines instead of text", boolean),
@@ -89,6 +96,29 @@ class ConfigError(NstdError, ValueError):
     """config.yaml cannot be used; the message names the file and the key."""
 
 
+#: Where a command looks for its config when --config is not given, in this order.
+ENV_VAR = "NSTD_CONFIG"
+LOCAL_CONFIG = Path("config.yaml")
+SYSTEM_CONFIG = Path("/etc/nstd/config.yaml")
+
+
+def find_config(explicit: str | None, required: bool) -> Path | None:
+    """The config a command uses: --config, else $NSTD_CONFIG, else ./config.yaml, else
+    /etc/nstd/config.yaml. None (the built-in defaults) when there is none and it is not
+    `required`; commands that need the daemon's folders require one."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    for candidate in (LOCAL_CONFIG, SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    if required:
+        raise ConfigError(f"no config file: none given with --config or ${ENV_VAR}, and neither ./{LOCAL_CONFIG} "
+                          f"nor {SYSTEM_CONFIG} exists; pass --config FILE (the daemon's config.yaml)")
+    return None
+
+
 def load_config(path: Path | str | None = None) -> dict:
     """Read and validate a config file; None gives the built-in defaults (= the shipped config.yaml)."""
     if path is None:
@@ -99,11 +129,12 @@ def load_config(path: Path | str | None = None) -> dict:
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+            hint = "" if path.is_absolute() else f" (looked in {Path.cwd()}; pass --config with the full path)"
+            raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc}){hint}") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+            raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
         try:
             cfg = validate(data, CONFIG_FIELDS)
         except SchemaError as exc:
@@ -121,3 +152,4 @@ def _resolve_paths(cfg: dict, base: Path) -> None:
         paths[name] = str((base / paths[name]).resolve()) if paths[name] else str(root / name)
     if cfg["engine"]["weights_file"]:
         cfg["engine"]["weights_file"] = str((base / cfg["engine"]["weights_file"]).resolve())
+

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from nstd.engine.color import MODES as COLOR_MODES
-from nstd.engine.stylize import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS, StyleParams
-from nstd.engine.vgg import CONV_LAYERS
+from nstd.engine.options import COLOR_MODES, CONV_LAYERS, DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
 from nstd.schema import Field, SchemaError, choice, integer, list_of, number, section, string, validate
 
 layer = choice(*CONV_LAYERS)
@@ -57,8 +55,10 @@ JOB_FIELDS: dict[str, Any] = {
 }
 
 
-def style_params(job: dict) -> StyleParams:
+def style_params(job: dict) -> "StyleParams":
     """Engine parameters from a validated job dict (every key present)."""
+    from nstd.engine.stylize import StyleParams  # torch: only where a job is run
+
     gif = job["gif"]
     return StyleParams(
         size=job["size"],

@@ -1,9 +1,23 @@
-"""The stylization engine: network, losses, optimisation and images. Knows nothing of jobs or folders."""
-from nstd.engine.device import Device, DeviceError
-from nstd.engine.images import ImageError, open_image
-from nstd.engine.stylize import Checkpoint, Engine, Interrupted, Progress, Result, StepInfo, StyleParams
-from nstd.engine.targets import StyleImage, TargetCache
-from nstd.engine.vgg import WeightsError
+"""The stylization engine: network, losses, optimisation and images. Knows nothing of jobs or folders.
 
-__all__ = ["Checkpoint", "Device", "DeviceError", "Engine", "Interrupted", "ImageError", "Progress", "Result",
-           "StepInfo", "StyleImage", "StyleParams", "TargetCache", "WeightsError", "open_image"]
+The names below load on first use (PEP 562), so `nstd status` and `nstd validate --help` never pay
+for importing torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "Device": "device", "DeviceError": "device", "ImageError": "images", "open_image": "images",
+    "Checkpoint": "stylize", "Engine": "stylize", "Interrupted": "stylize", "Progress": "stylize",
+    "Result": "stylize", "StepInfo": "stylize", "StyleParams": "stylize",
+    "StyleImage": "targets", "TargetCache": "targets", "WeightsError": "vgg",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'nstd.engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"nstd.engine.{_HOMES[name]}"), name)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import torch
 
-MODES = ("none", "luminance", "histogram")
+from nstd.engine.options import COLOR_MODES as MODES
+
 
 #: BT.601 full range (JFIF): Y, Cb, Cr from R, G, B in 0..1 (Cb, Cr centred on 0.5).
 _TO_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])

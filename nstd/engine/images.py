@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from nstd.errors import NstdError
+from nstd.engine.options import DEFAULT_MAX_PIXELS  # noqa: F401 (re-exported)
 from nstd.fsutil import atomic_write_bytes
 
 #: Formats nstd reads (Pillow's names); the JPEG opener also takes the multi-picture JPEGs (MPO) cameras write.
@@ -26,7 +27,6 @@ WRITE_FORMATS = {
     "jpg": ("JPEG", {"quality": 95, "subsampling": 0}),
     "webp": ("WEBP", {"quality": 95, "method": 4}),
 }
-DEFAULT_MAX_PIXELS = 50_000_000
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 

@@ -17,13 +17,12 @@ from PIL import Image
 from nstd.engine import images
 from nstd.engine.color import Palette
 from nstd.engine.device import Device, pick_precision, resolve as resolve_device
+from nstd.engine.options import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
 from nstd.engine.losses import Losses, Objective, blend_grams, gram
 from nstd.engine.progress import Checkpoint, Interrupted, OnStep, Progress, StepInfo
 from nstd.engine.targets import StyleImage, TargetCache, style_edge
 from nstd.engine.vgg import Network, layer_index
 
-DEFAULT_STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
-DEFAULT_CONTENT_LAYERS = ("conv4_2",)
 ADAM_LR = 0.02  # in 0..1 pixel units
 
 

@@ -17,12 +17,9 @@ from torch import nn
 
 from nstd.errors import ExitCode, NstdError
 
-#: (block, convs in block) for VGG-19.
-_BLOCKS = ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))
-CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
+from nstd.engine.options import BLOCKS as _BLOCKS, CONV_LAYERS, WEIGHT_SOURCES  # noqa: F401 (re-exported)
 
-#: Every conv layer in forward order: conv1_1 .. conv5_4.
-CONV_LAYERS: tuple[str, ...] = tuple(f"conv{b}_{i}" for b, n in _BLOCKS for i in range(1, n + 1))
+CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
 
 
 def _conv_shapes() -> dict[str, tuple[int, int, int, int]]:
@@ -42,7 +39,6 @@ TORCHVISION_INDEX = dict(zip(CONV_LAYERS, (0, 2, 5, 7, 10, 12, 14, 16, 19, 21, 2
 CAFFE_NAME = {name: "block{}_conv{}".format(*name[4:].split("_")) for name in CONV_LAYERS}
 
 CAFFE_FILE = "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
-WEIGHT_SOURCES = ("vgg19-caffe", "torchvision")
 
 
 class WeightsError(NstdError, RuntimeError):

@@ -1,0 +1,18 @@
+"""The engine's names a user can write (layers, weights, colour modes, limits), importable without torch.
+
+config.yaml, job files, `nstd validate` and `nstd status` check against these; importing torch
+for them would cost `nstd status` two seconds.
+"""
+from __future__ import annotations
+
+#: (block, convs in block) for VGG-19.
+BLOCKS = ((1, 2), (2, 2), (3, 4), (4, 4), (5, 4))
+#: Every conv layer in forward order: conv1_1 .. conv5_4.
+CONV_LAYERS: tuple[str, ...] = tuple(f"conv{b}_{i}" for b, n in BLOCKS for i in range(1, n + 1))
+DEFAULT_STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
+DEFAULT_CONTENT_LAYERS = ("conv4_2",)
+WEIGHT_SOURCES = ("vgg19-caffe", "torchvision")
+#: preserve_color: keep the result's colours, its luminance only on the content's, or match histograms.
+COLOR_MODES = ("none", "luminance", "histogram")
+#: The largest input image, in pixels, unless limits.max_pixels says otherwise.
+DEFAULT_MAX_PIXELS = 50_000_000
