@@ -2,9 +2,13 @@
 
 Every line about a job is bound with its name (`logger.bind(job=name)`), so the daemon's log can
 be grepped by job, and the job's own lines are copied to its `job.log`.
+
+Under systemd, stderr is the journal: each line then starts with its syslog priority (`<3>` for an
+error, as sd-daemon(3) describes), so `journalctl -p err` shows the failures.
 """
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +19,41 @@ from loguru import logger
 FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {extra[job]} | {message}"
 JOB_FORMAT = "{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}"
 
+# loguru level number -> syslog priority: CRITICAL 2, ERROR 3, WARNING 4, SUCCESS 5, INFO 6; lower 7.
+PRIORITIES = ((50, 2), (40, 3), (30, 4), (25, 5), (20, 6))
+
+
+def syslog_priority(level_no: int) -> int:
+    """The syslog priority of a loguru level (DEBUG and TRACE: 7)."""
+    return next((p for no, p in PRIORITIES if level_no >= no), 7)
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is the stream systemd connected to the journal: JOURNAL_STREAM names its
+    device and inode ("<st_dev>:<st_ino>"); a stderr redirected elsewhere does not match."""
+    try:
+        dev, ino = (int(n) for n in os.environ["JOURNAL_STREAM"].split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (KeyError, ValueError, OSError, AttributeError):  # unset or malformed; no real stderr
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def journal_prefix(priority: int) -> str:
+    """`<priority>` to lead a line written to stderr when it is the journal, else ""."""
+    return f"<{priority}>" if stderr_is_journal() else ""
+
+
+def _journal_sink(stream):
+    """A sink writing every line of a record to `stream` led by the record's priority (a traceback's
+    lines too: journald reads each line as its own entry)."""
+    def write(message) -> None:
+        prefix = f"<{syslog_priority(message.record['level'].no)}>"
+        lines = str(message).rstrip("\n").split("\n")
+        stream.write("".join(f"{prefix}{line}\n" for line in lines))
+        stream.flush()
+    return write
+
 
 def setup(logging_cfg: dict, logs_dir: Path | None) -> None:
     """Replace loguru's default sink with ours; safe to call again (SIGHUP)."""
@@ -22,7 +61,8 @@ def setup(logging_cfg: dict, logs_dir: Path | None) -> None:
     logger.configure(extra={"job": "-", "job_id": None})
     level = logging_cfg["level"]
     # Lines bound with file_only=True (a start-up error the command prints itself) skip stderr.
-    logger.add(sys.stderr, level=level, format=FORMAT, backtrace=False, diagnose=False,
+    stderr = _journal_sink(sys.stderr) if stderr_is_journal() else sys.stderr
+    logger.add(stderr, level=level, format=FORMAT, backtrace=False, diagnose=False,
                filter=lambda record: not record["extra"].get("file_only"))
     if logs_dir is not None:
         logs_dir.mkdir(parents=True, exist_ok=True)

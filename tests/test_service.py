@@ -61,16 +61,76 @@ def test_health_rule():
     assert not healthy(True, [(True, 100.0), (True, 50.0)], limit=30, now=110)
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
-def test_unit_verifies(tmp_path):
-    unit = (REPO / "systemd" / "nstd.service").read_text()
+UNIT = REPO / "systemd" / "nstd.service"
+DROP_IN = REPO / "systemd" / "nstd.service.d" / "paths.conf"
+
+
+def directives(path: Path) -> list[tuple[str, str, str]]:
+    """(section, key, value) for each line of a unit file, in order; comments skipped."""
+    section, out = "", []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+        elif line and not line.startswith(("#", ";")):
+            key, _, value = line.partition("=")
+            out.append((section, key.strip(), value.strip()))
+    return out
+
+
+def values(path: Path, section: str, key: str) -> list[str]:
+    return [v for s, k, v in directives(path) if (s, k) == (section, key)]
+
+
+def test_site_paths_are_in_the_drop_in_only():
+    assert "/srv/nstd" not in UNIT.read_text()  # comments included
+    assert "/srv/nstd" in DROP_IN.read_text()
+    [exec_start] = values(UNIT, "Service", "ExecStart")
+    assert exec_start == "/opt/nstd/.venv/bin/nstd run"  # the config comes from $NSTD_CONFIG
+    assert "--config" not in UNIT.read_text()
+    assert not values(DROP_IN, "Service", "ExecStart")  # and the drop-in does not put it back
+    for key in ("RequiresMountsFor", "WorkingDirectory", "ReadWritePaths"):
+        assert not [k for _, k, _ in directives(UNIT) if k == key], f"{key}= belongs in paths.conf"
+
+
+def test_the_drop_in_paths_agree():
+    from pathlib import PurePosixPath as P
+
+    [mounts] = values(DROP_IN, "Unit", "RequiresMountsFor")
+    [workdir] = values(DROP_IN, "Service", "WorkingDirectory")
+    [writable] = values(DROP_IN, "Service", "ReadWritePaths")
+    env = dict(v.split("=", 1) for v in values(DROP_IN, "Service", "Environment"))
+    assert set(env) == {"TORCH_HOME", "NSTD_CONFIG"}
+    for path in (mounts, workdir, writable, env["TORCH_HOME"], env["NSTD_CONFIG"]):
+        assert P(path).is_absolute() and " " not in path, path
+    for path in (workdir, env["TORCH_HOME"]):  # the root and the weight cache: writable, and mounted
+        assert P(path).is_relative_to(writable) and P(path).is_relative_to(mounts), path
+    assert env["NSTD_CONFIG"] == "/etc/nstd/config.yaml"
+
+
+def verify(tmp_path: Path, drop_in: str) -> str:
+    """systemd-analyze verify on a copy of the unit with `drop_in` beside it as
+    nstd.service.d/paths.conf; returns the lines about either file."""
+    unit = UNIT.read_text()
     # verify checks that ExecStart's program exists: point it at this checkout's nstd.
     nstd = Path(sys.executable).parent / "nstd"
     unit = unit.replace("/opt/nstd/.venv/bin/nstd", str(nstd))
     (tmp_path / "nstd.service").write_text(unit)
+    (tmp_path / "nstd.service.d").mkdir(exist_ok=True)
+    (tmp_path / "nstd.service.d" / "paths.conf").write_text(drop_in)
     r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "nstd.service")], capture_output=True, text=True)
-    problems = [l for l in (r.stdout + r.stderr).splitlines() if "nstd.service" in l]
-    assert r.returncode == 0 and not problems, r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    # verify exits 0 even for a bad line (it ignores it, as systemd would): read what it says.
+    return "\n".join(l for l in (r.stdout + r.stderr).splitlines() if "nstd.service" in l)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_unit_verifies(tmp_path):
+    assert verify(tmp_path, DROP_IN.read_text()) == ""
+    # And verify does read the drop-in beside the copy: a bad line in it is reported.
+    broken = DROP_IN.read_text().replace("WorkingDirectory=/", "WorkingDirectory=")
+    said = verify(tmp_path, broken)
+    assert "paths.conf" in said and "WorkingDirectory=" in said, said
 
 
 def test_a_full_queue_never_blocks(tmp_path):
