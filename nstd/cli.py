@@ -1,7 +1,8 @@
-"""The `nstd` command: `run` (the daemon), `stylize` (one job), `validate` and `status`.
+"""The `nstd` command: `run` (the daemon), `stylize` (one job), `validate`, `status`, `retry`, `cancel`.
 
-Bad input ends in one line on stderr and a non-zero exit, never a traceback:
-exit 2 for a bad argument, image or config; 3 when the weights cannot be loaded; 130 on Ctrl-C.
+Bad input ends in one line on stderr and a non-zero exit, never a traceback: exit 2 for a bad
+argument, image, job file or config; 3 when the weights cannot be loaded; 4 for no such job;
+130 on Ctrl-C. Every command finds its config the same way (nstd/config.py, `find_config`).
 """
 from __future__ import annotations
 
@@ -13,21 +14,28 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from nstd.errors import ExitCode, NstdError
+from nstd.schema import SchemaError
 
 
 class UsageError(NstdError):
     """A bad combination of arguments."""
 
 
+CONFIG_HELP = "config file (default: $NSTD_CONFIG, else ./config.yaml, else /etc/nstd/config.yaml)"
+
+
 def _parser() -> argparse.ArgumentParser:
+    from nstd import __version__
+
     p = argparse.ArgumentParser(prog="nstd", description="Neural style transfer: a watch-folder daemon and a CLI.")
+    p.add_argument("--version", action="version", version=f"nstd {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("stylize", help="stylize one image", description="Stylize CONTENT in the style of STYLE(s).")
     s.add_argument("content", help="content image")
     s.add_argument("styles", nargs="+", metavar="STYLE", help="style image(s); several are blended")
     s.add_argument("-o", "--output", required=True, help="result file (.png, .jpg or .webp), written atomically")
-    s.add_argument("--config", help="take defaults and engine settings from this config.yaml")
+    s.add_argument("--config", help=CONFIG_HELP + "; without one, the built-in defaults")
     s.add_argument("--size", type=int, help="long edge of the result, px (default 512)")
     s.add_argument("--steps", type=int, help="optimisation steps (default 300)")
     s.add_argument("--optimizer", help="lbfgs (default) or adam")
@@ -49,15 +57,31 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     r = sub.add_parser("run", help="the watch-folder daemon")
-    r.add_argument("--config", default="config.yaml", help="config file (default: ./config.yaml)")
+    r.add_argument("--config", help=CONFIG_HELP)
+    r.add_argument("--until-empty", action="store_true",
+                   help="process what the inbox holds, then exit 0 (for cron and CI)")
 
-    v = sub.add_parser("validate", help="check a job file without running it")
-    v.add_argument("sidecar", help="the job's .yaml file (its paths are checked against its own folder)")
-    v.add_argument("--config", help="take job defaults and limits from this config.yaml")
+    v = sub.add_parser("validate", help="check job files as the daemon would, without running them")
+    v.add_argument("sidecars", nargs="+", metavar="JOB", help="a job's .yaml file (its paths are checked against its own folder)")
+    v.add_argument("--config", help=CONFIG_HELP + "; without one, the built-in defaults")
 
     st = sub.add_parser("status", help="what the daemon is doing")
-    st.add_argument("--config", default="config.yaml", help="config file (default: ./config.yaml)")
+    st.add_argument("--config", help=CONFIG_HELP)
     st.add_argument("--json", action="store_true", help="print state/status.json as it is")
+
+    rt = sub.add_parser("retry", help="put a quarantined job back into the inbox as a new job",
+                        description="Move a quarantined job's inputs back into the inbox with a new job file; "
+                        "error.yaml and job.log stay in the quarantine folder, renamed NAME.retried-<time>.")
+    rt.add_argument("name", help="the job's folder in the quarantine")
+    rt.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="job keys to change, e.g. steps=500 size=768")
+    rt.add_argument("--config", help=CONFIG_HELP)
+
+    cn = sub.add_parser("cancel", help="cancel a queued job, or stop the running one at its next step",
+                        description="A cancelled job goes to the quarantine as 'cancelled' (nstd retry puts it back).")
+    cn.add_argument("name", help="the job's name (its job file's name without .yaml) or its id")
+    cn.add_argument("--config", help=CONFIG_HELP)
+    cn.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
+                    help="how long to wait for a running daemon to confirm (default 30)")
     return p
 
 
@@ -72,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_validate(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "retry":
+            return cmd_retry(args)
+        if args.command == "cancel":
+            return cmd_cancel(args)
     except NstdError as exc:  # anything a user can cause: one line, its own exit code
         return _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
@@ -92,20 +120,28 @@ def _as_bad_input(*more: type[Exception]) -> Iterator[None]:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"nstd: error: {message}", file=sys.stderr)
+    from nstd.logs import journal_prefix
+
+    print(f"{journal_prefix(3)}nstd: error: {message}", file=sys.stderr)
     return int(code)
+
+
+def _config(args: argparse.Namespace, required: bool) -> dict:
+    """The config this command uses (see find_config); the built-in defaults when none is found
+    and none is `required`."""
+    from nstd.config import find_config, load_config
+
+    return load_config(find_config(args.config, required))
 
 
 def cmd_stylize(args: argparse.Namespace) -> int:
     # Imports here keep `nstd --help` fast.
-    from nstd.config import load_config
     from nstd.engine import Engine, images
-    from nstd.jobkeys import merge, style_params
-    from nstd.schema import validate
+    from nstd.jobkeys import style_params
 
     with _as_bad_input():
-        cfg = load_config(args.config)
-        job, engine_cfg = _job_from_args(args, cfg, merge, validate)
+        cfg = _config(args, required=False)
+        job, engine_cfg = _job_from_args(args, cfg)
         out = Path(args.output)
         out_format = images.format_for_suffix(out)
         if args.gif and Path(args.gif).suffix.lower() != ".gif":
@@ -142,36 +178,52 @@ def cmd_stylize(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from nstd.config import load_config
+    from nstd.config import find_config, load_config
     from nstd.daemon.daemon import run_daemon
 
-    return run_daemon(load_config(args.config), lambda: load_config(args.config))
+    path = find_config(args.config, required=True)
+    return run_daemon(load_config(path), lambda: load_config(path), until_empty=args.until_empty)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """The daemon's intake checks on one sidecar: keys, paths, inputs present, images decodable."""
-    from nstd.config import load_config
-    from nstd.daemon.jobfile import check_job, read_sidecar, resolve_files
-    from nstd.errors import JobError
+    """The daemon's own check on each job file (nstd/daemon/jobfile.py), with the config the daemon
+    would read: keys, paths, inputs present, images decodable. Every problem is listed."""
+    cfg = _config(args, required=False)
+    worst = ExitCode.OK
+    for sidecar in map(Path, args.sidecars):
+        worst = max(worst, _validate_one(sidecar, cfg))
+    return worst
 
-    sidecar = Path(args.sidecar)
-    cfg = load_config(args.config)
+
+def _validate_one(sidecar: Path, cfg: dict) -> int:
+    from nstd.daemon.jobfile import check_job, parse_job
+    from nstd.errors import ErrorKind, JobError
+
+    limits = cfg["limits"]
     try:
-        data = read_sidecar(sidecar, cfg["limits"]["max_sidecar_bytes"])
-        checked = check_job(data, resolve_files(data, sidecar, sidecar.parent), cfg["defaults"],
-                            cfg["limits"]["max_pixels"], max_bytes=cfg["limits"]["max_input_bytes"])
+        job = parse_job(sidecar, sidecar.parent, cfg["defaults"], limits["max_sidecar_bytes"])
+        checked = check_job(job, limits["max_pixels"], max_bytes=limits["max_input_bytes"])
     except JobError as exc:
-        return _fail(f"{sidecar.name}: {exc.kind}: {exc}", exc.exit_code)
+        print(f"{sidecar.name}: {exc.kind}", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        if exc.kind is ErrorKind.MISSING_INPUT:
+            print(f"  (the daemon waits up to {cfg['watch']['missing_timeout']:g} s for a missing input "
+                  "(watch.missing_timeout), then quarantines the job as missing input)", file=sys.stderr)
+        return exc.exit_code
     files, settings, sizes = checked.files, checked.settings, checked.sizes
     print(f"{sidecar.name}: ok")
     print(f"  content  {files.content.name} ({'x'.join(map(str, sizes[files.content]))})")
     for path, weight in files.styles:
-        print(f"  style    {path.name} ({'x'.join(map(str, sizes[path]))}), weight {weight:g}")
+        print(f"  style    {path.name} ({'x'.join(map(str, sizes[path]))}), weight {weight:.3g}")
+    if len(files.styles) > 1 and files.weight_sum != 1.0:
+        print(f"  (blend weights are normalised to add up to 1: as written they add up to {files.weight_sum:g})")
     gif = settings["gif"]
     print(f"  size {settings['size']}, steps {settings['steps']}, {settings['optimizer']}, "
           f"content_weight {settings['content_weight']:g}, style_weight {settings['style_weight']:g}, "
           f"tv_weight {settings['tv_weight']:g}, init {settings['init']}, pooling {settings['pooling']}, "
-          f"seed {settings['seed']}, gif {'every %d steps' % gif['every'] if gif else 'off'}, "
+          f"preserve_color {settings['preserve_color']}, seed {settings['seed']}, "
+          f"gif {'every %d steps' % gif['every'] if gif else 'off'}, "
           f"output {settings['output']['format']}, priority {settings['priority']}")
     return ExitCode.OK
 
@@ -179,12 +231,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from nstd.config import load_config
-    from nstd.daemon.status import describe, read_status
+    from nstd.daemon.status import describe, read_status, resumable
 
-    cfg = load_config(args.config)
-    data = read_status(Path(cfg["paths"]["state"]))
-    text, alive = describe(data)
+    cfg = _config(args, required=True)
+    state = Path(cfg["paths"]["state"])
+    data = read_status(state)
+    text, alive = describe(data, resumable=resumable(state))
     if args.json:
         print(json.dumps({**(data or {}), "daemon_running": alive}, indent=1))
     else:
@@ -192,8 +244,46 @@ def cmd_status(args: argparse.Namespace) -> int:
     return ExitCode.OK if alive else ExitCode.NOT_RUNNING
 
 
-def _job_from_args(args, cfg, merge, validate) -> tuple[dict, dict]:
+def cmd_retry(args: argparse.Namespace) -> int:
+    from nstd.daemon.retry import parse_overrides, retry
+
+    cfg = _config(args, required=True)
+    done = retry(cfg, args.name, parse_overrides(args.overrides))
+    print(f"retrying {args.name} as {done.sidecar} in the inbox ({len(done.moved)} input(s) moved back); "
+          f"error.yaml and job.log kept in {done.kept}")
+    return ExitCode.OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from nstd.daemon.cancel import cancel
+
+    print(cancel(_config(args, required=True), args.name, args.wait))
+    return ExitCode.OK
+
+
+#: `nstd stylize`'s options by job key: its errors name the option the user typed.
+OPTION_OF_KEY = {
+    "size": "--size", "steps": "--steps", "optimizer": "--optimizer", "content_weight": "--content-weight",
+    "style_weight": "--style-weight", "tv_weight": "--tv-weight", "style_scale": "--style-scale",
+    "preserve_color": "--preserve-color", "init": "--init", "pooling": "--pooling", "seed": "--seed",
+    "gif.every": "--gif-every", "engine.device": "--device", "engine.weights": "--weights",
+    "engine.weights_file": "--weights-file", "engine.precision": "--precision",
+}
+
+
+def _job_from_args(args, cfg) -> tuple[dict, dict]:
     """The effective job (config defaults + flags, validated like a sidecar) and engine settings."""
+    try:
+        return _job_and_engine(args, cfg)
+    except SchemaError as exc:
+        raise exc.renamed(OPTION_OF_KEY) from None
+
+
+def _job_and_engine(args, cfg) -> tuple[dict, dict]:
+    from nstd.config import CONFIG_FIELDS
+    from nstd.jobkeys import merge
+    from nstd.schema import validate
+
     overrides = {
         key: getattr(args, attr)
         for key, attr in (
@@ -220,8 +310,6 @@ def _job_from_args(args, cfg, merge, validate) -> tuple[dict, dict]:
     for key in ("device", "weights", "weights_file", "precision"):
         if getattr(args, key) is not None:
             engine[key] = getattr(args, key)
-    from nstd.config import CONFIG_FIELDS
-
     engine = validate(engine, CONFIG_FIELDS["engine"], "engine")
     return job, engine
 

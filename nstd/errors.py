@@ -17,6 +17,8 @@ class ExitCode(IntEnum):
     BAD_INPUT = 2
     #: the weights cannot be loaded
     WEIGHTS = 3
+    #: `nstd cancel` / `nstd retry`: no such job
+    NO_SUCH_JOB = 4
     INTERRUPTED = 130
 
 
@@ -41,12 +43,16 @@ class ErrorKind(_Word):
     CRASHED = "crashed"
     INTERNAL_ERROR = "internal error"
     CANNOT_WRITE_OUTBOX = "cannot write outbox"
+    #: `nstd cancel`
+    CANCELLED = "cancelled"
 
 
 class Stage(_Word):
     """Where a job failed: before its claim, while running, while encoding or delivering."""
 
     INTAKE = "intake"
+    #: claimed, waiting for a worker
+    QUEUE = "queue"
     RUN = "run"
     ENCODE = "encode"
     DELIVER = "deliver"
@@ -59,10 +65,13 @@ class NstdError(Exception):
 
 
 class JobError(NstdError):
-    """A job that cannot run: `kind` for error.yaml, `message` says what to fix."""
+    """A job that cannot run: `kind` for error.yaml, `message` says what to fix; `problems` lists
+    each thing to fix when there are several (`nstd validate` prints one a line)."""
 
-    def __init__(self, kind: ErrorKind, message: str, stage: Stage = Stage.INTAKE):
+    def __init__(self, kind: ErrorKind, message: str, stage: Stage = Stage.INTAKE,
+                 problems: list[str] | None = None):
         self.kind = ErrorKind(kind)
         self.message = message
         self.stage = Stage(stage)
+        self.problems = problems if problems is not None else [message]
         super().__init__(message)

@@ -5,6 +5,7 @@ it are users looking at a YAML file, not programmers reading a traceback.
 """
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -13,11 +14,22 @@ from nstd.errors import NstdError
 
 
 class SchemaError(NstdError, ValueError):
-    """A value in a config or job file is missing, unknown, of the wrong type or out of range."""
+    """Values in a config or job file that are unknown, of the wrong type or out of range.
 
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"{key}: {message}" if key else message)
+    `problems` lists every one as (dotted key, what is wrong), so a user fixes them all at once;
+    the message joins them with "; "."""
+
+    def __init__(self, key: str, message: str, problems: list[tuple[str, str]] | None = None):
+        self.problems = problems if problems is not None else [(key, message)]
+        self.key = self.problems[0][0]
+        super().__init__("; ".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        return [f"{k}: {m}" if k else m for k, m in self.problems]
+
+    def renamed(self, names: Mapping[str, str]) -> "SchemaError":
+        """The same problems with keys renamed (a CLI names `--size`, not `size`)."""
+        return SchemaError("", "", [(names.get(k, k), m) for k, m in self.problems])
 
 
 def _show(value: Any) -> str:
@@ -119,23 +131,34 @@ def section(fields: Mapping[str, "Field | Mapping"]) -> Callable[[Any, str], dic
 
 
 def validate(data: Any, fields: Mapping[str, Any], where: str = "") -> dict:
-    """Check `data` against `fields` (a Field or a nested mapping of them) and fill in defaults."""
+    """Check `data` against `fields` (a Field or a nested mapping of them) and fill in defaults.
+    Raises one SchemaError listing every problem found, not only the first."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise SchemaError(where, f"expected a mapping of keys, got {_show(data)}")
-    for k in data:
-        if k not in fields:
-            known = ", ".join(fields)
-            raise SchemaError(_join(where, str(k)), f"unknown key (known keys here: {known})")
+    problems: list[tuple[str, str]] = [(_join(where, str(k)), unknown_key(str(k), fields)) for k in data if k not in fields]
     out = {}
     for k, spec in fields.items():
         key = _join(where, k)
-        if isinstance(spec, Field):
-            out[k] = spec.parse(data[k], key) if k in data else spec.default
-        else:
-            out[k] = validate(data.get(k), spec, key)
+        try:
+            if isinstance(spec, Field):
+                out[k] = spec.parse(data[k], key) if k in data else spec.default
+            else:
+                out[k] = validate(data.get(k), spec, key)
+        except SchemaError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise SchemaError("", "", problems)
     return out
+
+
+def unknown_key(key: str, known: Mapping[str, Any] | list[str]) -> str:
+    """'unknown key', with the closest known key when there is one ('stpes': did you mean 'steps'?)."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    if close:
+        return f"unknown key (did you mean {close[0]!r}?)"
+    return f"unknown key (known keys here: {', '.join(known)})"
 
 
 def defaults(fields: Mapping[str, Any]) -> dict:
@@ -144,3 +167,12 @@ def defaults(fields: Mapping[str, Any]) -> dict:
 
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML syntax error in one line a person reads: where, and what ('line 3, column 7: ...')."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return f"{where}{problem}" + (f" ({context})" if context else "")

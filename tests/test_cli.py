@@ -34,11 +34,11 @@ def test_blend_of_two_styles_to_jpeg(images_dir, tmp_path):
 @pytest.mark.parametrize(
     "extra, code, message",
     [
-        (["--size", "5"], 2, "size: expected an integer from 32 to 8192, got 5"),
-        (["--optimizer", "sgd"], 2, "optimizer: expected one of lbfgs, adam"),
+        (["--size", "5"], 2, "--size: expected an integer from 32 to 8192, got 5"),
+        (["--optimizer", "sgd"], 2, "--optimizer: expected one of lbfgs, adam"),
         (["--style-blend", "1", "2"], 2, "--style-blend has 2 weights for 1 style images"),
         (["--weights", "torchvision", "--weights-file", "/nonexistent.pth"], 3, "weights file not found"),
-        (["--device", "tpu"], 2, "engine.device: expected auto, cpu, cuda or cuda:N"),
+        (["--device", "tpu"], 2, "--device: expected auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_arguments_fail_in_one_line(images_dir, tmp_path, extra, code, message):

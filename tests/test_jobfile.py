@@ -88,7 +88,8 @@ def test_convention_names_and_blends(tmp_path):
     assert files.missing == [tmp_path / "x.yaml"]  # the sidecar itself was not written in this test
     blend = resolve_files({"content": "a.jpg", "style": [{"path": "b.jpg", "weight": 0.7}, "c.jpg"]},
                           tmp_path / "y.yaml", tmp_path)
-    assert [w for _, w in blend.styles] == [0.7, 1.0]
+    assert [w for _, w in blend.styles] == pytest.approx([0.7 / 1.7, 1 / 1.7])  # normalised, as job.yaml records
+    assert blend.weight_sum == pytest.approx(1.7)
     assert {p.name for p in blend.missing} == {"a.jpg", "b.jpg", "c.jpg", "y.yaml"}
     with pytest.raises(JobError, match=r"style\[0\]: expected a file name or"):
         resolve_files({"style": [{"file": "b.jpg"}]}, tmp_path / "z.yaml", tmp_path)

@@ -395,12 +395,12 @@ def test_a_job_nstd_cannot_claim_is_held_with_its_reason_in_status(tmp_path, sma
     readiness.update(list_sidecars(folders.inbox))
     for verdict in readiness.check():
         intake.take(verdict.pending, verdict.error)
-    [held] = readiness.held()
+    [held] = readiness.waiting()
     assert held["job"] == "j.yaml" and "cannot claim" in held["reason"] and "No space left" in held["reason"]
     assert sorted(os.listdir(folders.inbox)) == ["c.png", "j.yaml"] and len(queue) == 0
-    status.update(force=True, held=readiness.held())
+    status.update(force=True, waiting=readiness.waiting())
     text, _ = describe(status.data)
-    assert "held: j.yaml: cannot claim" in text
+    assert "j.yaml: held: cannot claim" in text and "tried again in" in text
 
 
 # --------------------------------------------------------------------------- found by a hostile helper
@@ -457,7 +457,7 @@ def test_a_job_file_too_long_to_rename_aside_is_judged_once(tmp_path):
 
 def test_hard_links_and_huge_sparse_files_are_refused(tmp_path):
     from nstd.config import load_config
-    from nstd.daemon.jobfile import check_job, resolve_files
+    from nstd.daemon.jobfile import ParsedJob, check_job, resolve_files
     from nstd.errors import JobError
 
     outside = make_outside(tmp_path)
@@ -475,7 +475,7 @@ def test_hard_links_and_huge_sparse_files_are_refused(tmp_path):
     (inbox / "j.yaml").write_text("x")
     files = resolve_files({"content": "big.png", "style": "big.png"}, inbox / "j.yaml", inbox)
     with pytest.raises(JobError, match="200,000 bytes, over the limit of 100,000"):
-        check_job({}, files, load_config(None)["defaults"], 10**8, max_bytes=100_000)
+        check_job(ParsedJob({}, files, load_config(None)["defaults"]), 10**8, max_bytes=100_000)
 
 
 def test_a_burst_of_signals_never_deadlocks_the_daemon(tmp_path):

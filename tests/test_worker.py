@@ -18,7 +18,7 @@ from nstd.daemon.queue import JobQueue
 from nstd.daemon.outcome import Outcomes
 from nstd.daemon.worker import Worker
 from nstd.daemon.claim import Claim, Input, Times
-from nstd.daemon.jobfile import check_job, read_sidecar, resolve_files
+from nstd.daemon.jobfile import check_job, parse_job
 from nstd.engine import TargetCache
 
 
@@ -68,8 +68,7 @@ def claim(store, cfg_defaults, size=512, name="j"):
     Image.new("RGB", (40, 30)).save(store.f.inbox / s)
     sidecar = store.f.inbox / f"{name}.yaml"
     sidecar.write_text(f"content: {c}\nstyle: {s}\nsize: {size}\ngif: false\n")
-    data = read_sidecar(sidecar, 65536)
-    checked = check_job(data, resolve_files(data, sidecar, store.f.inbox), cfg_defaults, 10**8)
+    checked = check_job(parse_job(sidecar, store.f.inbox, cfg_defaults, 65536), 10**8)
     return store.claim(name, checked.files, set(), checked.settings)
 
 

@@ -15,8 +15,10 @@ from typing import Callable
 from loguru import logger
 
 from nstd import logs
+from nstd.daemon import cancel
 from nstd.daemon.inbox import Readiness, list_sidecars
-from nstd.daemon.intake import Intake
+from nstd.daemon.hooks import Hooks
+from nstd.daemon.intake import Intake, wall
 from nstd.daemon.lock import RootLock
 from nstd.daemon.notify import Notifier, healthy
 from nstd.daemon.outcome import Outcomes
@@ -36,9 +38,11 @@ RESTART_KEYS = ("paths", "engine", "gpu.devices", "watch.polling", "watch.poll_i
 
 
 class Daemon:
-    def __init__(self, cfg: dict, reload_config: Callable[[], dict] | None = None):
-        """`reload_config` reads the configuration again for SIGHUP (the CLI's config.yaml)."""
+    def __init__(self, cfg: dict, reload_config: Callable[[], dict] | None = None, until_empty: bool = False):
+        """`reload_config` reads the configuration again for SIGHUP (the CLI's config.yaml);
+        `until_empty` ends the run once there is nothing left to take (`nstd run --until-empty`)."""
         self.cfg = cfg
+        self.until_empty = until_empty
         self.reload_config = reload_config or (lambda: cfg)
         self.folders = Folders.from_config(cfg)
         self.stop = threading.Event()
@@ -85,14 +89,14 @@ class Daemon:
             logger.error("reload refused; keeping the running configuration: logging: {}", exc)
             return
         needs_restart = [key for key in RESTART_KEYS if _get(self.cfg, key) != _get(new, key)]
-        for section in ("defaults", "limits", "queue", "service", "logging"):
+        for section in ("defaults", "limits", "queue", "service", "logging", "hooks"):
             self.cfg[section] = new[section]
         for key in ("settle_seconds", "missing_timeout", "rescan_seconds"):
             self.cfg["watch"][key] = new["watch"][key]
         for key in ("vram_budget_mb", "cpu_fallback"):
             self.cfg["gpu"][key] = new["gpu"][key]
         self.readiness.configure(self.cfg["watch"]["settle_seconds"], self.cfg["watch"]["missing_timeout"],
-                                 self.cfg["limits"]["max_sidecar_bytes"])
+                                 self.cfg["limits"]["max_sidecar_bytes"], self.cfg["defaults"])
         for worker in self.workers:
             worker.cap_memory()
         if needs_restart:
@@ -127,9 +131,11 @@ class Daemon:
         self.status.update(force=True, state="starting")
         w = self.cfg["watch"]
         self.readiness = Readiness(w["settle_seconds"], w["missing_timeout"], self.cfg["limits"]["max_sidecar_bytes"],
-                                   self.folders.inbox)
+                                   self.folders.inbox, self.cfg["defaults"])
         recovered = self.store.recover()
-        self.outcomes = Outcomes(self.cfg, self.store, self.status, self.queue)
+        self.hooks = Hooks(self.cfg)
+        self.hooks.start()
+        self.outcomes = Outcomes(self.cfg, self.store, self.status, self.queue, self.hooks)
         self.intake = Intake(self.cfg, self.readiness, self.store, self.outcomes, self.queue)
         for dev in devices:
             worker = Worker(self.cfg, dev, self.queue, self.store, self.status, outcomes=self.outcomes)
@@ -192,19 +198,45 @@ class Daemon:
                     inbox_ok = False
                     continue
                 self.readiness.update(sidecars)
+            for job_id in cancel.requests(self.folders.state):
+                self.cancel(job_id)
             for verdict in self.readiness.check():
                 try:
                     self.intake.take(verdict.pending, verdict.error)
                 except Exception as exc:  # a bug on one job must not stop the intake of the others
                     logger.bind(job=verdict.pending.sidecar.name).exception("intake failed: {}", exc)
                     verdict.pending.hold(f"intake failed: {type(exc).__name__}: {exc}")
-            self.status.update(waiting=len(self.readiness.pending), held=self.readiness.held(),
-                               queue=self.queue.names())
+            self.status.update(waiting=self.readiness.waiting(), queue=self.queue.names(),
+                               worker_heartbeat_at=wall(min(w.heartbeat for w in self.workers)))
             if not ready:
                 # The network is loaded, the inbox watched and scanned once: now systemd may call us up.
                 ready = True
                 self.notify.ready(self.status_line())
                 logger.info("ready")
+            elif self.until_empty and self.empty():
+                logger.info("nothing left to take ({}): exiting (--until-empty)", self.status_line())
+                break
+
+    def empty(self) -> bool:
+        """Nothing queued, running or being delivered, and no job file in the inbox that could be
+        taken now (a job waiting for a missing input, or held for a retry, is left for later)."""
+        return not self.queue.busy() and self.readiness.settled() and all(w.finisher.idle() for w in self.workers)
+
+    def cancel(self, job_id: str) -> None:
+        """A request from `nstd cancel`: a queued job goes to quarantine now, a running one stops
+        at its next step (the worker quarantines it)."""
+        cancel.answered(self.folders.state, job_id)
+        where, job = self.queue.cancel(job_id)
+        if job is not None:
+            logger.bind(job=job.name, job_id=job.id).warning("cancelled while queued (nstd cancel)")
+            try:
+                self.outcomes.quarantine(job, cancel.cancelled_error(Stage.QUEUE))
+            except OSError as exc:
+                self.outcomes.retry_later(job, exc)
+        elif where == "running":
+            logger.info("cancelling the running job {} at its next step (nstd cancel)", job_id)
+        else:
+            logger.warning("nstd cancel {}: no such job is queued or running (finished meanwhile?)", job_id)
 
     def shutdown(self) -> None:
         """Let the running job finish within the grace time (or stop at a step), then exit."""
@@ -220,6 +252,7 @@ class Daemon:
                     self.notify.watchdog()
                 worker.join(timeout=1)
         self.watcher.stop()
+        self.hooks.close(timeout=self.cfg["hooks"]["timeout_seconds"])
         self.status.update(force=True, state="stopped", running=None)
         logger.info("stopped")
         self.lock.release()
@@ -232,14 +265,15 @@ def _get(cfg: dict, dotted: str):
 
 
 def _refuse_start(exc: Exception) -> int:
-    """One line on stderr (journald under systemd), and the same into logs/nstd.log if it is open."""
+    """One line on stderr (journald under systemd, at priority err), and the same into logs/nstd.log
+    if it is open."""
     logger.bind(file_only=True).error("cannot start: {}", exc)
-    print(f"nstd: error: {exc}", file=sys.stderr)
+    print(f"{logs.journal_prefix(3)}nstd: error: {exc}", file=sys.stderr)
     return getattr(exc, "exit_code", ExitCode.BAD_INPUT)
 
 
-def run_daemon(cfg: dict, reload_config: Callable[[], dict] | None = None) -> int:
-    daemon = Daemon(cfg, reload_config)
+def run_daemon(cfg: dict, reload_config: Callable[[], dict] | None = None, until_empty: bool = False) -> int:
+    daemon = Daemon(cfg, reload_config, until_empty)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, daemon.on_signal)
     logger.remove()  # until logs.setup(): a start-up error is the one line printed below

@@ -14,9 +14,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loguru import logger
+
 from nstd.daemon import safefs
 from nstd.daemon.queue import retry_at
-from nstd.daemon.jobfile import SIDECAR_SUFFIXES, JobFiles, check_input, read_sidecar, resolve_files
+from nstd.daemon.jobfile import SIDECAR_SUFFIXES, JobFiles, ParsedJob, check_input, job_name, parse_job, waiting_for
 from nstd.errors import ErrorKind, JobError
 
 #: Hidden and temporary names, and the litter operating systems and sync tools leave.
@@ -76,13 +78,16 @@ class Pending:
     sig: tuple | None = None
     stable_since: float = 0.0
     files: JobFiles | None = None
-    data: dict | None = None
+    #: the job file read and its keys checked (None until it parses)
+    job: ParsedJob | None = None
     error: JobError | None = None
     parsed_sig: tuple | None = None
     #: after a failed claim or quarantine (a full disk, say): not looked at again before this
     hold_until: float = 0.0
     #: why it is held, for `nstd status` and the log
     held_for: str = ""
+    #: "waiting for <file>" was logged (once a job)
+    told_waiting: bool = False
 
     def hold(self, reason: str) -> None:
         """Try this job again after the retry delay; `nstd status` shows why it waits."""
@@ -104,6 +109,8 @@ class Readiness:
     missing_timeout: float
     max_sidecar_bytes: int
     inbox: Path
+    #: config.yaml's job defaults, against which a job file's keys are checked (None: built in)
+    defaults: dict | None = None
     pending: dict[Path, Pending] = field(default_factory=dict)
     #: job files judged and quarantined that could not be moved or renamed aside: (dev, ino,
     #: ctime) of each, so the same file is not judged again and again (a new one is)
@@ -125,9 +132,20 @@ class Readiness:
                     continue
                 self.pending[s] = Pending(s, now, st.st_ctime)
 
-    def configure(self, settle_seconds: float, missing_timeout: float, max_sidecar_bytes: int) -> None:
-        """New timings and limits (SIGHUP); jobs already waiting keep their first-seen time."""
+    def __post_init__(self) -> None:
+        if self.defaults is None:
+            from nstd.jobkeys import JOB_FIELDS
+            from nstd.schema import defaults
+
+            self.defaults = defaults(JOB_FIELDS)
+
+    def configure(self, settle_seconds: float, missing_timeout: float, max_sidecar_bytes: int, job_defaults: dict) -> None:
+        """New timings, limits and job defaults (SIGHUP); jobs already waiting keep their first-seen
+        time, and their job files are read again."""
         self.settle_seconds, self.missing_timeout, self.max_sidecar_bytes = settle_seconds, missing_timeout, max_sidecar_bytes
+        self.defaults = job_defaults
+        for p in self.pending.values():
+            p.parsed_sig = None
 
     def refuse(self, sidecar: Path, judged: os.stat_result) -> None:
         """A judged job file still in the inbox (it could not be moved aside): that very file,
@@ -167,10 +185,11 @@ class Readiness:
         if sig is not None and sig == p.parsed_sig:
             return
         p.parsed_sig = sig
-        p.error, p.files, p.data = None, None, None
+        p.error, p.files, p.job = None, None, None
         try:
-            p.data = read_sidecar(p.sidecar, self.max_sidecar_bytes)
-            p.files = resolve_files(p.data, p.sidecar, self.inbox)
+            assert self.defaults is not None
+            p.job = parse_job(p.sidecar, self.inbox, self.defaults, self.max_sidecar_bytes)
+            p.files = p.job.files
         except JobError as exc:
             p.error = exc
         except Exception as exc:  # a job file that breaks the parser is that job's problem only
@@ -202,15 +221,40 @@ class Readiness:
             return Verdict(p, error=p.error) if settled else None
         assert p.files is not None
         if p.files.missing:
-            if now - p.first_seen >= self.missing_timeout:
-                names = ", ".join(f.name for f in p.files.missing if f != p.sidecar)
-                return Verdict(p, error=JobError(ErrorKind.MISSING_INPUT, f"still missing after {self.missing_timeout:g} s: {names}"))
+            waited = now - p.first_seen
+            if waited >= self.missing_timeout:
+                return Verdict(p, error=JobError(ErrorKind.MISSING_INPUT, f"still missing after {self.missing_timeout:g} s: {waiting_for(p.files)}"))
+            if waited >= self.settle_seconds and not p.told_waiting:
+                p.told_waiting = True
+                logger.bind(job=job_name(p.sidecar)).info(
+                    "{}: waiting for {} (quarantined as missing input in {:.0f} s)", p.sidecar.name,
+                    waiting_for(p.files), self.missing_timeout - waited)
             return None
         return Verdict(p, ready=True) if settled else None
 
-    def held(self) -> list[dict]:
-        """Jobs held after nstd itself failed to claim or quarantine them, with the reason."""
-        return [{"job": p.sidecar.name, "reason": p.held_for} for p in self.pending.values() if p.held_for]
+    def waiting(self, now: float | None = None) -> list[dict]:
+        """Every job file in the inbox not yet taken, oldest first, with why it waits: for
+        `nstd status` and the status page. `quarantine_in` (seconds) is set for a job waiting
+        for an input that may never come."""
+        now = time.monotonic() if now is None else now
+        out = []
+        for p in sorted(self.pending.values(), key=lambda p: p.first_seen):
+            entry: dict = {"job": p.sidecar.name, "since": now - p.first_seen}
+            if p.held_for:
+                entry["reason"] = f"held: {p.held_for} (tried again in {max(0.0, p.hold_until - now):.0f} s)"
+            elif p.files is not None and p.files.missing:
+                entry["reason"] = f"waiting for {waiting_for(p.files) or p.sidecar.name}"
+                entry["quarantine_in"] = max(0.0, self.missing_timeout - (now - p.first_seen))
+            elif p.error is not None:
+                entry["reason"] = f"{p.error.kind}: judged once the file stops changing"
+            else:
+                entry["reason"] = "settling: taken once its files stop changing"
+            out.append(entry)
+        return out
+
+    def settled(self) -> bool:
+        """Nothing left to take now: every job file waits for an input or a retry (--until-empty)."""
+        return all(p.held_for or (p.files is not None and p.files.missing) for p in self.pending.values())
 
     def waiting_references(self, exclude: Path) -> set[Path]:
         """Every input named by another waiting sidecar: those files must stay in the inbox."""

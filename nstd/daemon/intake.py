@@ -32,11 +32,10 @@ class Intake:
             try:
                 if error is not None:
                     raise error
-                assert p.data is not None and p.files is not None
+                assert p.job is not None and p.files is not None
                 with self.store.pinned(p.files.inputs()) as pins:  # what is checked is what is claimed
                     limits = self.cfg["limits"]
-                    checked = check_job(p.data, p.files, self.cfg["defaults"], limits["max_pixels"], pins,
-                                        limits["max_input_bytes"])
+                    checked = check_job(p.job, limits["max_pixels"], pins, limits["max_input_bytes"])
                     for path, (w, h) in checked.sizes.items():
                         log.debug("{}: {}x{}", path.name, w, h)
                     shared = self.readiness.waiting_references(exclude=p.sidecar) & set(checked.files.inputs())

@@ -17,7 +17,7 @@ import yaml
 from nstd.daemon import safefs
 from nstd.errors import ErrorKind, JobError
 from nstd.jobkeys import merge
-from nstd.schema import SchemaError, number
+from nstd.schema import SchemaError, number, unknown_key, yaml_problem
 
 
 SIDECAR_SUFFIXES = (".yaml", ".yml")
@@ -81,7 +81,7 @@ def read_sidecar(path: Path, max_bytes: int) -> dict:
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name}: not valid YAML: {_one_line(exc)}") from None
+        raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name}: not valid YAML: {yaml_problem(exc)}") from None
     except RecursionError:  # belt and braces: the depth limit should have stopped it
         raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name}: not valid YAML: nested too deeply") from None
     if data is None:
@@ -89,10 +89,6 @@ def read_sidecar(path: Path, max_bytes: int) -> dict:
     if not isinstance(data, dict):
         raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name}: expected a mapping of keys, got {type(data).__name__}")
     return data
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
 
 
 @dataclass
@@ -105,6 +101,8 @@ class JobFiles:
     init: Path | None = None
     #: files not there yet (the job waits for them); empty when usable
     missing: list[Path] = field(default_factory=list)
+    #: the blend weights as written add up to this (`styles` holds them normalised)
+    weight_sum: float = 1.0
 
     def inputs(self) -> list[Path]:
         """Every file of the job, sidecar last (it is the commit marker), without duplicates."""
@@ -192,6 +190,7 @@ def _resolve_files(data: dict, sidecar: Path, inbox_fd: int) -> JobFiles:
         else by_convention("content")
     style = data.get("style")
     styles: list[tuple[Path, float]] = []
+    total = 1.0
     if style is None:
         styles = [(by_convention("style"), 1.0)]
     elif isinstance(style, str):
@@ -211,15 +210,17 @@ def _resolve_files(data: dict, sidecar: Path, inbox_fd: int) -> JobFiles:
             except SchemaError as exc:
                 raise JobError(ErrorKind.INVALID_JOB_FILE, str(exc)) from None
             styles.append((resolve_path(item["path"], f"{key}.path", sidecar, inbox_fd), weight))
-        if sum(w for _, w in styles) <= 0:
+        total = sum(w for _, w in styles)
+        if total <= 0:
             raise JobError(ErrorKind.INVALID_JOB_FILE, "style: the blend weights add up to 0")
+        styles = [(p, w / total) for p, w in styles]  # what runs is what job.yaml records
     else:
         raise JobError(ErrorKind.INVALID_JOB_FILE, f"style: expected a file name or a list of them, got {style!r}")
     init = None
     init_value = data.get("init")
     if isinstance(init_value, str) and init_value not in ("content", "noise"):
         init = resolve_path(init_value, "init", sidecar, inbox_fd)
-    files = JobFiles(sidecar=sidecar, content=content, styles=styles, init=init)
+    files = JobFiles(sidecar=sidecar, content=content, styles=styles, init=init, weight_sum=total)
     files.missing = [p for p in files.inputs() if not _present(inbox_fd, sidecar.parent, p)]
     return files
 
@@ -237,12 +238,59 @@ FILE_KEYS = ("content", "style")
 
 
 def job_settings(data: dict, defaults: dict) -> dict:
-    """The effective job keys: config defaults with the sidecar's own on top, validated."""
-    overrides = {k: v for k, v in data.items() if k not in FILE_KEYS}
+    """The effective job keys: config defaults with the sidecar's own on top, validated. Every
+    problem is named at once, an unknown key with the closest known one."""
+    from nstd.jobkeys import JOB_FIELDS
+
+    known = [*FILE_KEYS, *JOB_FIELDS]
+    problems = [(str(k), unknown_key(str(k), known)) for k in data if k not in known]
+    overrides = {k: v for k, v in data.items() if k in JOB_FIELDS}
     try:
-        return merge(defaults, overrides)
+        settings = merge(defaults, overrides)
     except SchemaError as exc:
-        raise JobError(ErrorKind.INVALID_JOB_FILE, str(exc)) from None
+        problems.extend(exc.problems)
+    if problems:
+        raise JobError(ErrorKind.INVALID_JOB_FILE, str(SchemaError("", "", problems)),
+                       problems=SchemaError("", "", problems).lines())
+    return settings
+
+
+@dataclass
+class ParsedJob:
+    """A job file read and its keys checked, before its images are looked at."""
+
+    data: dict
+    files: JobFiles
+    settings: dict
+
+
+def parse_job(sidecar: Path, inbox: Path, defaults: dict, max_sidecar_bytes: int) -> ParsedJob:
+    """Read a job file, resolve the files it names and check its keys: the first half of the one
+    verdict the daemon (as soon as the file settles) and `nstd validate` both give."""
+    data = read_sidecar(sidecar, max_sidecar_bytes)
+    problems: list[str] = []
+    files = None
+    try:
+        files = resolve_files(data, sidecar, inbox)
+    except JobError as exc:
+        if exc.kind is not ErrorKind.INVALID_JOB_FILE:
+            raise  # a path outside the inbox is its own verdict
+        problems.extend(exc.problems)
+    try:
+        settings = job_settings(data, defaults)
+    except JobError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        if files is not None and files.missing:
+            problems.append(f"not found: {waiting_for(files) or sidecar.name}")
+        raise JobError(ErrorKind.INVALID_JOB_FILE, "; ".join(problems), problems=problems)
+    assert files is not None
+    return ParsedJob(data, files, settings)
+
+
+def waiting_for(files: JobFiles) -> str:
+    """'a.jpg, b.png': the inputs a job still waits for, as its dropper named them."""
+    return ", ".join(f.name for f in files.missing if f != files.sidecar)
 
 
 @dataclass
@@ -254,28 +302,34 @@ class CheckedJob:
     sizes: dict[Path, tuple[int, int]]
 
 
-def check_job(data: dict, files: JobFiles, defaults: dict, max_pixels: int,
-              pins: dict[Path, safefs.Pinned] | None = None, max_bytes: int | None = None) -> CheckedJob:
-    """The one verdict on a job, for intake and `nstd validate` alike: its keys are valid, every
-    input is there, and every image decodes (a bad image never reaches a worker). With `pins`
-    (intake) the images are read from the pinned files, each once however often it is named."""
+def check_job(job: ParsedJob, max_pixels: int, pins: dict[Path, safefs.Pinned] | None = None,
+              max_bytes: int | None = None) -> CheckedJob:
+    """The second half of the one verdict, for intake and `nstd validate` alike: every input is
+    there and every image decodes (a bad image never reaches a worker). Every problem is named
+    at once. With `pins` (intake) the images are read from the pinned files, each once however
+    often it is named."""
     from nstd.engine.images import ImageError, open_image  # torch: only for a real check
 
-    settings = job_settings(data, defaults)
+    files = job.files
+    problems: list[JobError] = []
     if files.missing:
-        raise JobError(ErrorKind.MISSING_INPUT, "not found: " + ", ".join(str(p) for p in files.missing))
+        problems.append(JobError(ErrorKind.MISSING_INPUT, f"not found: {waiting_for(files) or files.sidecar.name}"))
     sizes = {}
     for path in files.inputs()[:-1]:
-        size = pins[path].st.st_size if pins is not None else path.stat().st_size
-        if max_bytes is not None and size > max_bytes:  # a sparse file would multiply on disk
-            raise JobError(ErrorKind.BAD_IMAGE, f"{path.name}: {size:,} bytes, over the limit of {max_bytes:,} "
-                           "(limits.max_input_bytes)")
+        if path in files.missing:
+            continue
         try:
+            size = pins[path].st.st_size if pins is not None else path.stat().st_size
+            if max_bytes is not None and size > max_bytes:  # a sparse file would multiply on disk
+                raise ImageError(path, f"{size:,} bytes, over the limit of {max_bytes:,} (limits.max_input_bytes)")
             if pins is None:
                 sizes[path] = open_image(path, max_pixels).size
             else:
                 with pins[path].reader() as fh:
                     sizes[path] = open_image(path, max_pixels, fileobj=fh).size
         except ImageError as exc:
-            raise JobError(ErrorKind.BAD_IMAGE, str(exc)) from None
-    return CheckedJob(files, settings, sizes)
+            problems.append(JobError(ErrorKind.BAD_IMAGE, str(exc)))
+    if problems:
+        messages = [p.message for p in problems]
+        raise JobError(problems[0].kind, "; ".join(messages), problems=messages)
+    return CheckedJob(files, job.settings, sizes)

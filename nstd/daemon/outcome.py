@@ -24,6 +24,7 @@ from loguru import logger
 
 from nstd import __version__, logs
 from nstd.daemon.claim import Claim
+from nstd.daemon.hooks import Hooks
 from nstd.daemon.queue import RETRY_SECONDS, JobQueue, retry_at
 from nstd.daemon.status import Status, iso
 from nstd.daemon.store import Store
@@ -55,8 +56,9 @@ def error_record(name: str, exc: JobError, attempts: int, times: dict[str, float
 class Outcomes:
     """The one place a job's end is decided and written."""
 
-    def __init__(self, cfg: dict, store: Store, status: Status, jobs: JobQueue):
+    def __init__(self, cfg: dict, store: Store, status: Status, jobs: JobQueue, hooks: Hooks | None = None):
         self.cfg, self.store, self.status, self.queue = cfg, store, status, jobs
+        self.hooks = hooks or Hooks(cfg)  # not started: hooks run inline (a worker driven by hand)
 
     # ------------------------------------------------------------------ failures
 
@@ -67,6 +69,7 @@ class Outcomes:
         final = self.store.quarantine_from_inbox(name, sidecar, files, shared, error, log_text)
         logger.bind(job=name).warning("quarantined in {}: {}", final, exc.message)
         self.status.count("failed")
+        self.hooks.failed(name, str(final), exc.kind.value, exc.message)
         return final
 
     def quarantine(self, job: Claim, exc: JobError) -> None:
@@ -76,6 +79,7 @@ class Outcomes:
         final = self.store.quarantine_claimed(job, error, text)
         logger.bind(job=job.name).warning("quarantined in {}: {}", final, exc.message)
         self.status.count("failed")
+        self.hooks.failed(job.name, str(final), exc.kind.value, exc.message)
 
     def internal_error(self, job: Claim, exc: Exception, stage: Stage) -> None:
         """A bug or an engine/encoder failure: quarantine the job with the traceback in its log."""
@@ -109,6 +113,7 @@ class Outcomes:
             return
         logger.bind(job=job.name).info("delivered to {}", final)
         self.status.count("done")
+        self.hooks.done(job.name, str(final), str(final / next(iter(outputs))))
 
     def _deliver_failed(self, job: Claim, exc: OSError) -> None:
         """The outbox could not be written (the transfer was rolled back): quarantine with the
@@ -194,9 +199,16 @@ class Finisher(threading.Thread):
             self._q.put(None)
             self.join()
 
+    def idle(self) -> bool:
+        """Nothing handed over is still being finished."""
+        return self._q.unfinished_tasks == 0
+
     def run(self) -> None:
         while (done := self._q.get()) is not None:
-            self._finish_one(done)
+            try:
+                self._finish_one(done)
+            finally:
+                self._q.task_done()
 
     def _finish_one(self, done: Optimised) -> None:
         try:

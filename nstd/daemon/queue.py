@@ -29,6 +29,10 @@ class JobQueue:
         self._heap: list[tuple] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
+        #: ids of jobs a worker took and has not yet handed on
+        self._running: set[str] = set()
+        #: ids of running jobs asked to stop by `nstd cancel`
+        self._cancelled: set[str] = set()
 
     def put(self, job: Claim, not_before: float = 0.0) -> None:
         """Queue a job; `not_before` (time.monotonic()) holds it back, for a retry after a failure."""
@@ -46,7 +50,37 @@ class JobQueue:
                 return None
             self._heap.remove(entry)
             heapq.heapify(self._heap)
+            self._running.add(entry[2].id)
             return entry[2]
+
+    def done(self, job_id: str) -> None:
+        """A worker is finished with a job it took (whatever became of it)."""
+        with self._cond:
+            self._running.discard(job_id)
+            self._cancelled.discard(job_id)
+
+    def cancel(self, job_id: str) -> tuple[str, Claim | None]:
+        """`nstd cancel`: a queued job is taken out and returned ("queued", job) for quarantine; a
+        running one is marked, and stops at its next step ("running", None); else ("unknown", None)."""
+        with self._cond:
+            for entry in self._heap:
+                if entry[2].id == job_id:
+                    self._heap.remove(entry)
+                    heapq.heapify(self._heap)
+                    return "queued", entry[2]
+            if job_id in self._running:
+                self._cancelled.add(job_id)
+                return "running", None
+            return "unknown", None
+
+    def busy(self) -> bool:
+        """A job is queued, or taken by a worker and not yet handed on."""
+        with self._cond:
+            return bool(self._heap or self._running)
+
+    def is_cancelled(self, job_id: str) -> bool:
+        with self._cond:
+            return job_id in self._cancelled
 
     def _first_ready(self) -> tuple | None:
         if self._heap and self._heap[0][1] <= time.monotonic():

@@ -29,6 +29,11 @@ from nstd.daemon.transfer import MANIFEST, TMP_PREFIX, Transfer, free_name_in, r
 from nstd.fsutil import atomic_write_bytes, atomic_write_text
 
 
+#: The files nstd writes into a quarantined job's folder (error.yaml's `files:` names the user's,
+#: each with where it was dropped, relative to the inbox: what `nstd retry` puts back).
+NSTD_FILES = ("error.yaml", "job.log", MANIFEST, "retried.yaml")
+
+
 @dataclass(frozen=True)
 class Folders:
     inbox: Path
@@ -181,8 +186,9 @@ class Store:
         fd = safefs.open_inbox(self.f.inbox)
         try:
             with self._transfer(self.f.quarantine, uuid.uuid4().hex[:12]) as t:
-                used = {"error.yaml", "job.log", MANIFEST}  # a user file never takes these names
+                used = set(NSTD_FILES)  # a user file never takes these names
                 notes = []
+                where_from: dict[str, str] = {}
                 for src in dict.fromkeys([*files, sidecar]):
                     rel = safefs.relative(self.f.inbox, src)
                     if src in shared:
@@ -196,22 +202,28 @@ class Store:
                         notes.append(_leave(fd, rel, exc, is_sidecar=src == sidecar))
                         continue
                     try:
-                        t.put_pinned(pin, _free_name(src.name, used))
+                        here = _free_name(src.name, used)
+                        t.put_pinned(pin, here)
+                        where_from[here] = rel
                     except safefs.Refused as exc:  # swapped while being moved: put back, left there
                         notes.append(_leave(fd, rel, exc, is_sidecar=False))
                     finally:
                         pin.close()
-                _write_error(t.dir, error, log + "".join(notes))
+                _write_error(t.dir, {**error, "files": where_from}, log + "".join(notes))
                 return t.commit(self.f.quarantine / safe_component(name))
         finally:
             os.close(fd)
 
     def quarantine_claimed(self, job: Claim, error: dict, log: str) -> Path:
+        origins = {i.file: i.origin for i in (job.content, *job.styles, job.sidecar, job.init) if i is not None}
         with self._transfer(self.f.quarantine, job.id) as t:
-            used = {"error.yaml", "job.log", MANIFEST}  # a user file never takes these names
+            used = set(NSTD_FILES)  # a user file never takes these names
+            where_from: dict[str, str] = {}
             for p in sorted(job.inputs_dir.iterdir()):
-                t.put(p, _free_name(p.name, used))
-            _write_error(t.dir, error, log)
+                here = _free_name(p.name, used)
+                t.put(p, here)
+                where_from[here] = origins.get(p.name, p.name)
+            _write_error(t.dir, {**error, "files": where_from}, log)
             final = t.commit(self.f.quarantine / safe_component(job.name))
         shutil.rmtree(job.folder, ignore_errors=True)
         return final

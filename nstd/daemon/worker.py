@@ -75,7 +75,7 @@ class JobProgress(Progress):
         self.log.debug("checkpoint at step {}", checkpoint.step)
 
     def should_stop(self) -> bool:
-        return self.worker.should_stop()
+        return self.worker.should_stop() or self.worker.queue.is_cancelled(self.job.id)
 
 
 class Worker(threading.Thread):
@@ -142,6 +142,12 @@ class Worker(threading.Thread):
 
     def process(self, job: Claim) -> None:
         """Perform one job, then hand it on: to the finisher, to quarantine, or back to the queue."""
+        try:
+            self._process(job)
+        finally:
+            self.queue.done(job.id)  # after the hand-over: the job is never in no one's hands
+
+    def _process(self, job: Claim) -> None:
         self.current = job
         log = logger.bind(job=job.name, job_id=job.id)
         job.begin_attempt()
@@ -151,6 +157,11 @@ class Worker(threading.Thread):
                 try:
                     done = self.perform(job, log)
                 except Interrupted as exc:
+                    if self.queue.is_cancelled(job.id):
+                        log.warning("cancelled at step {} (nstd cancel)", exc.checkpoint.step)
+                        self.outcomes.quarantine(job, JobError(
+                            ErrorKind.CANCELLED, f"cancelled with nstd cancel at step {exc.checkpoint.step}", Stage.RUN))
+                        return
                     checkpoints.save(self.store.checkpoint_dir(job), exc.checkpoint)
                     job.give_back_attempt()
                     log.warning("stopped at step {} for shutdown; it resumes from there at the next start",

@@ -1,0 +1,137 @@
+"""`nstd cancel NAME`: a queued job to quarantine as "cancelled", a running one stopped at its next step.
+
+With a daemon running, the command leaves a request, `state/cancel/<job id>`, that the intake
+loop reads within a tick (the daemon owns its queue and its worker; no second process touches
+them). With none running, the command takes the root's lock itself, so no daemon can start
+meanwhile, and moves the claimed job to quarantine. Either way the job's files are moved, never
+deleted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nstd.errors import ErrorKind, ExitCode, JobError, NstdError, Stage
+from nstd.fsutil import atomic_write_text
+
+REQUESTS = "cancel"
+
+
+class NoSuchJob(NstdError):
+    """No claimed job has that name (exit 4)."""
+
+    exit_code = ExitCode.NO_SUCH_JOB
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: str
+    name: str
+    folder: Path
+
+
+def claimed(jobs_dir: Path) -> list[Claimed]:
+    """Every claimed job in state/jobs/, oldest first (read from claim.json, torch-free)."""
+    out = []
+    try:
+        folders = sorted(d for d in jobs_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError:
+        return out
+    for d in folders:
+        try:
+            record = json.loads((d / "claim.json").read_text())
+            out.append(Claimed(str(record["id"]), str(record["name"]), d))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def find(jobs_dir: Path, name: str) -> Claimed:
+    """The claimed job called `name` (its job file's name without .yaml) or with that id."""
+    jobs = claimed(jobs_dir)
+    found = [j for j in jobs if name in (j.id, j.name)]
+    if not found:
+        known = ", ".join(j.name for j in jobs) or "none"
+        raise NoSuchJob(f"no queued or running job is called {name!r} (claimed now: {known}); "
+                        "a job still in the inbox is not claimed yet: take its files out instead")
+    if len(found) > 1:
+        raise NoSuchJob(f"several jobs are called {name!r}: give the id of one ({', '.join(j.id for j in found)})")
+    return found[0]
+
+
+# ------------------------------------------------------------------ the request files
+
+
+def ask(state: Path, job_id: str) -> None:
+    atomic_write_text(state / REQUESTS / job_id, f"{time.time()}\n")
+
+
+def requests(state: Path) -> list[str]:
+    """Job ids asked to be cancelled; an absent folder means none (one listdir a tick)."""
+    try:
+        return sorted(n for n in os.listdir(state / REQUESTS) if not n.startswith("."))
+    except OSError:
+        return []
+
+
+def answered(state: Path, job_id: str) -> None:
+    try:
+        os.unlink(state / REQUESTS / job_id)
+    except OSError:
+        pass
+
+
+def cancelled_error(stage: Stage, detail: str = "") -> JobError:
+    return JobError(ErrorKind.CANCELLED, "cancelled with nstd cancel" + detail, stage)
+
+
+# ------------------------------------------------------------------ the command
+
+
+def cancel(cfg: dict, name: str, wait_seconds: float) -> str:
+    """Cancel the claimed job `name`; returns what happened, in a line."""
+    from nstd.daemon.lock import AlreadyRunning, RootLock
+    from nstd.daemon.store import Folders
+
+    folders = Folders.from_config(cfg)
+    job = find(folders.jobs, name)
+    try:
+        lock = RootLock(folders.state)
+    except AlreadyRunning:
+        return _ask_the_daemon(folders.state, job, wait_seconds)
+    except OSError as exc:
+        raise NstdError(f"cannot reach the state folder {folders.state}: {exc.strerror or exc}") from None
+    try:
+        return _quarantine_here(folders, job)
+    finally:
+        lock.release()
+
+
+def _ask_the_daemon(state: Path, job: Claimed, wait_seconds: float) -> str:
+    ask(state, job.id)
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        if not job.folder.exists():
+            return f"cancelled {job.name}: moved to quarantine"
+        time.sleep(0.2)
+    return (f"asked the daemon to cancel {job.name} ({job.id}); it stops at its next step "
+            "and moves the job to quarantine ('nstd status' shows when)")
+
+
+def _quarantine_here(folders, job: Claimed) -> str:
+    """No daemon runs and we hold the lock: move the claimed job to quarantine ourselves."""
+    from nstd.daemon.claim import Claim
+    from nstd.daemon.outcome import error_record
+    from nstd.daemon.store import Store
+
+    if not job.folder.exists():
+        raise NoSuchJob(f"{job.name} is no longer claimed")
+    claim = Claim.from_folder(job.folder)
+    error = error_record(claim.name, cancelled_error(Stage.QUEUE, " while no daemon ran"), claim.attempts,
+                         {"claimed": claim.times.claimed, "failed": time.time()})
+    log = claim.log_path.read_text(encoding="utf-8", errors="replace") if claim.log_path.exists() else ""
+    final = Store(folders).quarantine_claimed(claim, error, log)
+    return f"cancelled {claim.name}: moved to {final}"
