@@ -341,3 +341,24 @@ def test_hooks_run_with_the_job_in_their_environment(tmp_path):
         assert d.alive() and d.landed("again") and d.quarantined("bad2")
     finally:
         d.stop()
+
+
+def test_until_empty_leaves_a_job_file_that_never_settles(tmp_path):
+    """A job file rewritten without end: --until-empty gives up on it after missing_timeout,
+    says so, and exits; a cancel request nobody can remove is acted on once, not every tick."""
+    d = Daemon(tmp_path, watch={"missing_timeout": 3.0})
+    (d.inbox).mkdir(parents=True)
+    d.image("tubingen.jpg")
+    (d.state / "cancel" / "abc").mkdir(parents=True)  # a request that cannot be unlinked
+    stop = time.monotonic() + 60
+    proc = subprocess.Popen([sys.executable, "-m", "nstd.cli", "run", "--until-empty", "--config", str(d.config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    n = 0
+    while proc.poll() is None and time.monotonic() < stop:
+        n += 1
+        (d.inbox / "busy.yaml").write_text(f"content: tubingen.jpg\nstyle: tubingen.jpg\nsteps: {n % 5 + 1}\n")
+        time.sleep(0.1)
+    out = proc.communicate(timeout=30)[0] if proc.poll() is not None else (proc.kill() or "killed")
+    assert proc.returncode == 0, out[-3000:]
+    assert "busy.yaml: its files are still changing after 3 s; left in the inbox" in out
+    assert out.count("cannot remove the cancel request") == 1

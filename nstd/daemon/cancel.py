@@ -8,6 +8,7 @@ deleted.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -77,11 +78,15 @@ def requests(state: Path) -> list[str]:
         return []
 
 
-def answered(state: Path, job_id: str) -> None:
+def answered(state: Path, job_id: str) -> bool:
+    """Drop a request once acted on; False when it cannot be (written by another user, say)."""
     try:
         os.unlink(state / REQUESTS / job_id)
+        return True
+    except FileNotFoundError:
+        return True
     except OSError:
-        pass
+        return False
 
 
 def cancelled_error(stage: Stage, detail: str = "") -> JobError:
@@ -101,7 +106,7 @@ def cancel(cfg: dict, name: str, wait_seconds: float) -> str:
     try:
         lock = RootLock(folders.state)
     except AlreadyRunning:
-        return _ask_the_daemon(folders.state, job, wait_seconds)
+        return _ask_the_daemon(folders, job, wait_seconds)
     except OSError as exc:
         raise NstdError(f"cannot reach the state folder {folders.state}: {exc.strerror or exc}") from None
     try:
@@ -110,15 +115,40 @@ def cancel(cfg: dict, name: str, wait_seconds: float) -> str:
         lock.release()
 
 
-def _ask_the_daemon(state: Path, job: Claimed, wait_seconds: float) -> str:
-    ask(state, job.id)
+def _ask_the_daemon(folders, job: Claimed, wait_seconds: float) -> str:
+    ask(folders.state, job.id)
     deadline = time.monotonic() + wait_seconds
     while time.monotonic() < deadline:
         if not job.folder.exists():
-            return f"cancelled {job.name}: moved to quarantine"
+            break
         time.sleep(0.2)
-    return (f"asked the daemon to cancel {job.name} ({job.id}); it stops at its next step "
-            "and moves the job to quarantine ('nstd status' shows when)")
+    else:
+        return (f"asked the daemon to cancel {job.name} ({job.id}); it stops at its next step "
+                "and moves the job to quarantine ('nstd status' shows when)")
+    where = quarantined_as(folders.quarantine, job)
+    if where is not None:
+        return f"cancelled {job.name}: moved to {where}"
+    return f"{job.name} finished before the cancel reached it (see the outbox, or the quarantine)"
+
+
+def quarantined_as(quarantine: Path, job: Claimed) -> Path | None:
+    """The quarantine folder whose error.yaml says this very job was cancelled, if any (the
+    folders named after the job are read; a name taken earlier gets a suffix)."""
+    from nstd.daemon.transfer import safe_component
+
+    stem = safe_component(job.name)
+    for d in sorted(quarantine.glob(f"{glob.escape(stem)}*"), key=lambda d: d.name):
+        try:
+            text = (d / "error.yaml").read_text(encoding="utf-8", errors="replace")[:MAX_ERROR_TEXT]
+        except OSError:
+            continue
+        if f"id: {job.id}" in text and "kind: cancelled" in text:
+            return d
+    return None
+
+
+#: error.yaml's head, where id and kind are written
+MAX_ERROR_TEXT = 4096
 
 
 def _quarantine_here(folders, job: Claimed) -> str:
@@ -131,7 +161,7 @@ def _quarantine_here(folders, job: Claimed) -> str:
         raise NoSuchJob(f"{job.name} is no longer claimed")
     claim = Claim.from_folder(job.folder)
     error = error_record(claim.name, cancelled_error(Stage.QUEUE, " while no daemon ran"), claim.attempts,
-                         {"claimed": claim.times.claimed, "failed": time.time()})
+                         {"claimed": claim.times.claimed, "failed": time.time()}, claim.id)
     log = claim.log_path.read_text(encoding="utf-8", errors="replace") if claim.log_path.exists() else ""
     final = Store(folders).quarantine_claimed(claim, error, log)
     return f"cancelled {claim.name}: moved to {final}"

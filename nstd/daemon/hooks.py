@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import queue
+import select
 import shlex
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 
 from loguru import logger
@@ -85,20 +87,59 @@ class Hooks(threading.Thread):
         except (OSError, ValueError) as exc:
             log.error("hooks.on_{}: cannot run {!r}: {}", run.event, run.command, exc)
             return
+        assert proc.stdout is not None
         try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            out, _ = proc.communicate()
+            tail, timed_out = _wait_keeping_tail(proc, timeout)
+        finally:
+            proc.stdout.close()
+        text = _printable(tail.decode("utf-8", "replace").strip())
+        if timed_out:
             log.error("hooks.on_{}: {!r} still running after {:g} s (hooks.timeout_seconds); killed",
                       run.event, run.command, timeout)
-            return
-        text = out.decode("utf-8", "replace").strip()[-OUTPUT_KEPT:]
-        if proc.returncode != 0:
+        elif proc.returncode != 0:
             log.error("hooks.on_{}: {!r} exited with {}{}", run.event, run.command, proc.returncode,
                       f": {text}" if text else "")
         else:
             log.info("hooks.on_{}: {!r} ran{}", run.event, run.command, f": {text}" if text else "")
+
+
+def _wait_keeping_tail(proc: subprocess.Popen, timeout: float) -> tuple[bytes, bool]:
+    """Read the hook's output as it comes, keeping only its last OUTPUT_KEPT bytes, until it exits
+    or `timeout` passes (then its process group is killed). A child it left behind that still
+    holds the pipe (a daemonised helper) gets a second at most: then reading stops."""
+    fd = proc.stdout.fileno()  # type: ignore[union-attr]
+    tail = bytearray()
+    deadline = time.monotonic() + timeout
+    exited_at: float | None = None
+    eof = False
+    while True:
+        now = time.monotonic()
+        if proc.poll() is not None:
+            exited_at = exited_at or now
+            if eof or now - exited_at > 1.0:
+                return bytes(tail), False
+        elif now >= deadline:
+            _kill_group(proc)
+            proc.wait()
+            return bytes(tail), True
+        if eof:  # the hook closed its output but runs on: wait for it without reading
+            try:
+                proc.wait(timeout=min(0.2, max(0.0, deadline - now)))
+            except subprocess.TimeoutExpired:
+                pass
+            continue
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                eof = True
+            tail += chunk
+            del tail[:-OUTPUT_KEPT]
+
+
+def _printable(text: str) -> str:
+    """A hook's output for one log line: control characters (a NUL, an escape) shown as '?'."""
+    return "".join(c if c.isprintable() or c in "\n\t" else "?" for c in text)
 
 
 def _text(value: str) -> str:

@@ -252,9 +252,20 @@ class Readiness:
             out.append(entry)
         return out
 
-    def settled(self) -> bool:
-        """Nothing left to take now: every job file waits for an input or a retry (--until-empty)."""
-        return all(p.held_for or (p.files is not None and p.files.missing) for p in self.pending.values())
+    def settled(self, now: float | None = None) -> bool:
+        """Nothing left to take now (--until-empty): every job file waits for an input or a retry,
+        or has kept changing for longer than missing_timeout (it is logged, and left)."""
+        now = time.monotonic() if now is None else now
+        for p in self.pending.values():
+            if p.held_for or (p.files is not None and p.files.missing):
+                continue
+            if now - p.first_seen < self.missing_timeout:
+                return False
+            if not p.told_waiting:
+                p.told_waiting = True
+                logger.bind(job=job_name(p.sidecar)).warning(
+                    "{}: its files are still changing after {:g} s; left in the inbox", p.sidecar.name, self.missing_timeout)
+        return True
 
     def waiting_references(self, exclude: Path) -> set[Path]:
         """Every input named by another waiting sidecar: those files must stay in the inbox."""

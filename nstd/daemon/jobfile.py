@@ -49,13 +49,14 @@ class _StrictLoader(yaml.SafeLoader):
             self.depth -= 1
 
 
-def read_sidecar(path: Path, max_bytes: int) -> dict:
+def read_sidecar(path: Path, max_bytes: int, dir_fd: int | None = None) -> dict:
     """The sidecar's mapping, or JobError(ErrorKind.INVALID_JOB_FILE) saying why not.
 
-    Opened through its folder without following a link, and only if it is a regular file: a job
-    file that is a link, FIFO, socket, device or folder is refused before anything opens it."""
+    Opened through its folder (or `dir_fd`, a descriptor of it) without following a link, and only
+    if it is a regular file: a job file that is a link, FIFO, socket, device or folder is refused
+    before anything opens it."""
     try:
-        fd = safefs.open_inbox(path.parent)
+        fd = safefs.open_inbox(path.parent) if dir_fd is None else os.dup(dir_fd)
         try:
             pinned = safefs.pin(fd, path.parent, path.name)
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from nstd.errors import NstdError
@@ -20,17 +21,42 @@ class AlreadyRunning(NstdError):
 
 
 class RootLock:
-    def __init__(self, state: Path):
+    def __init__(self, state: Path, wait_seconds: float = 0.0):
+        """`wait_seconds`: how long a held lock is waited for (a command such as `nstd cancel`
+        holds it for a moment); then AlreadyRunning."""
         self.path = state / "nstd.lock"
         self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.release()
-            raise AlreadyRunning(f"another nstd (pid {self.holder()}) is running on its state folder {state}; "
-                                 "one daemon per root") from None
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.1)
+                    continue
+                self.release()
+                raise AlreadyRunning(f"another nstd (pid {self.holder()}) is running on its state folder {state}; "
+                                     "one daemon per root") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    @staticmethod
+    def held(state: Path) -> bool | None:
+        """Does a process hold the root's lock? None when that cannot be told (no access)."""
+        try:
+            fd = os.open(state / "nstd.lock", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
 
     def holder(self) -> str:
         try:

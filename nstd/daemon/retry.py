@@ -11,8 +11,10 @@ deleted, and the daemon need not run (or stop): it takes the new job like any ot
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,11 +23,11 @@ import yaml
 
 from nstd.daemon import safefs
 from nstd.daemon.cancel import NoSuchJob
-from nstd.daemon.jobfile import SIDECAR_SUFFIXES, job_settings, read_sidecar
+from nstd.daemon.inbox import is_ignored
+from nstd.daemon.jobfile import SIDECAR_SUFFIXES, job_settings, read_sidecar, resolve_files
 from nstd.daemon.store import NSTD_FILES, Folders
 from nstd.daemon.transfer import free_name_in
 from nstd.errors import JobError, NstdError
-from nstd.fsutil import atomic_write_text
 
 RETRIED = ".retried-"
 
@@ -64,6 +66,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def retry(cfg: dict, name: str, overrides: dict) -> Retried:
     folders = Folders.from_config(cfg)
+    name = name.rstrip("/")  # a shell's completion adds one
     if not name or "/" in name or name in (".", "..") or name.startswith(".") or RETRIED in name:
         raise NoSuchJob(f"{name!r}: give the name of a folder in the quarantine ({folders.quarantine})")
     try:
@@ -79,6 +82,12 @@ def retry(cfg: dict, name: str, overrides: dict) -> Retried:
             raise NoSuchJob(f"{name!r} in {folders.quarantine} is not a quarantined job's folder "
                             f"({exc.strerror or exc})") from None
         try:
+            try:  # one retry of a folder at a time; the kernel drops the lock however we end
+                fcntl.flock(qfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RetryError(f"another nstd retry is putting {name!r} back right now") from None
+            if _taken(qfd, "retried.yaml"):
+                raise NoSuchJob(f"{name!r} was retried already (see its retried.yaml)")
             return _retry(folders, name, parent_fd, qfd, overrides, cfg)
         finally:
             os.close(qfd)
@@ -87,70 +96,114 @@ def retry(cfg: dict, name: str, overrides: dict) -> Retried:
 
 
 def _retry(folders: Folders, name: str, parent_fd: int, qfd: int, overrides: dict, cfg: dict) -> Retried:
-    folder = folders.quarantine / name
-    error = _error_record(folder)
+    """Everything through descriptors of the folder (`qfd`) and the inbox: a folder renamed or
+    swapped for a link meanwhile is never followed."""
+    folder = folders.quarantine / name  # for messages only
+    error = _read_mapping(qfd, folder, "error.yaml", missing_ok=True)
     origins = _origins(qfd, error)
-    job = str(error.get("job") or name)
-    sidecar_here = next((f for f, o in origins.items() if "/" not in o and o.lower().endswith(SIDECAR_SUFFIXES)
-                         and o.rsplit(".", 1)[0] == job), None) \
-        or next((f for f, o in origins.items() if "/" not in o and o.lower().endswith(SIDECAR_SUFFIXES)), None)
+    sidecar_here = next((f for f, o in origins.items() if o.lower().endswith(SIDECAR_SUFFIXES) and "/" not in o), None)
     if sidecar_here is None:
-        raise RetryError(f"quarantine/{name} holds no job file; nothing to retry")
-    try:
-        data = read_sidecar(folder / sidecar_here, cfg["limits"]["max_sidecar_bytes"])
-    except JobError as exc:
-        raise RetryError(f"quarantine/{name}/{sidecar_here}: {exc.message}; fix the job file there, "
-                         "then run nstd retry again") from None
-    data = _merge(data, overrides)
-    try:
-        job_settings(data, cfg["defaults"])  # the new job's keys, checked before anything moves
-    except JobError as exc:
-        raise RetryError(f"the retried job would be invalid: {exc.message}") from None
+        raise RetryError(f"quarantine/{name} holds no job file (a regular .yaml file); nothing to retry")
+    data = _merge(_read_mapping(qfd, folder, sidecar_here, max_bytes=cfg["limits"]["max_sidecar_bytes"]), overrides)
+    old_job = origins[sidecar_here].rsplit(".", 1)[0]  # what its images were named after, by convention
+    inputs = {h: o for h, o in origins.items() if h != sidecar_here}
+    planned = {h: _inbox_name(o, h) for h, o in inputs.items()}
+    _check_new_job(_renamed(data, {o: planned[h] for h, o in inputs.items()}, old_job), cfg)  # nothing moved yet
 
-    inbox_fd = safefs.open_inbox(folders.inbox)
     try:
-        new_job = _free_job_name(inbox_fd, job)
-        moved: dict[str, str] = {}
-        for here, origin in origins.items():
-            if here != sidecar_here:
-                moved[here] = _move_out(qfd, here, inbox_fd, _free_file_name(inbox_fd, PurePosixPath(origin).name))
-        new_data = _renamed(data, {origins[h]: n for h, n in moved.items()}, job)
-        sidecar_name = f"{new_job}.yaml"
-        _write_new(inbox_fd, sidecar_name, yaml.safe_dump(new_data, sort_keys=False, allow_unicode=True))
-        os.fsync(inbox_fd)
+        inbox_fd = safefs.open_inbox(folders.inbox)
+    except OSError as exc:
+        raise NstdError(f"the inbox {folders.inbox} cannot be opened ({exc.strerror or exc})") from None
+    moved: dict[str, str] = {}
+    try:
+        new_job = _free_job_name(inbox_fd, name)
+        try:
+            for here, base in planned.items():
+                moved[here] = _move_out(qfd, here, inbox_fd, _free_file_name(inbox_fd, base))
+            new_data = _renamed(data, {inputs[h]: n for h, n in moved.items()}, old_job)
+            sidecar_name = f"{new_job}.yaml"
+            _write_new(inbox_fd, sidecar_name, yaml.safe_dump(new_data, sort_keys=False, allow_unicode=True))
+            os.fsync(inbox_fd)
+        except BaseException:
+            _put_back(inbox_fd, qfd, moved)
+            raise
     finally:
         os.close(inbox_fd)
     record = {"retried_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "as": sidecar_name,
               "overrides": overrides, "moved": moved}
-    atomic_write_text(folder / "retried.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+    _write_new(qfd, "retried.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
     kept = free_name_in(parent_fd, f"{name}{RETRIED}{time.strftime('%Y%m%d-%H%M%S')}")
     safefs.rename_noreplace(parent_fd, name, parent_fd, kept)
     return Retried(sidecar_name, moved, folders.quarantine / kept)
 
 
-def _error_record(folder: Path) -> dict:
-    try:
-        error = yaml.safe_load((folder / "error.yaml").read_text(encoding="utf-8"))
-    except FileNotFoundError:
+#: error.yaml is nstd's, but it lies in a folder others may write: read it like a job file.
+MAX_ERROR_BYTES = 1 << 20
+
+
+def _read_mapping(qfd: int, folder: Path, name: str, max_bytes: int = MAX_ERROR_BYTES,
+                  missing_ok: bool = False) -> dict:
+    """A YAML mapping from the folder, read as a job file is: through the descriptor, no link
+    followed, regular files only, a size cap, no aliases."""
+    if missing_ok and not _taken(qfd, name):
         return {}
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise RetryError(f"{folder}/error.yaml cannot be read ({exc}); put the files back by hand") from None
-    return error if isinstance(error, dict) else {}
+    try:
+        return read_sidecar(folder / name, max_bytes, dir_fd=qfd)
+    except JobError as exc:
+        raise RetryError(f"quarantine/{folder.name}/{name}: {exc.message}; fix it there, then run nstd retry again") from None
 
 
 def _origins(qfd: int, error: dict) -> dict[str, str]:
     """Each user file in the folder -> where it was dropped (relative to the inbox). Folders from
     before error.yaml listed them: each file's own name. Only regular files count, never links."""
     listed = error.get("files") if isinstance(error.get("files"), dict) else None
-    names = [n for n in os.listdir(qfd) if n not in NSTD_FILES and not n.startswith(".")]
     out = {}
-    for n in sorted(names):
+    for n in sorted(os.listdir(qfd)):
+        if n in NSTD_FILES or n.startswith("."):
+            continue
         st = os.stat(n, dir_fd=qfd, follow_symlinks=False)
         if not stat.S_ISREG(st.st_mode):
             continue
-        origin = str(listed.get(n, n)) if listed is not None else n
-        out[n] = origin
+        origin = listed.get(n, n) if listed is not None else n
+        out[n] = origin if isinstance(origin, str) and origin else n
     return out
+
+
+def _inbox_name(origin: str, here: str) -> str:
+    """The name an input gets at the top of the inbox: the one it was dropped with, unless that
+    would be ignored (hidden, a temporary name) or taken for a job file; then its name here."""
+    for candidate in (PurePosixPath(origin).name, here):
+        if (candidate and candidate not in (".", "..") and "/" not in candidate and not is_ignored(candidate)
+                and not candidate.lower().endswith(SIDECAR_SUFFIXES)):
+            return candidate
+    return "input" + (PurePosixPath(here).suffix if not here.lower().endswith(SIDECAR_SUFFIXES) else ".bin")
+
+
+def _check_new_job(data: dict, cfg: dict) -> None:
+    """The new job file's keys and file names, checked as the daemon will (in an empty folder:
+    names are judged, files not looked for), before a file moves."""
+    problems = []
+    for check in (lambda: job_settings(data, cfg["defaults"]), lambda: _names_check(data)):
+        try:
+            check()
+        except JobError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise RetryError(f"the retried job would be refused: {'; '.join(problems)}")
+
+
+def _names_check(data: dict) -> None:
+    with tempfile.TemporaryDirectory() as empty:
+        resolve_files(data, Path(empty) / "job.yaml", Path(empty))
+
+
+def _put_back(inbox_fd: int, qfd: int, moved: dict[str, str]) -> None:
+    """A retry that failed half-way: the inputs already moved go back where they were."""
+    for here, there in moved.items():
+        try:
+            _move_out(inbox_fd, there, qfd, here)
+        except OSError:
+            pass  # left in the inbox under `there`, never lost
 
 
 def _merge(data: dict, overrides: dict) -> dict:
@@ -225,7 +278,10 @@ def _move_out(src_fd: int, name: str, dst_fd: int, new: str) -> str:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{name}: no longer a regular file")
     with os.fdopen(fd, "rb") as src:
         _write_new(dst_fd, new, src)
     os.unlink(name, dir_fd=src_fd)

@@ -1,0 +1,171 @@
+"""What a hostile review of retry, cancel, hooks, status and --until-empty found, kept fixed.
+
+The quarantine may be group-writable in a shared install: its folders are treated as user files
+(no link followed, FIFOs refused, sizes capped), and nothing retry writes leaves the folders."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from nstd.config import load_config
+from nstd.daemon.hooks import HookRun, Hooks
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def nstd(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "nstd.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def root(tmp_path):
+    """A root with one hand-made quarantined job, `q`, as the daemon lays it out."""
+    (tmp_path / "config.yaml").write_text(f"paths: {{root: {tmp_path / 'var'}}}\n")
+    var = tmp_path / "var"
+    for d in ("inbox", "outbox", "quarantine", "state/jobs", "logs"):
+        (var / d).mkdir(parents=True)
+    q = var / "quarantine" / "q"
+    q.mkdir()
+    Image.new("RGB", (40, 30)).save(q / "c.png")
+    (q / "q.yaml").write_text("content: c.png\nstyle: c.png\nsteps: 2\n")
+    (q / "error.yaml").write_text(yaml.safe_dump({"job": "q", "kind": "invalid job file",
+                                                   "files": {"c.png": "c.png", "q.yaml": "q.yaml"}}))
+    (q / "job.log").write_text("")
+    return tmp_path
+
+
+def tree(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def test_the_job_name_in_error_yaml_is_not_a_path(root):
+    outside = root / "outside"
+    outside.mkdir()
+    error = yaml.safe_load((root / "var/quarantine/q/error.yaml").read_text())
+    (root / "var/quarantine/q/error.yaml").write_text(yaml.safe_dump({**error, "job": str(outside / "evil")}))
+    r = nstd("retry", "q", "steps=2", "--config", root / "config.yaml")
+    assert r.returncode == 0, r.stderr
+    assert os.listdir(outside) == []
+    assert sorted(os.listdir(root / "var/inbox")) == ["c.png", "q.yaml"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link", "huge", "bomb"])
+def test_a_hostile_error_yaml_is_one_line_and_moves_nothing(root, kind):
+    error = root / "var/quarantine/q/error.yaml"
+    error.unlink()
+    if kind == "fifo":
+        os.mkfifo(error)
+    elif kind == "link":
+        error.symlink_to("/etc/hostname")
+    elif kind == "huge":
+        error.write_text("files: {}\n" + "#" * (2 << 20))
+    else:
+        error.write_text("a: &a [x, x]\nb: &b [*a, *a]\nc: [*b, *b]\n")
+    before = tree(root / "var")
+    r = nstd("retry", "q", "--config", root / "config.yaml", timeout=20)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert tree(root / "var") == before
+
+
+@pytest.mark.parametrize("override, why", [
+    ("content=/etc/passwd", "absolute path"), ("style=../x.png", "'..'"), ("init=/etc/passwd", "absolute path"),
+    ("content=[1]", "expected a file name"), ("style=[]", "expected a file name or a list"),
+])
+def test_overrides_naming_files_are_checked_before_anything_moves(root, override, why):
+    before = tree(root / "var")
+    r = nstd("retry", "q", override, "--config", root / "config.yaml")
+    assert r.returncode == 2 and why in r.stderr and "would be refused" in r.stderr, r.stderr
+    assert tree(root / "var") == before
+
+
+def test_hostile_origins_stay_at_the_top_of_the_inbox_and_never_hidden(root):
+    """error.yaml's `files:` edited to name places outside, or hidden names: every input still
+    lands at the top of the inbox under a name the daemon will take, and the job names it."""
+    q = root / "var/quarantine/q"
+    (q / "x.png").write_bytes((q / "c.png").read_bytes())
+    (q / "q.yaml").write_text("content: .hidden.png\nstyle: ../../etc/x.png\n")
+    error = yaml.safe_load((q / "error.yaml").read_text())
+    error["files"] = {"c.png": ".hidden.png", "x.png": "../../etc/x.png", "q.yaml": "q.yaml"}
+    (q / "error.yaml").write_text(yaml.safe_dump(error))
+    r = nstd("retry", "q", "--config", root / "config.yaml")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(root / "var/inbox")) == ["c.png", "q.yaml", "x.png"]
+    job = yaml.safe_load((root / "var/inbox/q.yaml").read_text())
+    assert (job["content"], job["style"]) == ("c.png", "x.png")
+
+
+def test_two_retries_at_once_put_the_job_back_once(root):
+    results = []
+
+    def one():
+        results.append(nstd("retry", "q", "--config", root / "config.yaml"))
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.returncode for r in results)[0] == 0
+    assert [r.returncode for r in results].count(0) == 1, [r.stderr for r in results]
+    assert all(len(r.stderr.splitlines()) <= 1 for r in results)
+    assert sorted(os.listdir(root / "var/inbox")) == ["c.png", "q.yaml"]
+
+
+def test_no_inbox_folder_is_one_line(root):
+    os.rename(root / "var/inbox", root / "var/gone")
+    r = nstd("retry", "q", "--config", root / "config.yaml")
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "inbox" in r.stderr
+    assert sorted(os.listdir(root / "var/quarantine/q")) == ["c.png", "error.yaml", "job.log", "q.yaml"]
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"x"', '{"pid": "abc", "waiting": "x", "running": "y"}',
+                                  '{"pid": 0, "state": "running"}', '{"pid": -1}', '{"updated_at": "now", "pid": 1e400}',
+                                  '{"running": {}, "waiting": [{}], "queue": [1]}', "not json"])
+def test_a_damaged_status_file_is_never_a_traceback(root, text):
+    (root / "var/state/status.json").write_text(text)
+    r = nstd("status", "--config", root / "config.yaml")
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "no daemon is running" in r.stdout, r.stdout + r.stderr
+
+
+def test_status_piped_into_head_says_nothing_more(root):
+    r = subprocess.run(f"{sys.executable} -m nstd.cli status --config {root / 'config.yaml'} | head -c 1",
+                       shell=True, capture_output=True, text=True)
+    assert "Traceback" not in r.stderr and "Exception" not in r.stderr
+
+
+def test_a_hook_that_leaves_a_child_holding_its_output_does_not_stop_later_hooks(tmp_path):
+    hooks = Hooks({"hooks": {"on_done": None, "on_failed": None, "timeout_seconds": 5}})
+    mark = tmp_path / "ran"
+    t0 = time.monotonic()
+    hooks.run_one(HookRun("done", "sh -c 'setsid sleep 60 & echo started'", {}, "j"))
+    hooks.run_one(HookRun("done", f"touch {mark}", {}, "j"))
+    assert mark.exists() and time.monotonic() - t0 < 4
+
+
+def test_a_hooks_output_is_kept_short(tmp_path):
+    hooks = Hooks({"hooks": {"on_done": None, "on_failed": None, "timeout_seconds": 30}})
+    lines = []
+    from loguru import logger
+
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO")
+    try:
+        hooks.run_one(HookRun("done", "sh -c 'head -c 50000000 /dev/zero; echo; echo the end'", {}, "j"))
+    finally:
+        logger.remove(sink)
+    [line] = [x for x in lines if "hooks.on_done" in x]
+    assert len(line) < 2500 and "the end" in line and "\0" not in line
+
+
+def test_a_hook_command_that_cannot_be_split_is_a_config_error(tmp_path):
+    (tmp_path / "c.yaml").write_text("hooks: {on_done: \"'unterminated\"}\n")
+    with pytest.raises(ValueError, match="hooks.on_done: cannot be split"):
+        load_config(tmp_path / "c.yaml")
