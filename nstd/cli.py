@@ -7,6 +7,7 @@ argument, image, job file or config; 3 when the weights cannot be loaded; 4 for 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -105,6 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nstd: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except BrokenPipeError:  # `nstd status | head -1`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.OK
     return ExitCode.OK
 
 
@@ -231,12 +235,13 @@ def _validate_one(sidecar: Path, cfg: dict) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
+    from nstd.daemon.lock import RootLock
     from nstd.daemon.status import describe, read_status, resumable
 
     cfg = _config(args, required=True)
     state = Path(cfg["paths"]["state"])
     data = read_status(state)
-    text, alive = describe(data, resumable=resumable(state))
+    text, alive = describe(data, resumable=resumable(state), lock_held=RootLock.held(state))
     if args.json:
         print(json.dumps({**(data or {}), "daemon_running": alive}, indent=1))
     else:
@@ -248,7 +253,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
     from nstd.daemon.retry import parse_overrides, retry
 
     cfg = _config(args, required=True)
-    done = retry(cfg, args.name, parse_overrides(args.overrides))
+    try:
+        done = retry(cfg, args.name, parse_overrides(args.overrides))
+    except OSError as exc:  # the folders themselves: permissions, a full disk
+        raise NstdError(f"retry {args.name}: {exc.strerror or exc} ({exc.filename or 'a folder'})") from None
     print(f"retrying {args.name} as {done.sidecar} in the inbox ({len(done.moved)} input(s) moved back); "
           f"error.yaml and job.log kept in {done.kept}")
     return ExitCode.OK
@@ -257,7 +265,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
 def cmd_cancel(args: argparse.Namespace) -> int:
     from nstd.daemon.cancel import cancel
 
-    print(cancel(_config(args, required=True), args.name, args.wait))
+    try:
+        print(cancel(_config(args, required=True), args.name, args.wait))
+    except OSError as exc:
+        raise NstdError(f"cancel {args.name}: {exc.strerror or exc} ({exc.filename or 'a folder'})") from None
     return ExitCode.OK
 
 

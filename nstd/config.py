@@ -7,6 +7,7 @@ finds its config the same way (`find_config`), so `nstd validate` judges a job a
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,25 @@ from nstd.schema import (
     validate,
     yaml_problem,
 )
+
+
+def _command(v: Any, key: str) -> str:
+    """A hook's command line: split like a shell's (without running one), so it must split."""
+    s = string(v, key)
+    try:
+        if shlex.split(s):
+            return s
+    except ValueError as exc:
+        raise SchemaError(key, f"cannot be split into a command line ({exc}): {s!r}") from None
+    raise SchemaError(key, "an empty command")
+
+
+def _listen(v: Any, key: str) -> str:
+    s = string(v, key)
+    host, sep, port = s.rpartition(":")
+    if sep and port.isdigit() and int(port) <= 65535:
+        return s
+    raise SchemaError(key, f"expected HOST:PORT such as 127.0.0.1:8750, got {s!r}")
 
 
 def _device(v: Any, key: str) -> str:
@@ -78,9 +98,15 @@ CONFIG_FIELDS: dict[str, Any] = {
         "checkpoint_every": Field(50, "save a resumable checkpoint every N steps; 0 = never", integer(0, 100_000)),
     },
     "hooks": {
-        "on_done": Field(None, "command run after a job is delivered (job in its environment)", optional(string)),
-        "on_failed": Field(None, "command run after a job is quarantined", optional(string)),
+        "on_done": Field(None, "command run after a job is delivered (job in its environment)", optional(_command)),
+        "on_failed": Field(None, "command run after a job is quarantined", optional(_command)),
         "timeout_seconds": Field(60.0, "a hook still running after this is killed", number(1, 86400)),
+    },
+    "web": {
+        "enabled": Field(True, "serve the read-only status page", boolean),
+        "listen": Field("127.0.0.1:8750", "HOST:PORT of the status page (0.0.0.0:8750: every interface)", _listen),
+        "results": Field(12, "last results and quarantined jobs shown", integer(1, 1000)),
+        "refresh_seconds": Field(3, "the page reloads itself this often", integer(1, 3600)),
     },
     "logging": {
         "level": Field("INFO", "DEBUG | INFO | WARNING | ERROR", choice("DEBUG", "INFO", "WARNING", "ERROR")),

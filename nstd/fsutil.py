@@ -35,8 +35,9 @@ def current_umask() -> int:
 
 
 @contextmanager
-def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside `path`; on success flush, fsync and rename it into place.
+def atomic_open(path: Path | str, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success flush, fsync and rename it into place
+    (without `durable`, no fsync: for what is rewritten every few seconds and may be lost).
 
     On any exception the temporary file is removed and `path` is left untouched. The file gets
     the mode a plain open() would give (0666 less the umask), not mkstemp's private 0600, so
@@ -51,9 +52,11 @@ def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        if durable:
+            fsync_dir(path.parent)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -62,8 +65,8 @@ def atomic_open(path: Path | str, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    with atomic_open(path, "wb") as fh:
+def atomic_write_bytes(path: Path | str, data: bytes, durable: bool = True) -> None:
+    with atomic_open(path, "wb", durable) as fh:
         fh.write(data)
 
 

@@ -78,6 +78,10 @@ class FakeCuda:
             self.record("max_memory_allocated", self.index(device))
             return self.peak
 
+        def allocated(device: Any = None) -> int:
+            self.record("memory_allocated", self.index(device))
+            return self.peak // 2
+
         return {
             "is_available": lambda: True,
             "device_count": lambda: self.devices,
@@ -88,6 +92,7 @@ class FakeCuda:
             "set_per_process_memory_fraction": set_fraction,
             "reset_peak_memory_stats": reset_peak,
             "max_memory_allocated": max_allocated,
+            "memory_allocated": allocated,
             "empty_cache": lambda: self.record("empty_cache"),
             "set_device": lambda device: self.record("set_device", self.index(device)),
         }

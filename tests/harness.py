@@ -29,6 +29,7 @@ class Daemon:
             "engine": {"device": "cpu", "precision": "fp32"},
             "logging": {"level": "DEBUG"},
             "defaults": {"size": 32, "steps": 2, "gif": {"every": 1}},
+            "web": {"enabled": False},  # tests that want the page ask for it (on a free port)
         }
         for section, values in sections.items():
             cfg.setdefault(section, {}).update(values)

@@ -6,10 +6,12 @@ stop the daemon.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 from loguru import logger
@@ -19,6 +21,7 @@ from nstd.daemon import cancel
 from nstd.daemon.inbox import Readiness, list_sidecars
 from nstd.daemon.hooks import Hooks
 from nstd.daemon.intake import Intake, wall
+from nstd.daemon.live import Live
 from nstd.daemon.lock import RootLock
 from nstd.daemon.notify import Notifier, healthy
 from nstd.daemon.outcome import Outcomes
@@ -34,7 +37,7 @@ TICK = 0.25
 STATUS_EVERY = 5.0
 
 #: Settings that only a restart applies (SIGHUP names them in a warning).
-RESTART_KEYS = ("paths", "engine", "gpu.devices", "watch.polling", "watch.poll_interval_seconds")
+RESTART_KEYS = ("paths", "engine", "gpu.devices", "watch.polling", "watch.poll_interval_seconds", "web")
 
 
 class Daemon:
@@ -52,6 +55,8 @@ class Daemon:
         self.queue = JobQueue()
         self.workers: list[Worker] = []
         self.notify = Notifier()
+        #: cancel requests acted on that could not be removed
+        self.cancels_stuck: set[str] = set()
 
     def request_stop(self, *_args) -> None:
         """SIGTERM/SIGINT: take no new job; the running one gets shutdown_grace_seconds."""
@@ -124,7 +129,7 @@ class Daemon:
         devices = resolve_all(self.cfg["gpu"]["devices"]) or [resolve_device(self.cfg["engine"]["device"])]
         self.folders.check_layout()
         self.folders.create()
-        self.lock = RootLock(self.folders.state)  # before anything is touched
+        self.lock = RootLock(self.folders.state, wait_seconds=5)  # before anything is touched
         logs.setup(self.cfg["logging"], self.folders.logs)
         self.store = Store(self.folders)
         self.status = Status(self.folders.state)
@@ -135,10 +140,11 @@ class Daemon:
         recovered = self.store.recover()
         self.hooks = Hooks(self.cfg)
         self.hooks.start()
-        self.outcomes = Outcomes(self.cfg, self.store, self.status, self.queue, self.hooks)
+        self.live = Live(self.folders.state)
+        self.outcomes = Outcomes(self.cfg, self.store, self.status, self.queue, self.hooks, self.live)
         self.intake = Intake(self.cfg, self.readiness, self.store, self.outcomes, self.queue)
         for dev in devices:
-            worker = Worker(self.cfg, dev, self.queue, self.store, self.status, outcomes=self.outcomes)
+            worker = Worker(self.cfg, dev, self.queue, self.store, self.status, outcomes=self.outcomes, live=self.live)
             logger.info("network {} loaded on {} ({})", self.cfg["engine"]["weights"], worker.engine.device,
                         worker.engine.precision)
             self.workers.append(worker)
@@ -151,11 +157,31 @@ class Daemon:
             else:
                 logger.bind(job=job.name).info("found in state after a restart; queued again")
                 self.queue.put(job)
+        self.status.update(force=True, device=", ".join(f"{w.engine.device} ({w.engine.device.name})" for w in self.workers))
+        self.page = self._start_page()
         self.watcher = InboxWatcher(self.folders.inbox, w["polling"], w["poll_interval_seconds"], self.wake)
         self.watcher.start()
         for worker in self.workers:
             worker.start()
         logger.info("watching {} ({})", self.folders.inbox, "polling" if w["polling"] else "inotify")
+
+    def _start_page(self):
+        """The status page (web.enabled) in a process of its own, or None; a page that cannot start
+        never stops the daemon."""
+        if not self.cfg["web"]["enabled"]:
+            return None
+        from nstd.web.launch import StatusPage
+
+        page = StatusPage(self.cfg["web"], self.folders, Path(self.cfg["paths"]["root"]))
+        self.status.update(force=True, web=page.start())
+        return page
+
+    def memory_in_use(self) -> str:
+        """For the status page: the allocator's bytes on each GPU, and the process's RSS."""
+        used = [(w.engine.device, w.engine.device.allocated_bytes()) for w in self.workers]
+        parts = [f"{u / 2**20:.0f} MiB on {dev}" for dev, u in used if u is not None]
+        rss = _rss_bytes()
+        return ", ".join([*parts, *([f"{rss / 2**20:.0f} MiB RSS"] if rss else [])])
 
     def run(self) -> None:
         """The intake loop, until a stop is requested."""
@@ -184,6 +210,9 @@ class Daemon:
                 next_ping = now + ping_every
             if ready and now >= next_status:
                 self.notify.status(self.status_line())
+                self.status.update(memory=self.memory_in_use())
+                if self.page is not None:
+                    self.page.ensure_alive()
                 next_status = now + STATUS_EVERY
             if woke or now >= next_scan:
                 next_scan = now + self.cfg["watch"]["rescan_seconds"]
@@ -199,14 +228,15 @@ class Daemon:
                     continue
                 self.readiness.update(sidecars)
             for job_id in cancel.requests(self.folders.state):
-                self.cancel(job_id)
+                if job_id not in self.cancels_stuck:
+                    self.cancel(job_id)
             for verdict in self.readiness.check():
                 try:
                     self.intake.take(verdict.pending, verdict.error)
                 except Exception as exc:  # a bug on one job must not stop the intake of the others
                     logger.bind(job=verdict.pending.sidecar.name).exception("intake failed: {}", exc)
                     verdict.pending.hold(f"intake failed: {type(exc).__name__}: {exc}")
-            self.status.update(waiting=self.readiness.waiting(), queue=self.queue.names(),
+            self.status.update(waiting=self.readiness.waiting(), queue=self.queue.names(), live=self.live.as_json(),
                                worker_heartbeat_at=wall(min(w.heartbeat for w in self.workers)))
             if not ready:
                 # The network is loaded, the inbox watched and scanned once: now systemd may call us up.
@@ -225,7 +255,9 @@ class Daemon:
     def cancel(self, job_id: str) -> None:
         """A request from `nstd cancel`: a queued job goes to quarantine now, a running one stops
         at its next step (the worker quarantines it)."""
-        cancel.answered(self.folders.state, job_id)
+        if not cancel.answered(self.folders.state, job_id):
+            self.cancels_stuck.add(job_id)  # acted on once; not again every tick
+            logger.warning("cannot remove the cancel request state/{}/{}: remove it by hand", cancel.REQUESTS, job_id)
         where, job = self.queue.cancel(job_id)
         if job is not None:
             logger.bind(job=job.name, job_id=job.id).warning("cancelled while queued (nstd cancel)")
@@ -252,10 +284,20 @@ class Daemon:
                     self.notify.watchdog()
                 worker.join(timeout=1)
         self.watcher.stop()
+        if self.page is not None:
+            self.page.stop()
         self.hooks.close(timeout=self.cfg["hooks"]["timeout_seconds"])
         self.status.update(force=True, state="stopped", running=None)
         logger.info("stopped")
         self.lock.release()
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _get(cfg: dict, dotted: str):

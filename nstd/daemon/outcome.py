@@ -25,6 +25,7 @@ from loguru import logger
 from nstd import __version__, logs
 from nstd.daemon.claim import Claim
 from nstd.daemon.hooks import Hooks
+from nstd.daemon.live import Live
 from nstd.daemon.queue import RETRY_SECONDS, JobQueue, retry_at
 from nstd.daemon.status import Status, iso
 from nstd.daemon.store import Store
@@ -47,18 +48,21 @@ class Optimised:
     peak_rss_bytes: int
 
 
-def error_record(name: str, exc: JobError, attempts: int, times: dict[str, float]) -> dict:
-    """error.yaml: stage, kind, message, attempts and times (local time with offset)."""
-    return {"job": name, "stage": exc.stage.value, "kind": exc.kind.value, "message": exc.message,
-            "attempts": attempts, "times": {k: iso(v) for k, v in times.items()}}
+def error_record(name: str, exc: JobError, attempts: int, times: dict[str, float], job_id: str | None = None) -> dict:
+    """error.yaml: stage, kind, message, attempts and times (local time with offset); a claimed
+    job's id (the one `nstd cancel` knows it by)."""
+    return {"job": name, **({"id": job_id} if job_id else {}), "stage": exc.stage.value, "kind": exc.kind.value,
+            "message": exc.message, "attempts": attempts, "times": {k: iso(v) for k, v in times.items()}}
 
 
 class Outcomes:
     """The one place a job's end is decided and written."""
 
-    def __init__(self, cfg: dict, store: Store, status: Status, jobs: JobQueue, hooks: Hooks | None = None):
+    def __init__(self, cfg: dict, store: Store, status: Status, jobs: JobQueue, hooks: Hooks | None = None,
+                 live: Live | None = None):
         self.cfg, self.store, self.status, self.queue = cfg, store, status, jobs
         self.hooks = hooks or Hooks(cfg)  # not started: hooks run inline (a worker driven by hand)
+        self.live = live or Live()
 
     # ------------------------------------------------------------------ failures
 
@@ -74,7 +78,7 @@ class Outcomes:
 
     def quarantine(self, job: Claim, exc: JobError) -> None:
         """A claimed job that cannot be done. Raises OSError when quarantine cannot be written."""
-        error = error_record(job.name, exc, job.attempts, {"claimed": job.times.claimed, "failed": time.time()})
+        error = error_record(job.name, exc, job.attempts, {"claimed": job.times.claimed, "failed": time.time()}, job.id)
         text = job.log_path.read_text(encoding="utf-8") if job.log_path.exists() else ""
         final = self.store.quarantine_claimed(job, error, text)
         logger.bind(job=job.name).warning("quarantined in {}: {}", final, exc.message)
@@ -113,6 +117,8 @@ class Outcomes:
             return
         logger.bind(job=job.name).info("delivered to {}", final)
         self.status.count("done")
+        if job.times.started:
+            self.live.job_done(time.time() - job.times.started[-1])
         self.hooks.done(job.name, str(final), str(final / next(iter(outputs))))
 
     def _deliver_failed(self, job: Claim, exc: OSError) -> None:

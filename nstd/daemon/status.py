@@ -56,6 +56,10 @@ class Status:
         except OSError:
             pass  # status is informative; a full disk must not stop the work
 
+    def snapshot(self) -> dict:
+        with self._lock:
+            return json.loads(json.dumps(self.data))  # a deep copy, as status.json would read
+
     def count(self, key: str) -> None:
         with self._lock:
             self.data[key] += 1
@@ -68,10 +72,42 @@ def iso(t: float) -> str:
 
 
 def read_status(state_dir: Path) -> dict | None:
+    """status.json with every field of the type `describe` expects (a damaged file, or one from
+    another version, gives defaults rather than a traceback); None when there is none."""
     try:
-        return json.loads((state_dir / STATUS_FILE).read_text())
-    except (OSError, ValueError):
+        data = json.loads((state_dir / STATUS_FILE).read_text(encoding="utf-8", errors="replace"))
+    except (OSError, ValueError, RecursionError):
         return None
+    return clean(data) if isinstance(data, dict) else None
+
+
+def clean(data: dict) -> dict:
+    def num(v, default=0.0):
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e18 else default
+
+    def text(v, default="?"):
+        return v if isinstance(v, str) else default
+
+    run = data.get("running")
+    if isinstance(run, dict):
+        run = {"name": text(run.get("name")), "step": int(num(run.get("step"))), "steps": text(run.get("steps"), None)
+               or int(num(run.get("steps"))), "eta_seconds": num(run.get("eta_seconds"), None),
+               "device": text(run.get("device"))}
+    else:
+        run = None
+    waiting = data.get("waiting")
+    if isinstance(waiting, int) and not isinstance(waiting, bool):  # a status.json from before the list
+        waiting = [{"job": "?", "reason": "unknown"}] * min(waiting, 10_000)
+    waiting = [{"job": text(w.get("job")), "reason": text(w.get("reason"), "unknown"),
+                "quarantine_in": num(w.get("quarantine_in"), None)}
+               for w in (waiting if isinstance(waiting, list) else []) if isinstance(w, dict)]
+    queue = data.get("queue")
+    pid = data.get("pid")
+    return {**data, "pid": pid if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**22 else 0,
+            "state": text(data.get("state")), "started_at": num(data.get("started_at")),
+            "updated_at": num(data.get("updated_at")), "worker_heartbeat_at": num(data.get("worker_heartbeat_at"), None),
+            "running": run, "queue": [text(q) for q in queue] if isinstance(queue, list) else [],
+            "waiting": waiting, "done": int(num(data.get("done"))), "failed": int(num(data.get("failed")))}
 
 
 def resumable(state_dir: Path) -> list[str]:
@@ -91,6 +127,8 @@ def resumable(state_dir: Path) -> list[str]:
 
 
 def pid_alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0 or -1, 0) would ask about a whole group
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -104,7 +142,10 @@ def _clock(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float | None) -> str:
+    """'42 s', '17 min', '3 h 5 min'."""
+    if seconds is None:
+        return "?"
     seconds = max(0, int(seconds))
     if seconds < 120:
         return f"{seconds} s"
@@ -113,14 +154,21 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
-def describe(data: dict | None, now: float | None = None, resumable: list[str] | None = None) -> tuple[str, bool]:
-    """Human-readable status, and whether a daemon is running. `resumable` names the jobs that
-    wait in state/ for the next start (read by the caller when no daemon runs)."""
+def describe(data: dict | None, now: float | None = None, resumable: list[str] | None = None,
+             lock_held: bool | None = None) -> tuple[str, bool]:
+    """Human-readable status (of read_status()'s dict), and whether a daemon is running.
+    `resumable` names the jobs that wait in state/ for the next start; `lock_held` says whether a
+    process holds the root's lock, the surest sign of a daemon (None: unknown, the pid decides)."""
     now = time.time() if now is None else now
     resume_lines = [f"waiting to resume at the next start: {', '.join(resumable)}"] if resumable else []
     if data is None:
+        if lock_held:
+            return "a daemon holds the root but has written no status yet (starting?)", True
         return "\n".join(["no daemon is running (no status file yet)", *resume_lines]), False
-    alive = pid_alive(int(data.get("pid", 0))) and data.get("state") != "stopped"
+    if lock_held is None:
+        alive = pid_alive(data["pid"]) and data.get("state") != "stopped"
+    else:
+        alive = lock_held
     updated = data.get("updated_at", 0)
     lines = []
     if not alive:
@@ -129,17 +177,17 @@ def describe(data: dict | None, now: float | None = None, resumable: list[str] |
         return "\n".join(lines), False
     if now - updated > STALE_SECONDS:
         lines.append(f"nstd is NOT RESPONDING: pid {data.get('pid')} is alive but has not updated its status for "
-                     f"{_duration(now - updated)} (stopped with SIGSTOP or kill -STOP? hung?); the rest is as of {_clock(updated)}")
+                     f"{duration(now - updated)} (stopped with SIGSTOP or kill -STOP? hung?); the rest is as of {_clock(updated)}")
     else:
-        lines.append(f"nstd is {data.get('state')} (pid {data.get('pid')}, up {_duration(now - data.get('started_at', now))})")
+        lines.append(f"nstd is {data.get('state')} (pid {data.get('pid')}, up {duration(now - data.get('started_at', now))})")
     run = data.get("running")
     if run:
         eta = run.get("eta_seconds")
-        eta_text = f", ETA {_duration(eta)}" if isinstance(eta, (int, float)) else ""
+        eta_text = f", ETA {duration(eta)}" if isinstance(eta, (int, float)) else ""
         lines.append(f"running: {run['name']} step {run.get('step', 0)}/{run.get('steps', '?')}{eta_text} on {run.get('device')}")
         beat = data.get("worker_heartbeat_at", now)
         if now - beat > WORKER_STALL_SECONDS:
-            lines.append(f"  the worker has not finished a step for {_duration(now - beat)}: stalled?")
+            lines.append(f"  the worker has not finished a step for {duration(now - beat)}: stalled?")
     else:
         lines.append("running: nothing")
     queue = data.get("queue") or []
@@ -150,7 +198,7 @@ def describe(data: dict | None, now: float | None = None, resumable: list[str] |
     lines.append(f"waiting in inbox: {len(waiting)}")
     for w in waiting[:20]:
         left = w.get("quarantine_in")
-        deadline = f"; quarantined as missing input in {_duration(left)}" if isinstance(left, (int, float)) else ""
+        deadline = f"; quarantined as missing input in {duration(left)}" if isinstance(left, (int, float)) else ""
         lines.append(f"  {w['job']}: {w['reason']}{deadline}")
     if len(waiting) > 20:
         lines.append(f"  ... and {len(waiting) - 20} more (nstd status --json lists all)")

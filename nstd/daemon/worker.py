@@ -20,6 +20,7 @@ from loguru import logger
 from nstd import logs
 from nstd.daemon import checkpoints, safefs
 from nstd.daemon.claim import Claim
+from nstd.daemon.live import Live
 from nstd.daemon.outcome import Finisher, Optimised, Outcomes
 from nstd.daemon.queue import JobQueue
 from nstd.daemon.status import Status
@@ -29,6 +30,8 @@ from nstd.engine.memory import fit_size, predict_peak_bytes
 from nstd.errors import ErrorKind, JobError, Stage
 from nstd.jobkeys import style_params
 
+#: The status page's loss plot gets a point at least this often (one device sync each).
+LOSS_SECONDS = 1.0
 #: Give up shrinking below this long edge.
 MIN_EDGE = 64
 SHRINK = 0.75
@@ -58,6 +61,8 @@ class JobProgress(Progress):
     def __init__(self, worker: "Worker", job: Claim, device: Device, steps: int):
         self.worker, self.job, self.device = worker, job, device
         self.every = max(1, steps // 20)
+        self.plot_every = max(1, steps // 100)  # a loss read is a device sync: 100 a job, or one a second
+        self.next_loss = 0.0
         self.checkpoint_every = worker.cfg["service"]["checkpoint_every"]
         self.log = logger.bind(job=job.name, job_id=job.id)
 
@@ -67,8 +72,16 @@ class JobProgress(Progress):
         eta = info.elapsed / info.step * (info.steps - info.step)
         w.status.update(running={"name": self.job.name, "step": info.step, "steps": info.steps,
                                  "eta_seconds": round(eta, 1), "device": str(self.device)})
-        if info.step % self.every == 0 or info.step == info.steps:
-            self.log.info("step {}/{} loss {:.4g} eta {:.0f} s", info.step, info.steps, info.losses()["total"], eta)
+        last = info.step == info.steps
+        now = time.monotonic()
+        loss = None
+        if info.step % self.plot_every == 0 or last or now >= self.next_loss:
+            loss, self.next_loss = info.losses()["total"], now + LOSS_SECONDS
+        picture = info.picture() if info.picture is not None and w.live.wants_picture() else None
+        w.live.step(info.step, loss, picture)
+        if info.step % self.every == 0 or last:
+            self.log.info("step {}/{} loss {:.4g} eta {:.0f} s", info.step, info.steps,
+                          loss if loss is not None else info.losses()["total"], eta)
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         checkpoints.save(self.worker.store.checkpoint_dir(self.job), checkpoint)
@@ -82,7 +95,8 @@ class Worker(threading.Thread):
     """Runs claimed jobs one after another on one device."""
 
     def __init__(self, cfg: dict, device: Device | str, jobs: JobQueue, store: Store, status: Status,
-                 engine_factory: Callable[..., Engine] = Engine, outcomes: Outcomes | None = None):
+                 engine_factory: Callable[..., Engine] = Engine, outcomes: Outcomes | None = None,
+                 live: Live | None = None):
         super().__init__(name=f"worker-{device}", daemon=True)
         self.cfg, self.queue, self.store, self.status = cfg, jobs, store, status
         self.engine_factory = engine_factory
@@ -90,6 +104,7 @@ class Worker(threading.Thread):
         self._cpu_engine: Engine | None = None
         self.cache = TargetCache()
         self.outcomes = outcomes or Outcomes(cfg, store, status, jobs)
+        self.live = live or Live()  # what the status page shows of the running job
         self.stopping = threading.Event()
         self.stop_deadline = float("inf")
         self.current: Claim | None = None
@@ -149,6 +164,7 @@ class Worker(threading.Thread):
 
     def _process(self, job: Claim) -> None:
         self.current = job
+        self.live.begin(job.name)
         log = logger.bind(job=job.name, job_id=job.id)
         job.begin_attempt()
         try:
@@ -176,6 +192,7 @@ class Worker(threading.Thread):
                     return
         finally:
             self.current = None
+            self.live.end()
             self.status.update(force=True, running=None, queue=self.queue.names())
         # Encoding and the move to the outbox overlap the next job's optimisation.
         self.finisher.submit(done)

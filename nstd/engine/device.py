@@ -108,6 +108,12 @@ class Device:
             return int(torch.cuda.max_memory_allocated(self.torch.index))
         return None
 
+    def allocated_bytes(self) -> int | None:
+        """What the allocator holds now (the status page's "memory in use"); None on the CPU."""
+        if self.is_cuda:
+            return int(torch.cuda.memory_allocated(self.torch.index))
+        return None
+
     def free_cache(self) -> None:
         """Hand cached blocks back after an out-of-memory error, so the retry starts clean."""
         if self.is_cuda:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from PIL import Image
@@ -18,6 +18,8 @@ class StepInfo:
     steps: int
     elapsed: float
     raw_losses: Losses
+    #: the picture as it is now (frame-sized), made only when called: a device-to-host copy
+    picture: Optional[Callable[[], Image.Image]] = None
 
     def losses(self) -> dict[str, float]:
         return self.raw_losses.as_floats()

@@ -240,7 +240,8 @@ class Engine:
                 restarts += 1
             if p.frame_every and (step % p.frame_every == 0 or step == p.steps):
                 frames.append(self._frame(x, p, palette))
-            progress.on_step(StepInfo(step, p.steps, time.perf_counter() - t_opt, guard.last))
+            progress.on_step(StepInfo(step, p.steps, time.perf_counter() - t_opt, guard.last,
+                                      picture=lambda: self._frame(x, p, palette)))
             if step < p.steps:
                 every = progress.checkpoint_every
                 if every and step % every == 0:

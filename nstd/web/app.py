@@ -1,0 +1,170 @@
+"""The routes: the page, /status.json, /metrics, the running job's picture, and the files of the
+outbox and the quarantine. GET and HEAD only; nothing can change anything.
+
+Files are opened through the folder's descriptor without following any link (safefs), so a link
+planted in a group-writable outbox or quarantine leads nowhere; `..`, hidden names and anything
+but a regular file are refused with a 404 that says no more."""
+from __future__ import annotations
+
+import io
+import math
+import os
+import stat
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from flask import Flask, Response, abort, jsonify, render_template, request, send_file
+
+from nstd import __version__
+from nstd.daemon import safefs
+from nstd.daemon.status import duration
+from nstd.web.metrics import render_metrics
+from nstd.web.view import View
+
+THUMB_EDGE = 192
+MAX_PREVIEW_BYTES = 16 << 20
+THUMBS_KEPT = 128
+CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+                 ".gif": "image/gif", ".json": "application/json", ".yaml": "text/plain", ".log": "text/plain"}
+#: No script, no frame, no form, nothing from elsewhere.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def create_app(view: View, refresh_seconds: int = 3) -> Flask:
+    app = Flask("nstd.web", template_folder=str(Path(__file__).with_name("templates")))
+    thumbs = _Thumbs()
+
+    @app.after_request
+    def headers(resp: Response) -> Response:
+        resp.headers.update(SECURITY_HEADERS)
+        return resp
+
+    @app.get("/")
+    def page():
+        data = view.data()
+        live = data["live"]
+        return render_template(
+            "index.html", d=data, job=live.get("job"), picture_step=live.get("picture_step"),
+            plot=loss_plot(live["losses"]), now=time.time(), version=__version__, refresh=refresh_seconds,
+            ago=_ago, duration=duration,
+        )
+
+    @app.get("/status.json")
+    def status_json():
+        return jsonify(view.data())
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(render_metrics(view), mimetype="text/plain; version=0.0.4")
+
+    @app.get("/preview.jpg")
+    def preview():
+        """The running job's picture, as the worker last published it."""
+        if not (view.status().get("live") or {}).get("job"):
+            abort(404)
+        try:
+            fd = os.open(view.preview, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            abort(404)
+        with os.fdopen(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                abort(404)
+            data = fh.read(MAX_PREVIEW_BYTES)
+        resp = Response(data, mimetype="image/jpeg")
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    @app.get("/files/<area>/<path:rel>")
+    def files(area: str, rel: str):
+        fh, st = _open(view, area, rel)
+        kind = CONTENT_TYPES.get(os.path.splitext(rel)[1].lower(), "application/octet-stream")
+        return send_file(fh, mimetype=kind, last_modified=st.st_mtime, max_age=60, conditional=True,
+                         download_name=os.path.basename(rel))
+
+    @app.get("/thumbs/<area>/<path:rel>")
+    def thumb(area: str, rel: str):
+        fh, st = _open(view, area, rel)
+        with fh:
+            data = thumbs.get((area, rel, st.st_ino, st.st_mtime_ns), fh)
+        if data is None:
+            abort(404)
+        resp = Response(data, mimetype="image/jpeg")
+        resp.headers["Cache-Control"] = "max-age=300"
+        return resp
+
+    return app
+
+
+def _open(view: View, area: str, rel: str):
+    """A regular file inside the outbox or the quarantine, opened without following a link."""
+    folder = view.areas().get(area)
+    parts = rel.split("/")
+    if folder is None or not rel or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+        abort(404)
+    try:
+        fd = safefs.open_inbox(folder)
+        try:
+            pin = safefs.pin(fd, folder, rel)
+        finally:
+            os.close(fd)
+    except (safefs.Refused, OSError, UnicodeEncodeError, ValueError):
+        abort(404)
+    try:
+        fh = pin.reader()
+    finally:
+        pin.close()
+    return fh, os.fstat(fh.fileno())
+
+
+class _Thumbs:
+    """Small JPEGs of results, made once each (a 4096 px PNG takes a while to decode)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._kept: "OrderedDict[tuple, bytes]" = OrderedDict()
+
+    def get(self, key: tuple, fh) -> bytes | None:
+        with self._lock:
+            if key in self._kept:
+                self._kept.move_to_end(key)
+                return self._kept[key]
+        from nstd.engine.images import ImageError, open_image  # the same checks as for any user image
+
+        try:
+            img = open_image(key[1], fileobj=fh)
+        except ImageError:
+            return None
+        img.thumbnail((THUMB_EDGE, THUMB_EDGE))
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, "JPEG", quality=80)
+        with self._lock:
+            self._kept[key] = buf.getvalue()
+            while len(self._kept) > THUMBS_KEPT:
+                self._kept.popitem(last=False)
+        return buf.getvalue()
+
+
+def loss_plot(losses: list[tuple[int, float]], width: int = 320, height: int = 120) -> dict | None:
+    """An SVG polyline of the total loss (log scale) against the step, for the template."""
+    points = [(s, v) for s, v in losses if v > 0 and math.isfinite(v)]
+    if len(points) < 2:
+        return None
+    s0, s1 = points[0][0], points[-1][0]
+    logs = [math.log10(v) for _, v in points]
+    lo, hi = min(logs), max(logs)
+    span_s, span_v = max(1, s1 - s0), max(1e-9, hi - lo)
+    coords = " ".join(f"{(s - s0) / span_s * (width - 10) + 5:.1f},{(hi - lv) / span_v * (height - 20) + 10:.1f}"
+                      for (s, _), lv in zip(points, logs))
+    return {"points": coords, "width": width, "height": height, "first": points[0], "last": points[-1],
+            "low": 10 ** lo, "high": 10 ** hi}
+
+
+def _ago(t: float, now: float) -> str:
+    return duration(now - t) + " ago"

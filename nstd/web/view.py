@@ -1,0 +1,140 @@
+"""What the page shows, gathered from the daemon's status, the live job and the folders.
+
+Listings of the outbox and the quarantine are cached for a few seconds, so a flood of requests
+costs a few directory reads, not one per request. Paths are shown relative to the root."""
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from nstd.daemon.live import PREVIEW_FILE
+
+#: How long a listing of the outbox or the quarantine is reused.
+LISTING_SECONDS = 3.0
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+#: error.yaml is read up to this many bytes (the quarantine may be writable by others).
+MAX_ERROR_BYTES = 65536
+
+
+@dataclass
+class Entry:
+    """A folder in the outbox or the quarantine, as the page lists it."""
+
+    name: str
+    area: str  # "outbox" | "quarantine"
+    at: float
+    result: str | None = None  # file name inside the folder
+    gif: str | None = None
+    reason: str = ""
+
+
+class View:
+    """`status` reads the daemon's status.json (with its `live` part); the preview is the file
+    the worker publishes in `state`."""
+
+    def __init__(self, status: Callable[[], dict], state: Path, root: Path, outbox: Path, quarantine: Path,
+                 results: int):
+        self.status = status
+        self.preview = state / PREVIEW_FILE
+        self.root, self.outbox, self.quarantine, self.results = root, outbox, quarantine, results
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, list[Entry]]] = {}
+
+    def areas(self) -> dict[str, Path]:
+        return {"outbox": self.outbox, "quarantine": self.quarantine}
+
+    def recent(self, area: str) -> list[Entry]:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(area)
+            if hit and now - hit[0] < LISTING_SECONDS:
+                return hit[1]
+        entries = self._list(area)
+        with self._lock:
+            self._cache[area] = (now, entries)
+        return entries
+
+    def _list(self, area: str) -> list[Entry]:
+        folder = self.areas()[area]
+        found = []
+        try:
+            with os.scandir(folder) as it:
+                for e in it:
+                    if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
+                        continue
+                    try:
+                        found.append((e.stat(follow_symlinks=False).st_mtime, e.name))
+                    except OSError:
+                        continue
+        except OSError:
+            return []
+        found.sort(reverse=True)
+        return [self._entry(area, folder / name, name, at) for at, name in found[: self.results]]
+
+    def _entry(self, area: str, folder: Path, name: str, at: float) -> Entry:
+        entry = Entry(name, area, at)
+        try:
+            with os.scandir(folder) as it:
+                files = sorted(e.name for e in it if e.is_file(follow_symlinks=False))
+        except OSError:
+            files = []
+        if area == "outbox":
+            entry.result = next((f for f in files if f.lower().endswith(IMAGE_SUFFIXES)), None)
+            entry.gif = next((f for f in files if f.lower().endswith(".gif")), None)
+        else:
+            entry.reason = _reason(folder)
+        return entry
+
+    def data(self) -> dict:
+        """/status.json: the daemon's status.json, plus the live job, the last results and the
+        quarantine; the same data the page shows."""
+        status = self.status()
+        live = status.get("live") if isinstance(status.get("live"), dict) else {}
+        return {
+            **status,
+            "live": {**live, "losses": _points(live.get("losses"))},
+            "results": [_entry_json(e) for e in self.recent("outbox")],
+            "quarantine": [_entry_json(e) for e in self.recent("quarantine")],
+        }
+
+
+def _points(losses) -> list[list[float]]:
+    """The loss plot's points as status.json holds them, only the well-formed ones."""
+    if not isinstance(losses, list):
+        return []
+    return [[p[0], p[1]] for p in losses if isinstance(p, list) and len(p) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in p)]
+
+
+def _entry_json(e: Entry) -> dict:
+    return {"name": e.name, "at": e.at, "result": e.result, "gif": e.gif, "reason": e.reason}
+
+
+def _reason(folder: Path) -> str:
+    """'kind: message' from error.yaml, read as a stranger's file: no link, regular, capped."""
+    import yaml
+
+    try:
+        fd = os.open(folder / "error.yaml", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return "no error.yaml"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "error.yaml is not a file"
+        raw = os.read(fd, MAX_ERROR_BYTES)
+    finally:
+        os.close(fd)
+    try:
+        from nstd.daemon.jobfile import _StrictLoader
+
+        data = yaml.load(raw.decode("utf-8", "replace"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
+    except (yaml.YAMLError, RecursionError):
+        return "error.yaml cannot be read"
+    if not isinstance(data, dict):
+        return "error.yaml cannot be read"
+    return f"{data.get('kind', '?')}: {data.get('message', '')}"[:500]
