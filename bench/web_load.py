@@ -50,8 +50,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--client-nice", type=int, default=19)
+    ap.add_argument("--client-idle", action="store_true", help="clients under SCHED_IDLE instead of nice")
+    ap.add_argument("--baseline", action="store_true",
+                    help="also flood a trivial server (http.server, nice 19) at the same time of each round: "
+                         "the cost of any such load on this machine, against which the page's is read")
     a = ap.parse_args()
     flood_code = FLOOD.replace("os.nice(19)", f"os.nice({a.client_nice})")
+    if a.client_idle:
+        flood_code = FLOOD.replace("os.nice(19)", "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))")
     with tempfile.TemporaryDirectory() as tmp:
         d = Daemon(Path(tmp), web={"enabled": True, "listen": "127.0.0.1:0"},
                    defaults={"size": a.size, "steps": a.steps, "gif": False}, logging={"level": "INFO"})
@@ -60,15 +66,25 @@ def main() -> int:
             d.wait(lambda: (d.status() or {}).get("web"), 30, "the page")
             url = d.status()["web"]
             pid = page_pid(d.root)
-            step = {"quiet": [], "flooded": []}
+            step = {"quiet": [], "flooded": [], "baseline": []}
             requests, page_cpu = 0, 0.0
+            static = None
+            if a.baseline:
+                (Path(tmp) / "static").mkdir()
+                (Path(tmp) / "static" / "index.html").write_text("<p>x</p>" * 500)
+                static = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "http.server", "0", "--bind",
+                                           "127.0.0.1", "-d", str(Path(tmp) / "static")], stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True)
+                static_url = "http://127.0.0.1:%s/" % static.stdout.readline().split("port ")[1].split()[0]
+            modes = ("quiet", "flooded", "baseline") if a.baseline else ("quiet", "flooded")
             for r in range(a.rounds):
-                for mode in ("quiet", "flooded"):
+                for mode in modes:
                     name = f"{mode}{r}"
                     flood = []
                     cpu0 = cpu_seconds(pid)
-                    if mode == "flooded":
-                        flood = [subprocess.Popen([sys.executable, "-c", flood_code, url], stdout=subprocess.PIPE,
+                    if mode != "quiet":
+                        target = url if mode == "flooded" else static_url
+                        flood = [subprocess.Popen([sys.executable, "-c", flood_code, target], stdout=subprocess.PIPE,
                                                   text=True) for _ in range(a.clients)]
                     d.drop(name, {"content": "hoovertowernight.jpg", "style": "starry_night.jpg"})
                     d.wait_landed(name, timeout=600)
@@ -82,6 +98,8 @@ def main() -> int:
                     step[mode].append(report["timings"]["optimised"] / a.steps)
         finally:
             d.stop()
+            if static is not None:
+                static.terminate()
     q, f = statistics.median(step["quiet"]), statistics.median(step["flooded"])
     print(f"web_load: {platform.node()}, {os.cpu_count()} CPUs, {a.size} px, {a.steps} steps, {a.rounds} rounds, "
           f"{a.clients} clients at nice {a.client_nice}")
@@ -90,7 +108,11 @@ def main() -> int:
     print("| --- | --- | --- | --- |")
     print(f"| quiet | {q * 1000:.1f} ms | | |")
     print(f"| flooded | {f * 1000:.1f} ms | {requests} | {page_cpu / max(1, requests) * 1000:.2f} ms |")
-    print(f"| ratio | {f / q:.2f}x | | |")
+    if a.baseline:
+        s = statistics.median(step["baseline"])
+        print(f"| a trivial server flooded alike | {s * 1000:.1f} ms | | |")
+        print(f"| ratio, page / trivial server | {f / s:.2f}x | | |")
+    print(f"| ratio, page / quiet | {f / q:.2f}x | | |")
     return 0
 
 

@@ -209,3 +209,55 @@ def test_a_real_browser_shows_the_running_job(page, tmp_path):
     # The picture sits at the left under "Running" (CSS: 384 px wide): many colours, not the page's grey.
     region = img.crop((22, 130, 400, 380))
     assert len(region.getcolors(maxcolors=1 << 16) or []) > 200, "the preview is not drawn"
+
+
+def raw_request(url: str, data: bytes) -> bytes:
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    with socket.create_connection((u.hostname, u.port), timeout=10) as s:
+        s.sendall(data)
+        return s.recv(4096)
+
+
+def test_what_a_hostile_review_found_stays_fixed(page):
+    """A name that is not valid UTF-8 (the page rendered a 500), a request body (spooled to disk),
+    a foreign Host (DNS rebinding), OPTIONS, `//` (a redirect echoing the Host)."""
+    d = page
+    bad = os.fsencode(str(d.quarantine)) + b"/bad\xffname"
+    os.makedirs(bad)
+    with open(bad + b"/error.yaml", "w") as fh:
+        fh.write('job: "bad\\udcffname"\nkind: invalid job file\nmessage: "bad\\udcffname.yaml: not valid YAML"\n')
+    time.sleep(3.2)  # the listing cache
+    status, _, body = get(d.url)
+    assert status == 200 and "bad?name" in body.decode()
+    assert get(d.url + "status.json")[0] == 200
+    reply = raw_request(d.url, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000000\r\n\r\n" + b"0" * 4096)
+    assert reply.startswith(b"HTTP/1.1 413")
+    port = d.url.rsplit(":", 1)[1].strip("/")
+    assert raw_request(d.url, f"GET / HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n".encode()).startswith(b"HTTP/1.1 400")
+    assert raw_request(d.url, f"GET / HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode()).startswith(b"HTTP/1.1 200")
+    assert get(d.url, "OPTIONS")[0] == 405
+    assert get(d.url + "/files/outbox/x")[0] == 404
+
+
+def test_a_page_process_that_dies_comes_back_and_its_address_is_updated(tmp_path):
+    from nstd.daemon.store import Folders
+    from nstd.web.launch import StatusPage
+
+    folders = Folders(*(tmp_path / n for n in ("inbox", "outbox", "quarantine", "state", "logs")))
+    for f in (folders.outbox, folders.quarantine, folders.state):
+        f.mkdir()
+    page = StatusPage({"listen": "127.0.0.1:0", "results": 5, "refresh_seconds": 3}, folders, tmp_path)
+    first = page.start()
+    try:
+        assert first and get(first + "status.json")[0] == 200
+        page.proc.kill()
+        page.proc.wait()
+        assert page.ensure_alive() == first  # not before the restart delay
+        page.next_start = 0
+        second = page.ensure_alive()
+        assert second and second != first and get(second + "status.json")[0] == 200
+    finally:
+        page.stop()

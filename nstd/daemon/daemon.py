@@ -212,7 +212,7 @@ class Daemon:
                 self.notify.status(self.status_line())
                 self.status.update(memory=self.memory_in_use())
                 if self.page is not None:
-                    self.page.ensure_alive()
+                    self.status.update(web=self.page.ensure_alive())
                 next_status = now + STATUS_EVERY
             if woke or now >= next_scan:
                 next_scan = now + self.cfg["watch"]["rescan_seconds"]
@@ -287,7 +287,7 @@ class Daemon:
         if self.page is not None:
             self.page.stop()
         self.hooks.close(timeout=self.cfg["hooks"]["timeout_seconds"])
-        self.status.update(force=True, state="stopped", running=None)
+        self.status.update(force=True, state="stopped", running=None, live=self.live.as_json(), web=None)
         logger.info("stopped")
         self.lock.release()
 

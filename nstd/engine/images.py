@@ -10,14 +10,16 @@ import os
 import struct
 import warnings
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from nstd.errors import NstdError
 from nstd.engine.options import DEFAULT_MAX_PIXELS  # noqa: F401 (re-exported)
 from nstd.fsutil import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 #: Formats nstd reads (Pillow's names); the JPEG opener also takes the multi-picture JPEGs (MPO) cameras write.
 READ_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
@@ -126,14 +128,18 @@ def resize_long_edge(img: Image.Image, long_edge: int) -> Image.Image:
     return img.resize(target, Image.Resampling.LANCZOS)
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
+def to_tensor(img: Image.Image) -> "torch.Tensor":
     """8-bit RGB PIL image -> float32 tensor (1, 3, H, W) in 0..1."""
+    import torch  # here, not at the top: decoding and checking images needs no torch (the status page)
+
     data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     return data.view(img.height, img.width, 3).permute(2, 0, 1).unsqueeze(0).float().div_(255.0).contiguous()
 
 
-def to_pil(t: torch.Tensor) -> Image.Image:
+def to_pil(t: "torch.Tensor") -> Image.Image:
     """Tensor (1, 3, H, W) in 0..1 (any device) -> 8-bit RGB PIL image, values clamped."""
+    import torch
+
     arr = t.detach().squeeze(0).clamp(0, 1).mul(255.0).round_().to(torch.uint8).permute(1, 2, 0)
     arr = arr.contiguous().cpu()
     return Image.frombytes("RGB", (arr.shape[1], arr.shape[0]), arr.numpy().tobytes())

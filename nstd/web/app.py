@@ -7,6 +7,7 @@ but a regular file are refused with a 404 that says no more."""
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import stat
@@ -15,7 +16,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from flask import Flask, Response, abort, jsonify, render_template, request, send_file
+from flask import Flask, Response, abort, render_template, request, send_file
 
 from nstd import __version__
 from nstd.daemon import safefs
@@ -24,6 +25,8 @@ from nstd.web.metrics import render_metrics
 from nstd.web.view import View
 
 THUMB_EDGE = 192
+#: nstd's results are at most 8192 px on the long edge; anything bigger was not made by nstd.
+THUMB_MAX_PIXELS = 8192 * 8192
 MAX_PREVIEW_BYTES = 16 << 20
 THUMBS_KEPT = 128
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
@@ -37,34 +40,55 @@ SECURITY_HEADERS = {
 }
 
 
+#: The page, status.json and /metrics are made at most once in this many seconds, however many ask
+#: (status.json itself changes once a second).
+RENDER_SECONDS = 1.0
+
+
 def create_app(view: View, refresh_seconds: int = 3) -> Flask:
+    """app.config["NSTD_HOSTS"]: the Host headers accepted (None: any); a page bound to the
+    loopback answers only to its own names, so a web page elsewhere cannot read it through DNS
+    rebinding (server.py sets them once the port is known)."""
     app = Flask("nstd.web", template_folder=str(Path(__file__).with_name("templates")))
+    app.url_map.merge_slashes = False  # no redirect that echoes the Host header
     thumbs = _Thumbs()
+    made = _Recent(RENDER_SECONDS)
+
+    app.config["NSTD_HOSTS"] = None
+
+    @app.before_request
+    def known_host():
+        allowed = app.config["NSTD_HOSTS"]
+        if allowed is not None and request.host.lower() not in allowed:
+            abort(400)
 
     @app.after_request
     def headers(resp: Response) -> Response:
         resp.headers.update(SECURITY_HEADERS)
         return resp
 
-    @app.get("/")
-    def page():
+    def render_page() -> bytes:
         data = view.data()
         live = data["live"]
         return render_template(
             "index.html", d=data, job=live.get("job"), picture_step=live.get("picture_step"),
             plot=loss_plot(live["losses"]), now=time.time(), version=__version__, refresh=refresh_seconds,
             ago=_ago, duration=duration,
-        )
+        ).encode()
 
-    @app.get("/status.json")
+    @app.get("/", provide_automatic_options=False)
+    def page():
+        return Response(made.get("/", render_page), mimetype="text/html")
+
+    @app.get("/status.json", provide_automatic_options=False)
     def status_json():
-        return jsonify(view.data())
+        return Response(made.get("/status.json", lambda: json.dumps(view.data()).encode()), mimetype="application/json")
 
-    @app.get("/metrics")
+    @app.get("/metrics", provide_automatic_options=False)
     def metrics():
-        return Response(render_metrics(view), mimetype="text/plain; version=0.0.4")
+        return Response(made.get("/metrics", lambda: render_metrics(view)), mimetype="text/plain; version=0.0.4")
 
-    @app.get("/preview.jpg")
+    @app.get("/preview.jpg", provide_automatic_options=False)
     def preview():
         """The running job's picture, as the worker last published it."""
         if not (view.status().get("live") or {}).get("job"):
@@ -81,14 +105,14 @@ def create_app(view: View, refresh_seconds: int = 3) -> Flask:
         resp.headers["Cache-Control"] = "no-store"
         return resp
 
-    @app.get("/files/<area>/<path:rel>")
+    @app.get("/files/<area>/<path:rel>", provide_automatic_options=False)
     def files(area: str, rel: str):
         fh, st = _open(view, area, rel)
         kind = CONTENT_TYPES.get(os.path.splitext(rel)[1].lower(), "application/octet-stream")
         return send_file(fh, mimetype=kind, last_modified=st.st_mtime, max_age=60, conditional=True,
                          download_name=os.path.basename(rel))
 
-    @app.get("/thumbs/<area>/<path:rel>")
+    @app.get("/thumbs/<area>/<path:rel>", provide_automatic_options=False)
     def thumb(area: str, rel: str):
         fh, st = _open(view, area, rel)
         with fh:
@@ -123,32 +147,51 @@ def _open(view: View, area: str, rel: str):
     return fh, os.fstat(fh.fileno())
 
 
+class _Recent:
+    """The bytes a route made, reused for `seconds`: a flood costs a dictionary lookup a request."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._made: dict[str, tuple[float, bytes]] = {}
+
+    def get(self, key: str, make) -> bytes:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._made.get(key)
+            if hit is not None and now - hit[0] < self.seconds:
+                return hit[1]
+            data = make()  # under the lock: one maker at a time, the others wait and reuse it
+            self._made[key] = (now, data)
+            return data
+
+
 class _Thumbs:
-    """Small JPEGs of results, made once each (a 4096 px PNG takes a while to decode)."""
+    """Small JPEGs of results, made once each and one at a time (a 4096 px PNG takes a while to
+    decode; a planted decompression bomb must not be decoded twice at once)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._kept: "OrderedDict[tuple, bytes]" = OrderedDict()
 
     def get(self, key: tuple, fh) -> bytes | None:
+        from nstd.engine.images import ImageError, open_image  # torch-free: Pillow's checks
+
         with self._lock:
             if key in self._kept:
                 self._kept.move_to_end(key)
                 return self._kept[key]
-        from nstd.engine.images import ImageError, open_image  # the same checks as for any user image
-
-        try:
-            img = open_image(key[1], fileobj=fh)
-        except ImageError:
-            return None
-        img.thumbnail((THUMB_EDGE, THUMB_EDGE))
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, "JPEG", quality=80)
-        with self._lock:
+            try:
+                img = open_image(key[1], THUMB_MAX_PIXELS, fileobj=fh)
+            except ImageError:
+                return None
+            img.thumbnail((THUMB_EDGE, THUMB_EDGE))
+            buf = io.BytesIO()
+            img.convert("RGB").save(buf, "JPEG", quality=80)
             self._kept[key] = buf.getvalue()
             while len(self._kept) > THUMBS_KEPT:
                 self._kept.popitem(last=False)
-        return buf.getvalue()
+            return buf.getvalue()
 
 
 def loss_plot(losses: list[tuple[int, float]], width: int = 320, height: int = 120) -> dict | None:

@@ -14,8 +14,10 @@ from loguru import logger
 
 #: How long the page's process may take to say its address.
 START_SECONDS = 30.0
-#: A page process that died is started again after this long.
+#: A page process that died (or could not listen) is started again after this long, doubled each
+#: time it fails again, up to MAX_RESTART_SECONDS.
 RESTART_SECONDS = 30.0
+MAX_RESTART_SECONDS = 600.0
 
 
 class StatusPage:
@@ -26,10 +28,12 @@ class StatusPage:
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
         self.next_start = 0.0
+        self.backoff = RESTART_SECONDS
 
     def start(self) -> str | None:
         """Start the page's process; its address, or None (logged) when it cannot serve."""
-        self.next_start = time.monotonic() + RESTART_SECONDS
+        self.url = None
+        self.next_start = time.monotonic() + self.backoff
         env = {**os.environ, "NSTD_WEB": json.dumps(self.settings)}
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "nstd.web.server"], env=env, stdin=subprocess.DEVNULL,
@@ -40,9 +44,10 @@ class StatusPage:
         line = self._first_line()
         if not line.startswith("http"):
             self.stop()
-            logger.error("status page: {}; the daemon runs without it", line or "it did not start")
+            logger.error("status page: {}; trying again in {:.0f} s", line or "it did not start", self.backoff)
+            self.backoff = min(MAX_RESTART_SECONDS, self.backoff * 2)
             return None
-        self.url = line
+        self.url, self.backoff = line, RESTART_SECONDS
         logger.info("status page on {}", self.url)
         return self.url
 
@@ -51,12 +56,14 @@ class StatusPage:
         ready, _, _ = select.select([self.proc.stdout], [], [], START_SECONDS)
         return self.proc.stdout.readline().strip() if ready else ""
 
-    def ensure_alive(self) -> None:
-        """From the intake loop: a page that died is logged and started again, now and then."""
+    def ensure_alive(self) -> str | None:
+        """From the intake loop: a page that died (or never listened) is started again, with a
+        growing delay. Returns the page's address now (it may have changed)."""
         if self.proc is None or self.proc.poll() is None or time.monotonic() < self.next_start:
-            return
-        logger.error("status page: its process ended ({}); starting it again", self.proc.returncode)
-        self.start()
+            return self.url
+        if self.url is not None:
+            logger.error("status page: its process ended ({}); starting it again", self.proc.returncode)
+        return self.start()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

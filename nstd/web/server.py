@@ -1,21 +1,25 @@
 """The status page's process: `python -m nstd.web.server`, started and stopped by the daemon.
 
-A process of its own, at the lowest CPU priority (nice 19), so a flood of requests never takes
+A process of its own, at the lowest CPU priority (SCHED_IDLE, else nice 19), so a flood of requests never takes
 the CPU or the interpreter lock from the worker: it reads only what the daemon writes
 (status.json, the published preview, the outbox and the quarantine) and serves it with waitress.
 Its first line on stdout is its address (or an error); it ends when its daemon does.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
-#: waitress's worker threads: enough for a few browsers; a flood waits in the queue.
+#: waitress's worker threads: enough for a few browsers.
 THREADS = 2
+#: status.json is read at most this often.
+STATUS_SECONDS = 0.5
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -23,6 +27,29 @@ def parse_listen(listen: str) -> tuple[str, int]:
     has checked the form."""
     host, _, port = listen.rpartition(":")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _every(seconds: float, read):
+    """`read()` at most once in `seconds` (status.json changes once a second; a flood of requests
+    must not parse it for each)."""
+    lock, last = threading.Lock(), [0.0, None]
+
+    def get():
+        with lock:
+            if last[1] is None or time.monotonic() - last[0] >= seconds:
+                last[:] = [time.monotonic(), read()]
+            return last[1]
+
+    return get
+
+
+def _lowest_priority() -> None:
+    """SCHED_IDLE: the CPU only when nothing else wants it (the worker always comes first);
+    nice 19 where that policy is refused."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
 
 
 def _orphan_watch(parent: int) -> None:
@@ -34,7 +61,7 @@ def _orphan_watch(parent: int) -> None:
 
 def main() -> int:
     cfg = json.loads(os.environ["NSTD_WEB"])
-    os.nice(19)
+    _lowest_priority()
     from waitress.server import create_server
 
     from nstd.daemon.status import read_status
@@ -42,17 +69,27 @@ def main() -> int:
     from nstd.web.view import View
 
     state = Path(cfg["state"])
-    view = View(lambda: read_status(state) or {}, state, Path(cfg["root"]), Path(cfg["outbox"]),
-                Path(cfg["quarantine"]), cfg["results"])
+    view = View(_every(STATUS_SECONDS, lambda: read_status(state) or {}), state, Path(cfg["root"]),
+                Path(cfg["outbox"]), Path(cfg["quarantine"]), cfg["results"])
     host, port = parse_listen(cfg["listen"])
     try:
-        server = create_server(create_app(view, cfg["refresh_seconds"]), host=host, port=port, threads=THREADS,
-                               ident="nstd", channel_timeout=30, connection_limit=64)
+        address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][4][0]  # one address: "localhost"
     except OSError as exc:
         print(f"error: cannot listen on {cfg['listen']}: {exc.strerror or exc}", flush=True)
         return 2
-    shown = f"[{host}]" if ":" in host else host
-    print(f"http://{shown}:{server.effective_port}/", flush=True)
+    app = create_app(view, cfg["refresh_seconds"])
+    try:
+        # A GET needs no body: one over 1 KiB is refused before waitress spools it to a file.
+        server = create_server(app, host=address, port=port, threads=THREADS, ident="nstd", channel_timeout=10,
+                               connection_limit=100, max_request_body_size=1024)
+    except OSError as exc:
+        print(f"error: cannot listen on {cfg['listen']}: {exc.strerror or exc}", flush=True)
+        return 2
+    port = server.effective_port
+    shown = f"[{address}]" if ":" in address else address
+    if ipaddress.ip_address(address).is_loopback:  # answer to our own names only (DNS rebinding)
+        app.config["NSTD_HOSTS"] = {f"{n}:{port}" for n in (shown, "localhost", "127.0.0.1", "[::1]")}
+    print(f"http://{shown}:{port}/", flush=True)
     threading.Thread(target=_orphan_watch, args=(cfg["parent"],), daemon=True).start()
     server.run()
     return 0

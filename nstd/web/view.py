@@ -18,7 +18,7 @@ from nstd.daemon.live import PREVIEW_FILE
 LISTING_SECONDS = 3.0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: error.yaml is read up to this many bytes (the quarantine may be writable by others).
-MAX_ERROR_BYTES = 65536
+MAX_ERROR_BYTES = 8192
 
 
 @dataclass
@@ -44,20 +44,22 @@ class View:
         self.root, self.outbox, self.quarantine, self.results = root, outbox, quarantine, results
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, list[Entry]]] = {}
+        #: error.yaml's reason by (device, inode, mtime, size): each file is parsed once
+        self._reasons: dict[tuple, str] = {}
 
     def areas(self) -> dict[str, Path]:
         return {"outbox": self.outbox, "quarantine": self.quarantine}
 
     def recent(self, area: str) -> list[Entry]:
-        now = time.monotonic()
+        """The newest folders of an area; one thread lists while the others wait and reuse it, and
+        a listing is stamped when it is done (a slow one is still reused)."""
         with self._lock:
             hit = self._cache.get(area)
-            if hit and now - hit[0] < LISTING_SECONDS:
+            if hit and time.monotonic() - hit[0] < LISTING_SECONDS:
                 return hit[1]
-        entries = self._list(area)
-        with self._lock:
-            self._cache[area] = (now, entries)
-        return entries
+            entries = self._list(area)
+            self._cache[area] = (time.monotonic(), entries)
+            return entries
 
     def _list(self, area: str) -> list[Entry]:
         folder = self.areas()[area]
@@ -87,20 +89,40 @@ class View:
             entry.result = next((f for f in files if f.lower().endswith(IMAGE_SUFFIXES)), None)
             entry.gif = next((f for f in files if f.lower().endswith(".gif")), None)
         else:
-            entry.reason = _reason(folder)
+            entry.reason = self._reason(folder)
         return entry
+
+    def _reason(self, folder: Path) -> str:
+        """'kind: message' from error.yaml, read as a stranger's file (the quarantine may be
+        writable by others): no link, a regular file with one name, capped, parsed once."""
+        try:
+            fd = os.open(folder / "error.yaml", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return "no error.yaml"
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                return "error.yaml is not nstd's"
+            key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+            if key not in self._reasons:
+                if len(self._reasons) > 10_000:
+                    self._reasons.clear()
+                self._reasons[key] = _reason_in(os.read(fd, MAX_ERROR_BYTES))
+            return self._reasons[key]
+        finally:
+            os.close(fd)
 
     def data(self) -> dict:
         """/status.json: the daemon's status.json, plus the live job, the last results and the
         quarantine; the same data the page shows."""
         status = self.status()
         live = status.get("live") if isinstance(status.get("live"), dict) else {}
-        return {
+        return printable({
             **status,
             "live": {**live, "losses": _points(live.get("losses"))},
             "results": [_entry_json(e) for e in self.recent("outbox")],
             "quarantine": [_entry_json(e) for e in self.recent("quarantine")],
-        }
+        })
 
 
 def _points(losses) -> list[list[float]]:
@@ -115,26 +137,35 @@ def _entry_json(e: Entry) -> dict:
     return {"name": e.name, "at": e.at, "result": e.result, "gif": e.gif, "reason": e.reason}
 
 
-def _reason(folder: Path) -> str:
-    """'kind: message' from error.yaml, read as a stranger's file: no link, regular, capped."""
+def _reason_in(raw: bytes) -> str:
     import yaml
 
-    try:
-        fd = os.open(folder / "error.yaml", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return "no error.yaml"
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return "error.yaml is not a file"
-        raw = os.read(fd, MAX_ERROR_BYTES)
-    finally:
-        os.close(fd)
-    try:
-        from nstd.daemon.jobfile import _StrictLoader
+    from nstd.daemon.jobfile import _StrictLoader
 
+    try:
         data = yaml.load(raw.decode("utf-8", "replace"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
     except (yaml.YAMLError, RecursionError):
         return "error.yaml cannot be read"
     if not isinstance(data, dict):
         return "error.yaml cannot be read"
     return f"{data.get('kind', '?')}: {data.get('message', '')}"[:500]
+
+
+def printable(value):
+    """Every string in `value` (nested) as text a page can carry: a name that is not valid UTF-8
+    (a lone surrogate from the file system or JSON) shows '?' for its bad bytes, never a 500."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8") if _has_surrogate(value) else value
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [printable(v) for v in value]
+    return value
+
+
+def _has_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
