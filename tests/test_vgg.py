@@ -90,12 +90,26 @@ def test_missing_and_garbage_weights_files(tmp_path):
         vgg.load_weights("resnet")
 
 
-def test_caffe_input_is_bgr_0_255_minus_mean():
+def test_caffe_input_is_0_255_minus_mean_in_rgb_order():
     norm = vgg.Normalize(vgg.CAFFE_INPUT)
     x = torch.tensor([1.0, 0.5, 0.0]).view(1, 3, 1, 1)  # RGB
     out = norm(x).flatten()
-    expected = torch.tensor([0.0 - 103.939, 127.5 - 116.779, 255.0 - 123.68])  # BGR
+    expected = torch.tensor([255.0 - 123.68, 127.5 - 116.779, 0.0 - 103.939])  # RGB; the means are BGR's
     assert torch.allclose(out, expected, atol=1e-3)
+
+
+def test_the_bgr_swap_on_conv1_1_gives_the_features_of_bgr_input():
+    """The caffe weights see BGR: swapping conv1_1's input channels once must equal reordering
+    the picture on every forward, to float rounding."""
+    weights = vgg.load_caffe_weights()
+    net = Network(weights, vgg.CAFFE_INPUT)
+    x = torch.rand(1, 3, 24, 32)
+    w, b = weights["conv1_1"]
+    t = vgg.CAFFE_INPUT
+    bgr = x[:, list(t.channel_order)] * t.scale - torch.tensor(t.mean).view(1, 3, 1, 1)
+    expected = torch.relu(torch.nn.functional.conv2d(bgr, w, b, padding=1))
+    got = net.extractor(["conv1_1"])(x)["conv1_1"]
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-3)
 
 
 def test_torchvision_input_is_imagenet_normalised():

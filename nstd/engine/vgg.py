@@ -164,17 +164,29 @@ def load_weights(source: str, weights_file: Path | None = None) -> tuple[Weights
 
 
 class Normalize(nn.Module):
+    """Scale and shift each channel as the weights want, keeping nstd's RGB order: a source that
+    wants BGR (the caffe weights) gets conv1_1's input channels swapped once instead
+    (`rgb_first_conv`), not an index copy on every forward (a host-to-device copy and a sync on a
+    GPU)."""
+
     def __init__(self, t: InputTransform):
         super().__init__()
-        self.order = list(t.channel_order)
-        scale = torch.tensor(t.scale) / torch.tensor(t.std)
-        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("shift", (torch.tensor(t.mean) / torch.tensor(t.std)).view(1, 3, 1, 1), persistent=False)
+        rgb = [0, 0, 0]
+        for pos, channel in enumerate(t.channel_order):  # the source's channel `pos` is RGB `channel`
+            rgb[channel] = pos
+        mean, std = torch.tensor(t.mean)[rgb], torch.tensor(t.std)[rgb]
+        self.register_buffer("scale", (t.scale / std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", (mean / std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.order != [0, 1, 2]:
-            x = x[:, self.order]
         return x * self.scale - self.shift
+
+
+def rgb_first_conv(weight: torch.Tensor, channel_order: tuple[int, int, int]) -> torch.Tensor:
+    """conv1_1's weights for RGB input, from weights trained on `channel_order` (BGR: (2, 1, 0))."""
+    out = torch.empty_like(weight)
+    out[:, list(channel_order)] = weight
+    return out
 
 
 class Extractor(nn.Module):
@@ -222,6 +234,8 @@ class Network:
         self.transform = transform
         self.convs: dict[str, nn.Conv2d] = {}
         for name, (w, b) in weights.items():
+            if name == CONV_LAYERS[0]:
+                w = rgb_first_conv(w, transform.channel_order)
             conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1)
             with torch.no_grad():
                 conv.weight.copy_(w)
