@@ -177,7 +177,8 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     w, h = result.size
     took = time.perf_counter() - t0
     losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items())
-    print(f"wrote {out} ({w}x{h}, {result.steps} steps, {took:.1f} s on {result.device}, {result.precision}; {losses})")
+    gif_note = f" and {args.gif}" if args.gif and result.frames else ""
+    print(f"wrote {out}{gif_note} ({w}x{h}, {result.steps} steps, {took:.1f} s on {result.device}, {result.precision}; {losses})")
     return ExitCode.OK
 
 
@@ -259,6 +260,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
         raise NstdError(f"retry {args.name}: {exc.strerror or exc} ({exc.filename or 'a folder'})") from None
     print(f"retrying {args.name} as {done.sidecar} in the inbox ({len(done.moved)} input(s) moved back); "
           f"error.yaml and job.log kept in {done.kept}")
+    if done.waits_for:
+        print(f"note: the job waits for {', '.join(done.waits_for)}: put them into the inbox "
+              f"(within watch.missing_timeout, or it is quarantined as missing input)")
     return ExitCode.OK
 
 

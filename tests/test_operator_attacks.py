@@ -169,3 +169,23 @@ def test_a_hook_command_that_cannot_be_split_is_a_config_error(tmp_path):
     (tmp_path / "c.yaml").write_text("hooks: {on_done: \"'unterminated\"}\n")
     with pytest.raises(ValueError, match="hooks.on_done: cannot be split"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_a_bad_key_is_taken_out_with_key_equals_nothing_and_missing_inputs_are_named(root):
+    q = root / "var/quarantine/q"
+    (q / "q.yaml").write_text("content: c.png\nstyle: elsewhere.png\nstpes: 3\n")
+    r = nstd("retry", "q", "--config", root / "config.yaml")
+    assert r.returncode == 2 and "take one out with key=" in r.stderr
+    r = nstd("retry", "q", "stpes=", "steps=3", "--config", root / "config.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "note: the job waits for elsewhere.png" in r.stdout
+    job = yaml.safe_load((root / "var/inbox/q.yaml").read_text())
+    assert "stpes" not in job and job["steps"] == 3
+    kept = next((root / "var/quarantine").glob("q.retried-*"))
+    assert yaml.safe_load((kept / "retried.yaml").read_text())["overrides"] == {"stpes": "(removed)", "steps": 3}
+
+
+def test_cancel_of_a_finished_job_says_where_it_went(root):
+    (root / "var/outbox/done").mkdir()
+    r = nstd("cancel", "done", "--config", root / "config.yaml")
+    assert r.returncode == 4 and "it has finished" in r.stderr and "outbox/done" in r.stderr

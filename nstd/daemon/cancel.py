@@ -50,10 +50,12 @@ def claimed(jobs_dir: Path) -> list[Claimed]:
     return out
 
 
-def find(jobs_dir: Path, name: str) -> Claimed:
+def find(jobs_dir: Path, name: str, outbox: Path | None = None) -> Claimed:
     """The claimed job called `name` (its job file's name without .yaml) or with that id."""
     jobs = claimed(jobs_dir)
     found = [j for j in jobs if name in (j.id, j.name)]
+    if not found and outbox is not None and "/" not in name and name not in ("", ".", "..") and (outbox / name).is_dir():
+        raise NoSuchJob(f"{name!r} is not queued or running: it has finished (see {outbox / name})")
     if not found:
         known = ", ".join(j.name for j in jobs) or "none"
         raise NoSuchJob(f"no queued or running job is called {name!r} (claimed now: {known}); "
@@ -102,7 +104,7 @@ def cancel(cfg: dict, name: str, wait_seconds: float) -> str:
     from nstd.daemon.store import Folders
 
     folders = Folders.from_config(cfg)
-    job = find(folders.jobs, name)
+    job = find(folders.jobs, name, folders.outbox)
     try:
         lock = RootLock(folders.state)
     except AlreadyRunning:

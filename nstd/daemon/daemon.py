@@ -244,6 +244,8 @@ class Daemon:
                 self.notify.ready(self.status_line())
                 logger.info("ready")
             elif self.until_empty and self.empty():
+                for w in self.readiness.waiting():
+                    logger.info("left in the inbox for the next run: {}: {}", w["job"], w["reason"])
                 logger.info("nothing left to take ({}): exiting (--until-empty)", self.status_line())
                 break
 

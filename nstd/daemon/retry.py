@@ -41,17 +41,23 @@ class Retried:
     sidecar: str  # the new job file's name in the inbox
     moved: dict[str, str]  # file in quarantine -> its name in the inbox
     kept: Path  # the quarantine folder, renamed, with error.yaml and job.log
+    waits_for: list[str]  # inputs the new job names that are not in the inbox (yet)
+
+
+#: An override with nothing after `=` (`stpes=`) takes the key out of the job file.
+REMOVE = object()
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """`steps=100 gif.every=2` -> {"steps": 100, "gif": {"every": 2}}; values read as YAML scalars."""
+    """`steps=100 gif.every=2 stpes=` -> {"steps": 100, "gif": {"every": 2}, "stpes": REMOVE}; values
+    read as YAML scalars; an empty value removes the key."""
     out: dict = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise RetryError(f"{pair!r}: expected key=value, e.g. steps=500")
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = yaml.safe_load(text) if text else REMOVE
         except yaml.YAMLError:
             value = text
         *parents, leaf = key.split(".")
@@ -130,11 +136,11 @@ def _retry(folders: Folders, name: str, parent_fd: int, qfd: int, overrides: dic
     finally:
         os.close(inbox_fd)
     record = {"retried_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "as": sidecar_name,
-              "overrides": overrides, "moved": moved}
+              "overrides": _shown(overrides), "moved": moved}
     _write_new(qfd, "retried.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
     kept = free_name_in(parent_fd, f"{name}{RETRIED}{time.strftime('%Y%m%d-%H%M%S')}")
     safefs.rename_noreplace(parent_fd, name, parent_fd, kept)
-    return Retried(sidecar_name, moved, folders.quarantine / kept)
+    return Retried(sidecar_name, moved, folders.quarantine / kept, _waits_for(folders.inbox, new_data))
 
 
 #: error.yaml is nstd's, but it lies in a folder others may write: read it like a job file.
@@ -189,12 +195,22 @@ def _check_new_job(data: dict, cfg: dict) -> None:
         except JobError as exc:
             problems.extend(exc.problems)
     if problems:
-        raise RetryError(f"the retried job would be refused: {'; '.join(problems)}")
+        raise RetryError(f"the retried job would be refused: {'; '.join(problems)} (override a key with "
+                         "key=value, take one out with key=, or edit the job file in the quarantine folder)")
 
 
 def _names_check(data: dict) -> None:
     with tempfile.TemporaryDirectory() as empty:
         resolve_files(data, Path(empty) / "job.yaml", Path(empty))
+
+
+def _waits_for(inbox: Path, data: dict) -> list[str]:
+    """The files the new job names that the inbox does not hold: it will wait for them."""
+    try:
+        files = resolve_files(data, inbox / "retry.yaml", inbox)
+    except JobError:
+        return []
+    return [str(p.relative_to(inbox)) for p in files.missing if p.name != "retry.yaml"]
 
 
 def _put_back(inbox_fd: int, qfd: int, moved: dict[str, str]) -> None:
@@ -206,10 +222,17 @@ def _put_back(inbox_fd: int, qfd: int, moved: dict[str, str]) -> None:
             pass  # left in the inbox under `there`, never lost
 
 
+def _shown(overrides: dict) -> dict:
+    """The overrides as retried.yaml records them (a removed key as "(removed)")."""
+    return {k: _shown(v) if isinstance(v, dict) else "(removed)" if v is REMOVE else v for k, v in overrides.items()}
+
+
 def _merge(data: dict, overrides: dict) -> dict:
     out = dict(data)
     for k, v in overrides.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if v is REMOVE:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = _merge(out[k], v)
         else:
             out[k] = v

@@ -88,6 +88,8 @@ class View:
         if area == "outbox":
             entry.result = next((f for f in files if f.lower().endswith(IMAGE_SUFFIXES)), None)
             entry.gif = next((f for f in files if f.lower().endswith(".gif")), None)
+        elif ".retried-" in name:
+            entry.reason = "retried (nstd retry); kept for its error.yaml and job.log"
         else:
             entry.reason = self._reason(folder)
         return entry
