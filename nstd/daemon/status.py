@@ -112,18 +112,10 @@ def clean(data: dict) -> dict:
 
 def resumable(state_dir: Path) -> list[str]:
     """Claimed jobs left in state/jobs/ (a stop mid-job, a crash): the next start runs them."""
-    out = []
-    try:
-        folders = sorted(d for d in (state_dir / "jobs").iterdir() if d.is_dir() and not d.name.startswith("."))
-    except OSError:
-        return out
-    for d in folders:
-        try:
-            name = json.loads((d / "claim.json").read_text())["name"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        out.append(f"{name} (from its checkpoint)" if (d / "checkpoint").is_dir() else name)
-    return out
+    from nstd.daemon.cancel import claimed
+
+    return [f"{j.name} (from its checkpoint)" if (j.folder / "checkpoint").is_dir() else j.name
+            for j in claimed(state_dir / "jobs")]
 
 
 def pid_alive(pid: int) -> bool:

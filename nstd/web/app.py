@@ -52,7 +52,7 @@ def create_app(view: View, refresh_seconds: int = 3) -> Flask:
     app = Flask("nstd.web", template_folder=str(Path(__file__).with_name("templates")))
     app.url_map.merge_slashes = False  # no redirect that echoes the Host header
     thumbs = _Thumbs()
-    made = _Recent(RENDER_SECONDS)
+    made = Recent(RENDER_SECONDS)
 
     app.config["NSTD_HOSTS"] = None
 
@@ -147,15 +147,16 @@ def _open(view: View, area: str, rel: str):
     return fh, os.fstat(fh.fileno())
 
 
-class _Recent:
-    """The bytes a route made, reused for `seconds`: a flood costs a dictionary lookup a request."""
+class Recent:
+    """What `make()` made, reused for `seconds` (a page, status.json): a flood of requests costs a
+    dictionary lookup each."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self._lock = threading.Lock()
-        self._made: dict[str, tuple[float, bytes]] = {}
+        self._made: dict[str, tuple[float, object]] = {}
 
-    def get(self, key: str, make) -> bytes:
+    def get(self, key: str, make):
         now = time.monotonic()
         with self._lock:
             hit = self._made.get(key)

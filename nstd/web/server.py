@@ -29,20 +29,6 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def _every(seconds: float, read):
-    """`read()` at most once in `seconds` (status.json changes once a second; a flood of requests
-    must not parse it for each)."""
-    lock, last = threading.Lock(), [0.0, None]
-
-    def get():
-        with lock:
-            if last[1] is None or time.monotonic() - last[0] >= seconds:
-                last[:] = [time.monotonic(), read()]
-            return last[1]
-
-    return get
-
-
 def _lowest_priority() -> None:
     """SCHED_IDLE: the CPU only when nothing else wants it (the worker always comes first);
     nice 19 where that policy is refused."""
@@ -65,11 +51,12 @@ def main() -> int:
     from waitress.server import create_server
 
     from nstd.daemon.status import read_status
-    from nstd.web.app import create_app
+    from nstd.web.app import Recent, create_app
     from nstd.web.view import View
 
     state = Path(cfg["state"])
-    view = View(_every(STATUS_SECONDS, lambda: read_status(state) or {}), state, Path(cfg["root"]),
+    recent = Recent(STATUS_SECONDS)  # status.json changes once a second: not parsed per request
+    view = View(lambda: recent.get("status", lambda: read_status(state) or {}), state, Path(cfg["root"]),
                 Path(cfg["outbox"]), Path(cfg["quarantine"]), cfg["results"])
     host, port = parse_listen(cfg["listen"])
     try:
