@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--until-empty", action="store_true",
                    help="process what the inbox holds, then exit 0 (for cron and CI)")
 
+    wk = sub.add_parser("worker", help="run jobs from the cluster's queue on one GPU (queue.backend: celery)",
+                        description="One Celery worker for one device: takes the best job nobody holds from the "
+                        "shared state folder, runs it, delivers it (docs/distributed.md).")
+    wk.add_argument("--config", help=CONFIG_HELP)
+    wk.add_argument("--device", help="cpu, cuda or cuda:N (default: engine.device); one worker per GPU")
+    wk.add_argument("--name", help="this worker's name in nstd status (default: HOST-DEVICE)")
+
     v = sub.add_parser("validate", help="check job files as the daemon would, without running them")
     v.add_argument("sidecars", nargs="+", metavar="JOB", help="a job's .yaml file (its paths are checked against its own folder)")
     v.add_argument("--config", help=CONFIG_HELP + "; without one, the built-in defaults")
@@ -93,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_stylize(args)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "worker":
+            return cmd_worker(args)
         if args.command == "validate":
             return cmd_validate(args)
         if args.command == "status":
@@ -190,6 +199,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_daemon(load_config(path), lambda: load_config(path), until_empty=args.until_empty)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    cfg = _config(args, required=True)
+    if cfg["queue"]["backend"] != "celery":
+        raise UsageError("queue.backend is local: `nstd run` runs the jobs on this machine itself; set "
+                         "queue.backend: celery and queue.broker for workers on other machines (docs/distributed.md)")
+    if args.device is not None:
+        from nstd.config import _device
+
+        with _as_bad_input(SchemaError):
+            _device(args.device, "--device")
+    if args.name is not None and not (0 < len(args.name) <= 64 and all(c.isalnum() or c in "-_." for c in args.name)):
+        raise UsageError(f"--name: letters, digits, '-', '_' and '.' only (at most 64), got {args.name!r}")
+    try:
+        from nstd.distributed.node import serve
+    except ImportError as exc:
+        raise UsageError(f"the distributed extra is not installed ({exc}): pip install 'nstd[distributed]'") from None
+    return serve(cfg, args.device, args.name, cfg["logging"]["level"])
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """The daemon's own check on each job file (nstd/daemon/jobfile.py), with the config the daemon
     would read: keys, paths, inputs present, images decodable. Every problem is listed."""
@@ -237,14 +265,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from nstd.daemon.lock import RootLock
-    from nstd.daemon.status import describe, read_status, resumable
+    from nstd.daemon.status import describe, read_status, resumable, workers
 
     cfg = _config(args, required=True)
     state = Path(cfg["paths"]["state"])
     data = read_status(state)
-    text, alive = describe(data, resumable=resumable(state), lock_held=RootLock.held(state))
+    cluster = workers(state)
+    text, alive = describe(data, resumable=resumable(state), lock_held=RootLock.held(state), workers=cluster,
+                           lease_seconds=cfg["queue"]["lease_seconds"])
     if args.json:
-        print(json.dumps({**(data or {}), "daemon_running": alive}, indent=1))
+        print(json.dumps({**(data or {}), "daemon_running": alive, **({"workers": cluster} if cluster else {})}, indent=1))
     else:
         print(text)
     return ExitCode.OK if alive else ExitCode.NOT_RUNNING

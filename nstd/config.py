@@ -50,6 +50,20 @@ def _listen(v: Any, key: str) -> str:
     raise SchemaError(key, f"expected HOST:PORT such as 127.0.0.1:8750, got {s!r}")
 
 
+def _broker(v: Any, key: str) -> str:
+    s = string(v, key)
+    if s.startswith(("redis://", "rediss://", "unix://")):
+        return s
+    raise SchemaError(key, f"expected a Redis URL such as redis://localhost:6379/0, got {s!r}")
+
+
+def _queue_name(v: Any, key: str) -> str:
+    s = string(v, key)
+    if s and len(s) <= 64 and all(c.isalnum() or c in "-_." for c in s):
+        return s
+    raise SchemaError(key, f"letters, digits, '-', '_' and '.' only (at most 64), got {s!r}")
+
+
 def _device(v: Any, key: str) -> str:
     s = string(v, key)
     if s in ("auto", "cpu", "cuda") or (s.startswith("cuda:") and s[5:].isdigit()):
@@ -75,6 +89,14 @@ CONFIG_FIELDS: dict[str, Any] = {
     },
     "queue": {
         "max_attempts": Field(2, "crashes a job may cause before it is quarantined", integer(1, 100)),
+        "backend": Field("local", "local (one machine) | celery (nstd worker on each GPU machine)",
+                         choice("local", "celery")),
+        "broker": Field(None, "with backend celery: the Redis URL, e.g. redis://intake-host:6379/0", optional(_broker)),
+        "name": Field("nstd", "the broker's queue: one per cluster sharing a root", _queue_name),
+        "lease_seconds": Field(60.0, "a worker silent this long is taken for dead; its job runs elsewhere",
+                               number(2, 86400)),
+        "visibility_seconds": Field(600.0, "the broker redelivers a message a dead worker took after this",
+                                    number(1, 7 * 86400)),
     },
     "gpu": {
         "devices": Field([], "one worker per device, e.g. [cuda:0, cuda:1]; [] = engine.device", list_of(_device)),
@@ -165,6 +187,9 @@ def load_config(path: Path | str | None = None) -> dict:
             cfg = validate(data, CONFIG_FIELDS)
         except SchemaError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+        if cfg["queue"]["backend"] == "celery" and not cfg["queue"]["broker"]:
+            raise ConfigError(f"{path}: queue.broker: queue.backend celery needs the broker's URL "
+                              "(redis://HOST:6379/0)")
         base = path.resolve().parent
     _resolve_paths(cfg, base)
     return cfg

@@ -55,8 +55,9 @@ def _journal_sink(stream):
     return write
 
 
-def setup(logging_cfg: dict, logs_dir: Path | None) -> None:
-    """Replace loguru's default sink with ours; safe to call again (SIGHUP)."""
+def setup(logging_cfg: dict, logs_dir: Path | None, filename: str = "nstd.log") -> None:
+    """Replace loguru's default sink with ours; safe to call again (SIGHUP). Each `nstd worker`
+    writes a file of its own (`worker-<name>.log`): several machines rotating one file would not."""
     logger.remove()
     logger.configure(extra={"job": "-", "job_id": None})
     level = logging_cfg["level"]
@@ -67,7 +68,7 @@ def setup(logging_cfg: dict, logs_dir: Path | None) -> None:
     if logs_dir is not None:
         logs_dir.mkdir(parents=True, exist_ok=True)
         logger.add(
-            logs_dir / "nstd.log",
+            logs_dir / filename,
             level=level,
             format=FORMAT,
             rotation=logging_cfg["rotation"],

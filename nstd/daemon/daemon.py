@@ -52,7 +52,10 @@ class Daemon:
         self.wake = threading.Event()
         self.reload_requested = False
         self.stop_requested = False
+        #: queue.backend celery: `nstd worker`s elsewhere run the jobs; this process only takes them in
+        self.cluster = cfg["queue"]["backend"] == "celery"
         self.queue = JobQueue()
+        self.dispatcher = None
         self.workers: list[Worker] = []
         self.notify = Notifier()
         #: cancel requests acted on that could not be removed
@@ -126,7 +129,10 @@ class Daemon:
     def start(self) -> None:
         """Folders, logging, recovery, the network(s), the watcher. Raises on a start-up problem."""
         # Devices first: a GPU that is not there is a one-line error before anything is touched.
-        devices = resolve_all(self.cfg["gpu"]["devices"]) or [resolve_device(self.cfg["engine"]["device"])]
+        if self.cluster:
+            devices = []  # the workers' machines have the GPUs
+        else:
+            devices = resolve_all(self.cfg["gpu"]["devices"]) or [resolve_device(self.cfg["engine"]["device"])]
         self.folders.check_layout()
         self.folders.create()
         self.lock = RootLock(self.folders.state, wait_seconds=5)  # before anything is touched
@@ -137,7 +143,16 @@ class Daemon:
         w = self.cfg["watch"]
         self.readiness = Readiness(w["settle_seconds"], w["missing_timeout"], self.cfg["limits"]["max_sidecar_bytes"],
                                    self.folders.inbox, self.cfg["defaults"])
-        recovered = self.store.recover()
+        recovered = self.store.recover(cluster=self.cluster)
+        if self.cluster:
+            try:
+                from nstd.distributed.dispatch import ClusterQueue, Dispatcher
+            except ImportError as exc:
+                raise NstdError(f"queue.backend celery needs the distributed extra ({exc}): "
+                                "pip install 'nstd[distributed]'") from None
+            self.dispatcher = Dispatcher(self.cfg, self.folders.jobs)
+            self.queue = ClusterQueue(self.dispatcher)
+            recovered = []  # on the board already: the dispatcher sends them, the workers judge their attempts
         self.hooks = Hooks(self.cfg)
         self.hooks.start()
         self.live = Live(self.folders.state)
@@ -157,7 +172,11 @@ class Daemon:
             else:
                 logger.bind(job=job.name).info("found in state after a restart; queued again")
                 self.queue.put(job)
-        self.status.update(force=True, device=", ".join(f"{w.engine.device} ({w.engine.device.name})" for w in self.workers))
+        self.status.update(force=True, backend=self.cfg["queue"]["backend"],
+                           device=", ".join(f"{w.engine.device} ({w.engine.device.name})" for w in self.workers)
+                           or f"nstd worker processes (queue {self.cfg['queue']['name']!r} at {self.cfg['queue']['broker']})")
+        if self.dispatcher is not None:
+            self.dispatcher.start()
         self.page = self._start_page()
         self.watcher = InboxWatcher(self.folders.inbox, w["polling"], w["poll_interval_seconds"], self.wake)
         self.watcher.start()
@@ -228,7 +247,9 @@ class Daemon:
                     continue
                 self.readiness.update(sidecars)
             for job_id in cancel.requests(self.folders.state):
-                if job_id not in self.cancels_stuck:
+                if self.cluster:
+                    self.cancel_in_cluster(job_id)
+                elif job_id not in self.cancels_stuck:
                     self.cancel(job_id)
             for verdict in self.readiness.check():
                 try:
@@ -237,7 +258,7 @@ class Daemon:
                     logger.bind(job=verdict.pending.sidecar.name).exception("intake failed: {}", exc)
                     verdict.pending.hold(f"intake failed: {type(exc).__name__}: {exc}")
             self.status.update(waiting=self.readiness.waiting(), queue=self.queue.names(), live=self.live.as_json(),
-                               worker_heartbeat_at=wall(min(w.heartbeat for w in self.workers)))
+                               worker_heartbeat_at=wall(min((w.heartbeat for w in self.workers), default=now)))
             if not ready:
                 # The network is loaded, the inbox watched and scanned once: now systemd may call us up.
                 ready = True
@@ -253,6 +274,36 @@ class Daemon:
         """Nothing queued, running or being delivered, and no job file in the inbox that could be
         taken now (a job waiting for a missing input, or held for a retry, is left for later)."""
         return not self.queue.busy() and self.readiness.settled() and all(w.finisher.idle() for w in self.workers)
+
+    def cancel_in_cluster(self, job_id: str) -> None:
+        """queue.backend celery: a job nobody holds is leased here and quarantined; a running one's
+        request is left for its worker, which stops it at its next step and removes the request."""
+        from nstd.daemon.claim import Claim
+        from nstd.distributed import lease
+
+        folder = self.folders.jobs / job_id
+        if not folder.is_dir():
+            cancel.answered(self.folders.state, job_id)
+            logger.warning("nstd cancel {}: no such job is queued or running (finished meanwhile?)", job_id)
+            return
+        held = lease.Lease.acquire(folder, "intake", self.cfg["queue"]["lease_seconds"])
+        if held is None:
+            if job_id not in self.cancels_stuck:
+                cur = lease.current(folder)
+                logger.info("cancelling {}: its worker {} stops it at its next step", job_id, cur.holder if cur else "?")
+                self.cancels_stuck.add(job_id)
+            return
+        try:
+            job = Claim.from_folder(folder)
+            logger.bind(job=job.name, job_id=job.id).warning("cancelled while queued (nstd cancel)")
+            self.outcomes.quarantine(job, cancel.cancelled_error(Stage.QUEUE))
+        except (OSError, ValueError, KeyError) as exc:
+            logger.error("cannot cancel {} now ({}); trying again", job_id, exc)
+            return
+        finally:
+            held.release()
+        self.cancels_stuck.discard(job_id)
+        cancel.answered(self.folders.state, job_id)
 
     def cancel(self, job_id: str) -> None:
         """A request from `nstd cancel`: a queued job goes to quarantine now, a running one stops
@@ -286,6 +337,8 @@ class Daemon:
                     self.notify.watchdog()
                 worker.join(timeout=1)
         self.watcher.stop()
+        if self.dispatcher is not None:
+            self.dispatcher.close()
         if self.page is not None:
             self.page.stop()
         self.hooks.close(timeout=self.cfg["hooks"]["timeout_seconds"])

@@ -82,6 +82,10 @@ class JobQueue:
         with self._cond:
             return job_id in self._cancelled
 
+    def lost(self, job_id: str) -> bool:
+        """The job was taken away from this worker (a cluster worker's lease; never here)."""
+        return False
+
     def _first_ready(self) -> tuple | None:
         if self._heap and self._heap[0][1] <= time.monotonic():
             return self._heap[0]  # the common case: the best job is not held back

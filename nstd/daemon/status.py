@@ -23,8 +23,9 @@ WORKER_STALL_SECONDS = 300.0
 class Status:
     """Thread-safe daemon status, written atomically at most every `interval` seconds."""
 
-    def __init__(self, state_dir: Path, interval: float = 1.0):
-        self.path = state_dir / STATUS_FILE
+    def __init__(self, state_dir: Path, interval: float = 1.0, path: Path | None = None):
+        """`path`: another file than state/status.json (an `nstd worker`'s record)."""
+        self.path = path or state_dir / STATUS_FILE
         self.interval = interval
         self._lock = threading.Lock()
         self._last_write = 0.0
@@ -71,11 +72,11 @@ def iso(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
 
 
-def read_status(state_dir: Path) -> dict | None:
+def read_status(state_dir: Path, name: str = STATUS_FILE) -> dict | None:
     """status.json with every field of the type `describe` expects (a damaged file, or one from
     another version, gives defaults rather than a traceback); None when there is none."""
     try:
-        data = json.loads((state_dir / STATUS_FILE).read_text(encoding="utf-8", errors="replace"))
+        data = json.loads((state_dir / name).read_text(encoding="utf-8", errors="replace"))
     except (OSError, ValueError, RecursionError):
         return None
     return clean(data) if isinstance(data, dict) else None
@@ -118,6 +119,50 @@ def resumable(state_dir: Path) -> list[str]:
             for j in claimed(state_dir / "jobs")]
 
 
+#: Worker records (state/workers/) of workers stopped or silent longer than this are not listed.
+FORGET_WORKER_SECONDS = 86400.0
+
+
+def workers(state_dir: Path, now: float | None = None) -> list[dict]:
+    """The `nstd worker` records (queue.backend celery), each cleaned like status.json, by name;
+    those stopped or silent for a day are left out."""
+    now = time.time() if now is None else now
+    out = []
+    try:
+        names = sorted(n for n in os.listdir(state_dir / "workers") if n.endswith(".json") and not n.startswith("."))
+    except OSError:
+        return out
+    for name in names[:1000]:
+        data = read_status(state_dir / "workers", name)
+        if data is None or now - data["updated_at"] > FORGET_WORKER_SECONDS:
+            continue
+        out.append({**data, "name": data.get("name") if isinstance(data.get("name"), str) else name[:-5]})
+    return out
+
+
+def describe_worker(w: dict, now: float, lease_seconds: float) -> str:
+    """One line of `nstd status` for a worker: host, device, what it does, its last heartbeat."""
+    def text(key: str) -> str:
+        v = w.get(key)
+        return printable(v) if isinstance(v, str) else "?"
+
+    age = now - w["updated_at"]
+    head = f"{text('name')} on {text('host')}, {text('device')} ({text('device_name')})"
+    run = w.get("running")
+    doing = f"running {printable(run['name'])} step {run['step']}/{run['steps']}" if run else \
+        (f"taking {text('job')}" if isinstance(w.get("job"), str) else "idle")
+    if w.get("state") == "stopped":
+        return f"{head}: stopped {duration(age)} ago"
+    if age > lease_seconds:
+        return (f"{head}: SILENT for {duration(age)} (last: {doing}); dead or cut off? its job runs elsewhere once "
+                f"its lease ends (queue.lease_seconds={lease_seconds:g})")
+    return f"{head}: {doing}; heard from {duration(age)} ago; {w['done']} done, {w['failed']} failed"
+
+
+def printable(s: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in s)[:200]
+
+
 def pid_alive(pid: int) -> bool:
     if pid <= 0:  # os.kill(0 or -1, 0) would ask about a whole group
         return False
@@ -147,7 +192,8 @@ def duration(seconds: float | None) -> str:
 
 
 def describe(data: dict | None, now: float | None = None, resumable: list[str] | None = None,
-             lock_held: bool | None = None) -> tuple[str, bool]:
+             lock_held: bool | None = None, workers: list[dict] | None = None,
+             lease_seconds: float = 60.0) -> tuple[str, bool]:
     """Human-readable status (of read_status()'s dict), and whether a daemon is running.
     `resumable` names the jobs that wait in state/ for the next start; `lock_held` says whether a
     process holds the root's lock, the surest sign of a daemon (None: unknown, the pid decides)."""
@@ -173,7 +219,11 @@ def describe(data: dict | None, now: float | None = None, resumable: list[str] |
     else:
         lines.append(f"nstd is {data.get('state')} (pid {data.get('pid')}, up {duration(now - data.get('started_at', now))})")
     run = data.get("running")
-    if run:
+    if data.get("backend") == "celery":
+        lines.append(f"workers: {len(workers or [])}" + ("" if workers else
+                     " (none has started: run `nstd worker` on each GPU machine; docs/distributed.md)"))
+        lines.extend(f"  {describe_worker(w, now, lease_seconds)}" for w in workers or [])
+    elif run:
         eta = run.get("eta_seconds")
         eta_text = f", ETA {duration(eta)}" if isinstance(eta, (int, float)) else ""
         lines.append(f"running: {run['name']} step {run.get('step', 0)}/{run.get('steps', '?')}{eta_text} on {run.get('device')}")

@@ -97,15 +97,24 @@ class Store:
 
     # ------------------------------------------------------------------ start-up
 
-    def recover(self) -> list[Claim]:
-        """Roll back unfinished transfers, drop delivered state folders; return the claimed jobs."""
+    def recover(self, cluster: bool = False) -> list[Claim]:
+        """Roll back unfinished transfers, drop delivered state folders; return the claimed jobs.
+
+        `cluster` (queue.backend celery): only this process's own unfinished moves are rolled back
+        (claims, and quarantines straight from the inbox, tagged with no job id); a job's delivery
+        or quarantine belongs to the worker leasing it, which may be making it right now, and is
+        rolled back by the next worker to lease the job if its maker died."""
         for parent in (self.f.jobs, self.f.outbox, self.f.quarantine):
             for tmp in sorted(parent.glob(f"{TMP_PREFIX}*")):
+                if cluster and (parent == self.f.outbox or (parent == self.f.quarantine and _job_tag(tmp))):
+                    continue
                 try:
                     n = rollback(tmp)
                     logger.warning("recovered an interrupted transfer {} ({} file(s) put back)", tmp.name, n)
                 except Exception as exc:  # never lose files to a recovery bug: leave it for a person
                     logger.error("could not roll back {}: {}", tmp, exc)
+        if cluster:
+            return []
         claimed = []
         for d in sorted(self.f.jobs.iterdir()):
             if d.name.startswith(".") or not d.is_dir():
@@ -245,6 +254,13 @@ class Store:
     def checkpoint_dir(job: Claim) -> Path:
         """`state/jobs/<id>/checkpoint/`: checkpoint.pt and frames/NNNNN.png (see checkpoints.py)."""
         return job.folder / "checkpoint"
+
+
+def _job_tag(tmp: Path) -> bool:
+    """A transfer named after a claimed job's id (YYYYmmdd-HHMMSS-xxxxxxxx), not a quarantine
+    straight from the inbox (12 hex digits)."""
+    tag = tmp.name[len(TMP_PREFIX):]
+    return len(tag) == 24 and tag[8] == "-" and tag[15] == "-"
 
 
 def _leave(inbox_fd: int, rel: str, exc: Exception, is_sidecar: bool) -> str:

@@ -88,7 +88,8 @@ class JobProgress(Progress):
         self.log.debug("checkpoint at step {}", checkpoint.step)
 
     def should_stop(self) -> bool:
-        return self.worker.should_stop() or self.worker.queue.is_cancelled(self.job.id)
+        q = self.worker.queue
+        return self.worker.should_stop() or q.is_cancelled(self.job.id) or q.lost(self.job.id)
 
 
 class Worker(threading.Thread):
@@ -108,6 +109,8 @@ class Worker(threading.Thread):
         self.stopping = threading.Event()
         self.stop_deadline = float("inf")
         self.current: Claim | None = None
+        #: who runs the jobs, for job.log (an `nstd worker` names itself and its host)
+        self.label = ""
         self.heartbeat = time.monotonic()
         self.finisher = Finisher(self.outcomes.finish, self.outcomes.retry_later, name=f"finisher-{device}")
         self.cap_memory()
@@ -169,10 +172,14 @@ class Worker(threading.Thread):
         job.begin_attempt()
         try:
             with logs.job_file(job.id, job.log_path):
-                log.info("started (attempt {}) on {}", job.attempts, self.engine.device)
+                log.info("started (attempt {}) on {}{}", job.attempts, self.engine.device, self.label)
                 try:
                     done = self.perform(job, log)
                 except Interrupted as exc:
+                    if self.queue.lost(job.id):
+                        log.warning("stopped at step {}: this worker's lease on the job was lost (it stalled "
+                                    "past queue.lease_seconds); its new holder runs it", exc.checkpoint.step)
+                        return
                     if self.queue.is_cancelled(job.id):
                         log.warning("cancelled at step {} (nstd cancel)", exc.checkpoint.step)
                         self.outcomes.quarantine(job, JobError(

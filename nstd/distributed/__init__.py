@@ -1,0 +1,1 @@
+"""GPU workers on several machines: `queue.backend: celery` (docs/distributed.md)."""

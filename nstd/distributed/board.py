@@ -1,0 +1,98 @@
+"""The cluster's work list: the claimed jobs in state/jobs/, in priority order, with their leases.
+
+The broker carries interchangeable messages ("a job is waiting"); which job a worker runs is read
+here, from the shared state folder, when it takes a message: the highest priority, then the job
+file that arrived first, among the jobs nobody holds. So priority order holds across the cluster
+exactly (the broker's few priority levels would only approximate it), a redelivered or surplus
+message can never run a job twice (the lease decides), and a lost message loses no job: the
+intake keeps at least as many messages queued as there are jobs to take (nstd/distributed/dispatch.py).
+
+Torch-free.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nstd.distributed import lease
+from nstd.fsutil import atomic_write_text
+
+#: A job a worker could not finish for a reason of nstd's (a full outbox): not taken again before.
+HELD = "held.json"
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    name: str
+    folder: Path
+    priority: int
+    arrived: float
+    claimed: float
+    attempts: int
+    held_until: float
+    lease: lease.Current | None
+
+    def sort_key(self) -> tuple:
+        """As the local queue's: highest priority first, then the job file that arrived first."""
+        return (-self.priority, self.arrived, self.claimed, self.id)
+
+    def taken(self, lease_seconds: float, now: float) -> bool:
+        return self.lease is not None and self.lease.live(lease_seconds, now)
+
+    def takeable(self, lease_seconds: float, now: float) -> bool:
+        return not self.taken(lease_seconds, now) and self.held_until <= now
+
+
+def scan(jobs_dir: Path) -> list[Entry]:
+    """Every claimed job (claim.json readable) with its lease, best first. Folders being claimed
+    (hidden transfers) and leftovers without a record are not jobs."""
+    entries = []
+    try:
+        names = sorted(n for n in os.listdir(jobs_dir) if not n.startswith("."))
+    except OSError:
+        return entries
+    for name in names:
+        folder = jobs_dir / name
+        try:
+            r = json.loads((folder / "claim.json").read_text(encoding="utf-8"))
+            t = r["times"]
+            entry = Entry(id=str(r["id"]), name=str(r["name"]), folder=folder,
+                          priority=int(r["settings"].get("priority", 0)), arrived=float(t["arrived"]),
+                          claimed=float(t["claimed"]), attempts=int(r.get("attempts", 0)),
+                          held_until=_held_until(folder), lease=lease.current(folder))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        entries.append(entry)
+    entries.sort(key=Entry.sort_key)
+    return entries
+
+
+def takeable(jobs_dir: Path, lease_seconds: float, now: float | None = None) -> list[Entry]:
+    """The jobs a worker may take now, best first."""
+    now = time.time() if now is None else now
+    return [e for e in scan(jobs_dir) if e.takeable(lease_seconds, now)]
+
+
+def hold(folder: Path, until: float, reason: str) -> None:
+    """Keep a job from being taken before `until` (wall clock): nstd failed to move it."""
+    atomic_write_text(folder / HELD, json.dumps({"until": until, "reason": reason}))
+
+
+def unhold(folder: Path) -> None:
+    try:
+        os.unlink(folder / HELD)
+    except OSError:
+        pass
+
+
+def _held_until(folder: Path) -> float:
+    try:
+        return float(json.loads((folder / HELD).read_text(encoding="utf-8"))["until"])
+    except FileNotFoundError:
+        return 0.0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0

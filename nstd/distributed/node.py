@@ -1,0 +1,293 @@
+"""`nstd worker`: one GPU of the cluster, as a Celery worker (concurrency 1, the solo pool).
+
+For each message it takes the best job nobody holds from the shared state folder, leases it,
+and runs it with the same Worker, Outcomes and Store as `nstd run` (the same decode, budget fit,
+out-of-memory ladder, checkpoints and crash-safe moves), then delivers it and only then
+acknowledges the message. Every move of the job's files is fenced by the lease: a worker that
+lost its lease (it stalled past `queue.lease_seconds` and another took the job) stops at its next
+step and touches nothing more. A worker killed mid-job leaves its lease to expire; the job runs
+again elsewhere, its attempt counted, from its last checkpoint, after rolling back the dead
+worker's unfinished delivery if there was one.
+
+Its record, `state/workers/<name>.json` (host, device, current job, heartbeat), is what
+`nstd status` lists.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from loguru import logger
+
+from nstd import logs
+from nstd.daemon import cancel
+from nstd.daemon.claim import Claim
+from nstd.daemon.hooks import Hooks
+from nstd.daemon.live import Live
+from nstd.daemon.outcome import Outcomes
+from nstd.daemon.queue import RETRY_SECONDS
+from nstd.daemon.status import Status
+from nstd.daemon.store import Folders, Store
+from nstd.daemon.transfer import TMP_PREFIX, rollback
+from nstd.distributed import board, lease
+from nstd.errors import ErrorKind, JobError, NstdError, Stage
+
+WORKERS = "workers"
+#: How often a cancel request is looked for while a job runs (a stat on the shared storage).
+CANCEL_CHECK_SECONDS = 0.5
+
+
+class LeaseLost(BaseException):
+    """This worker no longer holds the job. A BaseException on purpose: no `except Exception` on
+    the way (the worker's, the finisher's) may turn it into a quarantine or a retry of a job that
+    is someone else's now; it unwinds to the node, which lets the job go."""
+
+
+def default_name(device: str) -> str:
+    return f"{socket.gethostname()}-{device.replace(':', '')}"
+
+
+def record_path(state: Path, name: str) -> Path:
+    return state / WORKERS / f"{name}.json"
+
+
+class NodeQueue:
+    """What the Worker and Outcomes ask of a queue, for the one job this node holds."""
+
+    def __init__(self, node: "Node"):
+        self.node = node
+        self._next_cancel_check = 0.0
+        self._cancelled = False
+
+    def put(self, job: Claim, not_before: float = 0.0) -> None:
+        """A retry later (nstd failed to move the job): it stays in state, held until then, and
+        the lease is let go so that any worker may take it when the time comes."""
+        held = self.node.lease
+        if held is None or not held.held():
+            logger.bind(job=job.name).warning("not retried here: this worker's lease on it was lost")
+            return
+        wait = max(0.0, not_before - time.monotonic()) if not_before else RETRY_SECONDS
+        board.hold(job.folder, time.time() + wait, "nstd could not finish it")
+        held.release()
+
+    def done(self, job_id: str) -> None:
+        self._cancelled = False
+        self._next_cancel_check = 0.0
+
+    def is_cancelled(self, job_id: str) -> bool:
+        now = time.monotonic()
+        if not self._cancelled and now >= self._next_cancel_check:
+            self._next_cancel_check = now + CANCEL_CHECK_SECONDS
+            self._cancelled = (self.node.folders.state / cancel.REQUESTS / job_id).exists()
+        return self._cancelled
+
+    def lost(self, job_id: str) -> bool:
+        return self.node.lost.is_set()
+
+    def names(self) -> list[str]:
+        return []
+
+    def busy(self) -> bool:
+        return self.node.lease is not None
+
+    def __len__(self) -> int:
+        return 0
+
+
+class FencedStore(Store):
+    """The Store, with every move of a claimed job's files behind the node's lease."""
+
+    def __init__(self, folders: Folders, node: "Node"):
+        super().__init__(folders)
+        self.node = node
+
+    def deliver(self, job: Claim, outputs: dict[str, bytes]) -> Path:
+        self.node.fence()
+        return super().deliver(job, outputs)
+
+    def quarantine_claimed(self, job: Claim, error: dict, log: str) -> Path:
+        self.node.fence()
+        return super().quarantine_claimed(job, error, log)
+
+
+class Node:
+    """The engine, the outcomes and the lease of one `nstd worker` process."""
+
+    def __init__(self, cfg: dict, device: str, name: str, engine_factory: Callable | None = None):
+        from nstd.daemon.worker import Worker
+        from nstd.engine import Engine
+
+        self.cfg, self.name = cfg, name
+        self.folders = Folders.from_config(cfg)
+        for folder in (self.folders.state, self.folders.jobs, self.folders.outbox, self.folders.quarantine):
+            if not folder.is_dir():  # never made here: an unmounted share would fill the local disk
+                raise NstdError(f"{folder} is not there: mount the storage the intake shares (the same paths on "
+                                "every machine) and start `nstd run` there once (docs/distributed.md)")
+        self.lease: lease.Lease | None = None
+        self.lost = threading.Event()
+        self.stopping = threading.Event()
+        self.path = record_path(self.folders.state, name)
+        self._refuse_a_twin()
+        self.status = Status(self.folders.state, path=self.path)
+        self.store = FencedStore(self.folders, self)
+        self.queue = NodeQueue(self)
+        self.hooks = Hooks(cfg)
+        self.hooks.start()
+        self.outcomes = Outcomes(cfg, self.store, self.status, self.queue, self.hooks, Live())
+        self.worker = Worker(cfg, device, self.queue, self.store, self.status, engine_factory=engine_factory or Engine,
+                             outcomes=self.outcomes)
+        self.worker.label = f" (worker {name} on {socket.gethostname()})"
+        engine = self.worker.engine
+        self.status.data.update(name=name, host=socket.gethostname(), device=str(engine.device),
+                                device_name=engine.device.name, precision=engine.precision, state="idle", job=None)
+        self.status.update(force=True)
+        self._beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        self._beat.start()
+
+    def _refuse_a_twin(self) -> None:
+        """Two live processes writing one record would show as one worker: refuse the second."""
+        from nstd.daemon.status import read_status
+
+        from nstd.daemon.status import pid_alive
+
+        other = read_status(self.path.parent, self.path.name) if self.path.exists() else None
+        if other is None or other.get("state") == "stopped":
+            return
+        if other.get("host") == socket.gethostname():
+            twin = other["pid"] != os.getpid() and pid_alive(other["pid"])  # a killed worker restarts at once
+        else:
+            twin = time.time() - other["updated_at"] < self.cfg["queue"]["lease_seconds"]
+        if twin:
+            raise NstdError(f"a worker called {self.name!r} is running (pid {other.get('pid')} on {other.get('host')}, "
+                            f"heard from {time.time() - other['updated_at']:.0f} s ago): give this one another --name")
+
+    # ------------------------------------------------------------------ the lease
+
+    def fence(self) -> None:
+        """Before a move of the job's files: still ours, or LeaseLost."""
+        if self.lease is None or self.lost.is_set() or not self.lease.held():
+            self.lost.set()
+            raise LeaseLost()
+
+    def _heartbeat(self) -> None:
+        every = min(5.0, self.cfg["queue"]["lease_seconds"] / 4)
+        while True:
+            held = self.lease
+            if held is not None and not self.lost.is_set() and not held.renew():
+                if self.lease is held:
+                    self.lost.set()
+                    logger.warning("the lease on {} was lost (another worker took the job): stopping it at the next step",
+                                   held.job_dir.name)
+            self.status.update(force=True, heartbeat_at=time.time())
+            time.sleep(every)
+
+    @contextmanager
+    def holding(self, held: lease.Lease) -> Iterator[None]:
+        self.lost.clear()
+        self.lease = held
+        try:
+            yield
+        finally:
+            self.lease = None
+            held.release()
+
+    # ------------------------------------------------------------------ a message
+
+    def begin_stop(self) -> None:
+        """Celery's warm shutdown (SIGTERM): the running job gets shutdown_grace_seconds, then stops
+        at a step with a checkpoint and is given back."""
+        if not self.stopping.is_set():
+            self.stopping.set()
+            self.status.update(force=True, state="stopping")
+            self.worker.begin_stop(self.cfg["service"]["shutdown_grace_seconds"])
+
+    def run_next(self, hint: str | None = None) -> str:
+        """One message: run the best job nobody holds. Returns what happened, for the log."""
+        ls = self.cfg["queue"]["lease_seconds"]
+        for entry in board.takeable(self.folders.jobs, ls):
+            if self.stopping.is_set():
+                return "stopping"
+            held = lease.Lease.acquire(entry.folder, self.name, ls)
+            if held is None:
+                continue  # another worker was quicker
+            try:
+                with self.holding(held):
+                    outcome = self.take(entry)
+            except LeaseLost:
+                logger.bind(job=entry.name, job_id=entry.id).warning("let go: another worker holds it now")
+                outcome = "lease lost"
+            finally:
+                self.status.update(force=True, state="stopping" if self.stopping.is_set() else "idle", job=None)
+            if outcome is not None:
+                return outcome
+        return "nothing to take" + (f" ({hint} is held or done)" if hint else "")
+
+    def take(self, entry: board.Entry) -> str | None:
+        """Run one leased job; None when it turned out to be finished already."""
+        log = logger.bind(job=entry.name, job_id=entry.id)
+        for parent in (self.folders.outbox, self.folders.quarantine):
+            unfinished = parent / f"{TMP_PREFIX}{entry.id}"
+            if unfinished.is_dir():  # a dead worker's delivery: the inputs go back into state
+                log.warning("rolled back the unfinished move of a worker that stopped ({} file(s) put back)",
+                            rollback(unfinished))
+        inputs = entry.folder / "inputs"
+        if not inputs.is_dir() or not any(inputs.iterdir()):
+            shutil.rmtree(entry.folder, ignore_errors=True)  # delivered: only nstd's own files were left
+            return None
+        job = Claim.from_folder(entry.folder)
+        board.unhold(entry.folder)
+        self.status.update(force=True, state="running", job=job.name)
+        max_attempts = self.cfg["queue"]["max_attempts"]
+        if self.queue.is_cancelled(job.id):
+            log.warning("cancelled while queued (nstd cancel)")
+            self.outcomes.quarantine(job, cancel.cancelled_error(Stage.QUEUE))
+        elif job.attempts >= max_attempts:
+            self.outcomes.quarantine(job, JobError(
+                ErrorKind.CRASHED, f"workers stopped during this job {job.attempts} times "
+                f"(queue.max_attempts={max_attempts})", Stage.RUN))
+        else:
+            self.worker.process(job)
+        if not job.folder.exists() and (self.folders.state / cancel.REQUESTS / job.id).exists():
+            cancel.answered(self.folders.state, job.id)
+        return f"took {job.name}"
+
+    def close(self) -> None:
+        self.hooks.close(timeout=self.cfg["hooks"]["timeout_seconds"])
+        self.status.update(force=True, state="stopped", job=None, running=None)
+
+
+def serve(cfg: dict, device: str | None, name: str | None, loglevel: str = "INFO") -> int:
+    """`nstd worker`: load the network, then consume the cluster's queue until SIGTERM."""
+    from celery import signals
+
+    from nstd.distributed.broker import TASK, make_app
+
+    device = device or cfg["engine"]["device"]
+    name = name or default_name(device)
+    folders = Folders.from_config(cfg)
+    logs.setup(cfg["logging"], folders.logs if folders.logs.is_dir() else None, filename=f"worker-{name}.log")
+    node = Node(cfg, device, name)
+    logger.info("worker {}: network {} loaded on {} ({}); consuming queue {!r} at {}", name, cfg["engine"]["weights"],
+                node.worker.engine.device, node.worker.engine.precision, cfg["queue"]["name"], cfg["queue"]["broker"])
+    app = make_app(cfg)
+
+    @app.task(name=TASK)
+    def run_next(hint: str | None = None) -> str:
+        outcome = node.run_next(hint)
+        logger.debug("message for {}: {}", hint, outcome)
+        return outcome
+
+    signals.worker_shutting_down.connect(lambda **_: node.begin_stop(), weak=False)
+    try:
+        app.worker_main(["worker", "--pool=solo", "--concurrency=1", f"--queues={cfg['queue']['name']}",
+                         f"--hostname={name}@%h", "--prefetch-multiplier=1", "--without-gossip", "--without-mingle",
+                         "--without-heartbeat", f"--loglevel={'INFO' if loglevel == 'DEBUG' else loglevel}"])
+    finally:
+        node.close()
+    return 0
