@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= config.yaml
 
-.PHONY: install run test browser bench clean
+.PHONY: install run test browser redis bench clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ test: install
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 browser:
 	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+# Debian's redis-server, for the distributed tests (they start their own on a free port; the
+# package's own service is not needed) and for a cluster's broker (docs/distributed.md).
+redis:
+	[ -x /usr/bin/redis-server ] || ($(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache build *.egg-info

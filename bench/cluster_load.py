@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/cluster_load.py                      # 200 jobs, 3 workers, 2 kills, 1 restart
     .venv/bin/python bench/cluster_load.py --jobs 50 --kills 4 --redis-restarts 2
+    .venv/bin/python bench/cluster_load.py --jobs 100 --kills 0 --redis-restarts 0 --baseline
 
 Everything is real: Debian's redis-server (without persistence, so a restart loses what it held),
 the intake (`nstd run`) and the workers as subprocesses on the CPU, faults while jobs run. At the
@@ -80,6 +81,23 @@ def run_load(tmp: Path, redis: Redis, jobs: int = 200, workers: int = 3, kills: 
     }
 
 
+def run_local(tmp: Path, jobs: int, steps: int, seed: int = 0) -> dict:
+    """The baseline: the same jobs through `nstd run` alone (queue.backend local, one worker)."""
+    rng = random.Random(seed)
+    tmp.mkdir(parents=True, exist_ok=True)
+    intake = Daemon(tmp, service={"checkpoint_every": 5}, logging={"level": "INFO"})
+    intake.start()
+    t0 = time.monotonic()
+    names = [f"load{i:04d}" for i in range(jobs)]
+    for name in names:
+        intake.drop(name, {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": steps,
+                           "priority": rng.choice([0, 0, 0, 1, 5])})
+    intake.wait(lambda: all(intake.landed(n) for n in names), 3600, "every job delivered")
+    took = time.monotonic() - t0
+    intake.stop()
+    return {"seconds": round(took, 1), "jobs_per_hour": round(jobs / took * 3600), "problems": intake.audit()}
+
+
 def _busy_worker(intake: Daemon, names: list[str], pool: Workers, deadline: float) -> str:
     """A worker in the middle of a job, past its first checkpoint if it can be caught there."""
     end = min(deadline, time.monotonic() + 60)
@@ -106,6 +124,8 @@ def main() -> int:
     p.add_argument("--redis-restarts", type=int, default=1)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--keep", help="folder to run in (kept); default a temporary one")
+    p.add_argument("--baseline", action="store_true", help="also run the same jobs through `nstd run` alone "
+                   "(queue.backend local) in this invocation, and print the ratio")
     args = p.parse_args()
     tmp = Path(args.keep or tempfile.mkdtemp(prefix="nstd-cluster-load-"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -114,6 +134,11 @@ def main() -> int:
         result = run_load(tmp, redis, args.jobs, args.workers, args.kills, args.redis_restarts, args.steps)
     finally:
         redis.stop()
+    if args.baseline:
+        local = run_local(tmp / "baseline", args.jobs, args.steps)
+        result["baseline_local"] = local
+        result["ratio_jobs_per_hour_cluster_over_local"] = round(result["jobs_per_hour"] / local["jobs_per_hour"], 2)
+        result["problems"] += [f"baseline: {p}" for p in local["problems"]]
     print(json.dumps(result, indent=1))
     return 1 if result["problems"] else 0
 

@@ -35,7 +35,7 @@ def current_umask() -> int:
 
 
 @contextmanager
-def atomic_open(path: Path | str, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
+def atomic_open(path: Path | str, mode: str = "wb", durable: bool = True, parents: bool = True) -> Iterator[IO]:
     """Open a temporary file beside `path`; on success flush, fsync and rename it into place
     (without `durable`, no fsync: for what is rewritten every few seconds and may be lost).
 
@@ -44,7 +44,8 @@ def atomic_open(path: Path | str, mode: str = "wb", durable: bool = True) -> Ite
     results on a shared outbox stay readable by the group.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if parents:  # without: a folder that has gone stays gone (a transfer another process took over)
+        path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}." if len(path.name.encode()) <= 200 else ".nstd-"  # stay under 255 bytes
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=path.parent)
     try:
@@ -65,10 +66,10 @@ def atomic_open(path: Path | str, mode: str = "wb", durable: bool = True) -> Ite
         raise
 
 
-def atomic_write_bytes(path: Path | str, data: bytes, durable: bool = True) -> None:
-    with atomic_open(path, "wb", durable) as fh:
+def atomic_write_bytes(path: Path | str, data: bytes, durable: bool = True, parents: bool = True) -> None:
+    with atomic_open(path, "wb", durable, parents) as fh:
         fh.write(data)
 
 
-def atomic_write_text(path: Path | str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"))  # a lone surrogate from a file name
+def atomic_write_text(path: Path | str, text: str, parents: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8", "backslashreplace"), parents=parents)  # a lone surrogate from a file name

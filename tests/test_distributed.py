@@ -62,6 +62,13 @@ class Cluster:
         raise AssertionError(f"timed out waiting for {what}\n--- intake\n{self.intake.logs()[-3000:]}\n"
                              f"{self.workers.logs()}")
 
+    def up(self, *workers: str) -> None:
+        """The intake, then these workers, ready to take jobs."""
+        self.intake.start()
+        for name in workers:
+            self.workers.start(name)
+        self.wait_idle(*workers)
+
     def wait_idle(self, *names: str, timeout: float = 90) -> None:
         self.wait(lambda: all(self.record(n).get("state") == "idle" for n in names), timeout,
                   f"workers {names} to be ready")
@@ -97,12 +104,18 @@ def started_order(c: Cluster, names: list[str]) -> list[str]:
     return sorted(names, key=when)
 
 
-def test_jobs_spread_over_workers_each_delivered_once_and_status_lists_workers(cluster):
-    c = cluster
-    c.intake.start()
-    c.workers.start("a")
-    c.workers.start("b")
-    c.wait_idle("a", "b")
+def test_jobs_spread_over_workers_each_delivered_once_and_status_lists_workers(tmp_path, redis_server):
+    c = Cluster(tmp_path, redis_server, web={"enabled": True, "listen": "127.0.0.1:0"})
+    try:
+        _spread(c)
+    finally:
+        c.close()
+
+
+def _spread(c: Cluster) -> None:
+    import urllib.request
+
+    c.up("a", "b")
     names = [f"j{i}" for i in range(6)]
     for n in names:
         drop(c, n, steps=15)
@@ -119,6 +132,13 @@ def test_jobs_spread_over_workers_each_delivered_once_and_status_lists_workers(c
     for n in ("a", "b"):
         assert re.search(rf"  {n} on \S+, cpu \(.*\): idle; heard from \d+ s ago; \d+ done, 0 failed", out.stdout), out.stdout
     assert sum(c.record(n)["done"] for n in ("a", "b")) == 6
+    c.intake.wait(lambda: (c.intake.status() or {}).get("web"), 30, "the page's address")
+    with urllib.request.urlopen(c.intake.status()["web"], timeout=30) as r:
+        page = r.read().decode()
+    assert "<h2>Workers (2)</h2>" in page and "<strong>a</strong>" in page and "<strong>b</strong>" in page, page
+    assert "<h2>Running</h2>" not in page
+    with urllib.request.urlopen(c.intake.status()["web"] + "status.json", timeout=30) as r:
+        assert sorted(w["name"] for w in json.loads(r.read())["workers"]) == ["a", "b"]
 
 
 def test_priority_order_holds_across_the_cluster(cluster):
@@ -139,9 +159,7 @@ def test_priority_order_holds_across_the_cluster(cluster):
 def test_killed_workers_jobs_resume_elsewhere_from_their_checkpoint_then_crash_loops_are_quarantined(cluster):
     c = cluster
     c.intake.write_config(queue={"max_attempts": 2})
-    c.intake.start()
-    c.workers.start("a")
-    c.wait_idle("a")
+    c.up("a")
     drop(c, "doomed", steps=400)
     c.wait(lambda: c.running("a")[1] >= 20, 60, "a to run doomed past step 20")
     c.workers.kill("a")  # attempt 1 ends with a kill -9
@@ -178,10 +196,7 @@ def force_redelivery(url: str) -> int:
 
 def test_redelivered_and_stolen_jobs_are_delivered_once(cluster):
     c = cluster
-    c.intake.start()
-    c.workers.start("a")
-    c.workers.start("b")
-    c.wait_idle("a", "b")
+    c.up("a", "b")
     drop(c, "long", steps=600)
     c.wait(lambda: any(c.running(n)[0] == "long" and c.running(n)[1] >= 10 for n in "ab"), 60, "long to run")
     first = "a" if c.running("a")[0] == "long" else "b"
@@ -209,9 +224,7 @@ def test_redelivered_and_stolen_jobs_are_delivered_once(cluster):
 
 def test_a_redis_restart_loses_no_job(cluster):
     c = cluster
-    c.intake.start()
-    c.workers.start("a")
-    c.wait_idle("a")
+    c.up("a")
     names = [f"r{i}" for i in range(4)]
     for n in names:
         drop(c, n, steps=60)
@@ -227,9 +240,7 @@ def test_a_redis_restart_loses_no_job(cluster):
 
 def test_cancel_in_a_cluster(cluster):
     c = cluster
-    c.intake.start()
-    c.workers.start("a")
-    c.wait_idle("a")
+    c.up("a")
     drop(c, "long", steps=2000, priority=1)
     drop(c, "queued", steps=2)
     c.wait(lambda: c.running("a")[0] == "long", 60, "long to run")
@@ -261,3 +272,21 @@ def test_load_ci_sized(tmp_path, redis_server):
     assert result["delivered"] == 20 and result["quarantined"] == 0, result
     assert result["kills"] == 2 and result["redis_restarts"] == 1
     assert result["attempts_over_1"] >= 1  # a killed worker's job ran again
+
+
+def test_a_stopped_worker_gives_its_job_back_to_another(cluster):
+    c = cluster
+    c.intake.write_config(service={"shutdown_grace_seconds": 0})
+    c.up("a")
+    drop(c, "long", steps=300)
+    c.wait(lambda: c.running("a")[1] >= 12, 60, "a to run long")
+    proc = c.workers.procs["a"]
+    proc.send_signal(signal.SIGTERM)  # systemctl stop: Celery's warm shutdown
+    assert proc.wait(60) == 0
+    assert c.record("a")["state"] == "stopped"
+    c.workers.start("b")
+    c.intake.wait_landed("long", timeout=120)
+    report = c.report("long")
+    assert report["attempts"] == 1  # an orderly stop is not a crash
+    assert report["resumed_from_step"] >= 10
+    assert "stopped at step" in c.job_log("long") and "(worker b on" in c.job_log("long")

@@ -147,3 +147,131 @@ def test_status_lists_workers_with_their_heartbeat(tmp_path):
     assert "a on gpu1, cuda:0 (H100): running job7 step 40/300; heard from 2 s ago; 3 done, 1 failed" in text
     assert "b on gpu2, cuda:0 (H100): SILENT for 5 min" in text
     assert "queued: 1 (job8)" in text and "running: nothing" not in text
+
+
+def _nstd(*args: str, env: dict | None = None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "nstd.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_nstd_worker_refuses_what_it_cannot_run(tmp_path):
+    local = tmp_path / "local.yaml"
+    local.write_text(yaml.safe_dump({"paths": {"root": str(tmp_path / "var")}}))
+    r = _nstd("worker", "--config", str(local))
+    assert r.returncode == 2 and "queue.backend is local" in r.stderr, r.stderr
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump({"paths": {"root": str(tmp_path / "unmounted")},
+                                       "queue": {"backend": "celery", "broker": "redis://127.0.0.1:1/0"}}))
+    r = _nstd("worker", "--config", str(cluster), "--device", "cpu")
+    assert r.returncode == 2 and "is not there: mount the storage" in r.stderr, r.stderr
+    assert not (tmp_path / "unmounted").exists()  # nothing made on the local disk
+    r = _nstd("worker", "--config", str(cluster), "--device", "gpu0")
+    assert r.returncode == 2 and "--device" in r.stderr
+    r = _nstd("worker", "--config", str(cluster), "--name", "../x")
+    assert r.returncode == 2 and "--name" in r.stderr
+
+
+def test_a_lease_cut_short_by_a_crash_expires_with_its_file(tmp_path):
+    job = claim(tmp_path, "j1").folder
+    (job / "lease").mkdir()
+    empty = job / "lease" / "000001.json"
+    empty.write_text("")  # a power loss before the data reached the disk
+    old = time.time() - 120
+    os.utime(empty, (old, old))
+    assert lease.free(job, 60)
+    assert lease.Lease.acquire(job, "a", 60) is not None
+
+
+def test_the_longer_of_two_lease_settings_wins_and_old_leases_are_pruned(tmp_path):
+    job = claim(tmp_path, "j1").folder
+    first = lease.Lease.acquire(job, "a", lease_seconds=600)  # the holder's own setting
+    record = json.loads(first.path.read_text())
+    record["renewed_at"] = time.time() - 100
+    first.path.write_text(json.dumps(record))
+    assert lease.Lease.acquire(job, "b", lease_seconds=60) is None  # 100 s < the holder's 600
+    first.release()
+    for n in range(5):
+        lease.Lease.acquire(job, "a", 60).release()
+    assert sorted(os.listdir(job / "lease")) == ["000005.json", "000006.json"]
+
+
+def test_a_newer_lease_is_seen_even_when_the_listing_is_stale(tmp_path, monkeypatch):
+    job = claim(tmp_path, "j1").folder
+    mine = lease.Lease.acquire(job, "a", 60)
+    record = json.loads(mine.path.read_text())
+    record["renewed_at"] = time.time() - 120
+    mine.path.write_text(json.dumps(record))
+    lease.Lease.acquire(job, "b", 60)
+    monkeypatch.setattr(lease, "_numbers", lambda d: [1])  # an NFS client's cached listing
+    assert not mine.held()
+
+
+def folders_with_a_claim(tmp_path):
+    from nstd.daemon.store import Folders
+
+    folders = Folders(*(tmp_path / n for n in ("inbox", "outbox", "quarantine", "state", "logs")))
+    folders.create()
+    job = claim(folders.jobs, "20260101-000000-aaaaaaaa")
+    (job.inputs_dir / "b.jpg").write_bytes(b"y")
+    return folders, job
+
+
+def test_a_stalled_workers_delivery_is_taken_from_it_not_shared(tmp_path):
+    """B takes over while A is mid-delivery: A's transfer is renamed away and rolled back, and
+    nothing A does after waking up can add to it, commit it or delete what came back."""
+    from nstd.daemon.store import Store, drop_state_folder
+    from nstd.daemon.transfer import Transfer
+
+    folders, job = folders_with_a_claim(tmp_path)
+    a = Transfer(folders.outbox, job.id)
+    a.put(job.inputs_dir / "a.jpg", "inputs/a.jpg")  # A moved one input, then stalled
+    assert Store(folders).reclaim(job.id) == 1  # B, holding the lease now
+    assert sorted(os.listdir(job.inputs_dir)) == ["a.jpg", "b.jpg"]
+    with pytest.raises(FileNotFoundError):
+        a.put(job.inputs_dir / "b.jpg", "inputs/b.jpg")  # A wakes up
+    with pytest.raises(FileNotFoundError):
+        a.commit(folders.outbox / "name")
+    assert os.listdir(folders.outbox) == []  # nothing made again, nothing committed
+    drop_state_folder(job.folder)  # A's clean-up after a commit it believes in
+    assert sorted(os.listdir(job.inputs_dir)) == ["a.jpg", "b.jpg"]  # a user's file is never deleted
+
+
+def test_cancel_without_an_intake_respects_a_workers_lease_and_reclaims_a_dead_ones_move(tmp_path):
+    from nstd.daemon import cancel
+    from nstd.daemon.transfer import Transfer
+
+    folders, job = folders_with_a_claim(tmp_path)
+    cfg = {"paths": {k: str(getattr(folders, k)) for k in ("inbox", "outbox", "quarantine", "state", "logs")},
+           "queue": {"backend": "celery", "lease_seconds": 60}}
+    worker = lease.Lease.acquire(job.folder, "gpu1-cuda0", 60)
+    said = cancel.cancel(cfg, job.name, wait_seconds=0.3)
+    assert "asked its worker gpu1-cuda0" in said and job.folder.is_dir()  # the worker's to stop
+    assert (folders.state / "cancel" / job.id).exists()
+    os.unlink(folders.state / "cancel" / job.id)
+    # The worker dies mid-delivery: one input is in its unfinished outbox folder.
+    Transfer(folders.outbox, job.id).put(job.inputs_dir / "a.jpg", "inputs/a.jpg")
+    record = json.loads(worker.path.read_text())
+    record["renewed_at"] = time.time() - 120
+    worker.path.write_text(json.dumps(record))
+    said = cancel.cancel(cfg, job.name, wait_seconds=0.3)
+    assert "cancelled" in said and not job.folder.exists()
+    error = yaml.safe_load((folders.quarantine / job.name / "error.yaml").read_text())
+    assert sorted(error["files"]) == ["a.jpg", "b.jpg"]  # the dead worker's share came back too
+    assert os.listdir(folders.outbox) == []
+
+
+def test_a_retry_later_on_a_worker_is_not_counted_as_a_crash(tmp_path):
+    from types import SimpleNamespace
+
+    from nstd.distributed.node import NodeQueue
+
+    folders, job = folders_with_a_claim(tmp_path)
+    job.begin_attempt()
+    held = lease.Lease.acquire(job.folder, "w", 60)
+    NodeQueue(SimpleNamespace(lease=held, folders=folders)).put(job)
+    assert Claim.from_folder(job.folder).attempts == 0
+    assert lease.free(job.folder, 60)  # let go...
+    assert board.takeable(folders.jobs, 60) == []  # ...but held back for a while

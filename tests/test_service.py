@@ -144,3 +144,31 @@ def test_a_full_queue_never_blocks(tmp_path):
     assert time.monotonic() - t0 < 5
     assert results[0] and not all(results)
     assert sock.recv(4096) == b"WATCHDOG=1"
+
+
+WORKER_UNIT = REPO / "systemd" / "nstd-worker@.service"
+
+
+def test_the_worker_unit_takes_the_same_drop_in():
+    assert "/srv/nstd" not in WORKER_UNIT.read_text()
+    [exec_start] = values(WORKER_UNIT, "Service", "ExecStart")
+    assert exec_start == "/opt/nstd/.venv/bin/nstd worker --device cuda:%i"
+    for key in ("RequiresMountsFor", "WorkingDirectory", "ReadWritePaths"):
+        assert not [k for _, k, _ in directives(WORKER_UNIT) if k == key], f"{key}= belongs in paths.conf"
+    # As hardened as the daemon's unit, but with the network for Redis.
+    for key in ("NoNewPrivileges", "ProtectSystem", "DevicePolicy", "SystemCallFilter"):
+        assert values(WORKER_UNIT, "Service", key) == values(UNIT, "Service", key), key
+    assert "AF_INET" in values(WORKER_UNIT, "Service", "RestrictAddressFamilies")[0]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+def test_the_worker_unit_verifies(tmp_path):
+    nstd = Path(sys.executable).parent / "nstd"
+    unit = WORKER_UNIT.read_text().replace("/opt/nstd/.venv/bin/nstd", str(nstd))
+    (tmp_path / "nstd-worker@.service").write_text(unit)
+    (tmp_path / "nstd-worker@.service.d").mkdir()
+    (tmp_path / "nstd-worker@.service.d" / "paths.conf").write_text(DROP_IN.read_text())
+    r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "nstd-worker@0.service")], capture_output=True,
+                       text=True)
+    said = "\n".join(l for l in (r.stdout + r.stderr).splitlines() if "nstd-worker" in l)
+    assert r.returncode == 0 and said == "", r.stdout + r.stderr

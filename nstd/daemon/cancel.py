@@ -112,12 +112,28 @@ def cancel(cfg: dict, name: str, wait_seconds: float) -> str:
     except OSError as exc:
         raise NstdError(f"cannot reach the state folder {folders.state}: {exc.strerror or exc}") from None
     try:
-        return _quarantine_here(folders, job)
+        if cfg["queue"]["backend"] != "celery":
+            return _quarantine_here(folders, job)
+        from nstd.distributed.lease import Lease, current
+
+        # Workers run jobs while no intake does: only the job's lease makes it ours to move.
+        held = Lease.acquire(job.folder, "nstd-cancel", cfg["queue"]["lease_seconds"])
+        if held is not None:
+            try:
+                from nstd.daemon.store import Store
+
+                Store(folders).reclaim(job.id)  # a dead worker's unfinished move, back into state first
+                return _quarantine_here(folders, job)
+            finally:
+                held.release()
+        holder = current(job.folder)
     finally:
         lock.release()
+    who = f"its worker {holder.holder}" if holder else "its worker"
+    return _ask_the_daemon(folders, job, wait_seconds, who)
 
 
-def _ask_the_daemon(folders, job: Claimed, wait_seconds: float) -> str:
+def _ask_the_daemon(folders, job: Claimed, wait_seconds: float, who: str = "the daemon") -> str:
     ask(folders.state, job.id)
     deadline = time.monotonic() + wait_seconds
     while time.monotonic() < deadline:
@@ -125,7 +141,7 @@ def _ask_the_daemon(folders, job: Claimed, wait_seconds: float) -> str:
             break
         time.sleep(0.2)
     else:
-        return (f"asked the daemon to cancel {job.name} ({job.id}); it stops at its next step "
+        return (f"asked {who} to cancel {job.name} ({job.id}); it stops at its next step "
                 "and moves the job to quarantine ('nstd status' shows when)")
     where = quarantined_as(folders.quarantine, job)
     if where is not None:

@@ -25,7 +25,7 @@ from nstd.daemon.live import Live
 from nstd.daemon.lock import RootLock
 from nstd.daemon.notify import Notifier, healthy
 from nstd.daemon.outcome import Outcomes
-from nstd.daemon.queue import JobQueue
+from nstd.daemon.queue import RETRY_SECONDS, JobQueue
 from nstd.daemon.status import Status
 from nstd.daemon.store import Folders, Store
 from nstd.daemon.watcher import InboxWatcher
@@ -37,7 +37,12 @@ TICK = 0.25
 STATUS_EVERY = 5.0
 
 #: Settings that only a restart applies (SIGHUP names them in a warning).
-RESTART_KEYS = ("paths", "engine", "gpu.devices", "watch.polling", "watch.poll_interval_seconds", "web")
+RESTART_KEYS = ("paths", "engine", "gpu.devices", "watch.polling", "watch.poll_interval_seconds", "web",
+                "queue.backend", "queue.broker", "queue.name")
+
+
+#: The RESTART_KEYS inside the sections a reload otherwise replaces whole.
+RESTART_KEYS_IN = {"queue": ("backend", "broker", "name")}
 
 
 class Daemon:
@@ -60,6 +65,8 @@ class Daemon:
         self.notify = Notifier()
         #: cancel requests acted on that could not be removed
         self.cancels_stuck: set[str] = set()
+        #: queue.backend celery: cancels that failed, not tried again before this (monotonic)
+        self.cancel_retry_at: dict[str, float] = {}
 
     def request_stop(self, *_args) -> None:
         """SIGTERM/SIGINT: take no new job; the running one gets shutdown_grace_seconds."""
@@ -98,7 +105,8 @@ class Daemon:
             return
         needs_restart = [key for key in RESTART_KEYS if _get(self.cfg, key) != _get(new, key)]
         for section in ("defaults", "limits", "queue", "service", "logging", "hooks"):
-            self.cfg[section] = new[section]
+            kept = {k: self.cfg[section][k] for k in RESTART_KEYS_IN.get(section, ())}
+            self.cfg[section] = {**new[section], **kept}
         for key in ("settle_seconds", "missing_timeout", "rescan_seconds"):
             self.cfg["watch"][key] = new["watch"][key]
         for key in ("vram_budget_mb", "cpu_fallback"):
@@ -174,7 +182,7 @@ class Daemon:
                 self.queue.put(job)
         self.status.update(force=True, backend=self.cfg["queue"]["backend"],
                            device=", ".join(f"{w.engine.device} ({w.engine.device.name})" for w in self.workers)
-                           or f"nstd worker processes (queue {self.cfg['queue']['name']!r} at {self.cfg['queue']['broker']})")
+                           or self._cluster_device())
         if self.dispatcher is not None:
             self.dispatcher.start()
         self.page = self._start_page()
@@ -183,6 +191,11 @@ class Daemon:
         for worker in self.workers:
             worker.start()
         logger.info("watching {} ({})", self.folders.inbox, "polling" if w["polling"] else "inotify")
+
+    def _cluster_device(self) -> str:
+        from nstd.distributed.broker import redact
+
+        return f"nstd worker processes (queue {self.cfg['queue']['name']!r} at {redact(self.cfg['queue']['broker'])})"
 
     def _start_page(self):
         """The status page (web.enabled) in a process of its own, or None; a page that cannot start
@@ -282,9 +295,15 @@ class Daemon:
         from nstd.distributed import lease
 
         folder = self.folders.jobs / job_id
+        if time.monotonic() < self.cancel_retry_at.get(job_id, 0.0):
+            return
         if not folder.is_dir():
-            cancel.answered(self.folders.state, job_id)
-            logger.warning("nstd cancel {}: no such job is queued or running (finished meanwhile?)", job_id)
+            if cancel.answered(self.folders.state, job_id):
+                logger.warning("nstd cancel {}: no such job is queued or running (finished meanwhile?)", job_id)
+            else:
+                logger.warning("cannot remove the cancel request state/{}/{}: remove it by hand", cancel.REQUESTS, job_id)
+                self.cancel_retry_at[job_id] = float("inf")
+            return
             return
         held = lease.Lease.acquire(folder, "intake", self.cfg["queue"]["lease_seconds"])
         if held is None:
@@ -294,14 +313,17 @@ class Daemon:
                 self.cancels_stuck.add(job_id)
             return
         try:
+            self.store.reclaim(job_id)  # a dead worker's unfinished move, back into state first
             job = Claim.from_folder(folder)
             logger.bind(job=job.name, job_id=job.id).warning("cancelled while queued (nstd cancel)")
             self.outcomes.quarantine(job, cancel.cancelled_error(Stage.QUEUE))
-        except (OSError, ValueError, KeyError) as exc:
-            logger.error("cannot cancel {} now ({}); trying again", job_id, exc)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.error("cannot cancel {} now ({}); trying again in {:g} s", job_id, exc, RETRY_SECONDS)
+            self.cancel_retry_at[job_id] = time.monotonic() + RETRY_SECONDS
             return
         finally:
             held.release()
+        self.cancel_retry_at.pop(job_id, None)
         self.cancels_stuck.discard(job_id)
         cancel.answered(self.folders.state, job_id)
 

@@ -140,6 +140,12 @@ def workers(state_dir: Path, now: float | None = None) -> list[dict]:
     return out
 
 
+def cluster_counts(data: dict, workers: list[dict]) -> tuple[int, int]:
+    """Jobs done and failed in a cluster: the workers deliver; the intake quarantines from the inbox."""
+    return (data.get("done", 0) + sum(w["done"] for w in workers),
+            data.get("failed", 0) + sum(w["failed"] for w in workers))
+
+
 def describe_worker(w: dict, now: float, lease_seconds: float) -> str:
     """One line of `nstd status` for a worker: host, device, what it does, its last heartbeat."""
     def text(key: str) -> str:
@@ -244,6 +250,10 @@ def describe(data: dict | None, now: float | None = None, resumable: list[str] |
         lines.append(f"  {w['job']}: {w['reason']}{deadline}")
     if len(waiting) > 20:
         lines.append(f"  ... and {len(waiting) - 20} more (nstd status --json lists all)")
-    lines.append(f"done: {data.get('done', 0)}, failed: {data.get('failed', 0)} "
-                 f"(since this daemon started, {_clock(data.get('started_at', 0))})")
+    if data.get("backend") == "celery":
+        done, failed = cluster_counts(data, workers or [])
+        lines.append(f"done: {done}, failed: {failed} (by the workers listed and the intake, each since it started)")
+    else:
+        lines.append(f"done: {data.get('done', 0)}, failed: {data.get('failed', 0)} "
+                     f"(since this daemon started, {_clock(data.get('started_at', 0))})")
     return "\n".join(lines), True

@@ -32,6 +32,8 @@ from nstd.fsutil import atomic_write_bytes, atomic_write_text
 #: The files nstd writes into a quarantined job's folder (error.yaml's `files:` names the user's,
 #: each with where it was dropped, relative to the inbox: what `nstd retry` puts back).
 NSTD_FILES = ("error.yaml", "job.log", MANIFEST, "retried.yaml")
+#: A dead worker's transfer being rolled back: `.nstd-tmp-reclaim-<job id>-<random>`.
+RECLAIM = "reclaim-"
 
 
 @dataclass(frozen=True)
@@ -234,19 +236,37 @@ class Store:
                 where_from[here] = origins.get(p.name, p.name)
             _write_error(t.dir, {**error, "files": where_from}, log)
             final = t.commit(self.f.quarantine / safe_component(job.name))
-        shutil.rmtree(job.folder, ignore_errors=True)
+        drop_state_folder(job.folder)
         return final
 
     def deliver(self, job: Claim, outputs: dict[str, bytes]) -> Path:
         """Write the results, move the inputs beside them, and rename outbox/<name> into place."""
         with self._transfer(self.f.outbox, job.id) as t:
             for rel, data in outputs.items():
-                atomic_write_bytes(t.dir / rel, data)
+                atomic_write_bytes(t.dir / rel, data, parents=False)
             for p in sorted(job.inputs_dir.iterdir()):
                 t.put(p, f"inputs/{p.name}")
             final = t.commit(self.f.outbox / safe_component(job.name))
-        shutil.rmtree(job.folder, ignore_errors=True)
+        drop_state_folder(job.folder)
         return final
+
+    def reclaim(self, job_id: str) -> int:
+        """A claimed job's unfinished delivery or quarantine by a worker that died or stalled:
+        put its files back into the job's state folder; returns how many. Call it only while
+        holding the job's lease. Each such folder is first renamed (one atomic step), so a
+        stalled maker that wakes up can neither add to it nor commit it."""
+        restored = 0
+        for parent in (self.f.outbox, self.f.quarantine):
+            for tmp in [parent / f"{TMP_PREFIX}{job_id}", *sorted(parent.glob(f"{TMP_PREFIX}{RECLAIM}{job_id}-*"))]:
+                if tmp.name == f"{TMP_PREFIX}{job_id}":
+                    taken = parent / f"{TMP_PREFIX}{RECLAIM}{job_id}-{uuid.uuid4().hex[:8]}"
+                    try:
+                        os.rename(tmp, taken)
+                    except FileNotFoundError:
+                        continue  # none, or its maker committed it first: then the job is delivered
+                    tmp = taken
+                restored += rollback(tmp)
+        return restored
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -257,10 +277,10 @@ class Store:
 
 
 def _job_tag(tmp: Path) -> bool:
-    """A transfer named after a claimed job's id (YYYYmmdd-HHMMSS-xxxxxxxx), not a quarantine
-    straight from the inbox (12 hex digits)."""
+    """A transfer named after a claimed job's id (YYYYmmdd-HHMMSS-xxxxxxxx), or one being
+    reclaimed from a dead worker, not a quarantine straight from the inbox (12 hex digits)."""
     tag = tmp.name[len(TMP_PREFIX):]
-    return len(tag) == 24 and tag[8] == "-" and tag[15] == "-"
+    return tag.startswith(RECLAIM) or (len(tag) == 24 and tag[8] == "-" and tag[15] == "-")
 
 
 def _leave(inbox_fd: int, rel: str, exc: Exception, is_sidecar: bool) -> str:
@@ -292,5 +312,22 @@ def _free_name(name: str, used: set[str]) -> str:
 
 
 def _write_error(folder: Path, error: dict, log: str) -> None:
-    atomic_write_text(folder / "error.yaml", yaml.safe_dump(error, sort_keys=False, allow_unicode=True))
-    atomic_write_text(folder / "job.log", log)
+    atomic_write_text(folder / "error.yaml", yaml.safe_dump(error, sort_keys=False, allow_unicode=True), parents=False)
+    atomic_write_text(folder / "job.log", log, parents=False)
+
+
+def drop_state_folder(folder: Path) -> None:
+    """After a delivery or quarantine: the job's state folder goes, but never a user's file. One
+    still in inputs/ (put back meanwhile by a worker that took over the job) keeps the folder."""
+    inputs = folder / "inputs"
+    try:
+        left = os.listdir(inputs)
+    except FileNotFoundError:
+        left = []
+    except OSError as exc:
+        logger.error("cannot read {} ({}); the state folder is kept", inputs, exc)
+        return
+    if left:
+        logger.error("{} still holds {} input(s) after the job was moved; the state folder is kept", inputs, len(left))
+        return
+    shutil.rmtree(folder, ignore_errors=True)

@@ -74,7 +74,8 @@ class Transfer:
         self.entries: list[dict] = []
 
     def _save_manifest(self) -> None:
-        atomic_write_text(self.dir / MANIFEST, json.dumps({"entries": self.entries}, indent=1))
+        # Never made again once gone: a worker that took over a stalled one's transfer renamed it.
+        atomic_write_text(self.dir / MANIFEST, json.dumps({"entries": self.entries}, indent=1), parents=False)
 
     def put_pinned(self, pin: Pinned, rel: str, copy: bool = False) -> Path:
         """Move (or copy) a pinned inbox file to `rel`; refuses (Refused) a name swapped since the pin."""
@@ -115,7 +116,8 @@ class Transfer:
         if rel == MANIFEST:
             raise ValueError(f"{rel}: reserved for the manifest")
         dst = self.dir / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        for folder in reversed(dst.relative_to(self.dir).parents[:-1]):
+            (self.dir / folder).mkdir(exist_ok=True)  # below the folder only: never the folder itself
         if os.path.lexists(dst):
             raise FileExistsError(errno.EEXIST, "already in the transfer", str(dst))
         return dst

@@ -66,11 +66,49 @@ class Broker:
         """One message; raises when Redis cannot take it."""
         self.app.send_task(TASK, args=[job_id], queue=self.queue_name, retry=False)
 
+    def clock_skew(self) -> float:
+        """Seconds this machine's clock is behind Redis's (negative: ahead). Raises when Redis
+        cannot be reached. Leases compare clocks across machines (nstd/distributed/lease.py)."""
+        import time
+
+        before = time.time()
+        seconds, micros = self.redis.time()
+        after = time.time()
+        return seconds + micros / 1e6 - (before + after) / 2
+
     def close(self) -> None:
         try:
             self.redis.close()
         except Exception:
             pass
+
+
+#: The largest clock difference with the broker a machine of the cluster may have, as a share
+#: of queue.lease_seconds.
+MAX_SKEW_SHARE = 0.25
+
+
+def skew_problem(skew: float, lease_seconds: float) -> str | None:
+    if abs(skew) <= lease_seconds * MAX_SKEW_SHARE:
+        return None
+    return (f"this machine's clock is {abs(skew):.1f} s {'behind' if skew > 0 else 'ahead of'} the broker's; "
+            f"leases need the clocks within {lease_seconds * MAX_SKEW_SHARE:g} s (a quarter of "
+            f"queue.lease_seconds={lease_seconds:g}): run NTP (chrony, systemd-timesyncd) on every machine")
+
+
+def redact(url: str) -> str:
+    """The broker's URL without its password, for logs, status.json and the page."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None and parts.username is None:
+            return url
+        host = parts.hostname or ""
+        netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        return "(the broker URL)"
 
 
 def describe_error(exc: BaseException) -> Any:

@@ -18,10 +18,12 @@ from pathlib import Path
 from loguru import logger
 
 from nstd.distributed import board
-from nstd.distributed.broker import Broker, describe_error
+from nstd.distributed.broker import Broker, describe_error, redact, skew_problem
 
 #: How often the work list and the queue are compared (a claim wakes it at once).
 TICK_SECONDS = 1.0
+#: How often the intake compares its clock with the broker's.
+CLOCK_CHECK_SECONDS = 300.0
 
 
 class Dispatcher(threading.Thread):
@@ -35,6 +37,7 @@ class Dispatcher(threading.Thread):
         self.sent = 0
         self._lock = threading.Lock()
         self._entries: list[board.Entry] = []
+        self._next_clock_check = 0.0
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -66,16 +69,27 @@ class Dispatcher(threading.Thread):
         except Exception as exc:
             if self.reachable is not False:
                 logger.error("the broker {} cannot be reached ({}); jobs stay claimed in state and are sent "
-                             "when it is back", self.cfg["queue"]["broker"], describe_error(exc))
+                             "when it is back", redact(self.cfg["queue"]["broker"]), describe_error(exc))
             self.reachable = False
             return 0
         if self.reachable is False:
             logger.info("the broker is back")
         self.reachable = True
+        if time.monotonic() >= self._next_clock_check:
+            self._next_clock_check = time.monotonic() + CLOCK_CHECK_SECONDS
+            self.check_clock()
         if missing > 0:
             logger.debug("sent {} message(s) for {} job(s) waiting", missing, len(takeable))
             self.sent += missing
         return max(0, missing)
+
+    def check_clock(self) -> None:
+        try:
+            problem = skew_problem(self.broker.clock_skew(), self.cfg["queue"]["lease_seconds"])
+        except Exception:
+            return
+        if problem:
+            logger.error("{}: a worker's live lease may look expired to the others, or a dead one's live", problem)
 
     def queue_names(self) -> list[str]:
         """Jobs waiting for a worker, best first (status.json's `queue`)."""

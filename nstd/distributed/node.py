@@ -73,6 +73,7 @@ class NodeQueue:
             logger.bind(job=job.name).warning("not retried here: this worker's lease on it was lost")
             return
         wait = max(0.0, not_before - time.monotonic()) if not_before else RETRY_SECONDS
+        job.give_back_attempt()  # nstd failed to move it: that is not a crash the job caused
         board.hold(job.folder, time.time() + wait, "nstd could not finish it")
         held.release()
 
@@ -159,10 +160,11 @@ class Node:
         other = read_status(self.path.parent, self.path.name) if self.path.exists() else None
         if other is None or other.get("state") == "stopped":
             return
-        if other.get("host") == socket.gethostname():
-            twin = other["pid"] != os.getpid() and pid_alive(other["pid"])  # a killed worker restarts at once
+        fresh = time.time() - other["updated_at"] < self.cfg["queue"]["lease_seconds"]
+        if other.get("host") == socket.gethostname():  # a killed worker restarts at once
+            twin = fresh and other["pid"] != os.getpid() and pid_alive(other["pid"])
         else:
-            twin = time.time() - other["updated_at"] < self.cfg["queue"]["lease_seconds"]
+            twin = fresh
         if twin:
             raise NstdError(f"a worker called {self.name!r} is running (pid {other.get('pid')} on {other.get('host')}, "
                             f"heard from {time.time() - other['updated_at']:.0f} s ago): give this one another --name")
@@ -184,6 +186,8 @@ class Node:
                     self.lost.set()
                     logger.warning("the lease on {} was lost (another worker took the job): stopping it at the next step",
                                    held.job_dir.name)
+            if self.stopping.is_set() and self.status.data.get("state") not in ("stopping", "stopped"):
+                self.status.update(state="stopping")
             self.status.update(force=True, heartbeat_at=time.time())
             time.sleep(every)
 
@@ -202,10 +206,11 @@ class Node:
     def begin_stop(self) -> None:
         """Celery's warm shutdown (SIGTERM): the running job gets shutdown_grace_seconds, then stops
         at a step with a checkpoint and is given back."""
+        # Called inside Celery's signal handler, on the thread that may hold the status's lock
+        # mid-write: set flags only; the heartbeat thread writes the state.
         if not self.stopping.is_set():
-            self.stopping.set()
-            self.status.update(force=True, state="stopping")
             self.worker.begin_stop(self.cfg["service"]["shutdown_grace_seconds"])
+            self.stopping.set()
 
     def run_next(self, hint: str | None = None) -> str:
         """One message: run the best job nobody holds. Returns what happened, for the log."""
@@ -216,12 +221,22 @@ class Node:
             held = lease.Lease.acquire(entry.folder, self.name, ls)
             if held is None:
                 continue  # another worker was quicker
+            log = logger.bind(job=entry.name, job_id=entry.id)
             try:
                 with self.holding(held):
-                    outcome = self.take(entry)
+                    try:
+                        outcome = self.take(entry)
+                    except Exception as exc:  # a full disk, a bug: the job waits, the worker goes on
+                        log.opt(exception=exc).error("could not take the job ({}); it waits {:g} s", exc, RETRY_SECONDS)
+                        if held.held():
+                            board.hold(entry.folder, time.time() + RETRY_SECONDS, f"{type(exc).__name__}: {exc}")
+                        outcome = "failed; held for a retry"
             except LeaseLost:
-                logger.bind(job=entry.name, job_id=entry.id).warning("let go: another worker holds it now")
+                log.warning("let go: another worker holds it now")
                 outcome = "lease lost"
+            except OSError as exc:  # the hold itself could not be written: the lease ends, the job waits
+                log.error("could not hold the job for a retry either ({})", exc)
+                outcome = "failed"
             finally:
                 self.status.update(force=True, state="stopping" if self.stopping.is_set() else "idle", job=None)
             if outcome is not None:
@@ -231,11 +246,9 @@ class Node:
     def take(self, entry: board.Entry) -> str | None:
         """Run one leased job; None when it turned out to be finished already."""
         log = logger.bind(job=entry.name, job_id=entry.id)
-        for parent in (self.folders.outbox, self.folders.quarantine):
-            unfinished = parent / f"{TMP_PREFIX}{entry.id}"
-            if unfinished.is_dir():  # a dead worker's delivery: the inputs go back into state
-                log.warning("rolled back the unfinished move of a worker that stopped ({} file(s) put back)",
-                            rollback(unfinished))
+        restored = self.store.reclaim(entry.id)
+        if restored:  # a dead or stalled worker's delivery: the inputs are back in state
+            log.warning("rolled back the unfinished move of a worker that stopped ({} file(s) put back)", restored)
         inputs = entry.folder / "inputs"
         if not inputs.is_dir() or not any(inputs.iterdir()):
             shutil.rmtree(entry.folder, ignore_errors=True)  # delivered: only nstd's own files were left
@@ -266,15 +279,26 @@ def serve(cfg: dict, device: str | None, name: str | None, loglevel: str = "INFO
     """`nstd worker`: load the network, then consume the cluster's queue until SIGTERM."""
     from celery import signals
 
-    from nstd.distributed.broker import TASK, make_app
+    from nstd.distributed.broker import TASK, make_app, redact
+
+    from nstd.distributed.broker import Broker, skew_problem
 
     device = device or cfg["engine"]["device"]
     name = name or default_name(device)
+    broker = Broker(cfg)
+    try:
+        problem = skew_problem(broker.clock_skew(), cfg["queue"]["lease_seconds"])
+    except Exception:
+        problem = None  # Redis not up yet: Celery waits for it; the intake checks the clocks too
+    finally:
+        broker.close()
+    if problem:
+        raise NstdError(problem)
     folders = Folders.from_config(cfg)
     logs.setup(cfg["logging"], folders.logs if folders.logs.is_dir() else None, filename=f"worker-{name}.log")
     node = Node(cfg, device, name)
     logger.info("worker {}: network {} loaded on {} ({}); consuming queue {!r} at {}", name, cfg["engine"]["weights"],
-                node.worker.engine.device, node.worker.engine.precision, cfg["queue"]["name"], cfg["queue"]["broker"])
+                node.worker.engine.device, node.worker.engine.precision, cfg["queue"]["name"], redact(cfg["queue"]["broker"]))
     app = make_app(cfg)
 
     @app.task(name=TASK)

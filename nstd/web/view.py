@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from nstd.daemon.live import PREVIEW_FILE
+from nstd.daemon.status import cluster_counts, workers
 
 #: How long a listing of the outbox or the quarantine is reused.
 LISTING_SECONDS = 3.0
@@ -40,6 +41,7 @@ class View:
     def __init__(self, status: Callable[[], dict], state: Path, root: Path, outbox: Path, quarantine: Path,
                  results: int):
         self.status = status
+        self.state = state
         self.preview = state / PREVIEW_FILE
         self.root, self.outbox, self.quarantine, self.results = root, outbox, quarantine, results
         self._lock = threading.Lock()
@@ -119,8 +121,17 @@ class View:
         quarantine; the same data the page shows."""
         status = self.status()
         live = status.get("live") if isinstance(status.get("live"), dict) else {}
+        now = time.time()
+        cluster = [{"name": w["name"], "host": w.get("host"), "device": w.get("device"), "running": w["running"],
+                    "state": w.get("state"), "heard_from": now - w["updated_at"]}
+                   for w in workers(self.state, now)] if status.get("backend") == "celery" else []
+        counts = {}
+        if status.get("backend") == "celery":
+            counts = dict(zip(("done", "failed"), cluster_counts(status, workers(self.state, now))))
         return printable({
             **status,
+            **counts,
+            "workers": cluster,
             "live": {**live, "losses": _points(live.get("losses"))},
             "results": [_entry_json(e) for e in self.recent("outbox")],
             "quarantine": [_entry_json(e) for e in self.recent("quarantine")],
