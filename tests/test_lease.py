@@ -89,6 +89,7 @@ def test_the_board_orders_by_priority_then_arrival_and_skips_held_and_leased(tmp
     claim(tmp_path, "20260101-000000-dddddddd", priority=9, arrived=4)
     (tmp_path / ".nstd-tmp-x").mkdir()  # a claim being made is not a job
     (tmp_path / "leftover").mkdir()  # nor a folder without a record
+    assert board.leftovers(tmp_path) == [tmp_path / "leftover"]
     assert [e.id[-1] for e in board.scan(tmp_path)] == ["d", "c", "b", "a"]
     lease.Lease.acquire(tmp_path / "20260101-000000-dddddddd", "w", 60)
     board.hold(tmp_path / "20260101-000000-cccccccc", time.time() + 30, "test")
@@ -275,3 +276,84 @@ def test_a_retry_later_on_a_worker_is_not_counted_as_a_crash(tmp_path):
     assert Claim.from_folder(job.folder).attempts == 0
     assert lease.free(job.folder, 60)  # let go...
     assert board.takeable(folders.jobs, 60) == []  # ...but held back for a while
+
+
+def test_a_cancel_seen_for_one_job_is_not_taken_for_the_next(tmp_path):
+    from types import SimpleNamespace
+
+    from nstd.daemon import cancel
+    from nstd.distributed.node import NodeQueue
+
+    folders, job = folders_with_a_claim(tmp_path)
+    q = NodeQueue(SimpleNamespace(folders=folders))
+    cancel.ask(folders.state, "job-x")
+    assert q.is_cancelled("job-x")
+    assert not q.is_cancelled("job-y")  # asked about another job: looked up again
+    q.done("job-x")
+    assert not q.is_cancelled("job-z")
+
+
+def test_each_lease_moves_in_a_folder_of_its_own_and_a_stale_commit_never_lands(tmp_path):
+    """A (lease 1) stalls before its commit; B (lease 2) reclaims and starts its own delivery;
+    A wakes up: its folder is gone, B's is another, so A can neither commit nor touch B's."""
+    from nstd.daemon.store import Store
+    from nstd.daemon.transfer import Transfer
+
+    folders, job = folders_with_a_claim(tmp_path)
+    a = Transfer(folders.outbox, f"{job.id}-L1")
+    a.put(job.inputs_dir / "a.jpg", "inputs/a.jpg")
+    assert Store(folders).reclaim(job.id) == 1
+    b = Transfer(folders.outbox, f"{job.id}-L2")
+    b.put(job.inputs_dir / "a.jpg", "inputs/a.jpg")
+    with pytest.raises(FileNotFoundError):
+        a.commit(folders.outbox / "name")
+    assert b.dir.is_dir() and (b.dir / "inputs" / "a.jpg").is_file()
+    assert b.commit(folders.outbox / "name") == folders.outbox / "name"
+
+
+def test_a_commit_never_replaces_a_folder_of_the_same_name(tmp_path):
+    from nstd.daemon.transfer import Transfer
+
+    (tmp_path / "name").mkdir()  # empty: a plain rename would replace it
+    t = Transfer(tmp_path, "x")
+    (t.dir / "result.png").write_bytes(b"p")
+    assert t.commit(tmp_path / "name") == tmp_path / "name-2"
+    assert os.listdir(tmp_path / "name") == []
+
+
+def test_a_lease_folder_that_cannot_be_read_is_never_taken_for_free(tmp_path, monkeypatch):
+    job = claim(tmp_path, "j1").folder
+    held = lease.Lease.acquire(job, "a", 60)
+    real = os.listdir
+
+    def unreadable(path):
+        if str(path).endswith("/lease"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(lease.os, "listdir", unreadable)
+    with pytest.raises(OSError):
+        lease.Lease.acquire(job, "b", 60)  # never "no lease, number 1 is free"
+    assert not held.held()  # nor proof that it is still ours
+    assert board.scan(tmp_path) == []  # the board leaves it alone
+
+
+def test_a_released_lease_is_not_renewed_back_to_life(tmp_path):
+    job = claim(tmp_path, "j1").folder
+    held = lease.Lease.acquire(job, "a", 60)
+    held.release()
+    assert not held.renew()
+    assert lease.current(job).record["released"]
+
+
+def test_a_local_daemon_refuses_a_root_where_a_cluster_works(tmp_path):
+    root = tmp_path / "var"
+    (root / "state" / "workers").mkdir(parents=True)
+    (root / "state" / "workers" / "gpu1-cuda0.json").write_text(json.dumps(
+        {"name": "gpu1-cuda0", "host": "gpu1", "pid": 7, "state": "running", "updated_at": time.time(),
+         "started_at": time.time() - 60}))
+    cfg = tmp_path / "local.yaml"
+    cfg.write_text(yaml.safe_dump({"paths": {"root": str(root)}, "engine": {"device": "cpu"}, "web": {"enabled": False}}))
+    r = _nstd("run", "--until-empty", "--config", str(cfg))
+    assert r.returncode == 2, r.stderr
+    assert "this root has a cluster at work (workers: gpu1-cuda0" in r.stderr

@@ -112,12 +112,15 @@ def cancel(cfg: dict, name: str, wait_seconds: float) -> str:
     except OSError as exc:
         raise NstdError(f"cannot reach the state folder {folders.state}: {exc.strerror or exc}") from None
     try:
-        if cfg["queue"]["backend"] != "celery":
+        if cfg["queue"]["backend"] != "celery" and not (job.folder / "lease").is_dir():
             return _quarantine_here(folders, job)
         from nstd.distributed.lease import Lease, current
 
         # Workers run jobs while no intake does: only the job's lease makes it ours to move.
-        held = Lease.acquire(job.folder, "nstd-cancel", cfg["queue"]["lease_seconds"])
+        try:
+            held = Lease.acquire(job.folder, "nstd-cancel", cfg["queue"]["lease_seconds"])
+        except OSError as exc:
+            raise NstdError(f"cannot take the lease of {job.name} ({exc.strerror or exc}); is a worker running it?") from None
         if held is not None:
             try:
                 from nstd.daemon.store import Store
@@ -126,7 +129,10 @@ def cancel(cfg: dict, name: str, wait_seconds: float) -> str:
                 return _quarantine_here(folders, job)
             finally:
                 held.release()
-        holder = current(job.folder)
+        try:
+            holder = current(job.folder)
+        except OSError:
+            holder = None
     finally:
         lock.release()
     who = f"its worker {holder.holder}" if holder else "its worker"

@@ -17,7 +17,8 @@ from nstd.fsutil import atomic_open
 
 def save(folder: Path, cp: Checkpoint) -> None:
     frames_dir = folder / "frames"
-    frames_dir.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(exist_ok=True)  # never parents: a job folder that has gone (delivered) stays gone
+    frames_dir.mkdir(exist_ok=True)
     for i, frame in enumerate(cp.frames):
         path = frames_dir / f"{i:05d}.png"
         if not path.exists():

@@ -90,7 +90,7 @@ class Claim:
         return json.dumps(record, indent=1)
 
     def save(self) -> None:
-        atomic_write_text(self.folder / CLAIM_FILE, self.to_json())
+        atomic_write_text(self.folder / CLAIM_FILE, self.to_json(), parents=False)  # never makes a gone folder
 
     @classmethod
     def from_json(cls, text: str, folder: Path) -> "Claim":

@@ -151,6 +151,8 @@ class Daemon:
         w = self.cfg["watch"]
         self.readiness = Readiness(w["settle_seconds"], w["missing_timeout"], self.cfg["limits"]["max_sidecar_bytes"],
                                    self.folders.inbox, self.cfg["defaults"])
+        if not self.cluster:
+            self._refuse_a_live_cluster()
         recovered = self.store.recover(cluster=self.cluster)
         if self.cluster:
             try:
@@ -191,6 +193,23 @@ class Daemon:
         for worker in self.workers:
             worker.start()
         logger.info("watching {} ({})", self.folders.inbox, "polling" if w["polling"] else "inotify")
+
+    def _refuse_a_live_cluster(self) -> None:
+        """queue.backend local on a root where `nstd worker`s run: their jobs would run twice, and
+        their deliveries be rolled back under them."""
+        from nstd.daemon.status import workers as worker_records
+        from nstd.distributed import board
+
+        lease_seconds = self.cfg["queue"]["lease_seconds"]
+        now = time.time()
+        live = [w["name"] for w in worker_records(self.folders.state, now)
+                if w.get("state") != "stopped" and now - w["updated_at"] < lease_seconds]
+        leased = [e.name for e in board.scan(self.folders.jobs) if e.taken(lease_seconds, now)]
+        if live or leased:
+            self.lock.release()
+            raise NstdError(f"queue.backend is local, but this root has a cluster at work (workers: "
+                            f"{', '.join(live) or 'none heard from'}; jobs held by a worker: {', '.join(leased) or 'none'}); "
+                            "set queue.backend: celery as the workers have it, or stop them (docs/distributed.md)")
 
     def _cluster_device(self) -> str:
         from nstd.distributed.broker import redact
@@ -261,7 +280,11 @@ class Daemon:
                 self.readiness.update(sidecars)
             for job_id in cancel.requests(self.folders.state):
                 if self.cluster:
-                    self.cancel_in_cluster(job_id)
+                    try:
+                        self.cancel_in_cluster(job_id)
+                    except Exception as exc:  # a lease folder nstd cannot read, say: never the intake's end
+                        logger.error("cannot cancel {} now ({}); trying again in {:g} s", job_id, exc, RETRY_SECONDS)
+                        self.cancel_retry_at[job_id] = time.monotonic() + RETRY_SECONDS
                 elif job_id not in self.cancels_stuck:
                     self.cancel(job_id)
             for verdict in self.readiness.check():

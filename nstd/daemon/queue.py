@@ -86,6 +86,10 @@ class JobQueue:
         """The job was taken away from this worker (a cluster worker's lease; never here)."""
         return False
 
+    def owns(self, job_id: str) -> bool:
+        """This worker may still write into the job's state folder (always, on one machine)."""
+        return True
+
     def _first_ready(self) -> tuple | None:
         if self._heap and self._heap[0][1] <= time.monotonic():
             return self._heap[0]  # the common case: the best job is not held back

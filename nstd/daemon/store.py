@@ -8,6 +8,7 @@ on one filesystem for atomic renames.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -84,10 +85,18 @@ class Store:
     def jobs(self) -> Path:
         return self.f.jobs
 
+    def fence(self) -> None:
+        """Before each move of a claimed job's files: raises when this process may no longer
+        move them (a cluster worker that lost its lease); nothing to check on one machine."""
+
+    def move_tag(self, job: Claim) -> str:
+        """The name of a claimed job's delivery or quarantine folder while it is being filled."""
+        return job.id
+
     @contextmanager
-    def _transfer(self, parent: Path, tag: str) -> Iterator[Transfer]:
+    def _transfer(self, parent: Path, tag: str, fence=None) -> Iterator[Transfer]:
         """A Transfer that is rolled back at once if anything fails (a full disk, say)."""
-        t = Transfer(parent, tag)
+        t = Transfer(parent, tag, fence)
         try:
             yield t
         except BaseException:
@@ -227,7 +236,7 @@ class Store:
 
     def quarantine_claimed(self, job: Claim, error: dict, log: str) -> Path:
         origins = {i.file: i.origin for i in (job.content, *job.styles, job.sidecar, job.init) if i is not None}
-        with self._transfer(self.f.quarantine, job.id) as t:
+        with self._transfer(self.f.quarantine, self.move_tag(job), self.fence) as t:
             used = set(NSTD_FILES)  # a user file never takes these names
             where_from: dict[str, str] = {}
             for p in sorted(job.inputs_dir.iterdir()):
@@ -241,7 +250,7 @@ class Store:
 
     def deliver(self, job: Claim, outputs: dict[str, bytes]) -> Path:
         """Write the results, move the inputs beside them, and rename outbox/<name> into place."""
-        with self._transfer(self.f.outbox, job.id) as t:
+        with self._transfer(self.f.outbox, self.move_tag(job), self.fence) as t:
             for rel, data in outputs.items():
                 atomic_write_bytes(t.dir / rel, data, parents=False)
             for p in sorted(job.inputs_dir.iterdir()):
@@ -251,21 +260,22 @@ class Store:
         return final
 
     def reclaim(self, job_id: str) -> int:
-        """A claimed job's unfinished delivery or quarantine by a worker that died or stalled:
-        put its files back into the job's state folder; returns how many. Call it only while
+        """A claimed job's unfinished deliveries or quarantines by workers that died or stalled:
+        put their files back into the job's state folder; returns how many. Call it only while
         holding the job's lease. Each such folder is first renamed (one atomic step), so a
-        stalled maker that wakes up can neither add to it nor commit it."""
+        stalled maker that wakes up can neither add to it nor commit it (and each lease's
+        transfers have names of their own, so it cannot take this holder's either)."""
         restored = 0
         for parent in (self.f.outbox, self.f.quarantine):
-            for tmp in [parent / f"{TMP_PREFIX}{job_id}", *sorted(parent.glob(f"{TMP_PREFIX}{RECLAIM}{job_id}-*"))]:
-                if tmp.name == f"{TMP_PREFIX}{job_id}":
-                    taken = parent / f"{TMP_PREFIX}{RECLAIM}{job_id}-{uuid.uuid4().hex[:8]}"
-                    try:
-                        os.rename(tmp, taken)
-                    except FileNotFoundError:
-                        continue  # none, or its maker committed it first: then the job is delivered
-                    tmp = taken
-                restored += rollback(tmp)
+            for tmp in sorted(parent.glob(f"{glob.escape(TMP_PREFIX + job_id)}*")):
+                taken = parent / f"{TMP_PREFIX}{RECLAIM}{job_id}-{uuid.uuid4().hex[:8]}"
+                try:
+                    os.rename(tmp, taken)
+                except FileNotFoundError:
+                    continue  # its maker committed it first: then the job is delivered
+                restored += rollback(taken)
+            for tmp in sorted(parent.glob(f"{glob.escape(TMP_PREFIX + RECLAIM + job_id)}-*")):
+                restored += rollback(tmp)  # a reclaimer that died on the way
         return restored
 
     # ------------------------------------------------------------------ checkpoints
@@ -280,7 +290,7 @@ def _job_tag(tmp: Path) -> bool:
     """A transfer named after a claimed job's id (YYYYmmdd-HHMMSS-xxxxxxxx), or one being
     reclaimed from a dead worker, not a quarantine straight from the inbox (12 hex digits)."""
     tag = tmp.name[len(TMP_PREFIX):]
-    return tag.startswith(RECLAIM) or (len(tag) == 24 and tag[8] == "-" and tag[15] == "-")
+    return tag.startswith(RECLAIM) or (len(tag) >= 24 and tag[8] == "-" and tag[15] == "-")
 
 
 def _leave(inbox_fd: int, rel: str, exc: Exception, is_sidecar: bool) -> str:

@@ -20,6 +20,7 @@ import os
 import shutil
 import stat
 from pathlib import Path
+from typing import Callable
 
 from nstd.daemon.safefs import Pinned, Refused, open_inbox, parts_of, rename_noreplace
 from nstd.fsutil import atomic_write_text, fsync_dir
@@ -68,8 +69,12 @@ def safe_component(name: str) -> str:
 class Transfer:
     """A temporary folder being filled; `commit()` renames it into place."""
 
-    def __init__(self, parent: Path, tag: str):
+    def __init__(self, parent: Path, tag: str, fence: Callable[[], None] | None = None):
+        """`fence` is called before every move and before the commit, and raises when this
+        process may no longer move the job's files (a cluster worker's lease)."""
         self.dir = parent / f"{TMP_PREFIX}{tag}"
+        self.fence = fence or (lambda: None)
+        self.fence()
         self.dir.mkdir(parents=True)
         self.entries: list[dict] = []
 
@@ -124,6 +129,7 @@ class Transfer:
 
     def put(self, src: Path, rel: str, copy: bool = False) -> Path:
         """Move (or copy) `src` to `rel` inside the folder, recording it in the manifest first."""
+        self.fence()
         dst = self._fresh(rel)
         self.entries.append({"from": str(src), "to": rel, "copy": copy})
         self._save_manifest()
@@ -134,10 +140,26 @@ class Transfer:
         return dst
 
     def commit(self, final: Path) -> Path:
-        """Rename into place (as `final`, or `final-2`...) and drop the manifest."""
+        """Rename into place (as `final`, or `final-2`...), never over anything (another worker may
+        be committing a job of the same name at this moment), and drop the manifest."""
         fsync_dir(self.dir)
-        target = unique_name(final.parent, final.name)
-        os.rename(self.dir, target)
+        self.fence()
+        src_fd = os.open(self.dir.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            dst_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                while True:
+                    target = unique_name(final.parent, final.name)
+                    try:
+                        rename_noreplace(src_fd, self.dir.name, dst_fd, target.name)
+                        break
+                    except OSError as exc:
+                        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                            raise
+            finally:
+                os.close(dst_fd)
+        finally:
+            os.close(src_fd)
         fsync_dir(final.parent)
         try:
             os.unlink(target / MANIFEST)

@@ -84,6 +84,8 @@ class JobProgress(Progress):
                           loss if loss is not None else info.losses()["total"], eta)
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        if not self.worker.queue.owns(self.job.id):
+            return  # another worker holds the job now: its state folder is not ours to write
         checkpoints.save(self.worker.store.checkpoint_dir(self.job), checkpoint)
         self.log.debug("checkpoint at step {}", checkpoint.step)
 

@@ -71,6 +71,16 @@ def scan(jobs_dir: Path) -> list[Entry]:
     return entries
 
 
+def leftovers(jobs_dir: Path) -> list[Path]:
+    """Job folders without a record: what a delivery's clean-up left when it was cut short (a
+    claim gets its record before its folder appears)."""
+    try:
+        names = sorted(n for n in os.listdir(jobs_dir) if not n.startswith("."))
+    except OSError:
+        return []
+    return [jobs_dir / n for n in names if (jobs_dir / n).is_dir() and not (jobs_dir / n / "claim.json").exists()]
+
+
 def takeable(jobs_dir: Path, lease_seconds: float, now: float | None = None) -> list[Entry]:
     """The jobs a worker may take now, best first."""
     now = time.time() if now is None else now

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from loguru import logger
 
+from nstd.daemon.store import drop_state_folder
 from nstd.distributed import board
 from nstd.distributed.broker import Broker, describe_error, redact, skew_problem
 
@@ -78,6 +79,9 @@ class Dispatcher(threading.Thread):
         if time.monotonic() >= self._next_clock_check:
             self._next_clock_check = time.monotonic() + CLOCK_CHECK_SECONDS
             self.check_clock()
+            for folder in board.leftovers(self.jobs_dir):
+                logger.info("removing {}: what was left of a delivered job's state folder", folder.name)
+                drop_state_folder(folder)  # never a user's file: one still in inputs/ keeps it
         if missing > 0:
             logger.debug("sent {} message(s) for {} job(s) waiting", missing, len(takeable))
             self.sent += missing

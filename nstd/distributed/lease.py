@@ -21,6 +21,7 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -64,9 +65,11 @@ class Current:
 
 
 def _numbers(job_dir: Path) -> list[int]:
+    """The lease numbers in the folder; raises OSError when it cannot be read (other than absent):
+    "cannot read" must never pass for "no lease"."""
     try:
         names = os.listdir(job_dir / LEASES)
-    except OSError:
+    except FileNotFoundError:
         return []
     return sorted(int(m.group(1)) for n in names if (m := _NUMBERED.match(n)))
 
@@ -105,6 +108,8 @@ class Lease:
 
     def __init__(self, job_dir: Path, number: int, record: dict):
         self.job_dir, self.number, self.record = job_dir, number, record
+        #: renew (the heartbeat thread) and release (the worker's) write the same file
+        self._lock = threading.Lock()
 
     @property
     def path(self) -> Path:
@@ -149,7 +154,11 @@ class Lease:
 
     def _prune(self) -> None:
         """Older leases are history: keep the one before ours (its holder's name), drop the rest."""
-        for n in _numbers(self.job_dir):
+        try:
+            numbers = _numbers(self.job_dir)
+        except OSError:
+            return
+        for n in numbers:
             if n < self.number - 1:
                 try:
                     os.unlink(self.job_dir / LEASES / _name(n))
@@ -157,30 +166,38 @@ class Lease:
                     pass
 
     def held(self) -> bool:
-        """The fence: still the highest number, and still ours (renewed or not)."""
-        cur = current(self.job_dir)
+        """The fence: still the highest number, and still ours (renewed or not). A lease that
+        cannot be read is not held: nothing proves it is still ours."""
+        try:
+            cur = current(self.job_dir)
+        except OSError:
+            return False
         return cur is not None and cur.number == self.number and cur.record.get("token") == self.record["token"]
 
     def renew(self) -> bool:
-        """Say we are alive; False when the lease was lost (a newer one, or the job is gone)."""
-        if not self.held():
-            return False
-        self.record["renewed_at"] = time.time()
-        try:
-            _replace(self.path, self.record)
-        except OSError:
-            return self.held()
-        return True
+        """Say we are alive; False when the lease was lost (a newer one, or the job is gone) or
+        given up."""
+        with self._lock:
+            if self.record["released"] or not self.held():
+                return False
+            self.record["renewed_at"] = time.time()
+            try:
+                _replace(self.path, self.record)
+            except OSError:
+                return self.held()
+            return True
 
     def release(self) -> None:
         """Let the job go (an orderly stop, a retry later): anyone may take it at once."""
-        if not self.held():
-            return
-        self.record.update(released=True, renewed_at=time.time())
-        try:
-            _replace(self.path, self.record)
-        except OSError:
-            pass  # the folder went with a delivery, or the lease simply expires
+        with self._lock:
+            if self.record["released"] or not self.held():
+                self.record["released"] = True
+                return
+            self.record.update(released=True, renewed_at=time.time())
+            try:
+                _replace(self.path, self.record)
+            except OSError:
+                pass  # the folder went with a delivery, or the lease simply expires
 
 
 def _write(path: Path, record: dict) -> None:

@@ -62,8 +62,8 @@ class NodeQueue:
 
     def __init__(self, node: "Node"):
         self.node = node
-        self._next_cancel_check = 0.0
-        self._cancelled = False
+        #: (job id, asked to cancel, monotonic time of the next look) for the job being run
+        self._cancel = ("", False, 0.0)
 
     def put(self, job: Claim, not_before: float = 0.0) -> None:
         """A retry later (nstd failed to move the job): it stays in state, held until then, and
@@ -78,18 +78,26 @@ class NodeQueue:
         held.release()
 
     def done(self, job_id: str) -> None:
-        self._cancelled = False
-        self._next_cancel_check = 0.0
+        self._cancel = ("", False, 0.0)
 
     def is_cancelled(self, job_id: str) -> bool:
+        """A cancel request for this very job (state/cancel/<id>), looked for twice a second."""
+        seen_for, asked, next_look = self._cancel
         now = time.monotonic()
-        if not self._cancelled and now >= self._next_cancel_check:
-            self._next_cancel_check = now + CANCEL_CHECK_SECONDS
-            self._cancelled = (self.node.folders.state / cancel.REQUESTS / job_id).exists()
-        return self._cancelled
+        if seen_for != job_id or (not asked and now >= next_look):
+            asked = (self.node.folders.state / cancel.REQUESTS / job_id).exists()
+            self._cancel = (job_id, asked, now + CANCEL_CHECK_SECONDS)
+        return asked
 
     def lost(self, job_id: str) -> bool:
+        """Cheap, every step: the heartbeat found the lease gone."""
         return self.node.lost.is_set()
+
+    def owns(self, job_id: str) -> bool:
+        """Before a checkpoint: the lease, read now (a worker that stalled must not write into a
+        job another worker runs)."""
+        held = self.node.lease
+        return held is not None and not self.node.lost.is_set() and held.held()
 
     def names(self) -> list[str]:
         return []
@@ -102,19 +110,21 @@ class NodeQueue:
 
 
 class FencedStore(Store):
-    """The Store, with every move of a claimed job's files behind the node's lease."""
+    """The Store, with every move of a claimed job's files behind the node's lease: checked when
+    a delivery or quarantine starts, before each file and before the commit; and each lease's
+    moves in folders of their own (`.nstd-tmp-<id>-L<lease>`), which a new holder renames away
+    before it rolls them back."""
 
     def __init__(self, folders: Folders, node: "Node"):
         super().__init__(folders)
         self.node = node
 
-    def deliver(self, job: Claim, outputs: dict[str, bytes]) -> Path:
+    def fence(self) -> None:
         self.node.fence()
-        return super().deliver(job, outputs)
 
-    def quarantine_claimed(self, job: Claim, error: dict, log: str) -> Path:
-        self.node.fence()
-        return super().quarantine_claimed(job, error, log)
+    def move_tag(self, job: Claim) -> str:
+        held = self.node.lease
+        return f"{job.id}-L{held.number}" if held is not None else job.id
 
 
 class Node:
@@ -218,10 +228,14 @@ class Node:
         for entry in board.takeable(self.folders.jobs, ls):
             if self.stopping.is_set():
                 return "stopping"
-            held = lease.Lease.acquire(entry.folder, self.name, ls)
+            log = logger.bind(job=entry.name, job_id=entry.id)
+            try:
+                held = lease.Lease.acquire(entry.folder, self.name, ls)
+            except OSError as exc:  # a lease folder nstd cannot write (permissions, a full disk)
+                log.error("cannot take the lease on this job ({}); leaving it for now", exc)
+                continue
             if held is None:
                 continue  # another worker was quicker
-            log = logger.bind(job=entry.name, job_id=entry.id)
             try:
                 with self.holding(held):
                     try:
@@ -229,6 +243,7 @@ class Node:
                     except Exception as exc:  # a full disk, a bug: the job waits, the worker goes on
                         log.opt(exception=exc).error("could not take the job ({}); it waits {:g} s", exc, RETRY_SECONDS)
                         if held.held():
+                            _give_back_attempt(entry)  # nstd's failure, not a crash the job caused
                             board.hold(entry.folder, time.time() + RETRY_SECONDS, f"{type(exc).__name__}: {exc}")
                         outcome = "failed; held for a retry"
             except LeaseLost:
@@ -246,6 +261,7 @@ class Node:
     def take(self, entry: board.Entry) -> str | None:
         """Run one leased job; None when it turned out to be finished already."""
         log = logger.bind(job=entry.name, job_id=entry.id)
+        self.fence()  # the lease just taken is the newest (a listing can lag on NFS)
         restored = self.store.reclaim(entry.id)
         if restored:  # a dead or stalled worker's delivery: the inputs are back in state
             log.warning("rolled back the unfinished move of a worker that stopped ({} file(s) put back)", restored)
@@ -257,15 +273,18 @@ class Node:
         board.unhold(entry.folder)
         self.status.update(force=True, state="running", job=job.name)
         max_attempts = self.cfg["queue"]["max_attempts"]
-        if self.queue.is_cancelled(job.id):
-            log.warning("cancelled while queued (nstd cancel)")
-            self.outcomes.quarantine(job, cancel.cancelled_error(Stage.QUEUE))
-        elif job.attempts >= max_attempts:
-            self.outcomes.quarantine(job, JobError(
-                ErrorKind.CRASHED, f"workers stopped during this job {job.attempts} times "
-                f"(queue.max_attempts={max_attempts})", Stage.RUN))
-        else:
-            self.worker.process(job)
+        try:
+            if self.queue.is_cancelled(job.id):
+                log.warning("cancelled while queued (nstd cancel)")
+                self.outcomes.quarantine(job, cancel.cancelled_error(Stage.QUEUE))
+            elif job.attempts >= max_attempts:
+                self.outcomes.quarantine(job, JobError(
+                    ErrorKind.CRASHED, f"workers stopped during this job {job.attempts} times "
+                    f"(queue.max_attempts={max_attempts})", Stage.RUN))
+            else:
+                self.worker.process(job)
+        finally:
+            self.queue.done(job.id)
         if not job.folder.exists() and (self.folders.state / cancel.REQUESTS / job.id).exists():
             cancel.answered(self.folders.state, job.id)
         return f"took {job.name}"
@@ -273,6 +292,17 @@ class Node:
     def close(self) -> None:
         self.hooks.close(timeout=self.cfg["hooks"]["timeout_seconds"])
         self.status.update(force=True, state="stopped", job=None, running=None)
+
+
+def _give_back_attempt(entry: board.Entry) -> None:
+    """Undo the attempt counted for a run that failed for a reason of nstd's."""
+    try:
+        job = Claim.from_folder(entry.folder)
+        if job.attempts > entry.attempts:
+            job.attempts = entry.attempts
+            job.save()
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
 
 
 def serve(cfg: dict, device: str | None, name: str | None, loglevel: str = "INFO") -> int:
