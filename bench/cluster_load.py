@@ -31,8 +31,10 @@ LEASE = 3.0
 def run_load(tmp: Path, redis: Redis, jobs: int = 200, workers: int = 3, kills: int = 2, redis_restarts: int = 1,
              steps: int = 20, timeout: float = 3600, seed: int = 0) -> dict:
     rng = random.Random(seed)
+    # Two kills may hit the same job (each picks a busy worker): let it survive every fault, or it
+    # is rightly quarantined as "crashed" and the run says so.
     intake = Daemon(tmp, queue={"backend": "celery", "broker": redis.url, "lease_seconds": LEASE,
-                                "visibility_seconds": 60},
+                                "visibility_seconds": 60, "max_attempts": kills + 1},
                     service={"checkpoint_every": 5}, logging={"level": "INFO"})
     pool = Workers(tmp, intake.config)
     names = [f"w{i}" for i in range(workers)]
@@ -108,7 +110,10 @@ def _busy_worker(intake: Daemon, names: list[str], pool: Workers, deadline: floa
             except (OSError, ValueError):
                 continue
             run = rec.get("running") or {}
-            if run.get("step", 0) >= 6 and pool.procs[n].poll() is None and rec.get("pid") == pool.procs[n].pid:
+            # `job` is written at once when a job is taken and cleared when it is done; `running`
+            # (the step) at most once a second: both must name the same job.
+            if (rec.get("job") and run.get("name") == rec.get("job") and run.get("step", 0) >= 6
+                    and pool.procs[n].poll() is None and rec.get("pid") == pool.procs[n].pid):
                 return n
         time.sleep(0.01)
     return names[0]
