@@ -370,6 +370,9 @@ class _progress:
         self.bar = tqdm(total=total, unit="step", disable=disabled or None, dynamic_ncols=True, leave=False)
         self.every = max(1, total // 50)
 
+    def checkpoint_due(self, step: int) -> bool:
+        return False
+
     def on_checkpoint(self, checkpoint) -> None:
         pass
 

@@ -109,6 +109,7 @@ CONFIG_FIELDS: dict[str, Any] = {
         "device": Field("auto", "auto | cpu | cuda | cuda:N", _device),
         "precision": Field("auto", "auto | fp32 | bf16", choice("auto", "fp32", "bf16")),
         "lbfgs_history": Field(20, "L-BFGS history length (memory: 2 x this x image size)", integer(1, 1000)),
+        "cuda_graphs": Field(True, "on CUDA, replay each L-BFGS step as one captured graph", boolean),
     },
     "limits": {
         "max_pixels": Field(DEFAULT_MAX_PIXELS, "largest input image, in pixels", integer(1, 2**40)),
@@ -117,7 +118,9 @@ CONFIG_FIELDS: dict[str, Any] = {
     },
     "service": {
         "shutdown_grace_seconds": Field(60.0, "on SIGTERM, time the running job gets to finish", number(0, 86400)),
-        "checkpoint_every": Field(50, "save a resumable checkpoint every N steps; 0 = never", integer(0, 100_000)),
+        "checkpoint_seconds": Field(60.0, "save a resumable checkpoint of a running job this often; 0 = never",
+                                    number(0, 86400)),
+        "checkpoint_every": Field(0, "also every N steps; 0 = by time only", integer(0, 100_000)),
     },
     "hooks": {
         "on_done": Field(None, "command run after a job is delivered (job in its environment)", optional(_command)),

@@ -173,3 +173,13 @@ def test_stylize_on_fake_cuda_writes_result_and_gif(tmp_path, images_dir):
                            "-q"], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "on cuda:0" in proc.stdout and (tmp_path / "o.png").is_file() and (tmp_path / "o.gif").is_file()
+
+
+def test_auto_precision_is_bf16_on_a_gpu_with_native_bf16(monkeypatch):
+    from nstd.engine.device import Device, pick_precision
+
+    gpu = Device(torch.device("cuda:0"))
+    for capability, expected in (((8, 0), "bf16"), ((9, 0), "bf16"), ((7, 5), "fp32")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
+        assert pick_precision("auto", gpu) == expected, capability
+    assert pick_precision("fp32", gpu) == "fp32"  # an explicit setting always wins

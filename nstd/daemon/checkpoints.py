@@ -1,43 +1,146 @@
 """A running job's checkpoint in its state folder (`Store.checkpoint_dir`): enough to resume it.
 
-`checkpoint.pt` holds the step and the picture (float32, lossless); `frames/NNNNN.png` the GIF
-frames so far, each written once. A damaged checkpoint costs the progress, never the job.
+`checkpoint.pt` holds the step and the picture (float32, lossless). The GIF frames so far are
+kept in batches: each checkpoint writes the frames made since the one before as one file,
+`frames/FIRST-END.pt` (raw RGB, no encoding), with one write and one fsync; older checkpoints'
+`frames/NNNNN.png`, one per frame, are still read. A damaged checkpoint costs the progress,
+never the job.
+
+Checkpoints are written by a `Writer` thread, not by the worker: the worker only copies the
+picture off the device and hands it over, and goes on with the next step.
 """
 from __future__ import annotations
 
+import os
+import re
+import threading
 from pathlib import Path
 
 import torch
 from loguru import logger
 from PIL import Image
 
-from nstd.engine import Checkpoint, images
+from nstd.engine import Checkpoint
 from nstd.fsutil import atomic_open
 
 
 def save(folder: Path, cp: Checkpoint) -> None:
-    frames_dir = folder / "frames"
     folder.mkdir(exist_ok=True)  # never parents: a job folder that has gone (delivered) stays gone
+    frames_dir = folder / "frames"
     frames_dir.mkdir(exist_ok=True)
-    for i, frame in enumerate(cp.frames):
-        path = frames_dir / f"{i:05d}.png"
-        if not path.exists():
-            images.save(frame, path, "png")
+    have = len(_layout(frames_dir))
+    new = cp.frames[have:]
+    if new:
+        with atomic_open(frames_dir / f"{have:05d}-{have + len(new):05d}.pt") as fh:
+            torch.save([torch.from_numpy(_rgb(f)) for f in new], fh)
     with atomic_open(folder / "checkpoint.pt") as fh:
         torch.save({"step": cp.step, "image": cp.image, "frames": len(cp.frames)}, fh)
+
+
+def _rgb(img: Image.Image):
+    import numpy as np
+
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _layout(frames_dir: Path) -> list[tuple[str, int]]:
+    """(file, index inside it) for frames 0, 1, 2... as far as they run unbroken: batches
+    `FIRST-END.pt` and single `NNNNN.png` (an older nstd's) alike, read from the names only."""
+    try:
+        names = os.listdir(frames_dir)
+    except FileNotFoundError:
+        return []
+    batches = {}
+    for name in names:
+        m = _BATCH.match(name)
+        if m and int(m.group(2)) > int(m.group(1)):
+            batches[int(m.group(1))] = (name, int(m.group(2)))
+    pngs = {name for name in names if name.endswith(".png")}
+    out: list[tuple[str, int]] = []
+    while True:
+        n = len(out)
+        if n in batches:
+            name, end = batches[n]
+            out += [(name, i) for i in range(end - n)]
+        elif f"{n:05d}.png" in pngs:
+            out.append((f"{n:05d}.png", 0))
+        else:
+            return out
+
+
+_BATCH = re.compile(r"^(\d{5,})-(\d{5,})\.pt$")
 
 
 def load(folder: Path, log=logger) -> Checkpoint | None:
     """The checkpoint, or None when there is none or it cannot be read (logged to `log`, the job's)."""
     try:
         data = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
-        frames = []
-        for i in range(int(data["frames"])):
-            with Image.open(folder / "frames" / f"{i:05d}.png") as img:
-                frames.append(img.convert("RGB"))
+        want = int(data["frames"])
+        layout = _layout(folder / "frames")[:want]
+        if len(layout) < want:
+            raise ValueError(f"{want} frames recorded, {len(layout)} found")
+        frames: list[Image.Image] = []
+        batches: dict[str, list] = {}
+        for name, i in layout:
+            if name.endswith(".pt"):
+                if name not in batches:
+                    batches[name] = torch.load(folder / "frames" / name, map_location="cpu", weights_only=True)
+                frames.append(Image.fromarray(batches[name][i].numpy(), "RGB"))
+            else:
+                with Image.open(folder / "frames" / name) as img:
+                    frames.append(img.convert("RGB"))
         return Checkpoint(int(data["step"]), data["image"].float(), frames)
     except FileNotFoundError:
         return None
     except Exception as exc:  # a damaged checkpoint costs the progress, never the job
         log.warning("ignoring an unreadable checkpoint: {}", exc)
         return None
+
+
+class Writer(threading.Thread):
+    """Writes checkpoints off the worker's thread. At most one waits: a newer one replaces it
+    (only the latest matters). `flush()` waits until everything handed over is on disk."""
+
+    def __init__(self, name: str = "checkpoints"):
+        super().__init__(name=name, daemon=True)
+        self._pending: tuple[Path, Checkpoint, object] | None = None
+        self._cond = threading.Condition()
+        self._busy = False
+        self.start()
+
+    def submit(self, folder: Path, cp: Checkpoint, log=logger) -> None:
+        with self._cond:
+            self._pending = (folder, cp, log)
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        with self._cond:
+            while self._pending is not None or self._busy:
+                self._cond.wait()
+
+    def discard(self) -> None:
+        """Drop what waits (its job is over), then wait for the one being written."""
+        with self._cond:
+            self._pending = None
+            while self._busy:
+                self._cond.wait()
+
+    def run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None:
+                    self._cond.wait()
+                folder, cp, log = self._pending
+                self._pending = None
+                self._busy = True
+            try:
+                save(folder, cp)
+                log.debug("checkpoint at step {}", cp.step)
+            except FileNotFoundError:
+                pass  # the job left state meanwhile (delivered, cancelled)
+            except Exception as exc:  # a full disk: the run goes on without this checkpoint
+                log.warning("could not write the checkpoint at step {}: {}", cp.step, exc)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()

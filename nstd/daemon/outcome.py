@@ -166,6 +166,7 @@ class Outcomes:
             "device": result.device,
             "device_name": result.device_name,
             "precision": result.precision,
+            "cuda_graph": result.cuda_graph,
             "preserve_color": done.job.settings.get("preserve_color", "none"),
             "size_requested": done.size_requested,
             "size_used": list(result.size),

@@ -63,7 +63,10 @@ class JobProgress(Progress):
         self.every = max(1, steps // 20)
         self.plot_every = max(1, steps // 100)  # a loss read is a device sync: 100 a job, or one a second
         self.next_loss = 0.0
-        self.checkpoint_every = worker.cfg["service"]["checkpoint_every"]
+        service = worker.cfg["service"]
+        self.checkpoint_every = service["checkpoint_every"]
+        self.checkpoint_seconds = service["checkpoint_seconds"]
+        self.next_checkpoint = time.monotonic() + self.checkpoint_seconds if self.checkpoint_seconds else float("inf")
         self.log = logger.bind(job=job.name, job_id=job.id)
 
     def on_step(self, info: StepInfo) -> None:
@@ -83,11 +86,19 @@ class JobProgress(Progress):
             self.log.info("step {}/{} loss {:.4g} eta {:.0f} s", info.step, info.steps,
                           loss if loss is not None else info.losses()["total"], eta)
 
+    def checkpoint_due(self, step: int) -> bool:
+        """Every `service.checkpoint_seconds` (a 3 s job takes none), and every
+        `service.checkpoint_every` steps if set."""
+        now = time.monotonic()
+        if now >= self.next_checkpoint:
+            self.next_checkpoint = now + self.checkpoint_seconds
+            return True
+        return bool(self.checkpoint_every) and step % self.checkpoint_every == 0
+
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         if not self.worker.queue.owns(self.job.id):
             return  # another worker holds the job now: its state folder is not ours to write
-        checkpoints.save(self.worker.store.checkpoint_dir(self.job), checkpoint)
-        self.log.debug("checkpoint at step {}", checkpoint.step)
+        self.worker.checkpoints.submit(self.worker.store.checkpoint_dir(self.job), checkpoint, self.log)
 
     def should_stop(self) -> bool:
         q = self.worker.queue
@@ -115,12 +126,15 @@ class Worker(threading.Thread):
         self.label = ""
         self.heartbeat = time.monotonic()
         self.finisher = Finisher(self.outcomes.finish, self.outcomes.retry_later, name=f"finisher-{device}")
+        #: checkpoints are written off this thread
+        self.checkpoints = checkpoints.Writer(name=f"checkpoints-{device}")
         self.cap_memory()
 
     def _engine(self, device: Device | str) -> Engine:
         e = self.cfg["engine"]
         return self.engine_factory(weights=e["weights"], weights_file=e["weights_file"], device=device,
-                                   precision=e["precision"], lbfgs_history=e["lbfgs_history"])
+                                   precision=e["precision"], lbfgs_history=e["lbfgs_history"],
+                                   cuda_graphs=e["cuda_graphs"])
 
     def cap_memory(self) -> None:
         """Cap the GPU's allocator at `gpu.vram_budget_mb` (at start and after a reload); warn when
@@ -176,7 +190,10 @@ class Worker(threading.Thread):
             with logs.job_file(job.id, job.log_path):
                 log.info("started (attempt {}) on {}{}", job.attempts, self.engine.device, self.label)
                 try:
-                    done = self.perform(job, log)
+                    try:
+                        done = self.perform(job, log)
+                    finally:
+                        self.checkpoints.discard()  # one still waiting is older than what follows
                 except Interrupted as exc:
                     if self.queue.lost(job.id):
                         log.warning("stopped at step {}: this worker's lease on the job was lost (it stalled "

@@ -45,12 +45,16 @@ class Interrupted(Exception):
 class Progress:
     """The one callback object a run reports to; override what you need.
 
-    `on_step` after every step; `on_checkpoint` every `checkpoint_every` steps (0: never) with a
-    resumable checkpoint; `should_stop` is asked after every step, and True ends the run with
-    `Interrupted`.
+    `on_step` after every step; `on_checkpoint` with a resumable checkpoint after each step for
+    which `checkpoint_due` says so (by default every `checkpoint_every` steps, 0: never; a
+    checkpoint copies the picture to the host, so it is asked for sparingly); `should_stop` is
+    asked after every step, and True ends the run with `Interrupted`.
     """
 
     checkpoint_every: int = 0
+
+    def checkpoint_due(self, step: int) -> bool:
+        return bool(self.checkpoint_every) and step % self.checkpoint_every == 0
 
     def on_step(self, info: StepInfo) -> None:
         pass

@@ -18,12 +18,15 @@ from nstd.engine import images
 from nstd.engine.color import Palette
 from nstd.engine.device import Device, pick_precision, resolve as resolve_device
 from nstd.engine.options import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
+from nstd.engine.lbfgs import LBFGS
 from nstd.engine.losses import Losses, Objective, blend_grams, gram
 from nstd.engine.progress import Checkpoint, Interrupted, OnStep, Progress, StepInfo
 from nstd.engine.targets import StyleImage, TargetCache, style_edge
 from nstd.engine.vgg import Network, layer_index
 
 ADAM_LR = 0.02  # in 0..1 pixel units
+#: Eager steps before a CUDA graph of the step is captured (lazy initialisation happens in them).
+GRAPH_WARMUP_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -61,31 +64,70 @@ class Result:
     peak_memory_bytes: int | None = None
     restarts: int = 0  # L-BFGS restarts after a diverging step
     resumed_from: int = 0  # the checkpoint's step, when the run resumed one
+    cuda_graph: bool = False  # the steps after the warm-up were replayed from a captured CUDA graph
 
 
 class _Guard:
-    """Remembers the best evaluated picture and notices a diverging step (loss > 2 x best, or not finite)."""
+    """Remembers the best evaluated picture and notices a diverging step (loss > 2 x best, or not
+    finite), all on the device: nothing here waits for the GPU."""
 
     def __init__(self, x: torch.Tensor):
-        self.best: Losses | None = None
         self.best_x = x.detach().clone()
+        self.best_values = torch.full((4,), float("inf"), device=x.device)  # content, style, tv, total
         self.last: Losses | None = None
-        self.diverged = False
+        self.diverged = torch.zeros((), dtype=torch.bool, device=x.device)
+        self.restarts = torch.zeros((), dtype=torch.long, device=x.device)
+
+    @property
+    def best_total(self) -> torch.Tensor:
+        return self.best_values[3]
+
+    @property
+    def best(self) -> Losses:
+        return Losses(*self.best_values.unbind())
 
     def saw(self, losses: Losses, x: torch.Tensor) -> None:
+        """In place throughout: a CUDA graph replays into the tensors it captured."""
         self.last = losses
-        total = losses.total
-        if self.best is None or bool(total < self.best.total):
-            self.best = losses
-            self.best_x.copy_(x.detach())
-            self.diverged = False
-        else:
-            self.diverged = not bool(torch.isfinite(total)) or bool(total > 2 * self.best.total)
+        values = torch.stack([losses.content, losses.style, losses.tv, losses.total]).float()
+        total, best = values[3], self.best_total
+        improved = total < best
+        self.diverged.copy_(~improved & (~torch.isfinite(total) | (total > 2 * best)))
+        self.best_values.copy_(torch.where(improved, values, self.best_values))
+        self.best_x.copy_(torch.where(improved, x.detach(), self.best_x))
+
+    def restore_if_diverged(self, x: torch.Tensor) -> torch.Tensor:
+        """Back to the best picture where the last evaluation diverged; returns the mask."""
+        diverged = self.diverged.clone()
+        with torch.no_grad():
+            x.copy_(torch.where(diverged, self.best_x, x))
+        self.restarts.add_(diverged.long())
+        self.diverged.fill_(False)
+        return diverged
 
     def restore(self, x: torch.Tensor) -> None:
         with torch.no_grad():
             x.copy_(self.best_x)
-        self.diverged = False
+
+
+class _Adam:
+    """torch.optim.Adam's update (betas 0.9/0.999, eps 1e-8), kept here so that no torch.optim
+    optimiser is built: its first step imports torch._dynamo, over a second of start-up."""
+
+    def __init__(self, x: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.x, self.lr, self.betas, self.eps = x, lr, betas, eps
+        self.avg = torch.zeros_like(x)
+        self.avg_sq = torch.zeros_like(x)
+        self.n = 0
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor) -> None:
+        b1, b2 = self.betas
+        self.n += 1
+        self.avg.lerp_(grad, 1 - b1)
+        self.avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.avg_sq.sqrt() / (1 - b2 ** self.n) ** 0.5).add_(self.eps)
+        self.x.addcdiv_(self.avg, denom, value=-self.lr / (1 - b1 ** self.n))
 
 
 class Engine:
@@ -98,20 +140,21 @@ class Engine:
         device: str | Device = "auto",
         precision: str = "auto",
         lbfgs_history: int = 20,
+        cuda_graphs: bool = True,
     ):
         self.device = resolve_device(device)
         self.precision = pick_precision(precision, self.device)
         self.weights = weights
         self.lbfgs_history = lbfgs_history
+        #: on CUDA, capture an L-BFGS step in a graph and replay it (falls back to eager on failure)
+        self.cuda_graphs = cuda_graphs
         self.device.allow_tf32()
         self.network = Network.load(weights, weights_file, self.device.place)
-        # The first optimizer built in a process imports torch._dynamo (1.5 s here): pay it while
-        # loading, not inside the first job's timings.
-        torch.optim.LBFGS([torch.zeros(1, requires_grad=True)])
 
-    def _autocast(self):
+    def _autocast(self, capturing: bool = False):
         if self.precision == "bf16":
-            return torch.autocast(self.device.place.type, dtype=torch.bfloat16)
+            # A graph must not capture autocast's cache of cast weights (torch's documented rule).
+            return torch.autocast(self.device.place.type, dtype=torch.bfloat16, cache_enabled=not capturing)
         return nullcontext()
 
     @torch.no_grad()
@@ -201,11 +244,9 @@ class Engine:
         else:
             x = palette.start(self._initial(p, content_t, init_image)).requires_grad_(True)
         if p.optimizer == "lbfgs":
-            opt: torch.optim.Optimizer = torch.optim.LBFGS(
-                [x], lr=1.0, max_iter=1, history_size=self.lbfgs_history, tolerance_grad=-1, tolerance_change=-1
-            )
+            opt: LBFGS | _Adam = LBFGS(x, history=self.lbfgs_history)
         elif p.optimizer == "adam":
-            opt = torch.optim.Adam([x], lr=ADAM_LR)
+            opt = _Adam(x, lr=ADAM_LR)
         else:
             raise ValueError(f"unknown optimizer {p.optimizer!r} (expected lbfgs or adam)")
 
@@ -214,44 +255,55 @@ class Engine:
             frames.append(self._frame(x, p, palette))
         start = resume.step if resume is not None else 0
         guard = _Guard(x)
+        # Any object shaped like Progress will do; one from before checkpoint_due() counts steps.
+        checkpoint_due = getattr(progress, "checkpoint_due", None) or (
+            lambda step: bool(progress.checkpoint_every) and step % progress.checkpoint_every == 0)
 
-        def closure() -> torch.Tensor:
-            opt.zero_grad(set_to_none=True)
+        def evaluate(capturing: bool = False) -> None:
+            """Loss and gradient at x; the guard sees them."""
+            x.grad = None
             seen = palette.view(x)
-            with self._autocast():
+            with self._autocast(capturing):
                 feats = extractor(seen)
             losses = objective(feats, seen)
             losses.total.backward()
             guard.saw(Losses(*(t.detach() for t in (losses.content, losses.style, losses.tv, losses.total))), x)
-            return losses.total
 
+        def lbfgs_step(capturing: bool = False) -> None:
+            evaluate(capturing)
+            opt.step(x.grad)
+            # L-BFGS without a line search can overshoot wildly on a bad curvature estimate:
+            # go back to the best picture so far and rebuild the history from there.
+            opt.restart(guard.restore_if_diverged(x))
+
+        use_graph = self.device.is_cuda and self.device.place.type == "cuda" and p.optimizer == "lbfgs" and self.cuda_graphs
+        graph = None
         t_opt = time.perf_counter()
-        restarts = 0
         for step in range(start + 1, p.steps + 1):
-            opt.step(closure)
-            if p.optimizer == "adam":
+            if graph is not None:
+                graph.replay()
+            elif p.optimizer == "adam":
+                evaluate()
+                opt.step(x.grad)
                 with torch.no_grad():
                     x.clamp_(0, 1)
-            elif guard.diverged:
-                # L-BFGS without a line search can overshoot wildly on a bad curvature estimate:
-                # go back to the best picture so far and rebuild the history from there.
-                guard.restore(x)
-                opt.state.clear()
-                restarts += 1
+            else:
+                lbfgs_step()
+                if use_graph and step - start == GRAPH_WARMUP_STEPS and step < p.steps:
+                    graph = self._capture(lambda: lbfgs_step(capturing=True), evaluate)
             if p.frame_every and (step % p.frame_every == 0 or step == p.steps):
                 frames.append(self._frame(x, p, palette))
             progress.on_step(StepInfo(step, p.steps, time.perf_counter() - t_opt, guard.last,
                                       picture=lambda: self._frame(x, p, palette)))
             if step < p.steps:
-                every = progress.checkpoint_every
-                if every and step % every == 0:
+                if checkpoint_due(step):
                     progress.on_checkpoint(Checkpoint(step, x.detach().float().cpu().clone(), list(frames)))
                 if progress.should_stop():
                     raise Interrupted(Checkpoint(step, x.detach().float().cpu().clone(), list(frames)))
         # The last update has not been evaluated: keep it only if it is no worse than the best.
         with torch.no_grad(), self._autocast():
             final_losses = objective(extractor(palette.view(x)), palette.view(x))
-        if guard.best is not None and not float(final_losses.total) <= float(guard.best.total):
+        if not float(final_losses.total) <= float(guard.best_total):
             guard.restore(x)
             final_losses = guard.best
         t_done = time.perf_counter()
@@ -268,11 +320,35 @@ class Engine:
             device_name=self.device.name,
             precision=self.precision,
             timings={"targets": t_opt - t0, "optimise": t_done - t_opt},  # targets: style Grams + content features
-            restarts=restarts,
+            restarts=int(guard.restarts),
+            cuda_graph=graph is not None,
             resumed_from=start,
         )
         result.peak_memory_bytes = self.device.peak_bytes()
         return result
+
+    def _capture(self, step: Callable[[], None], warm: Callable[[], None]) -> "torch.cuda.CUDAGraph | None":
+        """A CUDA graph of one whole step (forward, backward, L-BFGS update, guard), to replay for
+        the rest of the run: one launch instead of hundreds, and the CPU free. None, with one log
+        line, when it cannot be captured: the run goes on eagerly, never with a wrong result."""
+        from loguru import logger
+
+        try:
+            side = torch.cuda.Stream(device=self.device.torch)
+            side.wait_stream(torch.cuda.current_stream(self.device.torch))
+            with torch.cuda.stream(side):
+                warm()  # torch's rule: a warm-up on a side stream before capture (an evaluation only)
+            torch.cuda.current_stream(self.device.torch).wait_stream(side)
+            torch.cuda.synchronize(self.device.torch)
+            torch.cuda.empty_cache()  # the eager steps' cached blocks: room for the graph's pool
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            return graph
+        except Exception as exc:  # an op that cannot be captured, or no memory for the pool
+            logger.warning("the step cannot be captured in a CUDA graph ({}: {}); running it eagerly",
+                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            return None
 
     def _initial(self, p: StyleParams, content_t: torch.Tensor, init_image: Image.Image | None) -> torch.Tensor:
         if p.init == "content":

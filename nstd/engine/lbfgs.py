@@ -1,0 +1,104 @@
+"""L-BFGS with torch.optim.LBFGS's algorithm, one iteration a step, and no host synchronisation.
+
+torch's optimiser, run as we run it (one iteration per step, step length 1, no line search), reads
+values back to the host inside every step: `float(loss)`, `ys > 1e-10`, the directional-derivative
+test, each history entry's length. On a GPU each read waits for all queued work, so the device
+idles while Python decides. Here every such decision is a mask on the device (`torch.where`):
+
+- the history is two fixed (m, N) buffers used as a ring, with a count and a head kept as tensors;
+  an update whose curvature `y.s` is not positive is masked out instead of skipped;
+- the two-loop recursion always runs m rounds, the ones beyond the stored count masked to zero;
+- the first step's length, `min(1, 1/|g|_1)`, and the restart after a diverging step (the guard:
+  back to the best picture, history dropped) are masks too.
+
+The arithmetic is torch's, in torch's order, so the iterates follow torch.optim.LBFGS (a test
+checks it), and a step is a fixed sequence of kernels that updates its state in place: CUDA can
+capture it in a graph and replay it (a graph replays into the very tensors it was captured with,
+so no state may be a fresh tensor assigned to an attribute).
+"""
+from __future__ import annotations
+
+import torch
+
+#: torch's test for a usable curvature pair (`ys > 1e-10`).
+CURVATURE_EPS = 1e-10
+
+
+class LBFGS:
+    """The optimiser's state for one picture `x` (any shape; float32)."""
+
+    def __init__(self, x: torch.Tensor, history: int = 20, lr: float = 1.0, tolerance_change: float = -1.0):
+        if history < 1:
+            raise ValueError("history must be at least 1")
+        self.x, self.m, self.lr = x, history, float(lr)
+        self.tolerance_change = float(tolerance_change)
+        n, dev = x.numel(), x.device
+        f32 = dict(device=dev, dtype=torch.float32)
+        self.dirs = torch.zeros(history, n, **f32)  # y: gradient differences
+        self.stps = torch.zeros(history, n, **f32)  # s: steps taken
+        self.ro = torch.zeros(history, **f32)  # 1 / (y . s)
+        self.count = torch.zeros((), device=dev, dtype=torch.long)  # entries stored, <= m
+        self.head = torch.zeros((), device=dev, dtype=torch.long)  # the slot the next entry takes
+        self.h_diag = torch.ones((), **f32)
+        self.d = torch.zeros(n, **f32)
+        self.t = torch.zeros((), **f32)
+        self.prev_grad = torch.zeros(n, **f32)
+        self.first = torch.ones((), device=dev, dtype=torch.bool)  # the next step starts afresh
+        self._al = torch.zeros(history, **f32)
+        self._zero = torch.zeros((), **f32)
+
+    def restart(self, where: torch.Tensor | bool = True) -> None:
+        """Drop the history (where `where` holds): the next step is a first step again."""
+        self.first.logical_or_(torch.as_tensor(where, device=self.first.device))
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor) -> None:
+        """One iteration from the gradient at `x` (the loss was just evaluated there): updates
+        `x` in place."""
+        g = grad.reshape(-1).float()
+        first = self.first.clone()  # read before this step changes it
+        m = self.m
+
+        # The curvature pair of the last step, kept when y.s > eps (never on a first step).
+        y = g - self.prev_grad
+        s = self.d * self.t
+        ys = y.dot(s)
+        keep = ~first & (ys > CURVATURE_EPS)
+        slot = self.head.view(1)
+        self.dirs.index_copy_(0, slot, torch.where(keep, y, self.dirs.index_select(0, slot)[0]).unsqueeze(0))
+        self.stps.index_copy_(0, slot, torch.where(keep, s, self.stps.index_select(0, slot)[0]).unsqueeze(0))
+        self.ro.index_copy_(0, slot, torch.where(keep, 1.0 / ys, self.ro.index_select(0, slot)[0]).view(1))
+        self.h_diag.copy_(torch.where(keep, ys / y.dot(y), self.h_diag))
+        self.head.copy_(torch.where(keep, (self.head + 1) % m, self.head))
+        self.count.copy_(torch.where(keep, torch.clamp(self.count + 1, max=m), self.count))
+        # A first step starts with an empty history and H = 1.
+        self.count.masked_fill_(first, 0)
+        self.h_diag.masked_fill_(first, 1.0)
+
+        # Two-loop recursion, newest entry first; rounds beyond the count contribute nothing.
+        q = g.neg()
+        for j in range(m):
+            i = ((self.head - 1 - j) % m).view(1)
+            valid = self.count > j
+            a = torch.where(valid, self.stps.index_select(0, i)[0].dot(q) * self.ro.index_select(0, i)[0], self._zero)
+            self._al[j] = a
+            q.addcmul_(self.dirs.index_select(0, i)[0], a, value=-1)
+        r = q.mul(self.h_diag)
+        for j in reversed(range(m)):  # oldest first
+            i = ((self.head - 1 - j) % m).view(1)
+            valid = self.count > j
+            be = self.dirs.index_select(0, i)[0].dot(r) * self.ro.index_select(0, i)[0]
+            r.addcmul_(self.stps.index_select(0, i)[0], torch.where(valid, self._al[j] - be, self._zero))
+        d = torch.where(first, g.neg(), r)
+
+        # Step length: 1 (lr), or min(1, 1/|g|_1) on a first step; no move when d is not a
+        # descent direction by torch's test (g.d > -tolerance_change).
+        t_first = torch.clamp(1.0 / g.abs().sum(), max=1.0) * self.lr
+        t = torch.where(first, t_first, torch.full_like(t_first, self.lr))
+        move = g.dot(d) <= -self.tolerance_change
+        self.x.add_((d * torch.where(move, t, self._zero)).view_as(self.x))
+
+        self.d.copy_(d)
+        self.t.copy_(t)
+        self.prev_grad.copy_(g)
+        self.first.fill_(False)

@@ -1,0 +1,133 @@
+"""nstd's own L-BFGS (nstd/engine/lbfgs.py) against torch.optim.LBFGS, and its step without host syncs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nstd.engine.lbfgs import LBFGS
+
+
+def _torch_losses(f, x0: torch.Tensor, steps: int, history: int) -> list[float]:
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([x], lr=1.0, max_iter=1, history_size=history, tolerance_grad=-1, tolerance_change=-1)
+
+    def closure():
+        opt.zero_grad()
+        loss = f(x)
+        loss.backward()
+        return loss
+
+    return [float(opt.step(closure).detach()) for _ in range(steps)]
+
+
+def _our_losses(f, x0: torch.Tensor, steps: int, history: int) -> list[float]:
+    x = x0.clone().requires_grad_(True)
+    opt = LBFGS(x, history=history)
+    out = []
+    for _ in range(steps):
+        x.grad = None
+        loss = f(x)
+        loss.backward()
+        out.append(float(loss.detach()))
+        opt.step(x.grad)
+    return out
+
+
+def test_it_follows_torch_on_a_small_problem_through_a_full_history():
+    torch.manual_seed(0)
+    a, b = torch.randn(40, 30), torch.randn(40)
+
+    def f(x):
+        return ((a @ x - b) ** 2).sum() + 0.1 * (x ** 4).sum()
+
+    x0 = torch.randn(30)
+    ours, theirs = _our_losses(f, x0, 30, history=5), _torch_losses(f, x0, 30, history=5)
+    for mine, ref in zip(ours, theirs):  # the ring wraps five times over
+        assert mine == pytest.approx(ref, rel=1e-4)
+
+
+def test_it_follows_torch_on_the_style_objective(engine, pair):
+    """30 steps of the real Gatys objective at 48 px: final loss within 1 % of torch's."""
+    from nstd.engine import images
+    from nstd.engine.losses import Objective, gram
+
+    content, style = pair
+    net = engine.network
+    layers = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv4_2", "conv5_1")
+    extract = net.extractor(layers, "avg")
+    c = images.to_tensor(images.resize_long_edge(content, 48))
+    s = images.to_tensor(images.resize_long_edge(style, 48))
+    with torch.no_grad():
+        cf, sf = extract(c), extract(s)
+    objective = Objective({"conv4_2": cf["conv4_2"]}, {k: gram(sf[k]) for k in layers if k != "conv4_2"}, 1.0, 1e4, 0.0)
+
+    def f(x):
+        return objective(extract(x), x).total
+
+    ours, theirs = _our_losses(f, c, 30, history=20), _torch_losses(f, c, 30, history=20)
+    assert ours[-1] == pytest.approx(theirs[-1], rel=0.01)
+    assert ours[-1] < 0.5 * ours[0]  # and it does optimise
+
+
+def test_a_non_positive_curvature_pair_is_left_out_and_restart_starts_afresh():
+    x = torch.zeros(3, requires_grad=True)
+    opt = LBFGS(x, history=3)
+    opt.step(torch.tensor([1.0, 0.0, 0.0]))
+    assert int(opt.count) == 0 and not bool(opt.first)
+    opt.step(torch.tensor([3.0, 0.0, 0.0]))  # y.s < 0: the gradient grew along the step
+    assert int(opt.count) == 0
+    opt.step(torch.tensor([1.0, 0.0, 0.0]))  # y.s > 0: kept
+    assert int(opt.count) == 1
+    opt.restart(torch.tensor(True))
+    before = x.detach().clone()
+    opt.step(torch.tensor([4.0, 0.0, 0.0]))
+    assert int(opt.count) == 0  # history dropped
+    # a first step's length: min(1, 1/|g|_1) = 0.25, along -g
+    assert torch.allclose(x.detach() - before, torch.tensor([-1.0, 0.0, 0.0]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_step_makes_no_host_sync_on_a_gpu():
+    x = torch.randn(3, 64, 64, device="cuda", requires_grad=True)
+    opt = LBFGS(x, history=5)
+    for i in range(8):  # warm-up: the allocator and the first steps
+        x.grad = None
+        (x ** 2).sum().backward()
+        opt.step(x.grad)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            x.grad = None
+            (x.sin() ** 2).sum().backward()
+            opt.step(x.grad)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_captured_step_gives_the_eager_result(pair, precision):
+    """The whole step replayed from a CUDA graph: the same losses as eager steps (within 1 %)."""
+    from nstd.engine import Engine, StyleParams
+
+    content, style = pair
+    p = StyleParams(size=128, steps=40, frame_every=5)
+    runs = {}
+    for graphs in (False, True):
+        engine = Engine(device="cuda", precision=precision, cuda_graphs=graphs)
+        runs[graphs] = engine.stylize(content, [(style, 1.0)], p)
+    assert runs[True].cuda_graph and not runs[False].cuda_graph
+    for key in ("content", "style", "total"):
+        assert runs[True].losses[key] == pytest.approx(runs[False].losses[key], rel=0.01), key
+    assert len(runs[True].frames) == len(runs[False].frames)
+
+
+def test_on_the_cpu_no_graph_is_tried(engine, pair):
+    from nstd.engine import StyleParams
+
+    content, style = pair
+    r = engine.stylize(content, [(style, 1.0)], StyleParams(size=32, steps=6, frame_every=0))
+    assert not r.cuda_graph
