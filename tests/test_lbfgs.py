@@ -20,9 +20,9 @@ def _torch_losses(f, x0: torch.Tensor, steps: int, history: int) -> list[float]:
     return [float(opt.step(closure).detach()) for _ in range(steps)]
 
 
-def _our_losses(f, x0: torch.Tensor, steps: int, history: int) -> list[float]:
+def _our_losses(f, x0: torch.Tensor, steps: int, history: int, masked: bool = False) -> list[float]:
     x = x0.clone().requires_grad_(True)
-    opt = LBFGS(x, history=history)
+    opt = LBFGS(x, history=history, masked=masked)
     out = []
     for _ in range(steps):
         x.grad = None
@@ -33,7 +33,8 @@ def _our_losses(f, x0: torch.Tensor, steps: int, history: int) -> list[float]:
     return out
 
 
-def test_it_follows_torch_on_a_small_problem_through_a_full_history():
+@pytest.mark.parametrize("masked", [False, True], ids=["cpu-rows", "gpu-masked"])
+def test_it_follows_torch_on_a_small_problem_through_a_full_history(masked):
     torch.manual_seed(0)
     a, b = torch.randn(40, 30), torch.randn(40)
 
@@ -41,12 +42,13 @@ def test_it_follows_torch_on_a_small_problem_through_a_full_history():
         return ((a @ x - b) ** 2).sum() + 0.1 * (x ** 4).sum()
 
     x0 = torch.randn(30)
-    ours, theirs = _our_losses(f, x0, 30, history=5), _torch_losses(f, x0, 30, history=5)
+    ours, theirs = _our_losses(f, x0, 30, history=5, masked=masked), _torch_losses(f, x0, 30, history=5)
     for mine, ref in zip(ours, theirs):  # the ring wraps five times over
         assert mine == pytest.approx(ref, rel=1e-4)
 
 
-def test_it_follows_torch_on_the_style_objective(engine, pair):
+@pytest.mark.parametrize("masked", [False, True], ids=["cpu-rows", "gpu-masked"])
+def test_it_follows_torch_on_the_style_objective(engine, pair, masked):
     """30 steps of the real Gatys objective at 48 px: final loss within 1 % of torch's."""
     from nstd.engine import images
     from nstd.engine.losses import Objective, gram
@@ -64,14 +66,15 @@ def test_it_follows_torch_on_the_style_objective(engine, pair):
     def f(x):
         return objective(extract(x), x).total
 
-    ours, theirs = _our_losses(f, c, 30, history=20), _torch_losses(f, c, 30, history=20)
+    ours, theirs = _our_losses(f, c, 30, history=20, masked=masked), _torch_losses(f, c, 30, history=20)
     assert ours[-1] == pytest.approx(theirs[-1], rel=0.01)
     assert ours[-1] < 0.5 * ours[0]  # and it does optimise
 
 
-def test_a_non_positive_curvature_pair_is_left_out_and_restart_starts_afresh():
+@pytest.mark.parametrize("masked", [False, True], ids=["cpu-rows", "gpu-masked"])
+def test_a_non_positive_curvature_pair_is_left_out_and_restart_starts_afresh(masked):
     x = torch.zeros(3, requires_grad=True)
-    opt = LBFGS(x, history=3)
+    opt = LBFGS(x, history=3, masked=masked)
     opt.step(torch.tensor([1.0, 0.0, 0.0]))
     assert int(opt.count) == 0 and not bool(opt.first)
     opt.step(torch.tensor([3.0, 0.0, 0.0]))  # y.s < 0: the gradient grew along the step

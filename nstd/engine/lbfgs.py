@@ -27,10 +27,15 @@ CURVATURE_EPS = 1e-10
 class LBFGS:
     """The optimiser's state for one picture `x` (any shape; float32)."""
 
-    def __init__(self, x: torch.Tensor, history: int = 20, lr: float = 1.0, tolerance_change: float = -1.0):
+    def __init__(self, x: torch.Tensor, history: int = 20, lr: float = 1.0, tolerance_change: float = -1.0,
+                 masked: bool | None = None):
+        """`masked`: every round of the recursion runs, masked, on gathered rows (no host read at
+        all; the default on CUDA); else rows are views picked on the host (the CPU's default,
+        where reading a tensor costs no wait). Both give the same numbers."""
         if history < 1:
             raise ValueError("history must be at least 1")
         self.x, self.m, self.lr = x, history, float(lr)
+        self.masked = x.is_cuda if masked is None else masked
         self.tolerance_change = float(tolerance_change)
         n, dev = x.numel(), x.device
         f32 = dict(device=dev, dtype=torch.float32)
@@ -45,6 +50,7 @@ class LBFGS:
         self.prev_grad = torch.zeros(n, **f32)
         self.first = torch.ones((), device=dev, dtype=torch.bool)  # the next step starts afresh
         self._al = torch.zeros(history, **f32)
+        self._arange = torch.arange(history, device=dev)
         self._zero = torch.zeros((), **f32)
 
     def restart(self, where: torch.Tensor | bool = True) -> None:
@@ -76,19 +82,23 @@ class LBFGS:
         self.h_diag.masked_fill_(first, 1.0)
 
         # Two-loop recursion, newest entry first; rounds beyond the count contribute nothing.
+        order = (self.head - 1 - self._arange) % m  # ring slots, newest first
+        if self.masked:  # gathered once, in order; every round runs, masked
+            dirs, stps, ro = (b.index_select(0, order) for b in (self.dirs, self.stps, self.ro))
+            rounds = m
+        else:  # on the CPU a tensor read costs no wait: row views, and only the stored rounds
+            slots = order.tolist()
+            dirs, stps, ro = (_Rows(b, slots) for b in (self.dirs, self.stps, self.ro))
+            rounds = int(self.count)
         q = g.neg()
-        for j in range(m):
-            i = ((self.head - 1 - j) % m).view(1)
-            valid = self.count > j
-            a = torch.where(valid, self.stps.index_select(0, i)[0].dot(q) * self.ro.index_select(0, i)[0], self._zero)
+        for j in range(rounds):
+            a = torch.where(self.count > j, stps[j].dot(q) * ro[j], self._zero)
             self._al[j] = a
-            q.addcmul_(self.dirs.index_select(0, i)[0], a, value=-1)
+            q.addcmul_(dirs[j], a, value=-1)
         r = q.mul(self.h_diag)
-        for j in reversed(range(m)):  # oldest first
-            i = ((self.head - 1 - j) % m).view(1)
-            valid = self.count > j
-            be = self.dirs.index_select(0, i)[0].dot(r) * self.ro.index_select(0, i)[0]
-            r.addcmul_(self.stps.index_select(0, i)[0], torch.where(valid, self._al[j] - be, self._zero))
+        for j in reversed(range(rounds)):  # oldest first
+            be = dirs[j].dot(r) * ro[j]
+            r.addcmul_(stps[j], torch.where(self.count > j, self._al[j] - be, self._zero))
         d = torch.where(first, g.neg(), r)
 
         # Step length: 1 (lr), or min(1, 1/|g|_1) on a first step; no move when d is not a
@@ -102,3 +112,13 @@ class LBFGS:
         self.t.copy_(t)
         self.prev_grad.copy_(g)
         self.first.fill_(False)
+
+
+class _Rows:
+    """Rows of a buffer in a given slot order, as views (no copies)."""
+
+    def __init__(self, buf: torch.Tensor, slots: list[int]):
+        self.buf, self.slots = buf, slots
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return self.buf[self.slots[j]]
