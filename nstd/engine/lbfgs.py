@@ -69,7 +69,9 @@ class LBFGS:
         y = g - self.prev_grad
         s = self.d * self.t
         ys = y.dot(s)
-        keep = ~first & (ys > CURVATURE_EPS)
+        # (A pair that is not finite is left out too: torch would go NaN there anyway, and a stale
+        # infinite row, even masked by a zero, would turn the masked recursion into NaN.)
+        keep = ~first & (ys > CURVATURE_EPS) & torch.isfinite(ys)
         slot = self.head.view(1)
         self.dirs.index_copy_(0, slot, torch.where(keep, y, self.dirs.index_select(0, slot)[0]).unsqueeze(0))
         self.stps.index_copy_(0, slot, torch.where(keep, s, self.stps.index_select(0, slot)[0]).unsqueeze(0))
@@ -83,8 +85,8 @@ class LBFGS:
 
         # Two-loop recursion, newest entry first; rounds beyond the count contribute nothing.
         order = (self.head - 1 - self._arange) % m  # ring slots, newest first
-        if self.masked:  # gathered once, in order; every round runs, masked
-            dirs, stps, ro = (b.index_select(0, order) for b in (self.dirs, self.stps, self.ro))
+        if self.masked:  # every round runs, masked; one row copied at a time (O(N) extra memory)
+            dirs, stps, ro = (_Gathered(b, order) for b in (self.dirs, self.stps, self.ro))
             rounds = m
         else:  # on the CPU a tensor read costs no wait: row views, and only the stored rounds
             slots = order.tolist()
@@ -106,7 +108,7 @@ class LBFGS:
         t_first = torch.clamp(1.0 / g.abs().sum(), max=1.0) * self.lr
         t = torch.where(first, t_first, torch.full_like(t_first, self.lr))
         move = g.dot(d) <= -self.tolerance_change
-        self.x.add_((d * torch.where(move, t, self._zero)).view_as(self.x))
+        self.x.add_(torch.where(move, d * t, self._zero).view_as(self.x))
 
         self.d.copy_(d)
         self.t.copy_(t)
@@ -122,3 +124,13 @@ class _Rows:
 
     def __getitem__(self, j: int) -> torch.Tensor:
         return self.buf[self.slots[j]]
+
+
+class _Gathered:
+    """Rows of a buffer in a slot order given as a device tensor: each an index_select of one row."""
+
+    def __init__(self, buf: torch.Tensor, order: torch.Tensor):
+        self.buf, self.order = buf, order
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return self.buf.index_select(0, self.order[j:j + 1])[0]

@@ -280,7 +280,14 @@ class Engine:
         graph = None
         t_opt = time.perf_counter()
         for step in range(start + 1, p.steps + 1):
-            if graph is not None:
+            captured_now = False
+            if use_graph and graph is None and step - start == GRAPH_WARMUP_STEPS + 1:
+                use_graph = False  # one try a run
+                graph = self._capture(lambda: lbfgs_step(capturing=True), evaluate, x)
+                captured_now = graph is not None  # its check replayed it once: that was this step
+            if captured_now:
+                pass
+            elif graph is not None:
                 graph.replay()
             elif p.optimizer == "adam":
                 evaluate()
@@ -289,8 +296,6 @@ class Engine:
                     x.clamp_(0, 1)
             else:
                 lbfgs_step()
-                if use_graph and step - start == GRAPH_WARMUP_STEPS and step < p.steps:
-                    graph = self._capture(lambda: lbfgs_step(capturing=True), evaluate)
             if p.frame_every and (step % p.frame_every == 0 or step == p.steps):
                 frames.append(self._frame(x, p, palette))
             progress.on_step(StepInfo(step, p.steps, time.perf_counter() - t_opt, guard.last,
@@ -327,25 +332,36 @@ class Engine:
         result.peak_memory_bytes = self.device.peak_bytes()
         return result
 
-    def _capture(self, step: Callable[[], None], warm: Callable[[], None]) -> "torch.cuda.CUDAGraph | None":
+    def _capture(self, step: Callable[[], None], warm: Callable[[], None],
+                 x: torch.Tensor) -> "torch.cuda.CUDAGraph | None":
         """A CUDA graph of one whole step (forward, backward, L-BFGS update, guard), to replay for
-        the rest of the run: one launch instead of hundreds, and the CPU free. None, with one log
-        line, when it cannot be captured: the run goes on eagerly, never with a wrong result."""
+        the rest of the run: one launch instead of hundreds, and the CPU free. Captured on this
+        engine's GPU, on a stream of its own, in thread-local mode (another worker's GPU calls go
+        on meanwhile), then replayed once as this step and checked to have moved the picture.
+        None, with one log line, when any of that fails: the run goes on eagerly, never with a
+        wrong result (a failed capture has run nothing)."""
         from loguru import logger
 
+        dev = self.device.torch
         try:
-            side = torch.cuda.Stream(device=self.device.torch)
-            side.wait_stream(torch.cuda.current_stream(self.device.torch))
-            with torch.cuda.stream(side):
-                warm()  # torch's rule: a warm-up on a side stream before capture (an evaluation only)
-            torch.cuda.current_stream(self.device.torch).wait_stream(side)
-            torch.cuda.synchronize(self.device.torch)
-            torch.cuda.empty_cache()  # the eager steps' cached blocks: room for the graph's pool
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
+            with torch.cuda.device(dev):
+                main = torch.cuda.current_stream(dev)
+                side = torch.cuda.Stream(device=dev)
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    warm()  # torch's rule: a warm-up on a side stream before capture (an evaluation only)
+                main.wait_stream(side)
+                torch.cuda.synchronize(dev)
+                torch.cuda.empty_cache()  # the eager steps' cached blocks: room for the graph's pool
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                    step()
+                before = x.detach().clone()
+                graph.replay()
+                if torch.equal(before, x.detach()):  # an empty graph replays nothing
+                    raise RuntimeError("the captured step did not change the picture")
             return graph
-        except Exception as exc:  # an op that cannot be captured, or no memory for the pool
+        except Exception as exc:  # an op that cannot be captured, no memory for the pool, an empty graph
             logger.warning("the step cannot be captured in a CUDA graph ({}: {}); running it eagerly",
                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             return None
