@@ -171,3 +171,25 @@ def test_on_the_cpu_no_graph_is_tried(engine, pair):
     content, style = pair
     r = engine.stylize(content, [(style, 1.0)], StyleParams(size=32, steps=6, frame_every=0))
     assert not r.cuda_graph
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_frames_read_behind_the_steps_are_the_frames_read_at_once(pair):
+    """On CUDA the GIF's frames are copied asynchronously (pinned memory, an event) and made into
+    pictures later: the same frames, in the same order, as reading each at once."""
+    import numpy as np
+
+    from nstd.engine import Engine, StyleParams
+
+    content, style = pair
+    p = StyleParams(size=96, steps=30, frame_every=3)
+    got = {}
+    for asynchronous in (False, True):
+        engine = Engine(device="cuda", precision="fp32", cuda_graphs=False)
+        engine.async_frames = asynchronous
+        got[asynchronous] = engine.stylize(content, [(style, 1.0)], p).frames
+    assert len(got[True]) == len(got[False]) == 11
+    for a, b in zip(got[True], got[False]):
+        assert a.size == b.size
+        assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean() < 1.0

@@ -110,6 +110,43 @@ class _Guard:
             x.copy_(self.best_x)
 
 
+class _Frames:
+    """The GIF's frames, read without stopping the GPU. On CUDA each frame is copied into pinned
+    host memory behind the steps queued so far, with an event, and made into a picture once that
+    copy has landed (at a later frame, or when all are asked for): the GPU never waits for the
+    host, and the host converts one frame while the GPU runs the next steps. Elsewhere a frame is
+    made at once. `convert` makes a picture of a frame-sized or full tensor in display form."""
+
+    def __init__(self, convert: Callable[[torch.Tensor], Image.Image], done: list[Image.Image], asynchronous: bool):
+        self.convert, self.done, self.asynchronous = convert, done, asynchronous
+        self.pending: list[tuple[torch.Tensor, "torch.cuda.Event"]] = []
+
+    def __len__(self) -> int:
+        return len(self.done) + len(self.pending)
+
+    def add(self, shown: torch.Tensor) -> None:
+        if not self.asynchronous:
+            self.done.append(self.convert(shown))
+            return
+        host = torch.empty(shown.shape, dtype=shown.dtype, pin_memory=True)
+        host.copy_(shown, non_blocking=True)  # stream-ordered: `shown`'s memory is not reused before
+        landed = torch.cuda.Event()
+        landed.record()
+        self.pending.append((host, landed))
+        self._collect(wait=False)
+
+    def _collect(self, wait: bool) -> None:
+        while self.pending and (wait or self.pending[0][1].query()):
+            host, landed = self.pending.pop(0)
+            landed.synchronize()
+            self.done.append(self.convert(host))
+
+    def all(self) -> list[Image.Image]:
+        """Every frame so far, in order (waits for the copies still under way)."""
+        self._collect(wait=True)
+        return list(self.done)
+
+
 class _Adam:
     """torch.optim.Adam's update (betas 0.9/0.999, eps 1e-8), kept here so that no torch.optim
     optimiser is built: its first step imports torch._dynamo, over a second of start-up."""
@@ -148,6 +185,8 @@ class Engine:
         self.lbfgs_history = lbfgs_history
         #: on CUDA, capture an L-BFGS step in a graph and replay it (falls back to eager on failure)
         self.cuda_graphs = cuda_graphs
+        #: on CUDA, GIF frames are copied behind the queued steps and converted later (see _Frames)
+        self.async_frames = True
         self.device.allow_tf32()
         self.network = Network.load(weights, weights_file, self.device.place)
 
@@ -250,9 +289,10 @@ class Engine:
         else:
             raise ValueError(f"unknown optimizer {p.optimizer!r} (expected lbfgs or adam)")
 
-        frames: list[Image.Image] = list(resume.frames) if resume is not None else []
-        if p.frame_every and not frames:
-            frames.append(self._frame(x, p, palette))
+        frames = _Frames(lambda t: self._frame(t, p, palette, shown=True), list(resume.frames) if resume is not None else [],
+                         asynchronous=self.async_frames and self.device.place.type == "cuda")
+        if p.frame_every and not len(frames):
+            frames.add(palette.show(x.detach()))
         start = resume.step if resume is not None else 0
         guard = _Guard(x)
         # Any object shaped like Progress will do; one from before checkpoint_due() counts steps.
@@ -297,14 +337,14 @@ class Engine:
             else:
                 lbfgs_step()
             if p.frame_every and (step % p.frame_every == 0 or step == p.steps):
-                frames.append(self._frame(x, p, palette))
+                frames.add(palette.show(x.detach()))
             progress.on_step(StepInfo(step, p.steps, time.perf_counter() - t_opt, guard.last,
                                       picture=lambda: self._frame(x, p, palette)))
             if step < p.steps:
                 if checkpoint_due(step):
-                    progress.on_checkpoint(Checkpoint(step, x.detach().float().cpu().clone(), list(frames)))
+                    progress.on_checkpoint(Checkpoint(step, x.detach().float().cpu().clone(), frames.all()))
                 if progress.should_stop():
-                    raise Interrupted(Checkpoint(step, x.detach().float().cpu().clone(), list(frames)))
+                    raise Interrupted(Checkpoint(step, x.detach().float().cpu().clone(), frames.all()))
         # The last update has not been evaluated: keep it only if it is no worse than the best.
         with torch.no_grad(), self._autocast():
             final_losses = objective(extractor(palette.view(x)), palette.view(x))
@@ -313,8 +353,9 @@ class Engine:
             final_losses = guard.best
         t_done = time.perf_counter()
 
+        frames = frames.all()
         if frames:
-            frames[-1] = self._frame(x, p, palette)
+            frames[-1] = self._frame(palette.show(x.detach()), p, palette, shown=True)
         result = Result(
             image=images.to_pil(palette.show(x.detach())),
             frames=frames,
@@ -378,8 +419,9 @@ class Engine:
         return images.to_tensor(init_image.resize((w, h), Image.Resampling.LANCZOS)).to(self.device.place)
 
     @staticmethod
-    def _frame(x: torch.Tensor, p: StyleParams, palette: Palette) -> Image.Image:
-        img = images.to_pil(palette.show(x.detach()))
+    def _frame(x: torch.Tensor, p: StyleParams, palette: Palette, shown: bool = False) -> Image.Image:
+        """A GIF frame of the picture `x` (already in display form when `shown`)."""
+        img = images.to_pil(x.detach() if shown else palette.show(x.detach()))
         if max(img.size) > p.frame_max_size:
             img = images.resize_long_edge(img, p.frame_max_size)
         return img
