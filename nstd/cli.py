@@ -362,8 +362,6 @@ def _job_and_engine(args, cfg) -> tuple[dict, dict]:
 class _progress:
     """A tqdm bar as the engine's Progress; losses are read only every few steps."""
 
-    checkpoint_every = 0
-
     def __init__(self, total: int, disabled: bool):
         from tqdm import tqdm
 

@@ -193,3 +193,19 @@ def test_frames_read_behind_the_steps_are_the_frames_read_at_once(pair):
     for a, b in zip(got[True], got[False]):
         assert a.size == b.size
         assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean() < 1.0
+
+
+def test_a_step_that_cannot_be_captured_leaves_the_run_eager_with_one_log_line(engine):
+    """The fallback of Engine._capture, reached on the CPU: capture fails, nothing ran, None."""
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING")
+    ran = []
+    try:
+        x = torch.zeros(3)
+        assert engine._capture(lambda: ran.append("step"), lambda: ran.append("warm"), x) is None
+    finally:
+        logger.remove(sink)
+    assert "step" not in ran and torch.equal(x, torch.zeros(3))
+    assert len(lines) == 1 and "cannot be captured in a CUDA graph" in lines[0] and "running it eagerly" in lines[0]

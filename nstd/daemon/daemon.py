@@ -327,7 +327,6 @@ class Daemon:
                 logger.warning("cannot remove the cancel request state/{}/{}: remove it by hand", cancel.REQUESTS, job_id)
                 self.cancel_retry_at[job_id] = float("inf")
             return
-            return
         held = lease.Lease.acquire(folder, "intake", self.cfg["queue"]["lease_seconds"])
         if held is None:
             if job_id not in self.cancels_stuck:

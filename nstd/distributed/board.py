@@ -89,7 +89,7 @@ def takeable(jobs_dir: Path, lease_seconds: float, now: float | None = None) -> 
 
 def hold(folder: Path, until: float, reason: str) -> None:
     """Keep a job from being taken before `until` (wall clock): nstd failed to move it."""
-    atomic_write_text(folder / HELD, json.dumps({"until": until, "reason": reason}))
+    atomic_write_text(folder / HELD, json.dumps({"until": until, "reason": reason}), parents=False)
 
 
 def unhold(folder: Path) -> None:
@@ -102,7 +102,5 @@ def unhold(folder: Path) -> None:
 def _held_until(folder: Path) -> float:
     try:
         return float(json.loads((folder / HELD).read_text(encoding="utf-8"))["until"])
-    except FileNotFoundError:
-        return 0.0
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: not held
         return 0.0

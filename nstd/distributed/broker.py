@@ -9,7 +9,7 @@ when the worker that took it died.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -109,7 +109,3 @@ def redact(url: str) -> str:
         return urlunsplit(parts._replace(netloc=netloc))
     except ValueError:
         return "(the broker URL)"
-
-
-def describe_error(exc: BaseException) -> Any:
-    return f"{type(exc).__name__}: {exc}"

@@ -19,7 +19,7 @@ from loguru import logger
 
 from nstd.daemon.store import drop_state_folder
 from nstd.distributed import board
-from nstd.distributed.broker import Broker, describe_error, redact, skew_problem
+from nstd.distributed.broker import Broker, redact, skew_problem
 
 #: How often the work list and the queue are compared (a claim wakes it at once).
 TICK_SECONDS = 1.0
@@ -35,7 +35,6 @@ class Dispatcher(threading.Thread):
         self.wake = threading.Event()
         self.stop = threading.Event()
         self.reachable: bool | None = None
-        self.sent = 0
         self._lock = threading.Lock()
         self._entries: list[board.Entry] = []
         self._next_clock_check = 0.0
@@ -70,7 +69,7 @@ class Dispatcher(threading.Thread):
         except Exception as exc:
             if self.reachable is not False:
                 logger.error("the broker {} cannot be reached ({}); jobs stay claimed in state and are sent "
-                             "when it is back", redact(self.cfg["queue"]["broker"]), describe_error(exc))
+                             "when it is back", redact(self.cfg["queue"]["broker"]), f"{type(exc).__name__}: {exc}")
             self.reachable = False
             return 0
         if self.reachable is False:
@@ -84,7 +83,6 @@ class Dispatcher(threading.Thread):
                 drop_state_folder(folder)  # never a user's file: one still in inputs/ keeps it
         if missing > 0:
             logger.debug("sent {} message(s) for {} job(s) waiting", missing, len(takeable))
-            self.sent += missing
         return max(0, missing)
 
     def check_clock(self) -> None:
@@ -101,10 +99,6 @@ class Dispatcher(threading.Thread):
             now = time.time()
             return [e.name for e in self._entries if not e.taken(self.cfg["queue"]["lease_seconds"], now)]
 
-    def claimed(self) -> int:
-        """Jobs in state, waiting or running (as of the last tick)."""
-        with self._lock:
-            return len(self._entries)
 
 
 class ClusterQueue:

@@ -102,12 +102,6 @@ class NodeQueue:
     def names(self) -> list[str]:
         return []
 
-    def busy(self) -> bool:
-        return self.node.lease is not None
-
-    def __len__(self) -> int:
-        return 0
-
 
 class FencedStore(Store):
     """The Store, with every move of a claimed job's files behind the node's lease: checked when

@@ -295,9 +295,6 @@ class Engine:
             frames.add(palette.show(x.detach()))
         start = resume.step if resume is not None else 0
         guard = _Guard(x)
-        # Any object shaped like Progress will do; one from before checkpoint_due() counts steps.
-        checkpoint_due = getattr(progress, "checkpoint_due", None) or (
-            lambda step: bool(progress.checkpoint_every) and step % progress.checkpoint_every == 0)
 
         def evaluate(capturing: bool = False) -> None:
             """Loss and gradient at x; the guard sees them."""
@@ -341,7 +338,7 @@ class Engine:
             progress.on_step(StepInfo(step, p.steps, time.perf_counter() - t_opt, guard.last,
                                       picture=lambda: self._frame(x, p, palette)))
             if step < p.steps:
-                if checkpoint_due(step):
+                if progress.checkpoint_due(step):
                     progress.on_checkpoint(Checkpoint(step, x.detach().float().cpu().clone(), frames.all()))
                 if progress.should_stop():
                     raise Interrupted(Checkpoint(step, x.detach().float().cpu().clone(), frames.all()))

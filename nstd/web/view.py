@@ -122,12 +122,12 @@ class View:
         status = self.status()
         live = status.get("live") if isinstance(status.get("live"), dict) else {}
         now = time.time()
+        records = workers(self.state, now) if status.get("backend") == "celery" else []
         cluster = [{"name": w["name"], "host": w.get("host"), "device": w.get("device"), "running": w["running"],
-                    "state": w.get("state"), "heard_from": now - w["updated_at"]}
-                   for w in workers(self.state, now)] if status.get("backend") == "celery" else []
+                    "state": w.get("state"), "heard_from": now - w["updated_at"]} for w in records]
         counts = {}
-        if status.get("backend") == "celery":
-            counts = dict(zip(("done", "failed"), cluster_counts(status, workers(self.state, now))))
+        if status.get("backend") == "celery":  # the workers deliver: their counts join the intake's
+            counts = dict(zip(("done", "failed"), cluster_counts(status, records)))
         return printable({
             **status,
             **counts,
