@@ -38,7 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="result file (.png, .jpg or .webp), written atomically")
     s.add_argument("--config", help=CONFIG_HELP + "; without one, the built-in defaults")
     s.add_argument("--size", type=int, help="long edge of the result, px (default 512)")
-    s.add_argument("--steps", type=int, help="optimisation steps (default 300)")
+    s.add_argument("--steps", type=int, help="optimisation steps of the first stage (default 300)")
+    s.add_argument("--stages", type=_stages_option, metavar="auto|N|SIZE:STEPS,...",
+                   help="coarse-to-fine stages: auto (default), a number (1 = one scale), or e.g. 256:300,512:150")
+    s.add_argument("--stage-start", type=int, help="long edge the first stage starts near (default 256)")
+    s.add_argument("--stage-factor", type=float, help="each stage's long edge over the one before's (default 2)")
+    s.add_argument("--stage-steps", type=float, help="each later stage's steps over the one before's (default 0.5)")
     s.add_argument("--optimizer", help="lbfgs (default) or adam")
     s.add_argument("--content-weight", type=float, help="alpha (default 1)")
     s.add_argument("--style-weight", type=float, help="beta (default 1e4)")
@@ -55,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--weights", help="vgg19-caffe (default) or torchvision")
     s.add_argument("--weights-file", help="local weights file")
     s.add_argument("--precision", help="auto (default), fp32 or bf16")
+    s.add_argument("--budget-mb", type=int, metavar="MIB",
+                   help="peak memory each stage must fit, MiB: memory techniques first, then a smaller picture "
+                        "(default on a GPU: gpu.vram_budget_mb; on the CPU: none)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     r = sub.add_parser("run", help="the watch-folder daemon")
@@ -171,13 +179,18 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         if job["init"] not in ("content", "noise"):
             init_image = images.open_image(job["init"], max_pixels)
         params = style_params(job)
+        if args.budget_mb is not None and args.budget_mb < 64:
+            raise UsageError(f"--budget-mb {args.budget_mb}: expected at least 64")
     with _as_bad_input(RuntimeError):  # a CUDA driver error, out of memory loading the network
         engine = Engine(**engine_cfg)  # DeviceError: exit 2, WeightsError: exit 3 (by main())
+    budget_mb = args.budget_mb if args.budget_mb is not None else (cfg["gpu"]["vram_budget_mb"] if engine.device.is_cuda else None)
+    params = _fit_budget(engine, content, params, budget_mb)
     t0 = time.perf_counter()
-    bar = _progress(params.steps, disabled=args.quiet)
+    bar = _progress(params.total_steps(), disabled=args.quiet)
     try:
         with _as_bad_input():
-            result = engine.stylize(content, styles, params, init_image=init_image, progress=bar)
+            result = engine.stylize(content, styles, params, init_image=init_image, progress=bar,
+                                    budget_bytes=budget_mb * 2**20 if budget_mb else None)
     finally:
         bar.close()
     images.save(result.image, out, out_format)
@@ -187,8 +200,34 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     took = time.perf_counter() - t0
     losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items())
     gif_note = f" and {args.gif}" if args.gif and result.frames else ""
-    print(f"wrote {out}{gif_note} ({w}x{h}, {result.steps} steps, {took:.1f} s on {result.device}, {result.precision}; {losses})")
+    print(f"wrote {out}{gif_note} ({w}x{h}, {result.steps} steps{_stages_note(result)}, {took:.1f} s on {result.device}, {result.precision}; {losses})")
     return ExitCode.OK
+
+
+def _fit_budget(engine, content, params, budget_mb: int | None):
+    """The size asked, unless no memory techniques make it fit `budget_mb`: then the largest that
+    fits, said on stderr (the daemon does the same, worker.py)."""
+    from nstd.engine.images import fit_long_edge
+    from nstd.engine.memory import fit_size
+
+    if not budget_mb:
+        return params
+    w, h = fit_long_edge(content.size, params.size)
+    fit = fit_size(h, w, budget_mb * 2**20, min_long_edge=64, layers=list(dict.fromkeys((*params.content_layers, *params.style_layers))),
+                   optimizer=params.optimizer, history=engine.lbfgs_history, precision=engine.precision,
+                   pooling=params.pooling, device=engine.device.type, content_layers=params.content_layers)
+    size = max(fit) if fit else 64
+    if size < params.size:
+        print(f"nstd: size {params.size} lowered to {size} to fit the memory budget of {budget_mb} MiB", file=sys.stderr)
+        return params.at_size(size)
+    return params
+
+
+def _stages_note(result) -> str:
+    """' in 3 stages (256, 512, 1024 px)' for a coarse-to-fine run; nothing for one stage."""
+    if len(result.stages) < 2:
+        return ""
+    return f" in {len(result.stages)} stages ({', '.join(str(max(s['size'])) for s in result.stages)} px)"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -308,12 +347,26 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 #: `nstd stylize`'s options by job key: its errors name the option the user typed.
 OPTION_OF_KEY = {
-    "size": "--size", "steps": "--steps", "optimizer": "--optimizer", "content_weight": "--content-weight",
+    "size": "--size", "steps": "--steps", "stages": "--stages", "stage_start": "--stage-start",
+    "stage_factor": "--stage-factor", "stage_steps": "--stage-steps", "optimizer": "--optimizer", "content_weight": "--content-weight",
     "style_weight": "--style-weight", "tv_weight": "--tv-weight", "style_scale": "--style-scale",
     "preserve_color": "--preserve-color", "init": "--init", "pooling": "--pooling", "seed": "--seed",
     "gif.every": "--gif-every", "engine.device": "--device", "engine.weights": "--weights",
     "engine.weights_file": "--weights-file", "engine.precision": "--precision",
 }
+
+
+def _stages_option(text: str):
+    """--stages: `auto`, a number, or SIZE:STEPS pairs (the job key's list); the key checks the rest."""
+    text = text.strip()
+    if text == "auto":
+        return text
+    if text.isdigit():
+        return int(text)
+    try:
+        return [{"size": int(a), "steps": int(b)} for a, b in (pair.split(":") for pair in text.split(","))]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, a number, or SIZE:STEPS pairs like 256:300,512:150") from None
 
 
 def _job_from_args(args, cfg) -> tuple[dict, dict]:
@@ -334,6 +387,10 @@ def _job_and_engine(args, cfg) -> tuple[dict, dict]:
         for key, attr in (
             ("size", "size"),
             ("steps", "steps"),
+            ("stages", "stages"),
+            ("stage_start", "stage_start"),
+            ("stage_factor", "stage_factor"),
+            ("stage_steps", "stage_steps"),
             ("optimizer", "optimizer"),
             ("content_weight", "content_weight"),
             ("style_weight", "style_weight"),

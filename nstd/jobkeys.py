@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from nstd.engine.options import COLOR_MODES, CONV_LAYERS, DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
+from nstd.engine.schedule import DEFAULT_FACTOR, DEFAULT_START, DEFAULT_STEP_RATIO
 from nstd.schema import Field, SchemaError, choice, integer, list_of, number, section, string, validate
 
 layer = choice(*CONV_LAYERS)
@@ -23,6 +24,31 @@ def _gif(v: Any, key: str) -> dict | bool:
     return validate(v, GIF_FIELDS, key)
 
 
+#: At most this many stages in a coarse-to-fine run.
+MAX_STAGES = 12
+_size = integer(32, 8192)
+_steps = integer(1, 100_000)
+
+
+def _stages(v: Any, key: str) -> str | int | list[dict]:
+    """`auto`, a number of stages, or a list of {size, steps} with sizes growing."""
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_STAGES):
+        return v
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_STAGES:
+        raise SchemaError(key, f"expected auto, a number of stages (1 = one scale) up to {MAX_STAGES}, or a list "
+                          f"like [{{size: 256, steps: 300}}, {{size: 512, steps: 150}}], got {v!r}"[:300])
+    out: list[dict] = []
+    for i, item in enumerate(v):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict) or set(item) != {"size", "steps"}:
+            raise SchemaError(where, f"expected a mapping with exactly size and steps, got {item!r}"[:300])
+        size, steps = _size(item["size"], f"{where}.size"), _steps(item["steps"], f"{where}.steps")
+        if out and size <= out[-1]["size"]:
+            raise SchemaError(f"{where}.size", f"each stage must be larger than the one before ({size} <= {out[-1]['size']})")
+        out.append({"size": size, "steps": steps})
+    return out
+
+
 GIF_FIELDS = {
     "every": Field(5, "a frame every N steps", integer(1, 100_000)),
     "fps": Field(12.0, "frames per second when played", number(0.5, 50)),
@@ -35,8 +61,14 @@ OUTPUT_FIELDS = {
 
 #: Every optional key of a job, with the contract's defaults.
 JOB_FIELDS: dict[str, Any] = {
-    "size": Field(512, "long edge of the result, px", integer(32, 8192)),
-    "steps": Field(300, "optimisation steps (one forward+backward each)", integer(1, 100_000)),
+    "size": Field(512, "long edge of the result, px", _size),
+    "steps": Field(300, "optimisation steps (one forward+backward each) of the first stage", _steps),
+    "stages": Field("auto", "coarse-to-fine: auto | a number of stages (1 = one scale) | a list of {size, steps} "
+                    "(its last size is the result's)", _stages),
+    "stage_start": Field(DEFAULT_START, "long edge the first stage starts near, px (stages: auto or a number)",
+                         integer(32, 8192)),
+    "stage_factor": Field(DEFAULT_FACTOR, "each stage's long edge over the one before's", number(1.1, 4.0)),
+    "stage_steps": Field(DEFAULT_STEP_RATIO, "each later stage's steps over the one before's", number(0.05, 1.0)),
     "optimizer": Field("lbfgs", "lbfgs | adam", choice("lbfgs", "adam")),
     "content_weight": Field(1.0, "alpha: weight of the content term", number(0, 1e12)),
     "style_weight": Field(1.0e4, "beta: weight of the style term", number(0, 1e12)),
@@ -57,12 +89,18 @@ JOB_FIELDS: dict[str, Any] = {
 
 def style_params(job: dict) -> "StyleParams":
     """Engine parameters from a validated job dict (every key present)."""
+    from nstd.engine.schedule import Stage
     from nstd.engine.stylize import StyleParams  # torch: only where a job is run
 
     gif = job["gif"]
+    stages = job.get("stages", 1)  # a claim from before the key: the single-scale run it was taken as
     return StyleParams(
-        size=job["size"],
+        size=stages[-1]["size"] if isinstance(stages, list) else job["size"],
         steps=job["steps"],
+        stages=tuple(Stage(s["size"], s["steps"]) for s in stages) if isinstance(stages, list) else stages,
+        stage_start=job.get("stage_start", DEFAULT_START),
+        stage_factor=job.get("stage_factor", DEFAULT_FACTOR),
+        stage_steps=job.get("stage_steps", DEFAULT_STEP_RATIO),
         optimizer=job["optimizer"],
         content_weight=job["content_weight"],
         style_weight=job["style_weight"],
@@ -80,5 +118,9 @@ def style_params(job: dict) -> "StyleParams":
 
 
 def merge(defaults: dict, overrides: dict) -> dict:
-    """`defaults` (already valid) with `overrides` (raw) validated on top."""
-    return validate({**defaults, **overrides}, JOB_FIELDS)
+    """`defaults` (already valid) with `overrides` (raw) validated on top. A list of stages sets
+    `size` (its last stage's), so job.yaml says the size the result has."""
+    job = validate({**defaults, **overrides}, JOB_FIELDS)
+    if isinstance(job["stages"], list):
+        job["size"] = job["stages"][-1]["size"]
+    return job

@@ -46,6 +46,7 @@ class Optimised:
     cpu_fallback: bool
     style_cache: dict[str, int]
     peak_rss_bytes: int
+    budget_bytes: int | None = None  # the memory budget the stages were fitted to (CUDA only)
 
 
 def error_record(name: str, exc: JobError, attempts: int, times: dict[str, float], job_id: str | None = None) -> dict:
@@ -174,6 +175,10 @@ class Outcomes:
             "cpu_fallback": done.cpu_fallback,
             "peak_memory_bytes": result.peak_memory_bytes,
             "peak_rss_bytes": done.peak_rss_bytes,
+            "memory_budget_bytes": done.budget_bytes,
+            # coarse to fine: each stage's size, steps, seconds, peak memory (CUDA), and the memory
+            # techniques it used (activation checkpointing, tiles, a shorter L-BFGS history) and why
+            "stages": result.stages,
             "style_cache": done.style_cache,
             "weights": self.cfg["engine"]["weights"],
             "versions": {"nstd": __version__, "torch": torch.__version__, "python": platform.python_version()},

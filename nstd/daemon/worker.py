@@ -6,7 +6,6 @@ quarantine it, or queue it again. The network is loaded once; style targets are 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import resource
 import threading
@@ -72,7 +71,7 @@ class JobProgress(Progress):
     def on_step(self, info: StepInfo) -> None:
         w = self.worker
         w.heartbeat = time.monotonic()
-        eta = info.elapsed / info.step * (info.steps - info.step)
+        eta = info.eta
         w.status.update(running={"name": self.job.name, "step": info.step, "steps": info.steps,
                                  "eta_seconds": round(eta, 1), "device": str(self.device)})
         last = info.step == info.steps
@@ -249,8 +248,9 @@ class Worker(threading.Thread):
 
         resume = checkpoints.load(self.store.checkpoint_dir(job), log)
         if resume is not None:
-            log.info("resuming from the checkpoint at step {} of {}", resume.step, params.steps)
+            log.info("resuming from the checkpoint at step {} of {}", resume.step, params.total_steps())
         engine, size, oom_retries, fallback = self.engine, params.size, 0, False
+        budget = self.cfg["gpu"]["vram_budget_mb"] * 2**20
         if engine.device.is_cuda:
             size = self._fit_budget(content.size, params, engine)
             if size < params.size:
@@ -258,10 +258,11 @@ class Worker(threading.Thread):
                          self.cfg["gpu"]["vram_budget_mb"])
         t_opt = time.time()
         while True:
-            p = dataclasses.replace(params, size=size)
+            p = params.at_size(size)
             try:
                 result = engine.stylize(content, styles, p, init_image=init, cache=self.cache, resume=resume,
-                                        progress=JobProgress(self, job, engine.device, p.steps))
+                                        progress=JobProgress(self, job, engine.device, p.total_steps()),
+                                        budget_bytes=budget if engine.device.is_cuda else None)
                 break
             except Exception as exc:
                 if not is_oom(exc):
@@ -293,6 +294,7 @@ class Worker(threading.Thread):
                 "optimised": round(t_done - t_opt - targets, 3),  # the optimiser's loop, OOM retries included
             },
             oom_retries=oom_retries, cpu_fallback=fallback, style_cache=self.cache.counts(),
+            budget_bytes=budget if engine.device.is_cuda else None,
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         )
 
@@ -306,11 +308,13 @@ class Worker(threading.Thread):
                            f"on disk); it changed after the job was taken (limits.max_input_bytes={limit:,})", Stage.RUN)
 
     def _fit_budget(self, content_size: tuple[int, int], params, engine: Engine) -> int:
+        """The result's long edge: the size asked wherever some memory techniques make it fit
+        (each stage then picks its own, engine.techniques); smaller only as the last resort."""
         w, h = images.fit_long_edge(content_size, params.size)
         layers = list(dict.fromkeys((*params.content_layers, *params.style_layers)))
         fit = fit_size(h, w, self.cfg["gpu"]["vram_budget_mb"] * 2**20, min_long_edge=MIN_EDGE, layers=layers,
                        optimizer=params.optimizer, history=engine.lbfgs_history, precision=engine.precision,
-                       pooling=params.pooling, device=engine.device.type)
+                       pooling=params.pooling, device=engine.device.type, content_layers=params.content_layers)
         return max(fit) if fit else MIN_EDGE
 
     def _cpu(self) -> Engine:

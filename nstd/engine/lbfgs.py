@@ -65,9 +65,11 @@ class LBFGS:
         first = self.first.clone()  # read before this step changes it
         m = self.m
 
-        # The curvature pair of the last step, kept when y.s > eps (never on a first step).
-        y = g - self.prev_grad
-        s = self.d * self.t
+        # The curvature pair of the last step, kept when y.s > eps (never on a first step). y and s
+        # are made in place, in buffers rewritten below anyway: at 4096 px each picture-sized
+        # temporary is 150 MB, and the memory model (memory.py) counts on few of them.
+        y = self.prev_grad.neg_().add_(g)
+        s = self.d.mul_(self.t)
         ys = y.dot(s)
         # (A pair that is not finite is left out too: torch would go NaN there anyway, and a stale
         # infinite row, even masked by a zero, would turn the masked recursion into NaN.)
@@ -82,6 +84,7 @@ class LBFGS:
         # A first step starts with an empty history and H = 1.
         self.count.masked_fill_(first, 0)
         self.h_diag.masked_fill_(first, 1.0)
+        del y, s
 
         # Two-loop recursion, newest entry first; rounds beyond the count contribute nothing.
         order = (self.head - 1 - self._arange) % m  # ring slots, newest first
@@ -97,20 +100,21 @@ class LBFGS:
             a = torch.where(self.count > j, stps[j].dot(q) * ro[j], self._zero)
             self._al[j] = a
             q.addcmul_(dirs[j], a, value=-1)
-        r = q.mul(self.h_diag)
+        r = q.mul_(self.h_diag)  # in place: q is not needed again
         for j in reversed(range(rounds)):  # oldest first
             be = dirs[j].dot(r) * ro[j]
             r.addcmul_(stps[j], torch.where(self.count > j, self._al[j] - be, self._zero))
-        d = torch.where(first, g.neg(), r)
+        self.d.copy_(torch.where(first, g.neg(), r))
+        del q, r
+        d = self.d
 
         # Step length: 1 (lr), or min(1, 1/|g|_1) on a first step; no move when d is not a
         # descent direction by torch's test (g.d > -tolerance_change).
-        t_first = torch.clamp(1.0 / g.abs().sum(), max=1.0) * self.lr
+        t_first = torch.clamp(1.0 / torch.linalg.vector_norm(g, 1), max=1.0) * self.lr
         t = torch.where(first, t_first, torch.full_like(t_first, self.lr))
         move = g.dot(d) <= -self.tolerance_change
-        self.x.add_(torch.where(move, d * t, self._zero).view_as(self.x))
+        self.x.addcmul_(d.view_as(self.x), torch.where(move, t, self._zero))
 
-        self.d.copy_(d)
         self.t.copy_(t)
         self.prev_grad.copy_(g)
         self.first.fill_(False)

@@ -91,10 +91,23 @@ class Objective:
         self.ws = style_weight * STYLE_UNIT
         self.wtv = tv_weight * TV_UNIT
 
+    @property
+    def content_scale(self) -> float:
+        """What each content layer's relative error is multiplied by in the total."""
+        return self.wc / max(1, len(self.content))
+
+    def style_term(self, grams: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weighted style term from the picture's Gram matrices (tiles.py computes them in parts)."""
+        first = next(iter(grams.values()), None)
+        zero = first.new_zeros(()) if first is not None else torch.zeros(())
+        return self.ws * sum((t.loss(grams[k]) for k, t in self.style.items()), zero) / max(1, len(self.style))
+
+    def tv_term(self, image: torch.Tensor) -> torch.Tensor:
+        return self.wtv * tv_loss(image) if self.wtv else image.new_zeros(())
+
     def __call__(self, features: dict[str, torch.Tensor], image: torch.Tensor) -> Losses:
         zero = image.new_zeros(())
-        content = sum((t.loss(features[k]) for k, t in self.content.items()), zero) / max(1, len(self.content))
-        style = sum((t.loss(gram(features[k])) for k, t in self.style.items()), zero) / max(1, len(self.style))
-        tv = tv_loss(image) if self.wtv else zero
-        c, s, v = self.wc * content, self.ws * style, self.wtv * tv
+        c = self.content_scale * sum((t.loss(features[k]) for k, t in self.content.items()), zero)
+        s = self.style_term({k: gram(features[k]) for k in self.style}) if self.style else zero
+        v = self.tv_term(image)
         return Losses(c, s, v, c + s + v)

@@ -7,6 +7,7 @@ vectors), and the content and style targets.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 from nstd.engine.vgg import CHANNELS, CONV_LAYERS, CONV_SHAPES, layer_index
@@ -35,6 +36,81 @@ def feature_maps(height: int, width: int, deepest: str) -> list[tuple[str, int]]
     return maps
 
 
+#: The reach of each deepest layer's tiles (tiles.py), input px, on the deepest map's grid:
+#: Extractor.reach rounded up to 2 ** pools (kept here so the model needs no network).
+def _grid_and_halo(deepest: str) -> tuple[int, int]:
+    reach, scale = 0, 1
+    block = 1
+    for name in CONV_LAYERS[: layer_index(deepest) + 1]:
+        b = int(name[4])
+        if b != block:
+            reach += scale
+            scale *= 2
+            block = b
+        reach += scale
+    return scale, -(-reach // scale) * scale
+
+
+@dataclass(frozen=True)
+class Techniques:
+    """How a stage saves memory. Each costs time or quality, so the fit takes the cheapest that fits."""
+
+    history: int = 20  # L-BFGS pairs kept (each costs 2 x the picture)
+    checkpoint: bool = False  # per-block activation checkpointing: one more forward pass
+    tile: int | None = None  # the tiled VGG pass's core edge, px: one more forward pass, plus halos
+
+    def names(self) -> list[str]:
+        return [n for n, on in (("activation checkpointing", self.checkpoint),
+                                (f"tiled VGG pass ({self.tile} px tiles)", self.tile)) if on]
+
+    def cost(self, height: int, width: int, deepest: str) -> float:
+        """Compute per step relative to the plain pass (forward 1, backward 2), with a small
+        penalty for a shorter L-BFGS history (it converges a little slower)."""
+        passes = 3.0 + (1.0 if self.checkpoint else 0.0)
+        if self.tile:
+            _, halo = _grid_and_halo(deepest)
+            area = sum((min(height, y + self.tile + halo) - max(0, y - halo)) * (min(width, x + self.tile + halo) - max(0, x - halo))
+                       for y in range(0, height, self.tile) for x in range(0, width, self.tile))
+            passes = (passes + 1.0) * area / (height * width)
+        return passes / 3.0 * (1.0 + 0.01 * max(0, 20 - self.history))
+
+
+def _activations(height: int, width: int, layers: Sequence[str], precision: str, pooling: str,
+                 checkpoint: bool, content_layers: Sequence[str] | None = None) -> tuple[int, int]:
+    """(bytes autograd keeps through one forward+backward at its peak, the largest map's elements).
+
+    Autograd saves each ReLU's output (which is also the next conv's or pool's input); max pooling
+    also saves int64 indices. The losses save fp32 maps of their own: a Gram matrix the fp32 copy
+    of a bf16 map (in fp32, the map itself), the content loss its difference to the target.
+    Checkpointed, each block (ending at its pool) keeps only its pooled output and the maps the
+    losses use, and in the backward one block at a time is recomputed with all it saves."""
+    deepest = max(layers, key=layer_index)
+    act = 2 if precision == "bf16" else _FP32
+    maps = feature_maps(height, width, deepest)
+    content = set(content_layers if content_layers is not None else ())
+    style = set(layers) - content if content_layers is not None else set(layers)
+
+    def kept(some: list[tuple[str, int]]) -> int:
+        total = sum(n for _, n in some) * act
+        if pooling == "max":
+            total += sum(n for name, n in some if name.startswith("pool")) * 8
+        return total
+
+    largest = max(n for _, n in maps)
+    content_saved = sum(n for name, n in maps if name in content) * _FP32
+    if not checkpoint:
+        style_copies = sum(n for name, n in maps if name in style) * _FP32 if act != _FP32 else 0
+        return kept(maps) + style_copies + content_saved, largest
+    blocks: list[list[tuple[str, int]]] = [[]]
+    for name, n in maps:
+        blocks[-1].append((name, n))
+        if name.startswith("pool"):
+            blocks.append([])
+    inputs = kept([(name, n) for name, n in maps if name.startswith("pool")]) + 3 * height * width * (_FP32 + act)
+    style_saved = sum(n for name, n in maps if name in style) * _FP32
+    return inputs + style_saved + content_saved + max(kept(b) for b in blocks if b), largest
+
+
 def predict_peak_bytes(
     height: int,
     width: int,
@@ -44,43 +120,76 @@ def predict_peak_bytes(
     precision: str = "fp32",
     pooling: str = "avg",
     device: str = "cpu",
+    checkpoint: bool = False,
+    tile: int | None = None,
+    content_layers: Sequence[str] | None = None,
 ) -> int:
-    """Predicted peak bytes of one stylization at `height` x `width` on `device` ("cpu" or "cuda"):
-    the allocator's view (torch.cuda.max_memory_allocated), without the CUDA context itself."""
+    """Predicted peak bytes of one stylization at `height` x `width` on `device` ("cpu" or "cuda"),
+    with the given techniques: the allocator's view (torch.cuda.max_memory_allocated), without
+    the CUDA context itself. `layers`: every layer the losses use; `content_layers`: those whose
+    whole maps are kept as targets (all of `layers` when not given: an upper bound)."""
     deepest = max(layers, key=layer_index)
-    act = 2 if precision == "bf16" else _FP32
-    maps = feature_maps(height, width, deepest)
-    # Autograd saves each ReLU's output (which is also the next conv's or pool's input); under
-    # autocast the conv output is a second, bf16 tensor. Max pooling also saves int64 indices.
-    saved = sum(n for _, n in maps) * act
-    if precision == "bf16":
-        saved += sum(n for name, n in maps if name.startswith("conv")) * act
-    if pooling == "max":
-        saved += sum(n for name, n in maps if name.startswith("pool")) * 8
-    transient = _TRANSIENT_MAPS * max(n for _, n in maps) * _FP32
+    if tile:  # autograd holds one tile's window at a time (core + halo on each side, cut at the edge)
+        grid, halo = _grid_and_halo(deepest)
+        tile = -(-tile // grid) * grid
+        wh, ww = min(height, tile + 2 * halo), min(width, tile + 2 * halo)
+        saved, largest = _activations(wh, ww, layers, precision, pooling, checkpoint, content_layers)
+    else:
+        saved, largest = _activations(height, width, layers, precision, pooling, checkpoint, content_layers)
+    transient = _TRANSIENT_MAPS * largest * _FP32
     weights = sum(
         (s[0] * s[1] * s[2] * s[3] + s[0]) * _FP32 for n, s in CONV_SHAPES.items() if layer_index(n) <= layer_index(deepest)
     )
     if precision == "bf16":
         weights += weights // 2  # autocast's bf16 copies
     pixels = 3 * height * width * _FP32
-    state = 2 * history + 4 if optimizer == "lbfgs" else 2
-    image = pixels * (2 + state)  # image, grad, optimiser state
-    targets = sum(n for name, n in maps if name in layers) * _FP32  # content features at most
+    # The picture, its gradient, the guard's best picture, the content picture; L-BFGS's 2 x history
+    # pairs, its direction and last gradient, and up to three temporaries within a step (Adam: its
+    # two averages and two temporaries).
+    state = 2 * history + 5 if optimizer == "lbfgs" else 4
+    image = pixels * (4 + state)
+    full_maps = feature_maps(height, width, deepest)
+    kept = content_layers if content_layers is not None else layers
+    targets = sum(n for name, n in full_maps if name in kept) * _FP32  # the content features
     targets += sum(CONV_SHAPES[n][0] ** 2 for n in layers if n in CONV_SHAPES) * _FP32 * 2
     reserve = CUDA_RESERVE_BYTES if device.startswith("cuda") else 0
     return int(saved + transient + weights + image + targets + reserve)
 
 
+#: Tile edges the fit tries, largest (cheapest) first.
+TILE_SIZES = (2048, 1024, 768, 512, 384, 256, 128)
+#: The fit shortens the L-BFGS history down to this before it gives up.
+MIN_HISTORY = 5
+
+
+def choose(height: int, width: int, budget_bytes: int | None, layers: Sequence[str], optimizer: str = "lbfgs",
+           history: int = 20, precision: str = "fp32", pooling: str = "avg", device: str = "cpu",
+           content_layers: Sequence[str] | None = None) -> Techniques | None:
+    """The cheapest techniques (Techniques.cost) whose predicted peak fits `budget_bytes` at this
+    size; plain with the full history when there is no budget; None when nothing fits."""
+    plain = Techniques(history=history)
+    if budget_bytes is None:
+        return plain
+    deepest = max(layers, key=layer_index)
+    histories = sorted({history, *[h for h in (10, 5) if MIN_HISTORY <= h < history]}, reverse=True)
+    options = [Techniques(h, c, t) for h in histories for c in (False, True)
+               for t in (None, *[t for t in TILE_SIZES if t < max(height, width)])]
+    fits = [o for o in options
+            if predict_peak_bytes(height, width, layers, optimizer, o.history if optimizer == "lbfgs" else 0,
+                                  precision, pooling, device, o.checkpoint, o.tile, content_layers) <= budget_bytes]
+    return min(fits, key=lambda o: (o.cost(height, width, deepest), -o.history)) if fits else None
+
+
 def fit_size(
     height: int, width: int, budget_bytes: int, min_long_edge: int = 32, **kwargs
 ) -> tuple[int, int] | None:
-    """The largest (h, w) of the same aspect whose predicted peak fits `budget_bytes`, or None."""
+    """The largest (h, w) of the same aspect for which some techniques fit `budget_bytes`
+    (`choose`), or None. Shrinking is the last resort: the techniques come first."""
     long_edge = max(height, width)
     while long_edge >= min_long_edge:
         scale = long_edge / max(height, width)
         h, w = max(1, round(height * scale)), max(1, round(width * scale))
-        if predict_peak_bytes(h, w, **kwargs) <= budget_bytes:
+        if choose(h, w, budget_bytes, **kwargs) is not None:
             return h, w
         long_edge = int(long_edge * 0.9)
     return None

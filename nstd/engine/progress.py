@@ -20,6 +20,8 @@ class StepInfo:
     raw_losses: Losses
     #: the picture as it is now (frame-sized), made only when called: a device-to-host copy
     picture: Optional[Callable[[], Image.Image]] = None
+    #: seconds left, from the pace so far with each stage's steps weighed by its pixels
+    eta: float = 0.0
 
     def losses(self) -> dict[str, float]:
         return self.raw_losses.as_floats()

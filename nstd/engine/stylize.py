@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from PIL import Image
 
-from nstd.engine import images
+from nstd.engine import images, schedule
 from nstd.engine.color import Palette
 from nstd.engine.device import Device, pick_precision, resolve as resolve_device
 from nstd.engine.options import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
 from nstd.engine.lbfgs import LBFGS
+from nstd.engine.memory import Techniques, choose, predict_peak_bytes
+from nstd.engine.schedule import Stage, StagesSetting
+from nstd.engine.tiles import Tiler
 from nstd.engine.losses import Losses, Objective, blend_grams, gram
 from nstd.engine.progress import Checkpoint, Interrupted, OnStep, Progress, StepInfo
 from nstd.engine.targets import StyleImage, TargetCache, style_edge
@@ -48,6 +51,24 @@ class StyleParams:
     frame_every: int = 5  # 0: no frames
     frame_max_size: int = 512
     preserve_color: str = "none"  # none | luminance | histogram (see engine/color.py)
+    stages: StagesSetting = "auto"  # coarse-to-fine (see engine/schedule.py); 1: one scale
+    stage_start: int = schedule.DEFAULT_START
+    stage_factor: float = schedule.DEFAULT_FACTOR
+    stage_steps: float = schedule.DEFAULT_STEP_RATIO
+
+    def schedule(self) -> list[Stage]:
+        return schedule.plan(self.size, self.steps, self.stages, self.stage_start, self.stage_factor, self.stage_steps)
+
+    def total_steps(self) -> int:
+        return schedule.total_steps(self.schedule())
+
+    def at_size(self, size: int) -> "StyleParams":
+        """The same run with the result's long edge `size` (a memory budget's shrink): a list of
+        stages is scaled with it."""
+        stages = self.stages
+        if not isinstance(stages, (str, int)):
+            stages = tuple(Stage(max(32, round(st.size * size / self.size)), st.steps) for st in stages)
+        return replace(self, size=size, stages=stages)
 
 
 @dataclass
@@ -65,6 +86,8 @@ class Result:
     restarts: int = 0  # L-BFGS restarts after a diverging step
     resumed_from: int = 0  # the checkpoint's step, when the run resumed one
     cuda_graph: bool = False  # the steps after the warm-up were replayed from a captured CUDA graph
+    #: one record a stage: size [w, h], steps, seconds, peak memory, the memory techniques and why
+    stages: list[dict] = field(default_factory=list)
 
 
 class _Guard:
@@ -199,30 +222,56 @@ class Engine:
     @torch.no_grad()
     def style_grams(
         self, style: Image.Image, long_edge: int, layers: Sequence[str], pooling: str,
-        palette: Palette | None = None,
+        palette: Palette | None = None, tile: int | None = None,
     ) -> dict[str, torch.Tensor]:
         """Gram targets of one style image resized so its long edge is `long_edge` (its colours
-        adjusted by `palette` when the run keeps the content's)."""
+        adjusted by `palette` when the run keeps the content's), over tiles of `tile` px when set
+        (the same numbers, in a tile's memory)."""
         x = images.to_tensor(images.resize_long_edge(style, long_edge)).to(self.device.place)
         if palette is not None:
             x = palette.style(x)
+        extractor = self.network.extractor(layers, pooling)
+        if tile:
+            return Tiler(extractor, tile, autocast=self._autocast).grams(x, list(layers))
         with self._autocast():
-            feats = self.network.extractor(layers, pooling)(x)
+            feats = extractor(x)
         return {k: gram(v).detach() for k, v in feats.items()}
 
     def style_targets(self, styles: Sequence[StyleImage], content_size: tuple[int, int], p: StyleParams,
-                      cache: TargetCache | None = None, palette: Palette | None = None) -> list[dict[str, torch.Tensor]]:
-        """Each style's Gram targets at the size rule's edge, from `cache` where it has them."""
-        edge = style_edge(content_size, p.size, p.style_scale)
+                      cache: TargetCache | None = None, palette: Palette | None = None,
+                      size: int | None = None, tile: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """Each style's Gram targets at the size rule's edge for a result of long edge `size`
+        (default `p.size`), from `cache` where it has them."""
+        edge = style_edge(content_size, size or p.size, p.style_scale)
         out = []
         for s in styles:
-            compute = lambda img=s.image: self.style_grams(img, edge, p.style_layers, p.pooling, palette)  # noqa: E731
+            compute = lambda img=s.image: self.style_grams(img, edge, p.style_layers, p.pooling, palette, tile)  # noqa: E731
             if cache is None or s.digest is None:
                 out.append(compute())
             else:
                 key = cache.key(s.digest, edge, p.style_layers, p.pooling, str(self.device))
                 out.append(cache.get(key + (palette.key() if palette else ()), compute))
         return out
+
+    def techniques(self, height: int, width: int, p: StyleParams, budget_bytes: int | None) -> tuple[Techniques, str]:
+        """The cheapest memory techniques for one stage inside `budget_bytes` (memory.choose), and
+        why, in words for report.json. None fits: the most frugal, and the allocator's cap decides."""
+        layers = list(dict.fromkeys((*p.content_layers, *p.style_layers)))
+        kw = dict(layers=layers, optimizer=p.optimizer, precision=self.precision, pooling=p.pooling,
+                  device=self.device.type, content_layers=p.content_layers)
+        plain = predict_peak_bytes(height, width, history=self.lbfgs_history, **kw)
+        if budget_bytes is None:
+            return Techniques(self.lbfgs_history), "no memory budget"
+        mib = lambda n: f"{n / 2**20:.0f} MiB" if n >= 100 * 2**20 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        chosen = choose(height, width, budget_bytes, history=self.lbfgs_history, **kw)
+        if chosen is None:
+            chosen = Techniques(5, True, 128)
+            return chosen, f"nothing is predicted to fit {mib(budget_bytes)} (the plain pass needs {mib(plain)}); the most frugal"
+        if chosen == Techniques(self.lbfgs_history):
+            return chosen, f"the plain pass fits: {mib(plain)} of {mib(budget_bytes)}"
+        need = predict_peak_bytes(height, width, history=chosen.history, checkpoint=chosen.checkpoint, tile=chosen.tile, **kw)
+        return chosen, (f"the plain pass needs {mib(plain)}, over the budget of {mib(budget_bytes)}; the cheapest "
+                        f"combination that fits needs {mib(need)}")
 
     def stylize(
         self,
@@ -233,12 +282,16 @@ class Engine:
         progress: Progress | Callable[[StepInfo], None] | None = None,
         cache: TargetCache | None = None,
         resume: Checkpoint | None = None,
+        budget_bytes: int | None = None,
     ) -> Result:
         """Stylize `content` with the weighted blend of `styles` ((image, weight) pairs or StyleImages).
 
-        `cache` keeps style targets across runs (for styles with a digest). `progress` is told
-        every step (a plain function is taken as `on_step`), gets checkpoints, and may stop the
-        run with `Interrupted`. `resume` continues from a checkpoint for the remaining steps.
+        The run goes through the stages of `params.schedule()` (coarse to fine), each started from
+        the one before, upsampled. `cache` keeps style targets across runs (for styles with a
+        digest). `progress` is told every step (a plain function is taken as `on_step`), gets
+        checkpoints, and may stop the run with `Interrupted`; steps are counted across stages.
+        `resume` continues from a checkpoint, in the stage it was taken in. `budget_bytes` is the
+        peak memory each stage must fit: each picks the cheapest memory techniques that do.
         """
         styles = [s if isinstance(s, StyleImage) else StyleImage(*s) for s in styles]
         if progress is None:
@@ -251,21 +304,48 @@ class Engine:
             layer_index(name)
         if not styles:
             raise ValueError("at least one style image is needed")
+        if p.optimizer not in ("lbfgs", "adam"):
+            raise ValueError(f"unknown optimizer {p.optimizer!r} (expected lbfgs or adam)")
         torch.manual_seed(p.seed)
-        dev = self.device.place
-        self.device.reset_peak()
+        stages = p.schedule()
+        run = _Run(p=p, stages=stages, total=schedule.total_steps(stages), progress=progress,
+                   frame_size=_frame_size(images.fit_long_edge(content.size, stages[-1].size), p.frame_max_size),
+                   start=resume.step if resume is not None else 0, t0=t0)
+        run.frames = _Frames(lambda t: self._frame(t, run.frame_size, None, shown=True),
+                             list(resume.frames) if resume is not None else [],
+                             asynchronous=self.async_frames and self.device.place.type == "cuda")
+        run.sizes = [w * h for w, h in (images.fit_long_edge(content.size, st.size) for st in stages)]
+        first, _ = schedule.stage_at(stages, run.start + 1)
+        x = resume.image if resume is not None else None
+        for index in range(first, len(stages)):
+            x = self._run_stage(run, index, x, content, styles, init_image, cache, budget_bytes)
+        return run.result(self, x)
 
-        content_img = images.resize_long_edge(content, p.size)
+    def _run_stage(self, run: "_Run", index: int, previous: torch.Tensor | None, content: Image.Image,
+                   styles: list[StyleImage], init_image: Image.Image | None, cache: TargetCache | None,
+                   budget_bytes: int | None) -> torch.Tensor:
+        """One stage: targets at its size, the picture from the stage before (or the start, or
+        a checkpoint), its steps; returns the stage's picture (the optimised variable, on the host
+        side of nothing: a detached device tensor)."""
+        p, stage, dev = run.p, run.stages[index], self.device.place
+        t_stage = time.perf_counter()
+        self.device.reset_peak()
+        content_img = images.resize_long_edge(content, stage.size)
         w, h = content_img.size
+        tech, why = self.techniques(h, w, p, budget_bytes)
         palette = Palette(p.preserve_color, images.to_tensor(content_img).to(dev))
         content_t = palette.content()
-        grams = self.style_targets(styles, content.size, p, cache, palette)
-        target_grams = blend_grams(grams, [s.weight for s in styles])
-
         layers = tuple(dict.fromkeys((*p.content_layers, *p.style_layers)))
         extractor = self.network.extractor(layers, p.pooling)
-        with torch.no_grad(), self._autocast():
-            content_feats = extractor(content_t)
+        tiler = Tiler(extractor, tech.tile, tech.checkpoint, self._autocast) if tech.tile else None
+        grams = self.style_targets(styles, content.size, p, cache, palette, size=stage.size, tile=tech.tile)
+        target_grams = blend_grams(grams, [s.weight for s in styles])
+        del grams
+        if tiler is not None:
+            content_feats = tiler.features(content_t, p.content_layers)
+        else:
+            with torch.no_grad(), self._autocast():
+                content_feats = extractor(content_t)
         objective = Objective(
             {k: content_feats[k] for k in p.content_layers},
             {k: target_grams[k] for k in p.style_layers},
@@ -273,38 +353,47 @@ class Engine:
             p.style_weight,
             p.tv_weight,
         )
-        del content_feats
+        del content_feats, target_grams
 
-        if resume is not None:
-            x = resume.image.to(dev, torch.float32)
-            if x.shape[-2:] != content_t.shape[-2:]:  # resumed at another working size (memory budget)
-                x = torch.nn.functional.interpolate(x, size=content_t.shape[-2:], mode="bilinear", align_corners=False)
+        if previous is not None:  # the stage before (upsampled), or a checkpoint (perhaps at another size)
+            x = previous.to(dev, torch.float32)
+            if x.shape[-2:] != content_t.shape[-2:]:
+                x = torch.nn.functional.interpolate(x, size=content_t.shape[-2:], mode="bicubic", align_corners=False).clamp_(0, 1)
             x = x.contiguous().requires_grad_(True)
         else:
             x = palette.start(self._initial(p, content_t, init_image)).requires_grad_(True)
-        if p.optimizer == "lbfgs":
-            opt: LBFGS | _Adam = LBFGS(x, history=self.lbfgs_history)
-        elif p.optimizer == "adam":
-            opt = _Adam(x, lr=ADAM_LR)
-        else:
-            raise ValueError(f"unknown optimizer {p.optimizer!r} (expected lbfgs or adam)")
+        del previous
+        history = tech.history if p.optimizer == "lbfgs" else 0
+        opt: LBFGS | _Adam = LBFGS(x, history=tech.history) if p.optimizer == "lbfgs" else _Adam(x, lr=ADAM_LR)
 
-        frames = _Frames(lambda t: self._frame(t, p, palette, shown=True), list(resume.frames) if resume is not None else [],
-                         asynchronous=self.async_frames and self.device.place.type == "cuda")
+        frames, progress = run.frames, run.progress
         if p.frame_every and not len(frames):
             frames.add(palette.show(x.detach()))
-        start = resume.step if resume is not None else 0
         guard = _Guard(x)
 
         def evaluate(capturing: bool = False) -> None:
             """Loss and gradient at x; the guard sees them."""
             x.grad = None
             seen = palette.view(x)
-            with self._autocast(capturing):
-                feats = extractor(seen)
-            losses = objective(feats, seen)
-            losses.total.backward()
-            guard.saw(Losses(*(t.detach() for t in (losses.content, losses.style, losses.tv, losses.total))), x)
+            if tiler is None:
+                with self._autocast(capturing):
+                    feats = extractor(seen, checkpoint=tech.checkpoint)
+                losses = objective(feats, seen)
+                losses.total.backward()
+                losses = Losses(*(t.detach() for t in (losses.content, losses.style, losses.tv, losses.total)))
+            else:
+                c, s_, g = tiler.loss_and_grad(seen, objective)
+                v = objective.tv_term(seen)
+                if seen is x:
+                    x.grad = g
+                else:
+                    seen.backward(g)
+                del g
+                if v.requires_grad:
+                    v.backward()
+                v = v.detach()
+                losses = Losses(c, s_, v, c + s_ + v)
+            guard.saw(losses, x)
 
         def lbfgs_step(capturing: bool = False) -> None:
             evaluate(capturing)
@@ -313,13 +402,22 @@ class Engine:
             # go back to the best picture so far and rebuild the history from there.
             opt.restart(guard.restore_if_diverged(x))
 
-        use_graph = self.device.is_cuda and self.device.place.type == "cuda" and p.optimizer == "lbfgs" and self.cuda_graphs
+        # A graph for the plain pass only: checkpointed and tiled steps are long (big pictures),
+        # where a launch's cost is nothing, and the tiles' Python loop is better left eager.
+        use_graph = (self.device.is_cuda and dev.type == "cuda" and p.optimizer == "lbfgs" and self.cuda_graphs
+                     and tiler is None and not tech.checkpoint)
         graph = None
-        t_opt = time.perf_counter()
-        for step in range(start + 1, p.steps + 1):
+        begin = sum(s.steps for s in run.stages[:index])
+        first_step = max(begin, run.start) + 1
+        end = begin + stage.steps
+        t_loop = time.perf_counter()
+        run.targets += t_loop - t_stage
+        if run.t_opt is None:
+            run.t_opt = t_loop
+        for step in range(first_step, end + 1):
             captured_now = False
-            if use_graph and graph is None and step - start == GRAPH_WARMUP_STEPS + 1:
-                use_graph = False  # one try a run
+            if use_graph and graph is None and step - first_step == GRAPH_WARMUP_STEPS:
+                use_graph = False  # one try a stage
                 graph = self._capture(lambda: lbfgs_step(capturing=True), evaluate, x)
                 captured_now = graph is not None  # its check replayed it once: that was this step
             if captured_now:
@@ -333,42 +431,48 @@ class Engine:
                     x.clamp_(0, 1)
             else:
                 lbfgs_step()
-            if p.frame_every and (step % p.frame_every == 0 or step == p.steps):
+            if p.frame_every and (step % p.frame_every == 0 or step == run.total):
                 frames.add(palette.show(x.detach()))
-            progress.on_step(StepInfo(step, p.steps, time.perf_counter() - t_opt, guard.last,
-                                      picture=lambda: self._frame(x, p, palette)))
-            if step < p.steps:
+            elapsed = time.perf_counter() - run.t_opt
+            run.work_done += w * h
+            progress.on_step(StepInfo(step, run.total, elapsed, guard.last,
+                                      picture=lambda: self._frame(x, run.frame_size, palette),
+                                      eta=elapsed / run.work_done * run.work_left(step)))
+            if step < run.total:
                 if progress.checkpoint_due(step):
                     progress.on_checkpoint(Checkpoint(step, x.detach().float().cpu().clone(), frames.all()))
                 if progress.should_stop():
                     raise Interrupted(Checkpoint(step, x.detach().float().cpu().clone(), frames.all()))
         # The last update has not been evaluated: keep it only if it is no worse than the best.
-        with torch.no_grad(), self._autocast():
-            final_losses = objective(extractor(palette.view(x)), palette.view(x))
+        del opt
+        with torch.no_grad():
+            if tiler is None:
+                with self._autocast():
+                    final_losses = objective(extractor(palette.view(x)), palette.view(x))
+            else:
+                seen = palette.view(x)
+                grams = tiler.grams(seen, list(objective.style))
+                feats = tiler.features(seen, list(objective.content))
+                c = objective.content_scale * sum((t.loss(feats[k]) for k, t in objective.content.items()), seen.new_zeros(()))
+                s_, v = objective.style_term(grams), objective.tv_term(seen)
+                final_losses = Losses(c, s_, v, c + s_ + v)
+                del grams, feats
         if not float(final_losses.total) <= float(guard.best_total):
             guard.restore(x)
             final_losses = guard.best
-        t_done = time.perf_counter()
-
-        frames = frames.all()
-        if frames:
-            frames[-1] = self._frame(palette.show(x.detach()), p, palette, shown=True)
-        result = Result(
-            image=images.to_pil(palette.show(x.detach())),
-            frames=frames,
-            losses=final_losses.as_floats(),
-            steps=p.steps,
-            size=(w, h),
-            device=str(self.device),
-            device_name=self.device.name,
-            precision=self.precision,
-            timings={"targets": t_opt - t0, "optimise": t_done - t_opt},  # targets: style Grams + content features
-            restarts=int(guard.restarts),
-            cuda_graph=graph is not None,
-            resumed_from=start,
-        )
-        result.peak_memory_bytes = self.device.peak_bytes()
-        return result
+        run.t_end = time.perf_counter()
+        run.optimise += run.t_end - t_loop
+        run.losses, run.palette, run.size = final_losses, palette, (w, h)
+        run.restarts += int(guard.restarts)
+        run.cuda_graph = run.cuda_graph or graph is not None
+        peak = self.device.peak_bytes()
+        run.peak = max(run.peak or 0, peak or 0) or None
+        run.records.append({
+            "size": [w, h], "steps": stage.steps, "steps_run": end - first_step + 1,
+            "seconds": round(time.perf_counter() - t_stage, 3), "peak_memory_bytes": peak,
+            "techniques": tech.names(), "lbfgs_history": history, "why": why,
+        })
+        return x.detach()
 
     def _capture(self, step: Callable[[], None], warm: Callable[[], None],
                  x: torch.Tensor) -> "torch.cuda.CUDAGraph | None":
@@ -416,9 +520,74 @@ class Engine:
         return images.to_tensor(init_image.resize((w, h), Image.Resampling.LANCZOS)).to(self.device.place)
 
     @staticmethod
-    def _frame(x: torch.Tensor, p: StyleParams, palette: Palette, shown: bool = False) -> Image.Image:
-        """A GIF frame of the picture `x` (already in display form when `shown`)."""
+    def _frame(x: torch.Tensor, size: tuple[int, int], palette: Palette | None, shown: bool = False) -> Image.Image:
+        """A GIF frame of the picture `x` (already in display form when `shown`) at `size`: every
+        stage's frames at the final stage's frame size."""
         img = images.to_pil(x.detach() if shown else palette.show(x.detach()))
-        if max(img.size) > p.frame_max_size:
-            img = images.resize_long_edge(img, p.frame_max_size)
+        if img.size != size:
+            img = img.resize(size, Image.Resampling.LANCZOS)
         return img
+
+
+def _frame_size(final: tuple[int, int], max_size: int) -> tuple[int, int]:
+    """The GIF's frame size: the result's, scaled down to `max_size` (never up)."""
+    return images.fit_long_edge(final, max_size) if max(final) > max_size else final
+
+
+@dataclass
+class _Run:
+    """What the stages of one run share, and what they leave for its Result."""
+
+    p: StyleParams
+    stages: list[Stage]
+    total: int
+    progress: Progress
+    frame_size: tuple[int, int]
+    start: int
+    t0: float
+    frames: "_Frames | None" = None
+    t_opt: float | None = None  # when the first step began
+    t_end: float = 0.0  # when the last stage's steps ended
+    targets: float = 0.0
+    optimise: float = 0.0
+    losses: Losses | None = None
+    palette: Palette | None = None
+    size: tuple[int, int] = (0, 0)
+    restarts: int = 0
+    cuda_graph: bool = False
+    peak: int | None = None
+    records: list[dict] = field(default_factory=list)
+    work_done: float = 0.0  # pixel-steps run in this call (the ETA's pace)
+    sizes: list[int] = field(default_factory=list)  # each stage's pixels, for the ETA
+
+    def work_left(self, step: int) -> float:
+        """Pixel-steps after global step `step`."""
+        left, before = 0.0, 0
+        for st, px in zip(self.stages, self.sizes):
+            left += px * max(0, min(st.steps, before + st.steps - step))
+            before += st.steps
+        return left
+
+    def result(self, engine: Engine, x: torch.Tensor) -> Result:
+        t_done = time.perf_counter()
+        frames = self.frames.all()
+        shown = self.palette.show(x)
+        if frames:
+            frames[-1] = engine._frame(shown, self.frame_size, None, shown=True)
+        return Result(
+            image=images.to_pil(shown),
+            frames=frames,
+            losses=self.losses.as_floats(),
+            steps=self.total,
+            size=self.size,
+            device=str(engine.device),
+            device_name=engine.device.name,
+            precision=engine.precision,
+            # targets: each stage's style Grams and content features; optimise: the steps
+            timings={"targets": self.targets, "optimise": self.optimise},
+            restarts=self.restarts,
+            cuda_graph=self.cuda_graph,
+            resumed_from=self.start,
+            peak_memory_bytes=self.peak,
+            stages=self.records,
+        )

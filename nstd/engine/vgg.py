@@ -216,14 +216,68 @@ class Extractor(nn.Module):
         self.names = names
         self.layers = nn.ModuleList(mods)
 
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, checkpoint: bool = False) -> dict[str, torch.Tensor]:
+        """Post-ReLU features of the wanted layers. With `checkpoint`, each block's activations
+        are dropped after the forward and recomputed in the backward (activation checkpointing):
+        autograd keeps only each block's input and the wanted features, about half the memory,
+        for one more forward pass."""
         x = self.norm(image)
         out: dict[str, torch.Tensor] = {}
-        for name, mod in zip(self.names, self.layers):
-            x = mod(x)
-            if name.startswith("relu") and "conv" + name[4:] in self.wanted:
-                out["conv" + name[4:]] = x
+        for block in self.blocks:
+            if checkpoint and torch.is_grad_enabled() and x.requires_grad:
+                from torch.utils.checkpoint import checkpoint as recompute  # not at start-up: it is not free
+
+                got = recompute(self._run, block, x, use_reentrant=False, preserve_rng_state=False)
+                x, feats = got[0], dict(zip(self._wanted_in(block), got[1:]))
+            else:
+                got = self._run(block, x)
+                x, feats = got[0], dict(zip(self._wanted_in(block), got[1:]))
+            out.update(feats)
         return out
+
+    @property
+    def blocks(self) -> list[range]:
+        """Index ranges into `layers`, one per block, each ending with its pool: what a
+        checkpointed block hands on (and keeps) is the pooled map, a quarter of the last one."""
+        starts = [0] + [i + 1 for i, n in enumerate(self.names) if n.startswith("pool")]
+        return [range(a, b) for a, b in zip(starts, [*starts[1:], len(self.names)]) if a < b]
+
+    def _wanted_in(self, block: range) -> list[str]:
+        return ["conv" + self.names[i][4:] for i in block
+                if self.names[i].startswith("relu") and "conv" + self.names[i][4:] in self.wanted]
+
+    def _run(self, block: range, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One block: its output and its wanted features, in order."""
+        feats = []
+        for i in block:
+            x = self.layers[i](x)
+            if self.names[i].startswith("relu") and "conv" + self.names[i][4:] in self.wanted:
+                feats.append(x)
+        return (x, *feats)
+
+    @property
+    def downsampling(self) -> int:
+        """How many input pixels one position of the deepest map spans (2 per pool)."""
+        return 2 ** sum(n.startswith("pool") for n in self.names)
+
+    def scale_of(self, layer: str) -> int:
+        """How many input pixels one position of `layer`'s map spans."""
+        i = self.names.index(layer)
+        return 2 ** sum(n.startswith("pool") for n in self.names[:i])
+
+    @property
+    def reach(self) -> int:
+        """How far (input px) a wrong value at a tile's edge can travel inward by the deepest
+        layer: one map position per 3x3 conv and per 2x2 pool, at that layer's scale. A tile's
+        halo at least this wide makes every feature of its core exact (tiles.py)."""
+        reach, scale = 0, 1
+        for n in self.names:
+            if n.startswith("conv"):
+                reach += scale
+            elif n.startswith("pool"):
+                reach += scale
+                scale *= 2
+        return reach
 
 
 class Network:

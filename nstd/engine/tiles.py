@@ -1,0 +1,165 @@
+"""The VGG pass over overlapping tiles: a picture of any size in the memory of one tile.
+
+Why: at 4096 x 3072 one conv1_1 map alone is 3.2 GB in fp32, so no budget of a few GiB holds an
+untiled pass. Every loss nstd uses is a sum over map positions (a Gram matrix is sum_p f_p f_p^T,
+the content loss a sum of squares), so a pass can be split into tiles exactly:
+
+- each tile is a core (the positions it answers for; the cores partition the picture) plus a halo
+  at least `Extractor.reach` wide, so that no zero padding at the tile's edge reaches a core
+  feature; tiles start on the deepest map's grid (16 px for conv5_x), so every pooling window
+  falls where it falls in the whole picture;
+- pass 1, without autograd: the Gram matrices, summed over the tiles' cores;
+- the style loss and its gradient with respect to each Gram matrix, dL/dG, from those;
+- pass 2, per tile: features with autograd, the surrogate sum(dL/dG * G_tile) plus the tile's
+  content loss, backward; the tile's input gradient (halo included) is added into the picture's.
+
+The result equals the untiled pass's loss and gradient up to rounding (a test checks 1e-4). It
+costs one more forward pass per step (pass 1) plus the halos' share.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from nstd.engine.vgg import CONV_SHAPES, Extractor
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Rows and columns (input px, end exclusive) of a core and of the window read for it."""
+
+    core: tuple[int, int, int, int]  # y0, y1, x0, x1
+    window: tuple[int, int, int, int]
+
+
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
+def _spans(length: int, core: int, halo: int) -> Iterator[tuple[int, int, int, int]]:
+    for c0 in range(0, length, core):
+        c1 = min(length, c0 + core)
+        yield c0, c1, max(0, c0 - halo), min(length, c1 + halo)
+
+
+def layout(height: int, width: int, tile: int, halo: int) -> list[Tile]:
+    """Tiles whose cores (`tile` px square, cut at the picture's edge) cover the picture once."""
+    return [Tile((y0, y1, x0, x1), (wy0, wy1, wx0, wx1))
+            for y0, y1, wy0, wy1 in _spans(height, tile, halo) for x0, x1, wx0, wx1 in _spans(width, tile, halo)]
+
+
+def halo_for(extractor: Extractor) -> int:
+    """The halo for `extractor`: its reach, on the deepest map's grid."""
+    return _round_up(extractor.reach, extractor.downsampling)
+
+
+class Tiler:
+    """Tiled passes of one extractor with `tile` px cores (rounded up to its grid)."""
+
+    def __init__(self, extractor: Extractor, tile: int, checkpoint: bool = False,
+                 autocast: Callable[[], AbstractContextManager] | None = None):
+        self.ext = extractor
+        self.grid = extractor.downsampling
+        self.tile = _round_up(max(tile, self.grid), self.grid)
+        self.halo = halo_for(extractor)
+        self.checkpoint = checkpoint
+        self.autocast = autocast or (lambda: torch.autocast("cpu", enabled=False))
+
+    def tiles(self, height: int, width: int) -> list[Tile]:
+        return layout(height, width, self.tile, self.halo)
+
+    def _core(self, layer: str, feats: torch.Tensor, t: Tile, size: tuple[int, int]) -> torch.Tensor:
+        """The part of a window's map for `layer` that its core answers for."""
+        d = self.ext.scale_of(layer)
+        (y0, y1, x0, x1), (wy0, _, wx0, _) = t.core, t.window
+        rows = slice((y0 - wy0) // d, (y1 - wy0) // d if y1 < size[0] else None)
+        cols = slice((x0 - wx0) // d, (x1 - wx0) // d if x1 < size[1] else None)
+        return feats[..., rows, cols]
+
+    def _window(self, image: torch.Tensor, t: Tile) -> torch.Tensor:
+        wy0, wy1, wx0, wx1 = t.window
+        return image[..., wy0:wy1, wx0:wx1]
+
+    def _cores(self, image: torch.Tensor, layers: Sequence[str]) -> Iterator[tuple[str, torch.Tensor, tuple[int, int]]]:
+        """(layer, a tile's core map, where that core starts in the whole map) for every tile,
+        without autograd."""
+        size = tuple(image.shape[-2:])
+        for t in self.tiles(*size):
+            with torch.no_grad(), self.autocast():
+                feats = self.ext(self._window(image, t))
+            for layer in layers:
+                yield layer, self._core(layer, feats[layer], t, size), self._origin(layer, t)
+
+    def _origin(self, layer: str, t: Tile) -> tuple[int, int]:
+        d = self.ext.scale_of(layer)
+        return t.core[0] // d, t.core[2] // d
+
+    @torch.no_grad()
+    def features(self, image: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Whole maps of `layers` (the content targets), assembled from the tiles' cores."""
+        size = tuple(image.shape[-2:])
+        out: dict[str, torch.Tensor] = {}
+        for layer, core, (y, x) in self._cores(image, layers):
+            if layer not in out:
+                d = self.ext.scale_of(layer)
+                out[layer] = core.new_zeros((*core.shape[:2], size[0] // d, size[1] // d))
+            out[layer][..., y:y + core.shape[-2], x:x + core.shape[-1]] = core
+        return out
+
+    @torch.no_grad()
+    def grams(self, image: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Gram matrices of whole maps (normalised by the whole map's C*H*W), summed over cores."""
+        size = tuple(image.shape[-2:])
+        out: dict[str, torch.Tensor] = {}
+        for layer, core, _ in self._cores(image, layers):
+            part = _gram_sum(core)
+            out[layer] = part if layer not in out else out[layer].add_(part)
+        for layer in layers:
+            out[layer].div_(self._norm(layer, size))
+        return out
+
+    def _norm(self, layer: str, size: tuple[int, int]) -> int:
+        d = self.ext.scale_of(layer)
+        return CONV_SHAPES[layer][0] * (size[0] // d) * (size[1] // d)
+
+    def loss_and_grad(self, seen: torch.Tensor, objective) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weighted content loss, weighted style loss, d(content + style)/d seen) at `seen`,
+        exactly as the untiled pass gives them (`objective` is losses.Objective)."""
+        seen = seen.detach()
+        size = tuple(seen.shape[-2:])
+        grams = {k: g.requires_grad_(True) for k, g in self.grams(seen, list(objective.style)).items()}
+        with torch.enable_grad():
+            style = objective.style_term(grams)
+            d_grams = dict(zip(grams, torch.autograd.grad(style, list(grams.values())))) if grams else {}
+        grad = torch.zeros_like(seen)
+        content = seen.new_zeros(())
+        for t in self.tiles(*size):
+            window = self._window(seen, t).clone().requires_grad_(True)
+            with torch.enable_grad():
+                with self.autocast():
+                    feats = self.ext(window, checkpoint=self.checkpoint)
+                surrogate = seen.new_zeros(())
+                for layer, dg in d_grams.items():
+                    surrogate = surrogate + (dg * _gram_sum(self._core(layer, feats[layer], t, size))).sum() / self._norm(layer, size)
+                part = seen.new_zeros(())
+                for layer, target in objective.content.items():
+                    core = self._core(layer, feats[layer], t, size)
+                    y, x = self._origin(layer, t)
+                    goal = target.value[..., y:y + core.shape[-2], x:x + core.shape[-1]]
+                    part = part + (core.float() - goal).pow(2).sum() * (target.inv_scale / target.value.numel())
+                part = part * objective.content_scale
+                (surrogate + part).backward()
+            wy0, wy1, wx0, wx1 = t.window
+            grad[..., wy0:wy1, wx0:wx1] += window.grad
+            content = content + part.detach()
+        return content, style.detach(), grad
+
+
+def _gram_sum(features: torch.Tensor) -> torch.Tensor:
+    """sum_p f_p f_p^T of (B, C, H, W) features, in fp32: (B, C, C)."""
+    b, c, h, w = features.shape
+    f = features.reshape(b, c, h * w).float()
+    return torch.bmm(f, f.transpose(1, 2))
