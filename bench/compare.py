@@ -68,7 +68,7 @@ def main() -> int:
     out = Path(tempfile.mkdtemp(prefix="nstd-compare-"))
     tools = {
         "nstd": [str(BIN / "nstd"), "stylize", args.content, args.style, "-o", str(out / "nstd.png"),
-                 "--size", str(args.size), "--steps", str(args.steps), "--pooling", "avg", "--optimizer", "lbfgs",
+                 "--size", str(args.size), "--steps", str(args.steps), "--stages", "1", "--pooling", "avg", "--optimizer", "lbfgs",
                  "--seed", "0", "--device", args.device, "-q"],
         "pastiche": [str(BIN / "pastiche"), "--content", args.content, "--styles", args.style,
                      "--output", str(out / "pastiche.png"), "--size", str(args.size), "--style-size", str(args.size),

@@ -42,7 +42,7 @@ def stamp(line: str) -> float:
 def run(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], float]:
     """Every job's report, and the batch's wall clock from the first start to the last landing."""
     d = Daemon(workdir, engine={"device": args.device, "precision": args.precision},
-               defaults={"size": args.size, "steps": args.steps, "gif": {"every": args.gif_every}},
+               defaults={"size": args.size, "steps": args.steps, "stages": 1, "gif": {"every": args.gif_every}},
                logging={"level": "INFO"})
     d.start()
     try:

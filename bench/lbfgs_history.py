@@ -36,7 +36,7 @@ def main() -> None:
     engine = Engine(device=args.device, precision="fp32")
     content = open_image(IMAGES / "tubingen.jpg")
     style = open_image(IMAGES / "starry_night.jpg")
-    p = StyleParams(size=args.size, steps=args.steps, frame_every=0)
+    p = StyleParams(size=args.size, steps=args.steps, stages=1, frame_every=0)
     times: dict[int, list[float]] = {h: [] for h in args.histories}
     losses: dict[int, dict] = {}
     for r in range(args.rounds):

@@ -42,14 +42,14 @@ def main() -> None:
     engine.stylize(content, [(style, 1.0)], StyleParams(size=64, steps=3, optimizer=args.optimizer, frame_every=0))
     print(f"{'size':>6} {'w x h':>11} {'predicted MiB':>14} {'measured MiB':>13} {'ratio':>6}")
     for size in sorted(args.sizes):
-        params = StyleParams(size=size, steps=args.steps, optimizer=args.optimizer, frame_every=0)
+        params = StyleParams(size=size, steps=args.steps, optimizer=args.optimizer, stages=1, frame_every=0)
         w, h = fit_long_edge(content.size, size)
         layers = list(dict.fromkeys((*params.content_layers, *params.style_layers)))
         predicted = predict_peak_bytes(h, w, layers, args.optimizer, engine.lbfgs_history, engine.precision,
                                        device=engine.device.type)
         # L-BFGS's history fills up over `history` steps; run enough for the peak to show.
         steps = max(args.steps, engine.lbfgs_history + 2) if args.optimizer == "lbfgs" else args.steps
-        params = StyleParams(size=size, steps=steps, optimizer=args.optimizer, frame_every=0)
+        params = StyleParams(size=size, steps=steps, optimizer=args.optimizer, stages=1, frame_every=0)
         if engine.device.is_cuda:
             engine.device.free_cache()
             measured = engine.stylize(content, [(style, 1.0)], params).peak_memory_bytes or 0

@@ -43,8 +43,8 @@ def main() -> int:
             if key not in engines:
                 engines[key] = Engine(device=args.device, precision=precision, cuda_graphs=graphs)
             engine = engines[key]
-            params = StyleParams(size=size, steps=args.steps, frame_every=0)
-            engine.stylize(content, [(style, 1.0)], StyleParams(size=size, steps=8, frame_every=0))  # warm
+            params = StyleParams(size=size, steps=args.steps, stages=1, frame_every=0)
+            engine.stylize(content, [(style, 1.0)], StyleParams(size=size, steps=8, stages=1, frame_every=0))  # warm
             r = engine.stylize(content, [(style, 1.0)], params)
             t = r.timings["optimise"]
             base = base or t

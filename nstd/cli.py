@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", help="auto (default), fp32 or bf16")
     s.add_argument("--budget-mb", type=int, metavar="MIB",
                    help="peak memory each stage must fit, MiB: memory techniques first, then a smaller picture "
-                        "(default on a GPU: gpu.vram_budget_mb; on the CPU: none)")
+                        "(default on a GPU: gpu.vram_budget_mb; on the CPU: limits.cpu_memory_mb, 0 = half the memory)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     r = sub.add_parser("run", help="the watch-folder daemon")
@@ -183,7 +183,9 @@ def cmd_stylize(args: argparse.Namespace) -> int:
             raise UsageError(f"--budget-mb {args.budget_mb}: expected at least 64")
     with _as_bad_input(RuntimeError):  # a CUDA driver error, out of memory loading the network
         engine = Engine(**engine_cfg)  # DeviceError: exit 2, WeightsError: exit 3 (by main())
-    budget_mb = args.budget_mb if args.budget_mb is not None else (cfg["gpu"]["vram_budget_mb"] if engine.device.is_cuda else None)
+    from nstd.config import memory_budget
+
+    budget_mb = args.budget_mb if args.budget_mb is not None else memory_budget(cfg, engine.device.is_cuda)[0] >> 20
     params = _fit_budget(engine, content, params, budget_mb)
     t0 = time.perf_counter()
     bar = _progress(params.total_steps(), disabled=args.quiet)
@@ -204,19 +206,10 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _fit_budget(engine, content, params, budget_mb: int | None):
+def _fit_budget(engine, content, params, budget_mb: int):
     """The size asked, unless no memory techniques make it fit `budget_mb`: then the largest that
-    fits, said on stderr (the daemon does the same, worker.py)."""
-    from nstd.engine.images import fit_long_edge
-    from nstd.engine.memory import fit_size
-
-    if not budget_mb:
-        return params
-    w, h = fit_long_edge(content.size, params.size)
-    fit = fit_size(h, w, budget_mb * 2**20, min_long_edge=64, layers=list(dict.fromkeys((*params.content_layers, *params.style_layers))),
-                   optimizer=params.optimizer, history=engine.lbfgs_history, precision=engine.precision,
-                   pooling=params.pooling, device=engine.device.type, content_layers=params.content_layers)
-    size = max(fit) if fit else 64
+    fits, said on stderr (the daemon does the same)."""
+    size = engine.fit(content.size, params, budget_mb * 2**20)
     if size < params.size:
         print(f"nstd: size {params.size} lowered to {size} to fit the memory budget of {budget_mb} MiB", file=sys.stderr)
         return params.at_size(size)

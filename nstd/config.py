@@ -115,6 +115,8 @@ CONFIG_FIELDS: dict[str, Any] = {
         "max_pixels": Field(DEFAULT_MAX_PIXELS, "largest input image, in pixels", integer(1, 2**40)),
         "max_sidecar_bytes": Field(65536, "largest job file", integer(64, 16 * 2**20)),
         "max_input_bytes": Field(512 * 2**20, "largest input file, bytes", integer(1024, 2**40)),
+        "cpu_memory_mb": Field(0, "peak memory a job may use on the CPU, MiB (memory techniques first, then a "
+                               "smaller picture); 0 = half of this machine's memory", integer(0, 1_048_576)),
     },
     "service": {
         "shutdown_grace_seconds": Field(60.0, "on SIGTERM, time the running job gets to finish", number(0, 86400)),
@@ -207,3 +209,34 @@ def _resolve_paths(cfg: dict, base: Path) -> None:
     if cfg["engine"]["weights_file"]:
         cfg["engine"]["weights_file"] = str((base / cfg["engine"]["weights_file"]).resolve())
 
+
+def machine_memory_bytes() -> int | None:
+    """This machine's memory, or the cgroup's limit when that is lower (a container, a systemd
+    MemoryMax=); None where neither can be read."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        total = None
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text)) if total else int(text)
+        break
+    return total
+
+
+def memory_budget(cfg: dict, cuda: bool) -> tuple[int, str]:
+    """(bytes a job may peak at, the setting that says so): on a GPU `gpu.vram_budget_mb`; on the
+    CPU `limits.cpu_memory_mb`, 0 meaning half this machine's memory (a 2 KB job file asking for
+    8192 px must not get the process killed for memory, nor the machine swapping)."""
+    if cuda:
+        mb = cfg["gpu"]["vram_budget_mb"]
+        return mb * 2**20, f"gpu.vram_budget_mb={mb}"
+    mb = cfg["limits"]["cpu_memory_mb"]
+    if mb:
+        return mb * 2**20, f"limits.cpu_memory_mb={mb}"
+    half = (machine_memory_bytes() or 8 * 2**30) // 2
+    return half, f"limits.cpu_memory_mb=0 (half this machine's memory, {half >> 20} MiB)"

@@ -44,6 +44,28 @@ def test_a_job_lands_complete(daemon):
     assert "| tower |" in (daemon.root / "logs" / "nstd.log").read_text()
 
 
+def test_a_coarse_to_fine_job_reports_its_stages(daemon):
+    daemon.start()
+    daemon.drop("grow", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg",
+                         "stages": [{"size": 32, "steps": 2}, {"size": 48, "steps": 2}], "gif": {"every": 1}})
+    daemon.wait_landed("grow")
+    out = daemon.outbox / "grow"
+    assert Image.open(out / "grow.png").size == (48, 25)
+    with Image.open(out / "grow.gif") as gif:
+        sizes = set()
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            sizes.add(gif.size)
+        assert gif.n_frames == 5 and sizes == {(48, 25)}  # every stage's frames at one size
+    job = yaml.safe_load((out / "job.yaml").read_text())
+    assert job["size"] == 48 and job["stages"] == [{"size": 32, "steps": 2}, {"size": 48, "steps": 2}]
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == 4 and report["size_used"] == [48, 25]
+    assert [(s["size"], s["steps"], s["techniques"]) for s in report["stages"]] == [([32, 17], 2, []), ([48, 25], 2, [])]
+    assert all(s["seconds"] > 0 and s["why"] == "no memory budget" for s in report["stages"])
+    assert "step 4/4" in (out / "job.log").read_text()
+
+
 def test_ten_jobs_share_one_style(daemon):
     daemon.start()
     daemon.image("starry_night.jpg")

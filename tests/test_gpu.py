@@ -51,12 +51,13 @@ def test_daemon_starts_and_lands_a_job(tmp_path, engine, gpu):
     assert (d.outbox / "j" / "j.gif").is_file()
 
 
-def test_budget_is_met_at_the_measured_peak(tmp_path):
-    """A job whose prediction exceeds 1024 MiB is fitted smaller and its real peak stays inside."""
+def test_budget_is_met_at_the_size_asked(tmp_path):
+    """A 2048 px job whose plain pass needs far more than 2048 MiB lands at 2048 px, its stages
+    taking memory techniques, and its real peak stays inside the budget."""
     from nstd.engine.memory import predict_peak_bytes
 
-    assert predict_peak_bytes(1536, 2048, LAYERS, device="cuda") > 1024 * MIB
-    d = gpu_daemon(tmp_path, gpu={"vram_budget_mb": 1024}, defaults={"size": 2048, "steps": 25, "gif": False})
+    assert predict_peak_bytes(1536, 2048, LAYERS, device="cuda") > 2048 * MIB
+    d = gpu_daemon(tmp_path, gpu={"vram_budget_mb": 2048}, defaults={"size": 2048, "steps": 20, "gif": False})
     d.start()
     try:
         d.drop("big", {"content": "tubingen.jpg", "style": "starry_night.jpg"})
@@ -64,8 +65,45 @@ def test_budget_is_met_at_the_measured_peak(tmp_path):
     finally:
         d.stop()
     r = report(d, "big")
-    assert r["size_used"][0] < 2048 and r["oom_retries"] == 0 and not r["cpu_fallback"]
-    assert r["peak_memory_bytes"] <= 1024 * MIB, r
+    assert r["size_used"] == [2048, 1536] and r["oom_retries"] == 0 and not r["cpu_fallback"]
+    assert r["stages"][-1]["techniques"], r["stages"]
+    assert r["peak_memory_bytes"] <= 2048 * MIB, r
+    print(json.dumps(r["stages"], indent=1))
+
+
+def test_4096_px_lands_at_4096_inside_the_default_budget(tmp_path):
+    """Issue #13's target: 4096 px in the default 4 GiB, at the size asked (the time is printed:
+    the target is 2 minutes on an H100)."""
+    d = Daemon(tmp_path, engine={"device": "cuda"}, defaults={"size": 4096, "gif": False})
+    d.start()
+    try:
+        d.drop("print", {"content": "tubingen.jpg", "style": "starry_night.jpg"})
+        d.wait_landed("print", timeout=900)
+    finally:
+        d.stop()
+    r = report(d, "print")
+    print(json.dumps({k: r[k] for k in ("timings", "peak_memory_bytes", "precision", "stages")}, indent=1))
+    assert r["size_used"] == [4096, 3072] and r["peak_memory_bytes"] <= 4096 * MIB and r["oom_retries"] == 0
+
+
+@pytest.mark.parametrize("techniques", [
+    {"checkpoint": True}, {"tile": 512}, {"tile": 512, "checkpoint": True}, {"history": 5, "tile": 256},
+], ids=["checkpoint", "tile-512", "tile-512-checkpoint", "history-5-tile-256"])
+def test_memory_model_covers_each_technique(gpu_engine, pair, techniques):
+    from nstd.engine import StyleParams
+    from nstd.engine.images import fit_long_edge
+    from nstd.engine.memory import Techniques, predict_peak_bytes
+
+    content, style = pair
+    t = Techniques(**{"history": gpu_engine.lbfgs_history, **techniques})
+    w, h = fit_long_edge(content.size, 2048)
+    predicted = predict_peak_bytes(h, w, LAYERS, "lbfgs", t.history, "fp32", device="cuda", checkpoint=t.checkpoint,
+                                   tile=t.tile, content_layers=["conv4_2"])
+    gpu_engine.device.free_cache()
+    params = StyleParams(size=2048, steps=t.history + 2, stages=1, frame_every=0)
+    measured = gpu_engine.stylize(content, [(style, 1.0)], params, techniques=t).peak_memory_bytes
+    print(f"2048 px {t}: predicted {predicted / MIB:.0f} MiB, measured {measured / MIB:.0f} MiB")
+    assert predicted >= measured
 
 
 @pytest.mark.parametrize("cpu_fallback", [True, False])
@@ -182,7 +220,7 @@ def test_memory_model_never_under_predicts(gpu_engine, pair, size):
     predicted = predict_peak_bytes(h, w, LAYERS, "lbfgs", gpu_engine.lbfgs_history, "fp32", device="cuda")
     gpu_engine.device.free_cache()
     # the L-BFGS history fills over `history` steps: run past it so the peak shows
-    params = StyleParams(size=size, steps=gpu_engine.lbfgs_history + 2, frame_every=0)
+    params = StyleParams(size=size, steps=gpu_engine.lbfgs_history + 2, stages=1, frame_every=0)
     measured = gpu_engine.stylize(content, [(style, 1.0)], params).peak_memory_bytes
     print(f"{size} px: predicted {predicted / MIB:.0f} MiB, measured {measured / MIB:.0f} MiB")
     assert predicted >= measured, (size, predicted / MIB, measured / MIB)

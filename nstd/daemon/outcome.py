@@ -46,7 +46,7 @@ class Optimised:
     cpu_fallback: bool
     style_cache: dict[str, int]
     peak_rss_bytes: int
-    budget_bytes: int | None = None  # the memory budget the stages were fitted to (CUDA only)
+    budget_bytes: int | None = None  # the memory budget the stages were fitted to (GPU or CPU)
 
 
 def error_record(name: str, exc: JobError, attempts: int, times: dict[str, float], job_id: str | None = None) -> dict:

@@ -17,6 +17,7 @@ import torch
 from loguru import logger
 
 from nstd import logs
+from nstd.config import memory_budget
 from nstd.daemon import checkpoints, safefs
 from nstd.daemon.claim import Claim
 from nstd.daemon.live import Live
@@ -25,7 +26,7 @@ from nstd.daemon.queue import JobQueue
 from nstd.daemon.status import Status
 from nstd.daemon.store import Store
 from nstd.engine import Checkpoint, Device, Engine, ImageError, Interrupted, Progress, StepInfo, StyleImage, TargetCache, images
-from nstd.engine.memory import fit_size, predict_peak_bytes
+from nstd.engine.memory import predict_peak_bytes
 from nstd.errors import ErrorKind, JobError, Stage
 from nstd.jobkeys import style_params
 
@@ -249,20 +250,15 @@ class Worker(threading.Thread):
         resume = checkpoints.load(self.store.checkpoint_dir(job), log)
         if resume is not None:
             log.info("resuming from the checkpoint at step {} of {}", resume.step, params.total_steps())
-        engine, size, oom_retries, fallback = self.engine, params.size, 0, False
-        budget = self.cfg["gpu"]["vram_budget_mb"] * 2**20
-        if engine.device.is_cuda:
-            size = self._fit_budget(content.size, params, engine)
-            if size < params.size:
-                log.info("size {} lowered to {} to fit gpu.vram_budget_mb={}", params.size, size,
-                         self.cfg["gpu"]["vram_budget_mb"])
+        engine, oom_retries, fallback = self.engine, 0, False
+        size = self._fit_budget(content.size, params, engine, log)
         t_opt = time.time()
         while True:
             p = params.at_size(size)
             try:
                 result = engine.stylize(content, styles, p, init_image=init, cache=self.cache, resume=resume,
                                         progress=JobProgress(self, job, engine.device, p.total_steps()),
-                                        budget_bytes=budget if engine.device.is_cuda else None)
+                                        budget_bytes=self.budget(engine)[0])
                 break
             except Exception as exc:
                 if not is_oom(exc):
@@ -277,8 +273,9 @@ class Worker(threading.Thread):
                 log.warning("out of memory at {} px; retrying at {} px", size, smaller)
                 size = smaller
             elif self.cfg["gpu"]["cpu_fallback"] and engine.device.is_cuda:
-                log.warning("out of memory at {} px; finishing on the CPU at {} px", size, params.size)
-                engine, size, fallback = self._cpu(), params.size, True
+                failed_at, engine, fallback = size, self._cpu(), True
+                size = self._fit_budget(content.size, params, engine, log)
+                log.warning("out of memory at {} px; finishing on the CPU at {} px", failed_at, size)
             else:
                 raise JobError(ErrorKind.OUT_OF_MEMORY, f"out of memory at {size} px on {engine.device}", Stage.RUN)
         t_done = time.time()
@@ -294,7 +291,7 @@ class Worker(threading.Thread):
                 "optimised": round(t_done - t_opt - targets, 3),  # the optimiser's loop, OOM retries included
             },
             oom_retries=oom_retries, cpu_fallback=fallback, style_cache=self.cache.counts(),
-            budget_bytes=budget if engine.device.is_cuda else None,
+            budget_bytes=self.budget(engine)[0],
             peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         )
 
@@ -307,15 +304,17 @@ class Worker(threading.Thread):
             raise JobError(ErrorKind.INPUT_CHANGED, f"{path.name}: now {st.st_size:,} bytes ({st.st_blocks * 512:,} "
                            f"on disk); it changed after the job was taken (limits.max_input_bytes={limit:,})", Stage.RUN)
 
-    def _fit_budget(self, content_size: tuple[int, int], params, engine: Engine) -> int:
-        """The result's long edge: the size asked wherever some memory techniques make it fit
-        (each stage then picks its own, engine.techniques); smaller only as the last resort."""
-        w, h = images.fit_long_edge(content_size, params.size)
-        layers = list(dict.fromkeys((*params.content_layers, *params.style_layers)))
-        fit = fit_size(h, w, self.cfg["gpu"]["vram_budget_mb"] * 2**20, min_long_edge=MIN_EDGE, layers=layers,
-                       optimizer=params.optimizer, history=engine.lbfgs_history, precision=engine.precision,
-                       pooling=params.pooling, device=engine.device.type, content_layers=params.content_layers)
-        return max(fit) if fit else MIN_EDGE
+    def budget(self, engine: Engine) -> tuple[int, str]:
+        """(bytes a job may peak at on `engine`'s device, the setting that says so)."""
+        return memory_budget(self.cfg, engine.device.is_cuda)
+
+    def _fit_budget(self, content_size: tuple[int, int], params, engine: Engine, log) -> int:
+        """The result's long edge inside the device's budget (Engine.fit: memory techniques first)."""
+        budget, setting = self.budget(engine)
+        size = engine.fit(content_size, params, budget, smallest=MIN_EDGE)
+        if size < params.size:
+            log.info("size {} lowered to {} to fit {}", params.size, size, setting)
+        return size
 
     def _cpu(self) -> Engine:
         if self._cpu_engine is None:

@@ -19,7 +19,7 @@ from nstd.engine.color import Palette
 from nstd.engine.device import Device, pick_precision, resolve as resolve_device
 from nstd.engine.options import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
 from nstd.engine.lbfgs import LBFGS
-from nstd.engine.memory import Techniques, choose, predict_peak_bytes
+from nstd.engine.memory import Techniques, choose, fit_size, predict_peak_bytes
 from nstd.engine.schedule import Stage, StagesSetting
 from nstd.engine.tiles import Tiler
 from nstd.engine.losses import Losses, Objective, blend_grams, gram
@@ -253,6 +253,18 @@ class Engine:
                 out.append(cache.get(key + (palette.key() if palette else ()), compute))
         return out
 
+    def fit(self, content_size: tuple[int, int], p: StyleParams, budget_bytes: int, smallest: int = 64) -> int:
+        """The result's long edge this engine can make inside `budget_bytes`: the size asked
+        wherever some memory techniques make it fit (each stage then picks its own), smaller only
+        where none does, never under `smallest` (nothing fits even there: the smallest, and the
+        caller's out-of-memory handling)."""
+        w, h = images.fit_long_edge(content_size, p.size)
+        layers = list(dict.fromkeys((*p.content_layers, *p.style_layers)))
+        fit = fit_size(h, w, budget_bytes, min_long_edge=min(smallest, p.size), layers=layers, optimizer=p.optimizer,
+                       history=self.lbfgs_history, precision=self.precision, pooling=p.pooling,
+                       device=self.device.type, content_layers=p.content_layers)
+        return max(fit) if fit else min(smallest, p.size)
+
     def techniques(self, height: int, width: int, p: StyleParams, budget_bytes: int | None) -> tuple[Techniques, str]:
         """The cheapest memory techniques for one stage inside `budget_bytes` (memory.choose), and
         why, in words for report.json. None fits: the most frugal, and the allocator's cap decides."""
@@ -283,6 +295,7 @@ class Engine:
         cache: TargetCache | None = None,
         resume: Checkpoint | None = None,
         budget_bytes: int | None = None,
+        techniques: Techniques | None = None,
     ) -> Result:
         """Stylize `content` with the weighted blend of `styles` ((image, weight) pairs or StyleImages).
 
@@ -291,7 +304,8 @@ class Engine:
         digest). `progress` is told every step (a plain function is taken as `on_step`), gets
         checkpoints, and may stop the run with `Interrupted`; steps are counted across stages.
         `resume` continues from a checkpoint, in the stage it was taken in. `budget_bytes` is the
-        peak memory each stage must fit: each picks the cheapest memory techniques that do.
+        peak memory each stage must fit: each picks the cheapest memory techniques that do;
+        `techniques` forces the same ones on every stage instead (tests and benchmarks).
         """
         styles = [s if isinstance(s, StyleImage) else StyleImage(*s) for s in styles]
         if progress is None:
@@ -318,12 +332,12 @@ class Engine:
         first, _ = schedule.stage_at(stages, run.start + 1)
         x = resume.image if resume is not None else None
         for index in range(first, len(stages)):
-            x = self._run_stage(run, index, x, content, styles, init_image, cache, budget_bytes)
+            x = self._run_stage(run, index, x, content, styles, init_image, cache, budget_bytes, techniques)
         return run.result(self, x)
 
     def _run_stage(self, run: "_Run", index: int, previous: torch.Tensor | None, content: Image.Image,
                    styles: list[StyleImage], init_image: Image.Image | None, cache: TargetCache | None,
-                   budget_bytes: int | None) -> torch.Tensor:
+                   budget_bytes: int | None, forced: Techniques | None = None) -> torch.Tensor:
         """One stage: targets at its size, the picture from the stage before (or the start, or
         a checkpoint), its steps; returns the stage's picture (the optimised variable, on the host
         side of nothing: a detached device tensor)."""
@@ -332,7 +346,7 @@ class Engine:
         self.device.reset_peak()
         content_img = images.resize_long_edge(content, stage.size)
         w, h = content_img.size
-        tech, why = self.techniques(h, w, p, budget_bytes)
+        tech, why = (forced, "forced by the caller") if forced else self.techniques(h, w, p, budget_bytes)
         palette = Palette(p.preserve_color, images.to_tensor(content_img).to(dev))
         content_t = palette.content()
         layers = tuple(dict.fromkeys((*p.content_layers, *p.style_layers)))
