@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", help="auto (default), fp32 or bf16")
     s.add_argument("--budget-mb", type=int, metavar="MIB",
                    help="peak memory each stage must fit, MiB: memory techniques first, then a smaller picture "
-                        "(default on a GPU: gpu.vram_budget_mb; on the CPU: limits.cpu_memory_mb, 0 = half the memory)")
+                        "(default on a GPU: its memory less 1 GiB; on the CPU: limits.cpu_memory_mb, 0 = half the memory)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     r = sub.add_parser("run", help="the watch-folder daemon")
@@ -185,7 +186,12 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         engine = Engine(**engine_cfg)  # DeviceError: exit 2, WeightsError: exit 3 (by main())
     from nstd.config import memory_budget
 
-    budget_mb = args.budget_mb if args.budget_mb is not None else memory_budget(cfg, engine.device.is_cuda)[0] >> 20
+    if args.budget_mb is not None:
+        budget_mb = args.budget_mb
+    elif engine.device.is_cuda:  # one run, nothing to share the card with: its memory, less 1 GiB for the context
+        budget_mb = max(64, ((engine.device.total_memory or 0) >> 20) - 1024)
+    else:
+        budget_mb = memory_budget(cfg, False)[0] >> 20
     params = _fit_budget(engine, content, params, budget_mb)
     t0 = time.perf_counter()
     bar = _progress(params.total_steps(), disabled=args.quiet)
@@ -354,7 +360,7 @@ def _stages_option(text: str):
     text = text.strip()
     if text == "auto":
         return text
-    if text.isdigit():
+    if re.fullmatch(r"[0-9]+", text):
         return int(text)
     try:
         return [{"size": int(a), "steps": int(b)} for a, b in (pair.split(":") for pair in text.split(","))]

@@ -195,6 +195,12 @@ def load_config(path: Path | str | None = None) -> dict:
         if cfg["queue"]["backend"] == "celery" and not cfg["queue"]["broker"]:
             raise ConfigError(f"{path}: queue.broker: queue.backend celery needs the broker's URL "
                               "(redis://HOST:6379/0)")
+        if isinstance(cfg["defaults"]["stages"], list):
+            raise ConfigError(f"{path}: defaults.stages: a list of stages fixes every job's size; as a default "
+                              "use auto or a number of stages, and put lists in job files")
+        if 0 < cfg["limits"]["cpu_memory_mb"] < 64:
+            raise ConfigError(f"{path}: limits.cpu_memory_mb: expected 0 (half the memory) or at least 64, "
+                              f"got {cfg['limits']['cpu_memory_mb']}")
         base = path.resolve().parent
     _resolve_paths(cfg, base)
     return cfg
@@ -210,22 +216,39 @@ def _resolve_paths(cfg: dict, base: Path) -> None:
         cfg["engine"]["weights_file"] = str((base / cfg["engine"]["weights_file"]).resolve())
 
 
-def machine_memory_bytes() -> int | None:
-    """This machine's memory, or the cgroup's limit when that is lower (a container, a systemd
-    MemoryMax=); None where neither can be read."""
+def machine_memory_bytes(root: Path = Path("/")) -> int | None:
+    """This machine's memory, or the lowest memory limit of this process's cgroup and the
+    cgroups above it when lower (a container; systemd's MemoryMax= or MemoryHigh=); None where
+    nothing can be read. (`root`: where /proc and /sys are; tests give a fake tree.)"""
+    limits = []
     try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (OSError, ValueError):
-        total = None
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
+        pass
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        hierarchy, controllers, where = (line.split(":", 2) + ["", ""])[:3]
+        v2 = hierarchy == "0" and controllers == ""
+        if not v2 and "memory" not in controllers.split(","):
             continue
-        if text.isdigit():
-            total = min(total, int(text)) if total else int(text)
-        break
-    return total
+        base = root / "sys/fs/cgroup" if v2 else root / "sys/fs/cgroup/memory"
+        names = ("memory.max", "memory.high") if v2 else ("memory.limit_in_bytes",)
+        folder = base / where.strip("/")
+        while True:  # this cgroup and every one above it, up to the mount's root
+            for name in names:
+                try:
+                    text = (folder / name).read_text().strip()
+                except OSError:
+                    continue
+                if text.isdigit() and int(text) < 2**60:
+                    limits.append(int(text))
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return min(limits) if limits else None
 
 
 def memory_budget(cfg: dict, cuda: bool) -> tuple[int, str]:

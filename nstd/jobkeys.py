@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from nstd.engine.options import COLOR_MODES, CONV_LAYERS, DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
-from nstd.engine.schedule import DEFAULT_FACTOR, DEFAULT_START, DEFAULT_STEP_RATIO
+from nstd.engine.schedule import DEFAULT_FACTOR, DEFAULT_START, DEFAULT_STEP_RATIO, MAX_STAGES
 from nstd.schema import Field, SchemaError, choice, integer, list_of, number, section, string, validate
 
 layer = choice(*CONV_LAYERS)
@@ -24,8 +24,6 @@ def _gif(v: Any, key: str) -> dict | bool:
     return validate(v, GIF_FIELDS, key)
 
 
-#: At most this many stages in a coarse-to-fine run.
-MAX_STAGES = 12
 _size = integer(32, 8192)
 _steps = integer(1, 100_000)
 
@@ -65,8 +63,8 @@ JOB_FIELDS: dict[str, Any] = {
     "steps": Field(300, "optimisation steps (one forward+backward each) of the first stage", _steps),
     "stages": Field("auto", "coarse-to-fine: auto | a number of stages (1 = one scale) | a list of {size, steps} "
                     "(its last size is the result's)", _stages),
-    "stage_start": Field(DEFAULT_START, "long edge the first stage starts near, px (stages: auto or a number)",
-                         integer(32, 8192)),
+    "stage_start": Field(DEFAULT_START, "stages: auto: the first stage's long edge is near this, px (and one "
+                         "stage up to 3 x this)", integer(32, 8192)),
     "stage_factor": Field(DEFAULT_FACTOR, "each stage's long edge over the one before's", number(1.1, 4.0)),
     "stage_steps": Field(DEFAULT_STEP_RATIO, "each later stage's steps over the one before's", number(0.05, 1.0)),
     "optimizer": Field("lbfgs", "lbfgs | adam", choice("lbfgs", "adam")),
@@ -119,8 +117,16 @@ def style_params(job: dict) -> "StyleParams":
 
 def merge(defaults: dict, overrides: dict) -> dict:
     """`defaults` (already valid) with `overrides` (raw) validated on top. A list of stages sets
-    `size` (its last stage's), so job.yaml says the size the result has."""
+    `size` and `steps` (its last stage's size, its first stage's steps), so job.yaml says what
+    runs; a `size` or `steps` given beside a list must agree with it (nothing is silently ignored)."""
     job = validate({**defaults, **overrides}, JOB_FIELDS)
-    if isinstance(job["stages"], list):
-        job["size"] = job["stages"][-1]["size"]
+    stages = job["stages"]
+    if isinstance(stages, list):
+        implied = {"size": stages[-1]["size"], "steps": stages[0]["steps"]}
+        for key, value in implied.items():
+            if key in overrides and overrides[key] != value:
+                raise SchemaError("stages", f"the list's {'last size' if key == 'size' else 'first steps'} is "
+                                  f"{value}, but {key} says {overrides[key]!r}: with a list of stages, each stage "
+                                  f"names its size and steps (leave {key} out, or make them agree)")
+        job.update(implied)
     return job

@@ -69,3 +69,33 @@ def test_yaml11_exponent_strings_are_numbers(tmp_path):
     assert cfg["defaults"]["style_weight"] == 1e5 and cfg["defaults"]["tv_weight"] == 0.25
     with pytest.raises(ConfigError, match="style_weight: expected a number"):
         load_config(_write(tmp_path, "defaults:\n  style_weight: 1e4x\n"))
+
+
+def test_machine_memory_is_the_lowest_cgroup_limit_above_this_process(tmp_path):
+    from nstd.config import machine_memory_bytes
+
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/self/cgroup").write_text("0::/system.slice/nstd.service\n")
+    unit = tmp_path / "sys/fs/cgroup/system.slice/nstd.service"
+    unit.mkdir(parents=True)
+    (unit / "memory.max").write_text("max\n")
+    (unit / "memory.high").write_text(f"{6 * 2**30}\n")
+    (unit.parent / "memory.max").write_text(f"{8 * 2**30}\n")
+    assert machine_memory_bytes(tmp_path) == 6 * 2**30  # lower than the machine's, if it has 6 GiB or more
+    (unit / "memory.high").write_text("max\n")
+    assert machine_memory_bytes(tmp_path) == min(8 * 2**30, machine_memory_bytes(tmp_path / "none") or 2**62)
+    (tmp_path / "proc/self/cgroup").write_text("4:memory:/docker/abc\n")  # cgroup v1
+    v1 = tmp_path / "sys/fs/cgroup/memory/docker/abc"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(f"{2 * 2**30}\n")
+    assert machine_memory_bytes(tmp_path) == 2 * 2**30
+
+
+def test_config_refuses_a_list_of_stages_as_a_default_and_a_tiny_cpu_budget(tmp_path):
+    p = tmp_path / "config.yaml"
+    p.write_text("defaults:\n  stages: [{size: 256, steps: 10}]\n")
+    with pytest.raises(ConfigError, match="defaults.stages: a list of stages fixes every job's size"):
+        load_config(p)
+    p.write_text("limits:\n  cpu_memory_mb: 10\n")
+    with pytest.raises(ConfigError, match="limits.cpu_memory_mb: expected 0"):
+        load_config(p)

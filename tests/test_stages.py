@@ -3,7 +3,7 @@ memory fit that picks among them before it ever shrinks a picture."""
 import pytest
 import torch
 
-from nstd.engine import StyleParams
+from nstd.engine import StyleImage, StyleParams
 from nstd.engine.losses import Objective, gram
 from nstd.engine.memory import Techniques, choose, fit_size, predict_peak_bytes
 from nstd.engine.progress import Interrupted, Progress
@@ -21,17 +21,35 @@ GIB = 2**30
 
 def test_auto_schedule_starts_near_256_and_doubles_with_half_the_steps():
     assert plan(2048, 300) == [Stage(256, 300), Stage(512, 150), Stage(1024, 75), Stage(2048, 38)]
-    assert plan(512, 300) == [Stage(256, 300), Stage(512, 150)]
+    assert plan(1024, 300) == [Stage(256, 300), Stage(512, 150), Stage(1024, 75)]
     assert [s.size for s in plan(4096, 300)] == [256, 512, 1024, 2048, 4096]
     assert plan(4096, 300)[-1].steps == MIN_STAGE_STEPS  # never fewer
     assert [s.size for s in plan(3000, 300)] == [188, 375, 750, 1500, 3000]  # ends at the size asked
-    assert plan(300, 100) == [Stage(300, 100)]  # near the start: one stage, the classic run
+    assert plan(512, 300) == [Stage(512, 300)] and plan(768, 300) == [Stage(768, 300)]  # the classic run
     assert plan(64, 10) == [Stage(64, 10)]
     assert plan(2048, 300, stages=1) == [Stage(2048, 300)]
+    assert plan(512, 300, stages=2) == [Stage(256, 300), Stage(512, 150)]
     assert plan(1024, 10, stages=3) == [Stage(256, 10), Stage(512, 10), Stage(1024, 10)]  # steps < the floor
     assert [s.size for s in plan(1024, 100, stages=3, factor=1.5)] == [455, 683, 1024]
+    assert len(plan(8192, 300, start=32, factor=1.1)) == 12  # auto never makes more stages than a list may have
     with pytest.raises(ValueError):
         plan(512, 300, stages=0)
+
+
+def test_stages_too_thin_for_the_network_are_left_out(engine, pair):
+    """A 20:1 panorama: its 160 px stage would be 8 px high, under conv5_1's 16; the run goes on
+    without it instead of failing."""
+    from PIL import Image
+
+    _, style = pair
+    panorama = Image.new("RGB", (640, 32), (90, 120, 160))
+    p = StyleParams(size=640, steps=2, stages=(Stage(160, 2), Stage(640, 2)), frame_every=0)
+    assert engine.plan(panorama, [StyleImage(style)], p) == [Stage(640, 2)]
+    result = engine.stylize(panorama, [(style, 1.0)], p)
+    assert result.size == (640, 32) and [s["size"] for s in result.stages] == [[640, 32]]
+    # a small style_scale makes the style the thin one
+    q = StyleParams(size=256, steps=2, stages=(Stage(64, 2), Stage(256, 2)), style_scale=0.1)
+    assert engine.plan(Image.new("RGB", (256, 192)), [StyleImage(Image.new("RGB", (200, 100)))], q) == [Stage(256, 2)]
 
 
 def test_a_checkpoint_resumes_in_its_stage():
@@ -43,9 +61,10 @@ def test_a_checkpoint_resumes_in_its_stage():
 def test_job_keys_for_stages():
     base = defaults(JOB_FIELDS)
     job = merge(base, {"stages": [{"size": 256, "steps": 100}, {"size": 768, "steps": 40}]})
-    assert job["size"] == 768  # the list's last stage is the result's size, and job.yaml says so
+    assert job["size"] == 768 and job["steps"] == 100  # job.yaml says what runs
     p = style_params(job)
     assert p.schedule() == [Stage(256, 100), Stage(768, 40)] and p.total_steps() == 140
+    assert merge(base, {"stages": [{"size": 256, "steps": 100}], "size": 256, "steps": 100})["size"] == 256
     assert style_params(merge(base, {"stages": 1, "size": 2048})).schedule() == [Stage(2048, 300)]
     for bad, words in [
         ("lots", "expected auto, a number of stages"),
@@ -61,6 +80,12 @@ def test_job_keys_for_stages():
         assert words in str(err.value), (bad, str(err.value))
     with pytest.raises(SchemaError):
         merge(base, {"stage_factor": 1.0})
+    # Nothing silently ignored: a size or steps beside a list must agree with it.
+    for key, value, words in [("size", 2048, "the list's last size is 512, but size says 2048"),
+                              ("steps", 50, "the list's first steps is 10, but steps says 50")]:
+        with pytest.raises(SchemaError) as err:
+            merge(base, {"stages": [{"size": 256, "steps": 10}, {"size": 512, "steps": 5}], key: value})
+        assert words in str(err.value)
 
 
 def test_a_smaller_fit_scales_a_list_of_stages():
@@ -110,6 +135,49 @@ class StopAt(Progress):
         return self.now == self.step
 
 
+def test_stopped_at_a_stage_boundary_resumes_exactly(engine, pair):
+    """A stop on a stage's last step keeps the picture the next stage would start from (the
+    stage's best), so the resumed run is the run that was never stopped."""
+    content, style = pair
+    p = StyleParams(size=64, steps=6, stages=(Stage(32, 6), Stage(64, 4)), frame_every=0)
+    whole = engine.stylize(content, [(style, 1.0)], p)
+    with pytest.raises(Interrupted) as stop:
+        engine.stylize(content, [(style, 1.0)], p, progress=StopAt(6))
+    assert stop.value.checkpoint.step == 6 and stop.value.checkpoint.image.shape[-1] == 32
+    resumed = engine.stylize(content, [(style, 1.0)], p, resume=stop.value.checkpoint)
+    assert resumed.image.tobytes() == whole.image.tobytes()
+
+
+class StopInATile(Progress):
+    """Asks to stop after a number of heartbeats (tiles) have gone by."""
+
+    def __init__(self, after):
+        self.after, self.beats, self.steps = after, 0, 0
+
+    def alive(self):
+        self.beats += 1
+
+    def on_step(self, info):
+        self.steps = info.step
+
+    def should_stop(self):
+        return self.beats >= self.after
+
+
+def test_a_stop_is_taken_within_a_tiled_step(engine, pair):
+    content, style = pair
+    p = StyleParams(size=96, steps=5, stages=1, frame_every=0)
+    tiles = Techniques(20, False, 32)
+    probe = StopInATile(10**9)
+    engine.stylize(content, [(style, 1.0)], p, techniques=tiles, progress=probe)
+    per_step = probe.beats // 7  # targets and the last check beat too; a step beats twice a tile
+    stop = StopInATile(probe.beats - 2 * per_step)  # within step 4 or 5
+    with pytest.raises(Interrupted) as err:
+        engine.stylize(content, [(style, 1.0)], p, techniques=tiles, progress=stop)
+    assert err.value.checkpoint.step == stop.steps  # the picture after the last whole step
+    assert 1 <= stop.steps < 5
+
+
 def test_interrupted_in_the_second_stage_resumes_there(engine, pair):
     content, style = pair
     p = StyleParams(size=64, steps=6, stages=(Stage(32, 6), Stage(64, 4)), frame_every=0)
@@ -150,8 +218,8 @@ def test_tiled_pass_equals_the_whole_pass(engine, style_layers, content_layers, 
     losses = obj(ext(whole), whole)
     losses.total.backward()
     c, s, grad = tiler.loss_and_grad(x, obj)
-    assert float(c) == pytest.approx(float(losses.content), rel=1e-4)
-    assert float(s) == pytest.approx(float(losses.style), rel=1e-4)
+    assert float(c) == pytest.approx(float(losses.content.detach()), rel=1e-4)
+    assert float(s) == pytest.approx(float(losses.style.detach()), rel=1e-4)
     assert float((grad - whole.grad).norm() / whole.grad.norm()) < 1e-4
     assert float((grad - whole.grad).abs().max() / whole.grad.abs().max()) < 1e-4
     with torch.no_grad():

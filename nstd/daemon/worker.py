@@ -86,6 +86,9 @@ class JobProgress(Progress):
             self.log.info("step {}/{} loss {:.4g} eta {:.0f} s", info.step, info.steps,
                           loss if loss is not None else info.losses()["total"], eta)
 
+    def alive(self) -> None:
+        self.worker.heartbeat = time.monotonic()
+
     def checkpoint_due(self, step: int) -> bool:
         """Every `service.checkpoint_seconds` (a 3 s job takes none), and every
         `service.checkpoint_every` steps if set."""

@@ -171,7 +171,7 @@ def choose(height: int, width: int, budget_bytes: int | None, layers: Sequence[s
     if budget_bytes is None:
         return plain
     deepest = max(layers, key=layer_index)
-    histories = sorted({history, *[h for h in (10, 5) if MIN_HISTORY <= h < history]}, reverse=True)
+    histories = sorted({history, *[h for h in (20, 10, MIN_HISTORY) if h < history]}, reverse=True)
     options = [Techniques(h, c, t) for h in histories for c in (False, True)
                for t in (None, *[t for t in TILE_SIZES if t < max(height, width)])]
     fits = [o for o in options
@@ -185,7 +185,7 @@ def fit_size(
 ) -> tuple[int, int] | None:
     """The largest (h, w) of the same aspect for which some techniques fit `budget_bytes`
     (`choose`), or None. Shrinking is the last resort: the techniques come first."""
-    long_edge = max(height, width)
+    long_edge, min_long_edge = max(height, width), max(1, min_long_edge)
     while long_edge >= min_long_edge:
         scale = long_edge / max(height, width)
         h, w = max(1, round(height * scale)), max(1, round(width * scale))

@@ -47,7 +47,9 @@ class Interrupted(Exception):
 class Progress:
     """The one callback object a run reports to; override what you need.
 
-    `on_step` after every step; `on_checkpoint` with a resumable checkpoint after each step for
+    `on_step` after every step; `alive` within long steps and between stages (each tile of a
+    tiled pass, each stage's targets: a step at 4096 px on a CPU takes minutes, and a watchdog
+    must not take that for a hang); `on_checkpoint` with a resumable checkpoint after each step for
     which `checkpoint_due` says so (by default every `checkpoint_every` steps, 0: never; a
     checkpoint copies the picture to the host, so it is asked for sparingly); `should_stop` is
     asked after every step, and True ends the run with `Interrupted`.
@@ -59,6 +61,9 @@ class Progress:
         return bool(self.checkpoint_every) and step % self.checkpoint_every == 0
 
     def on_step(self, info: StepInfo) -> None:
+        pass
+
+    def alive(self) -> None:
         pass
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:

@@ -6,21 +6,26 @@ Started small, the picture takes the style's large forms where they are cheap to
 stage starts from the one before, upsampled, and adds the detail its size allows, in fewer steps.
 
 The rule (`plan`), with the defaults `stages: auto`, `stage_start: 256`, `stage_factor: 2`,
-`stage_steps: 0.5`: the last stage is the size asked; the stages before it are smaller by the factor
-each, as many as bring the first one nearest to `stage_start` (a job at or under about
-`stage_start` x sqrt(factor) runs in one stage, today's single-scale run). The first stage runs
-`steps`; each later one `stage_steps` times the one before, never fewer than `MIN_STAGE_STEPS`
-(or `steps`, when that is fewer). `stages: 1` keeps the single-scale run at any size; a number
-asks for that many stages; a list names each stage's size and steps.
+`stage_steps: 0.5`: a job up to `AUTO_SINGLE` x `stage_start` (768 px) runs in one stage, the
+classic run (the contract's default job is unchanged); above, the last stage is the size asked and
+the stages before it are smaller by the factor each, as many as bring the first one nearest to
+`stage_start` (at most MAX_STAGES). A number asks for that many stages below the size, by the
+factor; a list names each stage's size and steps. The first stage runs `steps`; each later one
+`stage_steps` times the one before, never fewer than `MIN_STAGE_STEPS` (or `steps`, when that is
+fewer). Stages that would round under 32 px are left out.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 #: A later stage never gets fewer steps than this (unless `steps` itself is fewer).
 MIN_STAGE_STEPS = 30
+#: `auto` runs one stage up to this many times `stage_start`.
+AUTO_SINGLE = 3
+#: The most stages a run has (the job key's limit too).
+MAX_STAGES = 12
 #: The defaults of the job keys (jobkeys.py).
 DEFAULT_START, DEFAULT_FACTOR, DEFAULT_STEP_RATIO = 256, 2.0, 0.5
 
@@ -43,7 +48,7 @@ def plan(size: int, steps: int, stages: StagesSetting = "auto", start: int = DEF
             raise ValueError("stages: the list is empty")
         return out
     if stages == "auto":
-        count = 1 + max(0, round(math.log(size / start) / math.log(factor))) if size > start else 1
+        count = 1 if size <= AUTO_SINGLE * start else min(MAX_STAGES, 1 + round(math.log(size / start) / math.log(factor)))
     elif isinstance(stages, int) and stages >= 1:
         count = stages
     else:
@@ -57,6 +62,14 @@ def plan(size: int, steps: int, stages: StagesSetting = "auto", start: int = DEF
             continue
         out.append(Stage(s, n))
     return out
+
+
+def viable(stages: Sequence[Stage], short_edges: Callable[[int], int], minimum: int) -> list[Stage]:
+    """`stages` without the early ones whose picture would be too thin for the network
+    (`short_edges(size)`: the smallest edge a stage of that long edge needs, content or style;
+    `minimum`: what the deepest layer's pooling needs). The last stage always stays."""
+    kept = [s for s in stages[:-1] if short_edges(s.size) >= minimum]
+    return [*kept, stages[-1]]
 
 
 def total_steps(stages: Sequence[Stage]) -> int:

@@ -222,7 +222,7 @@ class Engine:
     @torch.no_grad()
     def style_grams(
         self, style: Image.Image, long_edge: int, layers: Sequence[str], pooling: str,
-        palette: Palette | None = None, tile: int | None = None,
+        palette: Palette | None = None, tile: int | None = None, tick: Callable[[], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Gram targets of one style image resized so its long edge is `long_edge` (its colours
         adjusted by `palette` when the run keeps the content's), over tiles of `tile` px when set
@@ -232,20 +232,21 @@ class Engine:
             x = palette.style(x)
         extractor = self.network.extractor(layers, pooling)
         if tile:
-            return Tiler(extractor, tile, autocast=self._autocast).grams(x, list(layers))
+            return Tiler(extractor, tile, autocast=self._autocast, tick=tick).grams(x, list(layers))
         with self._autocast():
             feats = extractor(x)
         return {k: gram(v).detach() for k, v in feats.items()}
 
     def style_targets(self, styles: Sequence[StyleImage], content_size: tuple[int, int], p: StyleParams,
                       cache: TargetCache | None = None, palette: Palette | None = None,
-                      size: int | None = None, tile: int | None = None) -> list[dict[str, torch.Tensor]]:
+                      size: int | None = None, tile: int | None = None,
+                      tick: Callable[[], None] | None = None) -> list[dict[str, torch.Tensor]]:
         """Each style's Gram targets at the size rule's edge for a result of long edge `size`
         (default `p.size`), from `cache` where it has them."""
         edge = style_edge(content_size, size or p.size, p.style_scale)
         out = []
         for s in styles:
-            compute = lambda img=s.image: self.style_grams(img, edge, p.style_layers, p.pooling, palette, tile)  # noqa: E731
+            compute = lambda img=s.image: self.style_grams(img, edge, p.style_layers, p.pooling, palette, tile, tick)  # noqa: E731
             if cache is None or s.digest is None:
                 out.append(compute())
             else:
@@ -277,7 +278,7 @@ class Engine:
         mib = lambda n: f"{n / 2**20:.0f} MiB" if n >= 100 * 2**20 else f"{n / 2**20:.1f} MiB"  # noqa: E731
         chosen = choose(height, width, budget_bytes, history=self.lbfgs_history, **kw)
         if chosen is None:
-            chosen = Techniques(5, True, 128)
+            chosen = Techniques(min(5, self.lbfgs_history), True, 128)
             return chosen, f"nothing is predicted to fit {mib(budget_bytes)} (the plain pass needs {mib(plain)}); the most frugal"
         if chosen == Techniques(self.lbfgs_history):
             return chosen, f"the plain pass fits: {mib(plain)} of {mib(budget_bytes)}"
@@ -321,7 +322,7 @@ class Engine:
         if p.optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"unknown optimizer {p.optimizer!r} (expected lbfgs or adam)")
         torch.manual_seed(p.seed)
-        stages = p.schedule()
+        stages = self.plan(content, styles, p)
         run = _Run(p=p, stages=stages, total=schedule.total_steps(stages), progress=progress,
                    frame_size=_frame_size(images.fit_long_edge(content.size, stages[-1].size), p.frame_max_size),
                    start=resume.step if resume is not None else 0, t0=t0)
@@ -335,6 +336,20 @@ class Engine:
             x = self._run_stage(run, index, x, content, styles, init_image, cache, budget_bytes, techniques)
         return run.result(self, x)
 
+    def plan(self, content: Image.Image, styles: Sequence[StyleImage], p: StyleParams) -> list[Stage]:
+        """`p`'s stages, less the early ones too thin for the network: the content's or a style's
+        short edge at that stage under what the deepest layer's pooling needs (a panorama, a
+        small style_scale)."""
+        deepest = max((*p.content_layers, *p.style_layers), key=layer_index)
+        minimum = 2 ** (int(deepest[4]) - 1)
+
+        def short_edge(size: int) -> int:
+            edge = style_edge(content.size, size, p.style_scale)
+            return min(min(images.fit_long_edge(content.size, size)),
+                       *(min(images.fit_long_edge(s.image.size, edge)) for s in styles))
+
+        return schedule.viable(p.schedule(), short_edge, minimum)
+
     def _run_stage(self, run: "_Run", index: int, previous: torch.Tensor | None, content: Image.Image,
                    styles: list[StyleImage], init_image: Image.Image | None, cache: TargetCache | None,
                    budget_bytes: int | None, forced: Techniques | None = None) -> torch.Tensor:
@@ -347,12 +362,23 @@ class Engine:
         content_img = images.resize_long_edge(content, stage.size)
         w, h = content_img.size
         tech, why = (forced, "forced by the caller") if forced else self.techniques(h, w, p, budget_bytes)
+        stoppable = False  # a stop is taken within a step only (the picture is then the last step's)
+
+        def tick() -> None:
+            """Within long passes: a heartbeat, and a stop asked for is taken now, not minutes later."""
+            run.progress.alive()
+            if stoppable and run.progress.should_stop():
+                raise _StopNow
+
         palette = Palette(p.preserve_color, images.to_tensor(content_img).to(dev))
         content_t = palette.content()
         layers = tuple(dict.fromkeys((*p.content_layers, *p.style_layers)))
         extractor = self.network.extractor(layers, p.pooling)
-        tiler = Tiler(extractor, tech.tile, tech.checkpoint, self._autocast) if tech.tile else None
-        grams = self.style_targets(styles, content.size, p, cache, palette, size=stage.size, tile=tech.tile)
+        tiler = Tiler(extractor, tech.tile, tech.checkpoint, self._autocast, tick) if tech.tile else None
+        # A style seen larger than the picture (style_scale > 1) is read in tiles too: its pass
+        # is not what the techniques were fitted to.
+        style_tile = tech.tile or (1024 if style_edge(content.size, stage.size, p.style_scale) > stage.size else None)
+        grams = self.style_targets(styles, content.size, p, cache, palette, size=stage.size, tile=style_tile, tick=tick)
         target_grams = blend_grams(grams, [s.weight for s in styles])
         del grams
         if tiler is not None:
@@ -428,23 +454,32 @@ class Engine:
         run.targets += t_loop - t_stage
         if run.t_opt is None:
             run.t_opt = t_loop
+        def checkpoint(at: int) -> Checkpoint:
+            return Checkpoint(at, x.detach().float().cpu().clone(), frames.all())
+
         for step in range(first_step, end + 1):
-            captured_now = False
-            if use_graph and graph is None and step - first_step == GRAPH_WARMUP_STEPS:
-                use_graph = False  # one try a stage
-                graph = self._capture(lambda: lbfgs_step(capturing=True), evaluate, x)
-                captured_now = graph is not None  # its check replayed it once: that was this step
-            if captured_now:
-                pass
-            elif graph is not None:
-                graph.replay()
-            elif p.optimizer == "adam":
-                evaluate()
-                opt.step(x.grad)
-                with torch.no_grad():
-                    x.clamp_(0, 1)
-            else:
-                lbfgs_step()
+            stoppable = True
+            try:
+                captured_now = False
+                if use_graph and graph is None and step - first_step == GRAPH_WARMUP_STEPS:
+                    use_graph = False  # one try a stage
+                    graph = self._capture(lambda: lbfgs_step(capturing=True), evaluate, x)
+                    captured_now = graph is not None  # its check replayed it once: that was this step
+                if captured_now:
+                    pass
+                elif graph is not None:
+                    graph.replay()
+                elif p.optimizer == "adam":
+                    evaluate()
+                    opt.step(x.grad)
+                    with torch.no_grad():
+                        x.clamp_(0, 1)
+                else:
+                    lbfgs_step()
+            except _StopNow:  # asked within a long (tiled) step: x is still the last step's picture
+                raise Interrupted(checkpoint(step - 1)) from None
+            finally:
+                stoppable = False
             if p.frame_every and (step % p.frame_every == 0 or step == run.total):
                 frames.add(palette.show(x.detach()))
             elapsed = time.perf_counter() - run.t_opt
@@ -452,11 +487,11 @@ class Engine:
             progress.on_step(StepInfo(step, run.total, elapsed, guard.last,
                                       picture=lambda: self._frame(x, run.frame_size, palette),
                                       eta=elapsed / run.work_done * run.work_left(step)))
-            if step < run.total:
+            if step < end:  # a stage's last picture is checked first (below)
                 if progress.checkpoint_due(step):
-                    progress.on_checkpoint(Checkpoint(step, x.detach().float().cpu().clone(), frames.all()))
+                    progress.on_checkpoint(checkpoint(step))
                 if progress.should_stop():
-                    raise Interrupted(Checkpoint(step, x.detach().float().cpu().clone(), frames.all()))
+                    raise Interrupted(checkpoint(step))
         # The last update has not been evaluated: keep it only if it is no worse than the best.
         del opt
         with torch.no_grad():
@@ -486,6 +521,11 @@ class Engine:
             "seconds": round(time.perf_counter() - t_stage, 3), "peak_memory_bytes": peak,
             "techniques": tech.names(), "lbfgs_history": history, "why": why,
         })
+        if end < run.total:  # between stages: the picture the next one starts from
+            if progress.checkpoint_due(end):
+                progress.on_checkpoint(checkpoint(end))
+            if progress.should_stop():
+                raise Interrupted(checkpoint(end))
         return x.detach()
 
     def _capture(self, step: Callable[[], None], warm: Callable[[], None],
@@ -541,6 +581,10 @@ class Engine:
         if img.size != size:
             img = img.resize(size, Image.Resampling.LANCZOS)
         return img
+
+
+class _StopNow(Exception):
+    """A stop asked for within a long step (tiles.Tiler's tick): the run ends at the step before."""
 
 
 def _frame_size(final: tuple[int, int], max_size: int) -> tuple[int, int]:

@@ -60,13 +60,15 @@ class Tiler:
     """Tiled passes of one extractor with `tile` px cores (rounded up to its grid)."""
 
     def __init__(self, extractor: Extractor, tile: int, checkpoint: bool = False,
-                 autocast: Callable[[], AbstractContextManager] | None = None):
+                 autocast: Callable[[], AbstractContextManager] | None = None, tick: Callable[[], None] | None = None):
+        """`tick` is called before each tile (a heartbeat; it may raise to stop the pass)."""
         self.ext = extractor
         self.grid = extractor.downsampling
         self.tile = _round_up(max(tile, self.grid), self.grid)
         self.halo = halo_for(extractor)
         self.checkpoint = checkpoint
         self.autocast = autocast or (lambda: torch.autocast("cpu", enabled=False))
+        self.tick = tick or (lambda: None)
 
     def tiles(self, height: int, width: int) -> list[Tile]:
         return layout(height, width, self.tile, self.halo)
@@ -88,6 +90,7 @@ class Tiler:
         without autograd."""
         size = tuple(image.shape[-2:])
         for t in self.tiles(*size):
+            self.tick()
             with torch.no_grad(), self.autocast():
                 feats = self.ext(self._window(image, t))
             for layer in layers:
@@ -137,6 +140,7 @@ class Tiler:
         grad = torch.zeros_like(seen)
         content = seen.new_zeros(())
         for t in self.tiles(*size):
+            self.tick()
             window = self._window(seen, t).clone().requires_grad_(True)
             with torch.enable_grad():
                 with self.autocast():
