@@ -1,8 +1,9 @@
 """Big prints, measured: issue #13's three figures, each against a baseline run in the same invocation.
 
-    .venv/bin/python bench/big_prints.py schedule [--size 512] [--device cpu]
-        One stage vs coarse to fine at the same size: the coarse-to-fine run's time to reach the
-        one-stage run's final total loss (its loss read every step, timed), and the ratio.
+    .venv/bin/python bench/big_prints.py schedule [--size 512] [--stages 2] [--device cpu]
+        One stage vs coarse to fine (`--stages`, default 2: 256 then 512 px at 512) at the same
+        size: the coarse-to-fine run's time to reach the one-stage run's final total loss (its
+        loss read every step, timed), and the ratio.
 
     .venv/bin/python bench/big_prints.py quality --outdir docs/big [--size 2048] [--small 512]
         The default run at 512 px and at 2048 px; the 2048 px result downscaled to 512 and its
@@ -43,7 +44,8 @@ def schedule(args) -> None:
     content, style = _pair()
     print(f"{engine.device} ({engine.device.name}), {engine.precision}, {args.size} px, {args.steps} steps a first stage")
     curves = {}
-    for name, stages in (("one stage", 1), ("coarse to fine", "auto")):
+    staged = int(args.stages) if args.stages.isdigit() else args.stages
+    for name, stages in (("one stage", 1), ("coarse to fine", staged)):
         p = StyleParams(size=args.size, steps=args.steps, stages=stages, frame_every=0)
         t0, curve = time.perf_counter(), []
         result = engine.stylize(content, [(style, 1.0)], p,
@@ -190,6 +192,7 @@ def main() -> None:
         s.add_argument("--precision", default="auto")
         s.add_argument("--steps", type=int, default=300)
     sub.choices["schedule"].add_argument("--size", type=int, default=512)
+    sub.choices["schedule"].add_argument("--stages", default="2")
     q = sub.choices["quality"]
     q.add_argument("--size", type=int, default=2048)
     q.add_argument("--small", type=int, default=512)

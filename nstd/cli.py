@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--stage-start", type=int, help="long edge the first stage starts near (default 256)")
     s.add_argument("--stage-factor", type=float, help="each stage's long edge over the one before's (default 2)")
     s.add_argument("--stage-steps", type=float, help="each later stage's steps over the one before's (default 0.5)")
+    s.add_argument("--anchor-size", type=int, help="stages larger than this also match the style scaled down to it, "
+                                                    "keeping strokes' size relative to the picture (default 512; 0: off)")
     s.add_argument("--optimizer", help="lbfgs (default) or adam")
     s.add_argument("--content-weight", type=float, help="alpha (default 1)")
     s.add_argument("--style-weight", type=float, help="beta (default 1e4)")
@@ -347,7 +349,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 #: `nstd stylize`'s options by job key: its errors name the option the user typed.
 OPTION_OF_KEY = {
     "size": "--size", "steps": "--steps", "stages": "--stages", "stage_start": "--stage-start",
-    "stage_factor": "--stage-factor", "stage_steps": "--stage-steps", "optimizer": "--optimizer", "content_weight": "--content-weight",
+    "stage_factor": "--stage-factor", "stage_steps": "--stage-steps", "anchor_size": "--anchor-size", "optimizer": "--optimizer", "content_weight": "--content-weight",
     "style_weight": "--style-weight", "tv_weight": "--tv-weight", "style_scale": "--style-scale",
     "preserve_color": "--preserve-color", "init": "--init", "pooling": "--pooling", "seed": "--seed",
     "gif.every": "--gif-every", "engine.device": "--device", "engine.weights": "--weights",
@@ -390,6 +392,7 @@ def _job_and_engine(args, cfg) -> tuple[dict, dict]:
             ("stage_start", "stage_start"),
             ("stage_factor", "stage_factor"),
             ("stage_steps", "stage_steps"),
+            ("anchor_size", "anchor_size"),
             ("optimizer", "optimizer"),
             ("content_weight", "content_weight"),
             ("style_weight", "style_weight"),

@@ -67,6 +67,9 @@ JOB_FIELDS: dict[str, Any] = {
                          "stage up to 3 x this)", integer(32, 8192)),
     "stage_factor": Field(DEFAULT_FACTOR, "each stage's long edge over the one before's", number(1.1, 4.0)),
     "stage_steps": Field(DEFAULT_STEP_RATIO, "each later stage's steps over the one before's", number(0.05, 1.0)),
+    "anchor_size": Field(512, "a stage larger than this also matches the style with the picture scaled down to "
+                         "this long edge, so strokes keep their size relative to the picture; 0 = off",
+                         integer(0, 8192)),
     "optimizer": Field("lbfgs", "lbfgs | adam", choice("lbfgs", "adam")),
     "content_weight": Field(1.0, "alpha: weight of the content term", number(0, 1e12)),
     "style_weight": Field(1.0e4, "beta: weight of the style term", number(0, 1e12)),
@@ -99,6 +102,7 @@ def style_params(job: dict) -> "StyleParams":
         stage_start=job.get("stage_start", DEFAULT_START),
         stage_factor=job.get("stage_factor", DEFAULT_FACTOR),
         stage_steps=job.get("stage_steps", DEFAULT_STEP_RATIO),
+        anchor_size=job.get("anchor_size", 0),  # a claim from before the key: as it was taken
         optimizer=job["optimizer"],
         content_weight=job["content_weight"],
         style_weight=job["style_weight"],

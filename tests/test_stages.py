@@ -2,6 +2,7 @@
 memory fit that picks among them before it ever shrinks a picture."""
 import pytest
 import torch
+from PIL import Image
 
 from nstd.engine import StyleImage, StyleParams
 from nstd.engine.losses import Objective, gram
@@ -39,8 +40,6 @@ def test_auto_schedule_starts_near_256_and_doubles_with_half_the_steps():
 def test_stages_too_thin_for_the_network_are_left_out(engine, pair):
     """A 20:1 panorama: its 160 px stage would be 8 px high, under conv5_1's 16; the run goes on
     without it instead of failing."""
-    from PIL import Image
-
     _, style = pair
     panorama = Image.new("RGB", (640, 32), (90, 120, 160))
     p = StyleParams(size=640, steps=2, stages=(Stage(160, 2), Stage(640, 2)), frame_every=0)
@@ -108,6 +107,27 @@ def test_a_coarse_to_fine_run(engine, pair):
     assert len(result.frames) == 7 and {f.size for f in result.frames} == {(48, 36)}  # one frame size for all
     assert [(s["size"], s["steps"]) for s in result.stages] == [([32, 24], 8), ([64, 48], 4)]
     assert all(s["techniques"] == [] and s["why"] == "no memory budget" for s in result.stages)
+
+
+def test_a_stage_larger_than_the_anchor_also_matches_the_style_at_the_anchor(engine, pair):
+    """The anchor term is the style loss of the picture scaled down to the anchor size: it is in
+    the big stage's loss (the reported style is larger by it) and in no stage at or under it."""
+    content, style = pair
+    p = StyleParams(size=96, steps=4, stages=(Stage(48, 4), Stage(96, 3)), frame_every=0, anchor_size=48)
+    anchored = engine.stylize(content, [(style, 1.0)], p)
+    assert [s["anchor"] for s in anchored.stages] == [None, [48, 36]]
+    plain = engine.stylize(content, [(style, 1.0)], StyleParams(**{**p.__dict__, "anchor_size": 0}))
+    assert [s["anchor"] for s in plain.stages] == [None, None]
+    assert anchored.losses["style"] > plain.losses["style"]  # two style terms against one
+    # and the scaled-down picture's own style loss is what it adds
+    from nstd.engine import images
+    from nstd.engine.losses import Objective
+    grams = engine.style_grams(style, 48, p.style_layers, p.pooling)
+    small = images.to_tensor(anchored.image.resize((48, 36), Image.Resampling.LANCZOS))
+    with torch.no_grad():
+        feats = engine.network.extractor(p.style_layers, p.pooling)(small)
+    at_anchor = float(Objective({}, grams, 0.0, p.style_weight, 0.0).style_term({k: gram(feats[k]) for k in grams}))
+    assert 0 < at_anchor < anchored.losses["style"]
 
 
 def test_the_second_stage_starts_from_the_first(engine, pair):
