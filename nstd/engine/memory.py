@@ -123,11 +123,13 @@ def predict_peak_bytes(
     checkpoint: bool = False,
     tile: int | None = None,
     content_layers: Sequence[str] | None = None,
+    anchor: tuple[int, int] | None = None,
 ) -> int:
     """Predicted peak bytes of one stylization at `height` x `width` on `device` ("cpu" or "cuda"),
     with the given techniques: the allocator's view (torch.cuda.max_memory_allocated), without
     the CUDA context itself. `layers`: every layer the losses use; `content_layers`: those whose
-    whole maps are kept as targets (all of `layers` when not given: an upper bound)."""
+    whole maps are kept as targets (all of `layers` when not given: an upper bound); `anchor`:
+    (h, w) of the anchor's pass (stylize._Anchor), which runs after the main one, alone."""
     deepest = max(layers, key=layer_index)
     if tile:  # autograd holds one tile's window at a time (core + halo on each side, cut at the edge)
         grid, halo = _grid_and_halo(deepest)
@@ -136,6 +138,10 @@ def predict_peak_bytes(
         saved, largest = _activations(wh, ww, layers, precision, pooling, checkpoint, content_layers)
     else:
         saved, largest = _activations(height, width, layers, precision, pooling, checkpoint, content_layers)
+    if anchor:
+        style_only = [n for n in layers if content_layers is None or n not in content_layers] or list(layers)
+        a_saved, a_largest = _activations(*anchor, style_only, precision, pooling, False, [])
+        saved, largest = max(saved, a_saved), max(largest, a_largest)
     transient = _TRANSIENT_MAPS * largest * _FP32
     weights = sum(
         (s[0] * s[1] * s[2] * s[3] + s[0]) * _FP32 for n, s in CONV_SHAPES.items() if layer_index(n) <= layer_index(deepest)
@@ -164,7 +170,7 @@ MIN_HISTORY = 5
 
 def choose(height: int, width: int, budget_bytes: int | None, layers: Sequence[str], optimizer: str = "lbfgs",
            history: int = 20, precision: str = "fp32", pooling: str = "avg", device: str = "cpu",
-           content_layers: Sequence[str] | None = None) -> Techniques | None:
+           content_layers: Sequence[str] | None = None, anchor: tuple[int, int] | None = None) -> Techniques | None:
     """The cheapest techniques (Techniques.cost) whose predicted peak fits `budget_bytes` at this
     size; plain with the full history when there is no budget; None when nothing fits."""
     plain = Techniques(history=history)
@@ -176,7 +182,7 @@ def choose(height: int, width: int, budget_bytes: int | None, layers: Sequence[s
                for t in (None, *[t for t in TILE_SIZES if t < max(height, width)])]
     fits = [o for o in options
             if predict_peak_bytes(height, width, layers, optimizer, o.history if optimizer == "lbfgs" else 0,
-                                  precision, pooling, device, o.checkpoint, o.tile, content_layers) <= budget_bytes]
+                                  precision, pooling, device, o.checkpoint, o.tile, content_layers, anchor) <= budget_bytes]
     return min(fits, key=lambda o: (o.cost(height, width, deepest), -o.history)) if fits else None
 
 

@@ -265,7 +265,7 @@ class Engine:
         layers = list(dict.fromkeys((*p.content_layers, *p.style_layers)))
         fit = fit_size(h, w, budget_bytes, min_long_edge=min(smallest, p.size), layers=layers, optimizer=p.optimizer,
                        history=self.lbfgs_history, precision=self.precision, pooling=p.pooling,
-                       device=self.device.type, content_layers=p.content_layers)
+                       device=self.device.type, content_layers=p.content_layers, anchor=_anchor_hw(content_size, p))
         return max(fit) if fit else min(smallest, p.size)
 
     def techniques(self, height: int, width: int, p: StyleParams, budget_bytes: int | None) -> tuple[Techniques, str]:
@@ -273,7 +273,8 @@ class Engine:
         why, in words for report.json. None fits: the most frugal, and the allocator's cap decides."""
         layers = list(dict.fromkeys((*p.content_layers, *p.style_layers)))
         kw = dict(layers=layers, optimizer=p.optimizer, precision=self.precision, pooling=p.pooling,
-                  device=self.device.type, content_layers=p.content_layers)
+                  device=self.device.type, content_layers=p.content_layers,
+                  anchor=_anchor_hw((width, height), p, max(width, height)))
         plain = predict_peak_bytes(height, width, history=self.lbfgs_history, **kw)
         if budget_bytes is None:
             return Techniques(self.lbfgs_history), "no memory budget"
@@ -397,8 +398,8 @@ class Engine:
         )
         del content_feats, target_grams
         anchor = None
-        if p.anchor_size and stage.size > p.anchor_size and p.anchor_size < 0.8 * stage.size:
-            aw, ah = images.fit_long_edge(content.size, p.anchor_size)
+        if _anchor_hw(content.size, p, stage.size):
+            ah, aw = _anchor_hw(content.size, p, stage.size)
             grams = self.style_targets(styles, content.size, p, cache, palette, size=p.anchor_size, tick=tick)
             anchor = _Anchor((ah, aw), self.network.extractor(p.style_layers, p.pooling),
                              Objective({}, blend_grams(grams, [s.weight for s in styles]), 0.0, p.style_weight, 0.0),
@@ -600,6 +601,16 @@ class Engine:
         if img.size != size:
             img = img.resize(size, Image.Resampling.LANCZOS)
         return img
+
+
+def _anchor_hw(content_size: tuple[int, int], p: StyleParams, size: int | None = None) -> tuple[int, int] | None:
+    """(h, w) of the anchor's pass for a stage of long edge `size` (default the result's), or None
+    where the stage is not larger than the anchor (by a quarter: a near-equal size adds nothing)."""
+    size = size or p.size
+    if not p.anchor_size or size <= 1.25 * p.anchor_size:
+        return None
+    w, h = images.fit_long_edge(content_size, p.anchor_size)
+    return h, w
 
 
 class _Anchor:
