@@ -44,7 +44,12 @@ def schedule(args) -> None:
     content, style = _pair()
     print(f"{engine.device} ({engine.device.name}), {engine.precision}, {args.size} px, {args.steps} steps a first stage")
     curves = {}
-    staged = int(args.stages) if args.stages.isdigit() else args.stages
+    from nstd.engine.schedule import Stage
+
+    if ":" in args.stages:  # SIZE:STEPS,... as nstd stylize --stages takes it
+        staged = tuple(Stage(int(a), int(b)) for a, b in (x.split(":") for x in args.stages.split(",")))
+    else:
+        staged = int(args.stages) if args.stages.isdigit() else args.stages
     for name, stages in (("one stage", 1), ("coarse to fine", staged)):
         p = StyleParams(size=args.size, steps=args.steps, stages=stages, frame_every=0)
         t0, curve = time.perf_counter(), []
