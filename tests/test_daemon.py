@@ -62,7 +62,9 @@ def test_a_coarse_to_fine_job_reports_its_stages(daemon):
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == 4 and report["size_used"] == [48, 25]
     assert [(s["size"], s["steps"], s["techniques"]) for s in report["stages"]] == [([32, 17], 2, []), ([48, 25], 2, [])]
-    assert all(s["seconds"] > 0 and s["why"] == "no memory budget" for s in report["stages"])
+    # the CPU's budget (half the machine) holds such a job plainly, and the record says so
+    assert all(s["seconds"] > 0 and s["why"].startswith("the plain pass fits") for s in report["stages"])
+    assert report["memory_budget_bytes"] > 0
     assert "step 4/4" in (out / "job.log").read_text()
 
 
