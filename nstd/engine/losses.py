@@ -96,6 +96,10 @@ class Objective:
         """What each content layer's relative error is multiplied by in the total."""
         return self.wc / max(1, len(self.content))
 
+    def content_term(self, features: dict[str, torch.Tensor], zero: torch.Tensor) -> torch.Tensor:
+        """The weighted content term from whole maps of the content layers."""
+        return self.content_scale * sum((t.loss(features[k]) for k, t in self.content.items()), zero)
+
     def style_term(self, grams: dict[str, torch.Tensor]) -> torch.Tensor:
         """The weighted style term from the picture's Gram matrices (tiles.py computes them in parts)."""
         first = next(iter(grams.values()), None)
@@ -107,7 +111,7 @@ class Objective:
 
     def __call__(self, features: dict[str, torch.Tensor], image: torch.Tensor) -> Losses:
         zero = image.new_zeros(())
-        c = self.content_scale * sum((t.loss(features[k]) for k, t in self.content.items()), zero)
+        c = self.content_term(features, zero)
         s = self.style_term({k: gram(features[k]) for k in self.style}) if self.style else zero
         v = self.tv_term(image)
         return Losses(c, s, v, c + s + v)

@@ -518,7 +518,7 @@ class Engine:
                 seen = palette.view(x)
                 grams = tiler.grams(seen, list(objective.style))
                 feats = tiler.features(seen, list(objective.content))
-                c = objective.content_scale * sum((t.loss(feats[k]) for k, t in objective.content.items()), seen.new_zeros(()))
+                c = objective.content_term(feats, seen.new_zeros(()))
                 s_, v = objective.style_term(grams), objective.tv_term(seen)
                 final_losses = Losses(c, s_, v, c + s_ + v)
                 del grams, feats
