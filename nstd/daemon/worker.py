@@ -63,6 +63,7 @@ class JobProgress(Progress):
         self.every = max(1, steps // 20)
         self.plot_every = max(1, steps // 100)  # a loss read is a device sync: 100 a job, or one a second
         self.next_loss = 0.0
+        self.loss_step = 0  # the step of the last loss plotted
         service = worker.cfg["service"]
         self.checkpoint_every = service["checkpoint_every"]
         self.checkpoint_seconds = service["checkpoint_seconds"]
@@ -77,14 +78,18 @@ class JobProgress(Progress):
                                  "eta_seconds": round(eta, 1), "device": str(self.device)})
         last = info.step == info.steps
         now = time.monotonic()
-        loss = None
+        loss = None  # (step, total): on a GPU the newest already on the host, read without a sync
         if info.step % self.plot_every == 0 or last or now >= self.next_loss:
-            loss, self.next_loss = info.losses()["total"], now + LOSS_SECONDS
+            got = info.recent_losses()
+            if got is not None and got[0] != self.loss_step:
+                loss, self.loss_step, self.next_loss = (got[0], got[1]["total"]), got[0], now + LOSS_SECONDS
         picture = info.picture() if info.picture is not None and w.live.wants_picture() else None
         w.live.step(info.step, loss, picture)
         if info.step % self.every == 0 or last:
-            self.log.info("step {}/{} loss {:.4g} eta {:.0f} s", info.step, info.steps,
-                          loss if loss is not None else info.losses()["total"], eta)
+            got = info.recent_losses()
+            self.log.info("step {}/{} loss {} eta {:.0f} s", info.step, info.steps,
+                          "?" if got is None else f"{got[1]['total']:.4g}" + ("" if got[0] == info.step else
+                                                                            f" (at step {got[0]})"), eta)
 
     def alive(self) -> None:
         self.worker.heartbeat = time.monotonic()

@@ -28,15 +28,27 @@ _FROM_YCC = torch.linalg.inv(_TO_YCC)
 _EPS = 1e-5
 
 
+_ON_DEVICE: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _constants(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(to YCbCr, from YCbCr, the chroma offset) on `like`'s device and dtype, copied there once:
+    a copy from the host inside a GIF frame's conversion would stop the GPU every frame."""
+    key = (like.device, like.dtype)
+    if key not in _ON_DEVICE:
+        offset = torch.tensor([0.0, 0.5, 0.5]).view(1, 3, 1, 1)
+        _ON_DEVICE[key] = tuple(t.to(like) for t in (_TO_YCC, _FROM_YCC, offset))  # type: ignore[assignment]
+    return _ON_DEVICE[key]
+
+
 def to_ycbcr(rgb: torch.Tensor) -> torch.Tensor:
-    m = _TO_YCC.to(rgb)
-    ycc = torch.einsum("ij,bjhw->bihw", m, rgb)
-    return ycc + torch.tensor([0.0, 0.5, 0.5], dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+    m, _, offset = _constants(rgb)
+    return torch.einsum("ij,bjhw->bihw", m, rgb) + offset
 
 
 def from_ycbcr(ycc: torch.Tensor) -> torch.Tensor:
-    centred = ycc - torch.tensor([0.0, 0.5, 0.5], dtype=ycc.dtype, device=ycc.device).view(1, 3, 1, 1)
-    return torch.einsum("ij,bjhw->bihw", _FROM_YCC.to(ycc), centred).clamp(0, 1)
+    _, m, offset = _constants(ycc)
+    return torch.einsum("ij,bjhw->bihw", m, ycc - offset).clamp(0, 1)
 
 
 def luma(rgb: torch.Tensor) -> torch.Tensor:
@@ -67,7 +79,7 @@ def with_content_chroma(y: torch.Tensor, content_rgb: torch.Tensor) -> torch.Ten
     if ycc.shape[-2:] != y.shape[-2:]:
         ycc = torch.nn.functional.interpolate(ycc, size=y.shape[-2:], mode="bilinear", align_corners=False)
     chroma = ycc[:, 1:] - 0.5
-    offsets = torch.einsum("ij,bjhw->bihw", _FROM_YCC[:, 1:].to(y), chroma)  # R, G, B minus the luma
+    offsets = torch.einsum("ij,bjhw->bihw", _constants(y)[1][:, 1:], chroma)  # R, G, B minus the luma
     low, high = (-offsets).amax(dim=1, keepdim=True), (1 - offsets).amin(dim=1, keepdim=True)
     y = torch.maximum(torch.minimum(y, high), low)
     return from_ycbcr(torch.cat([y, ycc[:, 1:]], dim=1))

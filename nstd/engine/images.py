@@ -136,13 +136,21 @@ def to_tensor(img: Image.Image) -> "torch.Tensor":
     return data.view(img.height, img.width, 3).permute(2, 0, 1).unsqueeze(0).float().div_(255.0).contiguous()
 
 
-def to_pil(t: "torch.Tensor") -> Image.Image:
-    """Tensor (1, 3, H, W) in 0..1 (any device) -> 8-bit RGB PIL image, values clamped."""
+def to_uint8_hwc(t: "torch.Tensor") -> "torch.Tensor":
+    """Tensor (1, 3, H, W) in 0..1 -> uint8 (H, W, 3) on the same device, values clamped."""
     import torch
 
-    arr = t.detach().squeeze(0).clamp(0, 1).mul(255.0).round_().to(torch.uint8).permute(1, 2, 0)
-    arr = arr.contiguous().cpu()
+    return t.detach().squeeze(0).clamp(0, 1).mul(255.0).round_().to(torch.uint8).permute(1, 2, 0).contiguous()
+
+
+def from_uint8_hwc(arr: "torch.Tensor") -> Image.Image:
+    """uint8 (H, W, 3) on the host -> RGB PIL image."""
     return Image.frombytes("RGB", (arr.shape[1], arr.shape[0]), arr.numpy().tobytes())
+
+
+def to_pil(t: "torch.Tensor") -> Image.Image:
+    """Tensor (1, 3, H, W) in 0..1 (any device) -> 8-bit RGB PIL image, values clamped."""
+    return from_uint8_hwc(to_uint8_hwc(t).cpu())
 
 
 def encode(img: Image.Image, fmt: str) -> bytes:

@@ -12,7 +12,8 @@ from nstd.engine.losses import Losses
 
 @dataclass
 class StepInfo:
-    """Passed to the progress callback after every step; `losses()` costs a device sync, so it is lazy."""
+    """Passed to the progress callback after every step. `losses()` is this step's, and costs a
+    device sync (the GPU's queue drains); `recent_losses()` costs nothing."""
 
     step: int
     steps: int
@@ -23,8 +24,18 @@ class StepInfo:
     #: seconds left, from the pace so far with each stage's steps weighed by its pixels
     eta: float = 0.0
 
+    #: the newest losses already copied to the host, and their step (set by the engine on CUDA)
+    landed: Optional[Callable[[], Optional[tuple[int, dict[str, float]]]]] = None
+
     def losses(self) -> dict[str, float]:
         return self.raw_losses.as_floats()
+
+    def recent_losses(self) -> Optional[tuple[int, dict[str, float]]]:
+        """(step, losses) without waiting for the device: on CUDA the newest that has landed on
+        the host (a few steps behind; None before the first has), elsewhere this step's."""
+        if self.landed is None:
+            return self.step, self.losses()
+        return self.landed()
 
 
 @dataclass

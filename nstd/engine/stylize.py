@@ -102,6 +102,8 @@ class _Guard:
         self.last: Losses | None = None
         self.diverged = torch.zeros((), dtype=torch.bool, device=x.device)
         self.restarts = torch.zeros((), dtype=torch.long, device=x.device)
+        #: evaluations seen, counted on the device: a replayed graph must add one (Engine._capture)
+        self.evaluations = torch.zeros((), dtype=torch.long, device=x.device)
 
     @property
     def best_total(self) -> torch.Tensor:
@@ -114,6 +116,7 @@ class _Guard:
     def saw(self, losses: Losses, x: torch.Tensor) -> None:
         """In place throughout: a CUDA graph replays into the tensors it captured."""
         self.last = losses
+        self.evaluations.add_(1)
         values = torch.stack([losses.content, losses.style, losses.tv, losses.total]).float()
         total, best = values[3], self.best_total
         improved = total < best
@@ -136,14 +139,16 @@ class _Guard:
 
 
 class _Frames:
-    """The GIF's frames, read without stopping the GPU. On CUDA each frame is copied into pinned
-    host memory behind the steps queued so far, with an event, and made into a picture once that
-    copy has landed (at a later frame, or when all are asked for): the GPU never waits for the
-    host, and the host converts one frame while the GPU runs the next steps. Elsewhere a frame is
-    made at once. `convert` makes a picture of a frame-sized or full tensor in display form."""
+    """The GIF's frames, read without stopping the GPU. On CUDA each frame is made 8-bit at the
+    frame size on the device, copied into pinned host memory behind the steps queued so far, with
+    an event on that device's stream, and made into a picture once that copy has landed (at a
+    later frame, or when all are asked for): the GPU never waits for the host, and what waits in
+    host memory is the frame, not the float picture. Elsewhere a frame is made at once. `convert`
+    makes a picture of a tensor in display form; `size` is the frame size (width, height)."""
 
-    def __init__(self, convert: Callable[[torch.Tensor], Image.Image], done: list[Image.Image], asynchronous: bool):
-        self.convert, self.done, self.asynchronous = convert, done, asynchronous
+    def __init__(self, convert: Callable[[torch.Tensor], Image.Image], done: list[Image.Image], asynchronous: bool,
+                 size: tuple[int, int] = (0, 0)):
+        self.convert, self.done, self.asynchronous, self.size = convert, done, asynchronous, size
         self.pending: list[tuple[torch.Tensor, "torch.cuda.Event"]] = []
 
     def __len__(self) -> int:
@@ -153,10 +158,15 @@ class _Frames:
         if not self.asynchronous:
             self.done.append(self.convert(shown))
             return
-        host = torch.empty(shown.shape, dtype=shown.dtype, pin_memory=True)
-        host.copy_(shown, non_blocking=True)  # stream-ordered: `shown`'s memory is not reused before
+        w, h = self.size
+        if shown.shape[-1] > w or shown.shape[-2] > h:  # a big picture: its frame is made smaller there
+            shown = torch.nn.functional.interpolate(shown, size=(h, w), mode="bicubic", antialias=True,
+                                                    align_corners=False)
+        frame = images.to_uint8_hwc(shown)
+        host = _pinned_like(frame)
+        host.copy_(frame, non_blocking=True)  # stream-ordered: `frame`'s memory is not reused before
         landed = torch.cuda.Event()
-        landed.record()
+        landed.record(torch.cuda.current_stream(frame.device))  # the copy's device, not the current one
         self.pending.append((host, landed))
         self._collect(wait=False)
 
@@ -164,12 +174,44 @@ class _Frames:
         while self.pending and (wait or self.pending[0][1].query()):
             host, landed = self.pending.pop(0)
             landed.synchronize()
-            self.done.append(self.convert(host))
+            img = images.from_uint8_hwc(host)
+            self.done.append(img if img.size == self.size else img.resize(self.size, Image.Resampling.LANCZOS))
 
     def all(self) -> list[Image.Image]:
         """Every frame so far, in order (waits for the copies still under way)."""
         self._collect(wait=True)
         return list(self.done)
+
+
+class _LossTap:
+    """Each step's losses copied to the host behind the GPU's queue (a ring of pinned buffers,
+    each with an event), so progress can show a loss without stopping the GPU. A slot is read
+    only while its newest copy has landed and none newer was queued into it."""
+
+    SLOTS = 8
+
+    def __init__(self) -> None:
+        self.slots: list[list] = []  # [step, pinned (4,) float32, event]
+        self.next = 0
+
+    def add(self, step: int, losses: Losses) -> None:
+        values = torch.stack([losses.content, losses.style, losses.tv, losses.total]).detach().float()
+        if len(self.slots) < self.SLOTS:
+            self.slots.append([step, _pinned_like(values), torch.cuda.Event()])
+            slot = self.slots[-1]
+        else:
+            slot = self.slots[self.next]
+            self.next = (self.next + 1) % self.SLOTS
+            slot[0] = step
+        slot[1].copy_(values, non_blocking=True)
+        slot[2].record(torch.cuda.current_stream(values.device))
+
+    def landed(self) -> tuple[int, dict[str, float]] | None:
+        done = [s for s in self.slots if s[2].query()]
+        if not done:
+            return None
+        step, host, _ = max(done, key=lambda s: s[0])
+        return step, dict(zip(("content", "style", "tv", "total"), host.tolist()))
 
 
 class _Adam:
@@ -210,6 +252,8 @@ class Engine:
         self.lbfgs_history = lbfgs_history
         #: on CUDA, capture an L-BFGS step in a graph and replay it (falls back to eager on failure)
         self.cuda_graphs = cuda_graphs
+        #: kinds of step (preserve_color, anchor, precision) whose capture failed: eager from then on
+        self._graphs_refused: set[tuple] = set()
         #: on CUDA, GIF frames are copied behind the queued steps and converted later (see _Frames)
         self.async_frames = True
         self.device.allow_tf32()
@@ -331,7 +375,7 @@ class Engine:
                    start=resume.step if resume is not None else 0, t0=t0)
         run.frames = _Frames(lambda t: self._frame(t, run.frame_size, None, shown=True),
                              list(resume.frames) if resume is not None else [],
-                             asynchronous=self.async_frames and self.device.place.type == "cuda")
+                             asynchronous=self.async_frames and self.device.place.type == "cuda", size=run.frame_size)
         run.sizes = [w * h for w, h in (images.fit_long_edge(content.size, st.size) for st in stages)]
         first, _ = schedule.stage_at(stages, run.start + 1)
         x = resume.image if resume is not None else None
@@ -415,7 +459,6 @@ class Engine:
             x = palette.start(self._initial(p, content_t, init_image)).requires_grad_(True)
         del previous
         history = tech.history if p.optimizer == "lbfgs" else 0
-        opt: LBFGS | _Adam = LBFGS(x, history=tech.history) if p.optimizer == "lbfgs" else _Adam(x, lr=ADAM_LR)
 
         frames, progress = run.frames, run.progress
         if p.frame_every and not len(frames):
@@ -460,9 +503,13 @@ class Engine:
 
         # A graph for the plain pass only: checkpointed and tiled steps are long (big pictures),
         # where a launch's cost is nothing, and the tiles' Python loop is better left eager.
-        use_graph = (self.device.is_cuda and dev.type == "cuda" and p.optimizer == "lbfgs" and self.cuda_graphs
-                     and tiler is None and not tech.checkpoint)
+        graph_kind = (p.preserve_color, anchor is not None, self.precision)  # what a failed capture rules out
+        use_graph = (self._graphs_possible() and p.optimizer == "lbfgs" and tiler is None and not tech.checkpoint
+                     and graph_kind not in self._graphs_refused)
         graph = None
+        # The masked L-BFGS (no host read) wherever a step may be captured; on the CPU otherwise.
+        opt: LBFGS | _Adam = (LBFGS(x, history=tech.history, masked=x.is_cuda or use_graph) if p.optimizer == "lbfgs"
+                              else _Adam(x, lr=ADAM_LR))
         begin = sum(s.steps for s in run.stages[:index])
         first_step = max(begin, run.start) + 1
         end = begin + stage.steps
@@ -470,6 +517,8 @@ class Engine:
         run.targets += t_loop - t_stage
         if run.t_opt is None:
             run.t_opt = t_loop
+        tap = _LossTap() if x.is_cuda else None
+
         def checkpoint(at: int) -> Checkpoint:
             return Checkpoint(at, x.detach().float().cpu().clone(), frames.all())
 
@@ -479,7 +528,8 @@ class Engine:
                 captured_now = False
                 if use_graph and graph is None and step - first_step == GRAPH_WARMUP_STEPS:
                     use_graph = False  # one try a stage
-                    graph = self._capture(lambda: lbfgs_step(capturing=True), evaluate, x)
+                    graph = self._capture(lambda: lbfgs_step(capturing=True), evaluate, lambda: guard.evaluations,
+                                          graph_kind)
                     captured_now = graph is not None  # its check replayed it once: that was this step
                 if captured_now:
                     pass
@@ -500,9 +550,12 @@ class Engine:
                 frames.add(palette.show(x.detach()))
             elapsed = time.perf_counter() - run.t_opt
             run.work_done += w * h
+            if tap is not None:
+                tap.add(step, guard.last)
             progress.on_step(StepInfo(step, run.total, elapsed, guard.last,
                                       picture=lambda: self._frame(x, run.frame_size, palette),
-                                      eta=elapsed / run.work_done * run.work_left(step)))
+                                      eta=elapsed / run.work_done * run.work_left(step),
+                                      landed=tap.landed if tap is not None else None))
             if step < end:  # a stage's last picture is checked first (below)
                 if progress.checkpoint_due(step):
                     progress.on_checkpoint(checkpoint(step))
@@ -548,38 +601,33 @@ class Engine:
                 raise Interrupted(checkpoint(end))
         return x.detach()
 
-    def _capture(self, step: Callable[[], None], warm: Callable[[], None],
-                 x: torch.Tensor) -> "torch.cuda.CUDAGraph | None":
+    def _graphs_possible(self) -> bool:
+        return self.cuda_graphs and self.device.is_cuda and self.device.place.type == "cuda"
+
+    def _capture(self, step: Callable[[], None], warm: Callable[[], None], counter: Callable[[], torch.Tensor],
+                 kind: tuple = ()) -> "torch.cuda.CUDAGraph | None":
         """A CUDA graph of one whole step (forward, backward, L-BFGS update, guard), to replay for
-        the rest of the run: one launch instead of hundreds, and the CPU free. Captured on this
-        engine's GPU, on a stream of its own, in thread-local mode (another worker's GPU calls go
-        on meanwhile), then replayed once as this step and checked to have moved the picture.
+        the rest of the run: one launch instead of hundreds, and the CPU free. Then replayed once
+        as this step and checked: `counter()` (the guard's count of evaluations, a device tensor
+        the step adds one to in place) must have grown by one; a graph that captured nothing
+        leaves it.
         None, with one log line, when any of that fails: the run goes on eagerly, never with a
-        wrong result (a failed capture has run nothing)."""
+        wrong result (the failed capture ran nothing; its warm-up evaluated the picture, which the
+        eager step evaluates again), and steps of this `kind` are not captured again by this
+        engine (a failed capture may leave its memory pool behind: torch gives no way to free it)."""
         from loguru import logger
 
-        dev = self.device.torch
         try:
-            with torch.cuda.device(dev):
-                main = torch.cuda.current_stream(dev)
-                side = torch.cuda.Stream(device=dev)
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    warm()  # torch's rule: a warm-up on a side stream before capture (an evaluation only)
-                main.wait_stream(side)
-                torch.cuda.synchronize(dev)
-                torch.cuda.empty_cache()  # the eager steps' cached blocks: room for the graph's pool
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                    step()
-                before = x.detach().clone()
-                graph.replay()
-                if torch.equal(before, x.detach()):  # an empty graph replays nothing
-                    raise RuntimeError("the captured step did not change the picture")
+            graph = _record_graph(self.device.torch, step, warm)
+            before = int(counter())
+            graph.replay()
+            if int(counter()) != before + 1:
+                raise RuntimeError("the captured step evaluated nothing (an empty graph)")
             return graph
         except Exception as exc:  # an op that cannot be captured, no memory for the pool, an empty graph
-            logger.warning("the step cannot be captured in a CUDA graph ({}: {}); running it eagerly",
-                           type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            self._graphs_refused.add(kind)
+            logger.warning("the step cannot be captured in a CUDA graph ({}: {}); running it eagerly, and such "
+                           "steps from now on", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
             return None
 
     def _initial(self, p: StyleParams, content_t: torch.Tensor, init_image: Image.Image | None) -> torch.Tensor:
@@ -601,6 +649,42 @@ class Engine:
         if img.size != size:
             img = img.resize(size, Image.Resampling.LANCZOS)
         return img
+
+
+def _pinned_like(t: torch.Tensor) -> torch.Tensor:
+    """Page-locked host memory shaped like `t`: a copy into it can run behind the GPU's queue."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+
+
+def _record_graph(dev: torch.device, step: Callable[[], None], warm: Callable[[], None]) -> "torch.cuda.CUDAGraph":
+    """`step` captured in a CUDA graph on `dev`, on a stream of its own, in thread-local mode
+    (another worker's GPU calls go on meanwhile), after `warm` ran on that stream (torch's rule:
+    a warm-up on a side stream before capture). capture_begin/capture_end by hand rather than
+    torch.cuda.graph: that one synchronises and empties the cache of every GPU in the process,
+    and leaves its stream current when the capture fails; here the stream is restored however
+    the capture ends."""
+    with torch.cuda.device(dev):
+        main = torch.cuda.current_stream(dev)
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            warm()
+        main.wait_stream(side)
+        torch.cuda.synchronize(dev)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                step()
+            except BaseException:
+                try:
+                    graph.capture_end()
+                except Exception:
+                    pass  # the capture's own error says less than the step's
+                raise
+            graph.capture_end()
+        main.wait_stream(side)
+    return graph
 
 
 def _anchor_hw(content_size: tuple[int, int], p: StyleParams, size: int | None = None) -> tuple[int, int] | None:
