@@ -61,7 +61,7 @@ class JobProgress(Progress):
     def __init__(self, worker: "Worker", job: Claim, device: Device, steps: int):
         self.worker, self.job, self.device = worker, job, device
         self.every = max(1, steps // 20)
-        self.plot_every = max(1, steps // 100)  # a loss read is a device sync: 100 a job, or one a second
+        self.plot_every = max(1, steps // 100)  # about 100 points a job (or one a second)
         self.next_loss = 0.0
         self.loss_step = 0  # the step of the last loss plotted
         service = worker.cfg["service"]
@@ -80,13 +80,13 @@ class JobProgress(Progress):
         now = time.monotonic()
         loss = None  # (step, total): on a GPU the newest already on the host, read without a sync
         if info.step % self.plot_every == 0 or last or now >= self.next_loss:
-            got = info.recent_losses()
+            got = (info.step, info.losses()) if last else info.recent_losses()  # the last: one sync, the end's
             if got is not None and got[0] != self.loss_step:
                 loss, self.loss_step, self.next_loss = (got[0], got[1]["total"]), got[0], now + LOSS_SECONDS
         picture = info.picture() if info.picture is not None and w.live.wants_picture() else None
         w.live.step(info.step, loss, picture)
         if info.step % self.every == 0 or last:
-            got = info.recent_losses()
+            got = (info.step, info.losses()) if last else info.recent_losses()
             self.log.info("step {}/{} loss {} eta {:.0f} s", info.step, info.steps,
                           "?" if got is None else f"{got[1]['total']:.4g}" + ("" if got[0] == info.step else
                                                                             f" (at step {got[0]})"), eta)

@@ -252,8 +252,9 @@ class Engine:
         self.lbfgs_history = lbfgs_history
         #: on CUDA, capture an L-BFGS step in a graph and replay it (falls back to eager on failure)
         self.cuda_graphs = cuda_graphs
-        #: kinds of step (preserve_color, anchor, precision) whose capture failed: eager from then on
+        #: kinds of step (preserve_color, anchor) whose capture failed: eager from then on
         self._graphs_refused: set[tuple] = set()
+        self._capture_stream: "torch.cuda.Stream | None" = None
         #: on CUDA, GIF frames are copied behind the queued steps and converted later (see _Frames)
         self.async_frames = True
         self.device.allow_tf32()
@@ -373,6 +374,7 @@ class Engine:
         run = _Run(p=p, stages=stages, total=schedule.total_steps(stages), progress=progress,
                    frame_size=_frame_size(images.fit_long_edge(content.size, stages[-1].size), p.frame_max_size),
                    start=resume.step if resume is not None else 0, t0=t0)
+        run.tap = _LossTap() if self.device.place.type == "cuda" else None  # one ring for every stage
         run.frames = _Frames(lambda t: self._frame(t, run.frame_size, None, shown=True),
                              list(resume.frames) if resume is not None else [],
                              asynchronous=self.async_frames and self.device.place.type == "cuda", size=run.frame_size)
@@ -503,7 +505,7 @@ class Engine:
 
         # A graph for the plain pass only: checkpointed and tiled steps are long (big pictures),
         # where a launch's cost is nothing, and the tiles' Python loop is better left eager.
-        graph_kind = (p.preserve_color, anchor is not None, self.precision)  # what a failed capture rules out
+        graph_kind = (p.preserve_color, anchor is not None)  # what a failed capture rules out
         use_graph = (self._graphs_possible() and p.optimizer == "lbfgs" and tiler is None and not tech.checkpoint
                      and graph_kind not in self._graphs_refused)
         graph = None
@@ -517,8 +519,7 @@ class Engine:
         run.targets += t_loop - t_stage
         if run.t_opt is None:
             run.t_opt = t_loop
-        tap = _LossTap() if x.is_cuda else None
-
+        tap = run.tap
         def checkpoint(at: int) -> Checkpoint:
             return Checkpoint(at, x.detach().float().cpu().clone(), frames.all())
 
@@ -604,30 +605,46 @@ class Engine:
     def _graphs_possible(self) -> bool:
         return self.cuda_graphs and self.device.is_cuda and self.device.place.type == "cuda"
 
+    def _side_stream(self) -> "torch.cuda.Stream":
+        """The stream captures are taken on: one per engine (each new stream gets a cuBLAS
+        workspace of its own, kept for the life of the process)."""
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(device=self.device.torch)
+        return self._capture_stream
+
     def _capture(self, step: Callable[[], None], warm: Callable[[], None], counter: Callable[[], torch.Tensor],
                  kind: tuple = ()) -> "torch.cuda.CUDAGraph | None":
         """A CUDA graph of one whole step (forward, backward, L-BFGS update, guard), to replay for
         the rest of the run: one launch instead of hundreds, and the CPU free. Then replayed once
         as this step and checked: `counter()` (the guard's count of evaluations, a device tensor
         the step adds one to in place) must have grown by one; a graph that captured nothing
-        leaves it.
-        None, with one log line, when any of that fails: the run goes on eagerly, never with a
-        wrong result (the failed capture ran nothing; its warm-up evaluated the picture, which the
-        eager step evaluates again), and steps of this `kind` are not captured again by this
-        engine (a failed capture may leave its memory pool behind: torch gives no way to free it)."""
+        leaves it. None, with one log line, when any of that fails: the run goes on eagerly, never
+        with a wrong result (the failed capture ran nothing; its warm-up evaluated the picture,
+        which the eager step evaluates again). Out of memory: eager for this stage only. Any other
+        failure: steps of this `kind` (colour mode, anchor) are not captured again by this engine,
+        and none at all after a capture CUDA had to end under torch."""
         from loguru import logger
 
         try:
-            graph = _record_graph(self.device.torch, step, warm)
+            graph = _record_graph(self.device.torch, step, warm, self._side_stream())
             before = int(counter())
             graph.replay()
             if int(counter()) != before + 1:
                 raise RuntimeError("the captured step evaluated nothing (an empty graph)")
             return graph
         except Exception as exc:  # an op that cannot be captured, no memory for the pool, an empty graph
-            self._graphs_refused.add(kind)
-            logger.warning("the step cannot be captured in a CUDA graph ({}: {}); running it eagerly, and such "
-                           "steps from now on", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            cause = exc.cause if isinstance(exc, _CaptureFailed) else exc
+            oom = isinstance(cause, torch.cuda.OutOfMemoryError) or "out of memory" in str(cause).lower()
+            if isinstance(exc, _CaptureFailed) and not exc.clean:
+                self.cuda_graphs = False
+                then = "and every step from now on"
+            elif oom:
+                then = "for this stage (no memory for the graph)"
+            else:
+                self._graphs_refused.add(kind)
+                then = "and such steps from now on"
+            logger.warning("the step cannot be captured in a CUDA graph ({}: {}); running it eagerly, {}",
+                           type(cause).__name__, str(cause).splitlines()[0] if str(cause) else "", then)
             return None
 
     def _initial(self, p: StyleParams, content_t: torch.Tensor, init_image: Image.Image | None) -> torch.Tensor:
@@ -656,35 +673,68 @@ def _pinned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
 
 
-def _record_graph(dev: torch.device, step: Callable[[], None], warm: Callable[[], None]) -> "torch.cuda.CUDAGraph":
-    """`step` captured in a CUDA graph on `dev`, on a stream of its own, in thread-local mode
+class _CaptureFailed(RuntimeError):
+    """The capture failed. `clean`: it ended properly (the step raised inside it, or ran out of
+    memory), so the allocator is as before; otherwise CUDA ended it and torch's allocator was told
+    only by the best-effort release in _record_graph."""
+
+    def __init__(self, cause: BaseException, clean: bool):
+        super().__init__(f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+        self.cause, self.clean = cause, clean
+
+
+def _record_graph(dev: torch.device, step: Callable[[], None], warm: Callable[[], None],
+                  side: "torch.cuda.Stream") -> "torch.cuda.CUDAGraph":
+    """`step` captured in a CUDA graph on `dev`, on the stream `side`, in thread-local mode
     (another worker's GPU calls go on meanwhile), after `warm` ran on that stream (torch's rule:
-    a warm-up on a side stream before capture). capture_begin/capture_end by hand rather than
-    torch.cuda.graph: that one synchronises and empties the cache of every GPU in the process,
-    and leaves its stream current when the capture fails; here the stream is restored however
-    the capture ends."""
+    a warm-up on a side stream before capture). torch.cuda.graph's recipe (synchronise, empty the
+    cache: a capture cannot use blocks cached outside its pool, and the allocator's cap counts
+    them) with capture_begin/capture_end by hand, so that the stream is restored however the
+    capture ends and a capture that CUDA ended under torch (an op not allowed while capturing)
+    gives its memory pool back instead of leaving the allocator in capture mode for good.
+    Raises _CaptureFailed."""
     with torch.cuda.device(dev):
         main = torch.cuda.current_stream(dev)
-        side = torch.cuda.Stream(device=dev)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             warm()
         main.wait_stream(side)
         torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
+        pool = torch.cuda.graph_pool_handle()
         with torch.cuda.stream(side):
-            graph.capture_begin(capture_error_mode="thread_local")
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
             try:
                 step()
-            except BaseException:
+            except BaseException as exc:
                 try:
                     graph.capture_end()
                 except Exception:
-                    pass  # the capture's own error says less than the step's
-                raise
-            graph.capture_end()
+                    _release_pool(dev, pool)
+                    raise _CaptureFailed(exc, clean=False) from exc
+                raise _CaptureFailed(exc, clean=True) from exc
+            try:
+                graph.capture_end()
+            except Exception as exc:
+                _release_pool(dev, pool)
+                raise _CaptureFailed(exc, clean=False) from exc
         main.wait_stream(side)
     return graph
+
+
+def _release_pool(dev: torch.device, pool) -> None:
+    """What capture_end does not do when CUDA refused the end of a capture: stop routing this
+    GPU's allocations to the graph's pool, and free the pool (torch's private calls, as
+    torch.cuda.use_mem_pool makes them; best effort: a torch without them leaves it as it is)."""
+    from loguru import logger
+
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+        try:
+            getattr(torch._C, name)(index, pool)
+        except Exception as exc:  # noqa: PERF203
+            logger.debug("after a failed capture, {} failed: {}", name, exc)
 
 
 def _anchor_hw(content_size: tuple[int, int], p: StyleParams, size: int | None = None) -> tuple[int, int] | None:
@@ -735,6 +785,7 @@ class _Run:
     start: int
     t0: float
     frames: "_Frames | None" = None
+    tap: "_LossTap | None" = None  # on CUDA: the losses progress shows, read behind the GPU
     t_opt: float | None = None  # when the first step began
     t_end: float = 0.0  # when the last stage's steps ended
     targets: float = 0.0
