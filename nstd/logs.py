@@ -9,6 +9,7 @@ error, as sd-daemon(3) describes), so `journalctl -p err` shows the failures.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -55,11 +56,31 @@ def _journal_sink(stream):
     return write
 
 
+#: Control characters a line must not carry: a job (file) name holding a newline would otherwise
+#: start a forged line in the log ("... | ERROR | ..."), and an escape sequence would drive the
+#: terminal of whoever reads it. Tabs stay.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x80-\x9f]")
+
+
+def one_line(text: str) -> str:
+    """`text` with each control character written as its escape (a newline as `\\n`)."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def _patch(record) -> None:
+    """Every record becomes one line whatever a user's name put in it (a traceback, which
+    loguru adds after the message, keeps its lines)."""
+    record["message"] = one_line(record["message"])
+    job = record["extra"].get("job")
+    if isinstance(job, str):
+        record["extra"]["job"] = one_line(job)
+
+
 def setup(logging_cfg: dict, logs_dir: Path | None, filename: str = "nstd.log") -> None:
     """Replace loguru's default sink with ours; safe to call again (SIGHUP). Each `nstd worker`
     writes a file of its own (`worker-<name>.log`): several machines rotating one file would not."""
     logger.remove()
-    logger.configure(extra={"job": "-", "job_id": None})
+    logger.configure(extra={"job": "-", "job_id": None}, patcher=_patch)
     level = logging_cfg["level"]
     # Lines bound with file_only=True (a start-up error the command prints itself) skip stderr.
     stderr = _journal_sink(sys.stderr) if stderr_is_journal() else sys.stderr

@@ -87,3 +87,37 @@ def test_the_start_up_refusal_is_an_error_in_the_journal(tmp_path):
               "logger.remove(); sys.exit(0 if _refuse_start(ValueError('inbox is missing')) == 2 else 1)")
     assert run_with_stderr_in(tmp_path / "stderr", "same", script) == ["<3>nstd: error: inbox is missing"]
     assert run_with_stderr_in(tmp_path / "stderr", None, script) == ["nstd: error: inbox is missing"]
+
+
+def test_one_line_escapes_control_characters():
+    assert logs.one_line("a\nb\r\x1b[31mc\td\x85é漢") == "a\\nb\\r\\x1b[31mc\td\\x85é漢"
+
+
+def test_a_job_name_cannot_forge_log_lines(tmp_path):
+    """A dropper names a job file with a newline and a fake line after it: every line of the
+    daemon's log, its file and the job's job.log is still one record, and the fake one is text
+    inside the real line, escaped."""
+    import re
+    import time
+
+    from harness import Daemon
+
+    forged = "2020-01-01 00:00:00.000 | ERROR   | admin | \x1b[2Jdisk wiped"
+    name = f"evil\n{forged}"
+    d = Daemon(tmp_path, logging={"level": "DEBUG"})
+    d.start()
+    try:
+        d.drop(name, {"content": "hoovertowernight.jpg", "style": "starry_night.jpg"})
+        d.wait(lambda: d.outbox.exists() and len(list(d.outbox.iterdir())) == 1, 90, "the job in the outbox")
+        time.sleep(0.5)
+    finally:
+        d.stop()
+    (out,) = d.outbox.iterdir()
+    stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \| ")
+    for where, text in (("stderr", d.logs()), ("nstd.log", (d.root / "logs" / "nstd.log").read_text()),
+                        ("job.log", (out / "job.log").read_text())):
+        lines = [x for x in text.splitlines() if x and not x.startswith(("Traceback", " "))]
+        assert lines and all(stamp.match(x) and not x.startswith("2020-01-01") for x in lines), where
+        assert "\x1b" not in text, where
+        if where != "job.log":  # job.log's lines do not name their job
+            assert "\\n2020-01-01 00:00:00.000 | ERROR   | admin | \\x1b[2Jdisk wiped" in text, where
