@@ -59,7 +59,7 @@ def _journal_sink(stream):
 #: Control characters a line must not carry: a job (file) name holding a newline would otherwise
 #: start a forged line in the log ("... | ERROR | ..."), and an escape sequence would drive the
 #: terminal of whoever reads it. Tabs stay.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x80-\x9f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x80-\x9f\u2028\u2029]")  # + Unicode's line/paragraph separators
 
 
 def one_line(text: str) -> str:

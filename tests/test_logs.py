@@ -91,6 +91,7 @@ def test_the_start_up_refusal_is_an_error_in_the_journal(tmp_path):
 
 def test_one_line_escapes_control_characters():
     assert logs.one_line("a\nb\r\x1b[31mc\td\x85é漢") == "a\\nb\\r\\x1b[31mc\td\\x85é漢"
+    assert logs.one_line("x\u2028y\u2029z") == "x\\u2028y\\u2029z"
 
 
 def test_a_job_name_cannot_forge_log_lines(tmp_path):
