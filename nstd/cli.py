@@ -440,8 +440,7 @@ class _progress:
         self.bar.update(1)
         if self.bar.disable or not (info.step % self.every == 0 or info.step == info.steps):
             return
-        last = info.step == info.steps
-        got = (info.step, info.losses()) if last else info.recent_losses()  # on a GPU: the newest landed, no sync
+        got = info.recent_losses()  # on a GPU: the newest landed, no sync
         if got is not None:
             self.bar.set_postfix(loss=f"{got[1]['total']:.4g}", refresh=False)
 

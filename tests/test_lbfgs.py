@@ -364,3 +364,22 @@ def test_losses_read_behind_the_steps_on_the_cpu(monkeypatch):
     for slot in tap.slots:
         slot[2].done = True
     assert tap.landed()[0] == 10
+
+
+def test_a_capture_cuda_ended_gives_its_pool_back(monkeypatch):
+    """_release_pool, the one path after a capture CUDA ended under torch, with torch's private
+    calls stood in for: the allocator stops routing to the pool, then frees it, on the engine's
+    GPU; a failing call does not stop the next."""
+    from nstd.engine import stylize as st
+
+    calls = []
+
+    def end(index, pool):
+        calls.append(("end", index, pool))
+        raise RuntimeError("no such pool")
+
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda index, pool: calls.append(("release", index, pool)),
+                        raising=False)
+    st._release_pool(torch.device("cuda", 1), (0, 7))
+    assert calls == [("end", 1, (0, 7)), ("release", 1, (0, 7))]

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 from loguru import logger
 
 from nstd import logs
@@ -26,6 +25,7 @@ from nstd.daemon.queue import JobQueue
 from nstd.daemon.status import Status
 from nstd.daemon.store import Store
 from nstd.engine import Checkpoint, Device, Engine, ImageError, Interrupted, Progress, StepInfo, StyleImage, TargetCache, images
+from nstd.engine.device import is_oom
 from nstd.engine.memory import predict_peak_bytes
 from nstd.errors import ErrorKind, JobError, Stage
 from nstd.jobkeys import style_params
@@ -35,16 +35,6 @@ LOSS_SECONDS = 1.0
 #: Give up shrinking below this long edge.
 MIN_EDGE = 64
 SHRINK = 0.75
-#: Besides "out of memory": what cuDNN and cuBLAS say when an allocation fails under a tight cap.
-OOM_MESSAGES = ("out of memory", "cublas_status_alloc_failed", "unable to find an engine to execute this computation")
-
-
-def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(m in text for m in OOM_MESSAGES)
-
 
 def file_digest(path: Path) -> str:
     h = hashlib.sha256()
@@ -80,13 +70,13 @@ class JobProgress(Progress):
         now = time.monotonic()
         loss = None  # (step, total): on a GPU the newest already on the host, read without a sync
         if info.step % self.plot_every == 0 or last or now >= self.next_loss:
-            got = (info.step, info.losses()) if last else info.recent_losses()  # the last: one sync, the end's
+            got = info.recent_losses()
             if got is not None and got[0] != self.loss_step:
                 loss, self.loss_step, self.next_loss = (got[0], got[1]["total"]), got[0], now + LOSS_SECONDS
         picture = info.picture() if info.picture is not None and w.live.wants_picture() else None
         w.live.step(info.step, loss, picture)
         if info.step % self.every == 0 or last:
-            got = (info.step, info.losses()) if last else info.recent_losses()
+            got = info.recent_losses()
             self.log.info("step {}/{} loss {} eta {:.0f} s", info.step, info.steps,
                           "?" if got is None else f"{got[1]['total']:.4g}" + ("" if got[0] == info.step else
                                                                             f" (at step {got[0]})"), eta)

@@ -194,3 +194,15 @@ def pick_precision(precision: str, device: Device) -> str:
     if device.type == "cpu" and cpu_has_fast_bf16():
         return "bf16"
     return "fp32"
+
+
+#: Besides "out of memory": what cuDNN and cuBLAS say when an allocation fails under a tight cap.
+OOM_MESSAGES = ("out of memory", "cublas_status_alloc_failed", "unable to find an engine to execute this computation")
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Did `exc` come from running out of memory (the device's or the host's)?"""
+    if isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in OOM_MESSAGES)

@@ -32,8 +32,9 @@ class StepInfo:
 
     def recent_losses(self) -> Optional[tuple[int, dict[str, float]]]:
         """(step, losses) without waiting for the device: on CUDA the newest that has landed on
-        the host (a few steps behind; None before the first has), elsewhere this step's."""
-        if self.landed is None:
+        the host (a few steps behind; None before the first has), elsewhere this step's. The
+        run's last step gives its own (one sync, at the end, when the picture is read anyway)."""
+        if self.landed is None or self.step == self.steps:
             return self.step, self.losses()
         return self.landed()
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from nstd.engine import images, schedule
 from nstd.engine.color import Palette
-from nstd.engine.device import Device, pick_precision, resolve as resolve_device
+from nstd.engine.device import Device, is_oom, pick_precision, resolve as resolve_device
 from nstd.engine.options import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
 from nstd.engine.lbfgs import LBFGS
 from nstd.engine.memory import Techniques, choose, fit_size, predict_peak_bytes
@@ -634,11 +634,10 @@ class Engine:
             return graph
         except Exception as exc:  # an op that cannot be captured, no memory for the pool, an empty graph
             cause = exc.cause if isinstance(exc, _CaptureFailed) else exc
-            oom = isinstance(cause, torch.cuda.OutOfMemoryError) or "out of memory" in str(cause).lower()
             if isinstance(exc, _CaptureFailed) and not exc.clean:
                 self.cuda_graphs = False
                 then = "and every step from now on"
-            elif oom:
+            elif is_oom(cause):
                 then = "for this stage (no memory for the graph)"
             else:
                 self._graphs_refused.add(kind)
