@@ -104,8 +104,41 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+#: The operator's commands print names that users chose (jobs, files, quarantine folders): every
+#: line they write reaches the terminal with control characters escaped, so a name holding
+#: `ESC [2J` shows as `\x1b[2J` instead of clearing the screen.
+OPERATOR_COMMANDS = ("validate", "status", "retry", "cancel")
+
+
+class _Escaped:
+    """A text stream that writes control characters (newlines and tabs aside) as escapes."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        from nstd.logs import one_line
+
+        self._stream.write("\n".join(one_line(line) for line in text.split("\n")))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command not in OPERATOR_COMMANDS or isinstance(sys.stdout, _Escaped):
+        return _dispatch(args)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Escaped(sys.stdout), _Escaped(sys.stderr)
+    try:
+        return _dispatch(args)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "stylize":
             return cmd_stylize(args)
@@ -146,7 +179,9 @@ def _as_bad_input(*more: type[Exception]) -> Iterator[None]:
 def _fail(message: str, code: int) -> int:
     from nstd.logs import journal_prefix
 
-    print(f"{journal_prefix(3)}nstd: error: {message}", file=sys.stderr)
+    from nstd.logs import one_line
+
+    print(f"{journal_prefix(3)}nstd: error: {one_line(message)}", file=sys.stderr)
     return int(code)
 
 

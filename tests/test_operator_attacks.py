@@ -189,3 +189,68 @@ def test_cancel_of_a_finished_job_says_where_it_went(root):
     (root / "var/outbox/done").mkdir()
     r = nstd("cancel", "done", "--config", root / "config.yaml")
     assert r.returncode == 4 and "it has finished" in r.stderr and "outbox/done" in r.stderr
+
+
+def test_names_reach_the_operators_terminal_escaped(root):
+    """A job or folder name holding escape sequences (clear the screen, set the title) is printed
+    by status, cancel and retry, and by their errors, with its control characters escaped."""
+    evil = "x\x1b[2J\x1b]0;owned\x07"
+    q = root / "var" / "quarantine"
+    (q / "q").rename(q / evil)
+    (root / "var" / "inbox" / f"{evil}.yaml").write_text("content: a.png\nstyle: b.png\n")
+    cfg = ["--config", root / "config.yaml"]
+    for args in (("status",), ("cancel", evil), ("retry", evil), ("retry", "no" + evil), ("cancel", "no" + evil)):
+        r = nstd(*args, *cfg)
+        out = r.stdout + r.stderr
+        assert "\x1b" not in out and "\x07" not in out, (args, out)
+    r = nstd("cancel", "no" + evil, *cfg)
+    assert "\\x1b[2J" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("plant", ["fifo", "zero-link"])
+def test_cancel_reads_a_planted_error_yaml_as_an_input(root, plant):
+    """A quarantine folder named like the job, holding a FIFO or a link to /dev/zero as its
+    error.yaml, is skipped at once: cancel neither hangs nor reads until memory runs out."""
+    from nstd.daemon.cancel import Claimed, quarantined_as
+
+    trap = root / "var" / "quarantine" / "long"
+    trap.mkdir()
+    if plant == "fifo":
+        os.mkfifo(trap / "error.yaml")
+    else:
+        os.symlink("/dev/zero", trap / "error.yaml")
+    done = []
+    t = threading.Thread(target=lambda: done.append(quarantined_as(root / "var" / "quarantine",
+                                                                  Claimed("abc", "long", root))), daemon=True)
+    t.start()
+    t.join(10)
+    assert done == [None]
+
+
+def test_retry_of_a_long_named_folder_does_all_of_it(root):
+    """A quarantine folder whose name leaves no room for `.retried-<time>`: the job goes back and
+    the folder is marked, both, or neither (it used to do the first and fail on the second)."""
+    long = "n" * 250
+    q = root / "var" / "quarantine"
+    (q / "q").rename(q / long)
+    r = nstd("retry", long, "--config", root / "config.yaml")
+    assert r.returncode == 0, r.stderr
+    marked = [d for d in os.listdir(q) if ".retried-" in d]
+    assert len(marked) == 1 and len(marked[0].encode()) <= 255 and not (q / long).exists()
+    assert (q / marked[0] / "retried.yaml").is_file()
+    inbox = os.listdir(root / "var" / "inbox")
+    assert "c.png" in inbox and any(n.endswith(".yaml") for n in inbox), inbox
+
+
+def test_retry_that_fails_midway_leaves_the_folder_as_it_was(root, monkeypatch):
+    from nstd.daemon import retry as retry_mod
+
+    before = tree(root / "var")
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(retry_mod, "_write_new", broken)
+    with pytest.raises(OSError):
+        retry_mod.retry(load_config(root / "config.yaml"), "q", {})
+    assert tree(root / "var") == before

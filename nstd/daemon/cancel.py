@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nstd.daemon import safefs
 from nstd.errors import ErrorKind, ExitCode, JobError, NstdError, Stage
 from nstd.fsutil import atomic_write_text
 
@@ -163,8 +164,8 @@ def quarantined_as(quarantine: Path, job: Claimed) -> Path | None:
     stem = safe_component(job.name)
     for d in sorted(quarantine.glob(f"{glob.escape(stem)}*"), key=lambda d: d.name):
         try:
-            text = (d / "error.yaml").read_text(encoding="utf-8", errors="replace")[:MAX_ERROR_TEXT]
-        except OSError:
+            text = safefs.read_bounded(quarantine, f"{d.name}/error.yaml", MAX_ERROR_TEXT).decode("utf-8", "replace")
+        except (OSError, safefs.Refused, ValueError):
             continue
         if f"id: {job.id}" in text and "kind: cancelled" in text:
             return d

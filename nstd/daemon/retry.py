@@ -121,6 +121,14 @@ def _retry(folders: Folders, name: str, parent_fd: int, qfd: int, overrides: dic
     except OSError as exc:
         raise NstdError(f"the inbox {folders.inbox} cannot be opened ({exc.strerror or exc})") from None
     moved: dict[str, str] = {}
+    # All or nothing: the folder is marked first (renamed; every step below goes through its
+    # descriptor), and whatever fails after that puts back each file and the folder's name.
+    kept = _kept_name(parent_fd, name)
+    try:
+        safefs.rename_noreplace(parent_fd, name, parent_fd, kept)
+    except OSError as exc:
+        os.close(inbox_fd)
+        raise RetryError(f"quarantine/{name} cannot be marked as retried ({exc.strerror or exc}); nothing was moved") from None
     try:
         new_job = _free_job_name(inbox_fd, name)
         try:
@@ -128,19 +136,31 @@ def _retry(folders: Folders, name: str, parent_fd: int, qfd: int, overrides: dic
                 moved[here] = _move_out(qfd, here, inbox_fd, _free_file_name(inbox_fd, base))
             new_data = _renamed(data, {inputs[h]: n for h, n in moved.items()}, old_job)
             sidecar_name = f"{new_job}.yaml"
-            _write_new(inbox_fd, sidecar_name, yaml.safe_dump(new_data, sort_keys=False, allow_unicode=True))
-            os.fsync(inbox_fd)
+            record = {"retried_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "as": sidecar_name,
+                      "overrides": _shown(overrides), "moved": moved}
+            _write_new(qfd, "retried.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+            try:
+                _write_new(inbox_fd, sidecar_name, yaml.safe_dump(new_data, sort_keys=False, allow_unicode=True))
+                os.fsync(inbox_fd)
+            except BaseException:
+                os.unlink("retried.yaml", dir_fd=qfd)
+                raise
         except BaseException:
             _put_back(inbox_fd, qfd, moved)
+            safefs.rename_noreplace(parent_fd, kept, parent_fd, name)
             raise
     finally:
         os.close(inbox_fd)
-    record = {"retried_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "as": sidecar_name,
-              "overrides": _shown(overrides), "moved": moved}
-    _write_new(qfd, "retried.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
-    kept = free_name_in(parent_fd, f"{name}{RETRIED}{time.strftime('%Y%m%d-%H%M%S')}")
-    safefs.rename_noreplace(parent_fd, name, parent_fd, kept)
     return Retried(sidecar_name, moved, folders.quarantine / kept, _waits_for(folders.inbox, new_data))
+
+
+def _kept_name(parent_fd: int, name: str) -> str:
+    """`NAME.retried-<time>`, free in the quarantine, within a file name's 255 bytes: a long NAME is
+    cut (at a character) to make room."""
+    stamp = f"{RETRIED}{time.strftime('%Y%m%d-%H%M%S')}"
+    room = 255 - len(stamp.encode()) - 8  # free_name_in may add a short suffix
+    base = name.encode()[:room].decode("utf-8", "ignore")
+    return free_name_in(parent_fd, base + stamp)
 
 
 #: error.yaml is nstd's, but it lies in a folder others may write: read it like a job file.
@@ -266,7 +286,9 @@ def _renamed(data: dict, new_names: dict[str, str], old_job: str) -> dict:
 
 
 def _free_job_name(inbox_fd: int, job: str) -> str:
-    """`job`, else `job-retry-2`, ...: no job file of that name in the inbox."""
+    """`job`, else `job-retry-2`, ...: no job file of that name in the inbox; a name too long for
+    `-retry-N.yaml` within a file name's 255 bytes is cut (at a character)."""
+    job = job.encode()[:255 - len("-retry-9999.yaml")].decode("utf-8", "ignore")
     candidate, n = job, 1
     while any(_taken(inbox_fd, candidate + s) for s in SIDECAR_SUFFIXES):
         n += 1
@@ -314,7 +336,7 @@ def _move_out(src_fd: int, name: str, dst_fd: int, new: str) -> str:
 def _write_new(dir_fd: int, name: str, content) -> None:
     """`content` (text, or a file to copy) as `name` in `dir_fd`: a hidden temporary name, flushed,
     then renamed into place, replacing nothing."""
-    tmp = free_name_in(dir_fd, f".nstd-retry-{name}")
+    tmp = free_name_in(dir_fd, f".nstd-retry-{os.getpid()}")  # short: `name` may be 255 bytes already
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "wb") as out:

@@ -215,6 +215,22 @@ def _rename_if_free(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> Non
         os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
 
+def read_bounded(folder: Path, rel: str, max_bytes: int) -> bytes:
+    """At most `max_bytes` of a regular file inside `folder`, opened as inputs are: no link
+    followed, nothing but a regular file, never blocking (a FIFO or /dev/zero planted by a user is
+    refused, not read for ever). Raises Refused or OSError."""
+    fd = open_inbox(folder)
+    try:
+        pinned = pin(fd, folder, rel)
+    finally:
+        os.close(fd)
+    try:
+        with pinned.reader() as fh:
+            return fh.read(max_bytes)
+    finally:
+        pinned.close()
+
+
 def open_inbox(inbox: Path) -> int:
     """A descriptor of the inbox folder itself (the admin's path: links in it are the admin's)."""
     return os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
