@@ -75,6 +75,28 @@ def test_validate_a_good_and_a_bad_job(images_dir, tmp_path):
     assert r.returncode == 2 and "missing input" in r.stderr and "nope.jpg" in r.stderr
 
 
+@pytest.mark.parametrize("content_size, keys, says", [
+    ((60000, 1), "size: 64\n", "the content (60000x1) at 64 px would be 64x1 px"),
+    ((1, 60000), "size: 64\n", "the content (1x60000) at 64 px would be 1x64 px"),
+    ((640, 480), "size: 64\nstyle_scale: 0.1\n", "the style (640x400) read at 16 px"),
+    ((640, 480), "size: 64\nstages: 2\nanchor_size: 1\n", "the style anchor (anchor_size 1)"),
+])
+def test_validate_refuses_what_the_network_cannot_take_and_the_engine_agrees(tmp_path, content_size, keys, says):
+    """Every pass of the run (each stage's content, each style at its scale, the anchor) is checked
+    against the deepest layer's smallest picture, once, by validate and the engine alike: what
+    validate passes runs, what it refuses is refused with the same reason instead of a crash."""
+    Image.new("RGB", content_size, (90, 120, 200)).save(tmp_path / "c.png")
+    Image.effect_noise((640, 400), 60).convert("RGB").save(tmp_path / "s.png")
+    (tmp_path / "j.yaml").write_text("content: c.png\nstyle: s.png\nsteps: 1\n" + keys)
+    r = nstd("validate", tmp_path / "j.yaml")
+    assert r.returncode == 2 and "bad image" in r.stderr and says in r.stderr, r.stderr
+    args = ["--size", 64, "--steps", 1, "-q", "--device", "cpu"]
+    args += ["--style-scale", 0.1] if "style_scale" in keys else []
+    args += ["--stages", 2, "--anchor-size", 1] if "anchor_size" in keys else []
+    r = nstd("stylize", tmp_path / "c.png", tmp_path / "s.png", "-o", tmp_path / "o.png", *args)
+    assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_status_says_when_no_daemon_runs(tmp_path):
     (tmp_path / "config.yaml").write_text("paths: {root: ./var}\n")
     r = nstd("status", "--config", tmp_path / "config.yaml")

@@ -68,6 +68,9 @@ CASES = {
                         "path outside inbox", "'..' is not allowed"),
     # images that cannot be used
     "huge-dims": ("content: bomb.png\nstyle: starry_night.jpg\n", {"bomb.png": "BOMB"}, "bad image", "over the limit"),
+    # a picture every layer cannot take is refused at intake with the reason, not crashed on by the engine
+    "too-thin": ("content: thin.png\nstyle: starry_night.jpg\nsize: 64\n", {"thin.png": "THIN"}, "bad image",
+                 "under the 16 px that conv5_1 needs"),
     "gif-format": ("content: anim.gif\nstyle: starry_night.jpg\n", {"anim.gif": "GIF"}, "bad image",
                    "not an image nstd can read"),
     "pdf-as-jpg": ("content: doc.jpg\nstyle: starry_night.jpg\n", {"doc.jpg": b"%PDF-1.4\n" + b"0" * 500}, "bad image",
@@ -122,6 +125,14 @@ def _bomb() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def _thin() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (60000, 1), (90, 120, 200)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def _gif() -> bytes:
     from PIL import Image
 
@@ -144,7 +155,7 @@ def test_bad_input_is_quarantined_and_the_daemon_runs_on(tmp_path):
     d.image("the_scream.jpg")  # 1200x1528 = 1.8 M pixels, over the 1.5 M limit
     half = (IMAGES / "tubingen.jpg").read_bytes()
     d.start()
-    special = {None: half[: len(half) // 2], "BOMB": _bomb(), "GIF": _gif()}
+    special = {None: half[: len(half) // 2], "BOMB": _bomb(), "GIF": _gif(), "THIN": _thin()}
     for name, (text, files, _, _) in CASES.items():
         for fname, data in files.items():
             (d.inbox / fname).write_bytes(special.get(data, data) if not isinstance(data, bytes) else data)

@@ -48,7 +48,10 @@ def test_stages_too_thin_for_the_network_are_left_out(engine, pair):
     assert result.size == (640, 32) and [s["size"] for s in result.stages] == [[640, 32]]
     # a small style_scale makes the style the thin one
     q = StyleParams(size=256, steps=2, stages=(Stage(64, 2), Stage(256, 2)), style_scale=0.1)
-    assert engine.plan(Image.new("RGB", (256, 192)), [StyleImage(Image.new("RGB", (200, 100)))], q) == [Stage(256, 2)]
+    assert engine.plan(Image.new("RGB", (256, 192)), [StyleImage(Image.new("RGB", (200, 160)))], q) == [Stage(256, 2)]
+    # and where even the last stage's style would be too thin, the run is refused with the reason
+    with pytest.raises(ValueError, match=r"the style \(200x100\) read at 26 px for the 256 px stage would be 26x13"):
+        engine.plan(Image.new("RGB", (256, 192)), [StyleImage(Image.new("RGB", (200, 100)))], q)
 
 
 def test_a_checkpoint_resumes_in_its_stage():

@@ -330,7 +330,28 @@ def check_job(job: ParsedJob, max_pixels: int, pins: dict[Path, safefs.Pinned] |
                     sizes[path] = open_image(path, max_pixels, fileobj=fh).size
         except ImageError as exc:
             problems.append(JobError(ErrorKind.BAD_IMAGE, str(exc)))
+    if not problems and files.content in sizes:
+        why = _too_small(job.settings, sizes[files.content], [sizes[p] for p, _ in files.styles if p in sizes])
+        if why:
+            problems.append(JobError(ErrorKind.BAD_IMAGE, why))
     if problems:
         messages = [p.message for p in problems]
         raise JobError(problems[0].kind, "; ".join(messages), problems=messages)
     return CheckedJob(files, job.settings, sizes)
+
+
+def _too_small(settings: dict, content: tuple[int, int], styles: list[tuple[int, int]]) -> str | None:
+    """The engine's own check (schedule.too_small) on this job's pictures and keys: a job that
+    validates runs, whatever its shapes."""
+    from nstd.engine import schedule
+
+    if not styles:
+        return None
+    try:
+        stages = schedule.plan(settings["size"], settings["steps"], settings["stages"], settings["stage_start"],
+                               settings["stage_factor"], settings["stage_steps"])
+    except (KeyError, ValueError):
+        return None  # the keys' own checks speak for these
+    layers = [*settings["content_layers"], *settings["style_layers"]]
+    return schedule.too_small(content, styles, stages, settings["style_scale"], settings["anchor_size"], layers,
+                              settings["style_layers"])

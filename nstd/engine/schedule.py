@@ -28,6 +28,9 @@ AUTO_SINGLE = 3
 MAX_STAGES = 12
 #: The defaults of the job keys (jobkeys.py).
 DEFAULT_START, DEFAULT_FACTOR, DEFAULT_STEP_RATIO = 256, 2.0, 0.5
+#: A style image is never seen larger than this (the largest result's edge): `size: 8192` with
+#: `style_scale: 4` would otherwise make a 32768 px style, 10 GB as one float tensor.
+MAX_STYLE_EDGE = 8192
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,76 @@ def viable(stages: Sequence[Stage], short_edges: Callable[[int], int], minimum: 
     `minimum`: what the deepest layer's pooling needs). The last stage always stays."""
     kept = [s for s in stages[:-1] if short_edges(s.size) >= minimum]
     return [*kept, stages[-1]]
+
+
+def fit_long_edge(size: tuple[int, int], long_edge: int) -> tuple[int, int]:
+    from nstd.engine.images import fit_long_edge as fit
+
+    return fit(size, long_edge)
+
+
+def style_edge(content_size: tuple[int, int], size: int, style_scale: float) -> int:
+    """The style image's long edge for a result of long edge `size` from content of `content_size`."""
+    return min(MAX_STYLE_EDGE, max(16, round(max(fit_long_edge(content_size, size)) * style_scale)))
+
+
+def anchor_hw(content_size: tuple[int, int], anchor_size: int, size: int) -> tuple[int, int] | None:
+    """(h, w) of the style anchor's pass for a stage of long edge `size`, or None where the stage
+    is not larger than the anchor (by a quarter: a near-equal size adds nothing)."""
+    if not anchor_size or size <= 1.25 * anchor_size:
+        return None
+    w, h = fit_long_edge(content_size, anchor_size)
+    return h, w
+
+
+def smallest_edge(layers: Sequence[str]) -> int:
+    """The shortest edge a picture may have for the deepest of `layers` (convN_M): each pooling
+    before it halves the picture, and a pool needs two pixels."""
+    return 2 ** (max(int(name[4]) for name in layers) - 1)
+
+
+def runnable(content_size: tuple[int, int], style_sizes: Sequence[tuple[int, int]], stages: Sequence[Stage],
+             style_scale: float, layers: Sequence[str]) -> list[Stage]:
+    """`stages` less the early ones whose content or style would be too thin for `layers` (a
+    panorama, a small style_scale); the last one always stays (`too_small` says if it may run)."""
+
+    def short_edges(size: int) -> int:
+        edge = style_edge(content_size, size, style_scale)
+        return min(min(fit_long_edge(content_size, size)), *(min(fit_long_edge(s, edge)) for s in style_sizes))
+
+    return viable(stages, short_edges, smallest_edge(layers))
+
+
+def too_small(content_size: tuple[int, int], style_sizes: Sequence[tuple[int, int]], stages: Sequence[Stage],
+              style_scale: float, anchor_size: int, layers: Sequence[str],
+              style_layers: Sequence[str] | None = None) -> str | None:
+    """Why some pass of this run would be too small for the network, or None: the content at every
+    stage that runs (early ones too thin are left out, see `viable`), each style at its scale, and
+    the anchor. The one check, for `nstd validate`, intake and the engine alike."""
+    minimum = smallest_edge(layers)
+    deepest = max(layers, key=lambda n: (int(n[4]), n))
+
+    def say(what: str, w: int, h: int, need: int, layer: str) -> str:
+        return (f"{what} would be {w}x{h} px: its short edge is under the {need} px that {layer} needs "
+                f"(a larger size, a larger style_scale or anchor_size, or a less thin picture)")
+
+    for st in runnable(content_size, style_sizes, stages, style_scale, layers):
+        w, h = fit_long_edge(content_size, st.size)
+        if min(w, h) < minimum:
+            return say(f"the content ({content_size[0]}x{content_size[1]}) at {st.size} px", w, h, minimum, deepest)
+        edge = style_edge(content_size, st.size, style_scale)
+        for i, s in enumerate(style_sizes):
+            sw, sh = fit_long_edge(s, edge)
+            if min(sw, sh) < minimum:
+                name = "the style" if len(style_sizes) == 1 else f"style {i + 1}"
+                return say(f"{name} ({s[0]}x{s[1]}) read at {edge} px for the {st.size} px stage", sw, sh, minimum, deepest)
+        anchor = anchor_hw(content_size, anchor_size, st.size)
+        anchor_layers = style_layers or layers
+        need = smallest_edge(anchor_layers)
+        if anchor is not None and min(anchor) < need:
+            return say(f"the style anchor (anchor_size {anchor_size})", anchor[1], anchor[0], need,
+                       max(anchor_layers, key=lambda n: (int(n[4]), n)))
+    return None
 
 
 def total_steps(stages: Sequence[Stage]) -> int:

@@ -388,16 +388,14 @@ class Engine:
     def plan(self, content: Image.Image, styles: Sequence[StyleImage], p: StyleParams) -> list[Stage]:
         """`p`'s stages, less the early ones too thin for the network: the content's or a style's
         short edge at that stage under what the deepest layer's pooling needs (a panorama, a
-        small style_scale)."""
-        deepest = max((*p.content_layers, *p.style_layers), key=layer_index)
-        minimum = 2 ** (int(deepest[4]) - 1)
-
-        def short_edge(size: int) -> int:
-            edge = style_edge(content.size, size, p.style_scale)
-            return min(min(images.fit_long_edge(content.size, size)),
-                       *(min(images.fit_long_edge(s.image.size, edge)) for s in styles))
-
-        return schedule.viable(p.schedule(), short_edge, minimum)
+        small style_scale). A run whose last stage, a style or the anchor would still be too
+        small is refused here with the reason (ValueError), as `nstd validate` refuses its job."""
+        layers = (*p.content_layers, *p.style_layers)
+        sizes = [s.image.size for s in styles]
+        why = schedule.too_small(content.size, sizes, p.schedule(), p.style_scale, p.anchor_size, layers, p.style_layers)
+        if why:
+            raise ValueError(why)
+        return schedule.runnable(content.size, sizes, p.schedule(), p.style_scale, layers)
 
     def _run_stage(self, run: "_Run", index: int, previous: torch.Tensor | None, content: Image.Image,
                    styles: list[StyleImage], init_image: Image.Image | None, cache: TargetCache | None,
@@ -737,13 +735,8 @@ def _release_pool(dev: torch.device, pool) -> None:
 
 
 def _anchor_hw(content_size: tuple[int, int], p: StyleParams, size: int | None = None) -> tuple[int, int] | None:
-    """(h, w) of the anchor's pass for a stage of long edge `size` (default the result's), or None
-    where the stage is not larger than the anchor (by a quarter: a near-equal size adds nothing)."""
-    size = size or p.size
-    if not p.anchor_size or size <= 1.25 * p.anchor_size:
-        return None
-    w, h = images.fit_long_edge(content_size, p.anchor_size)
-    return h, w
+    """(h, w) of the anchor's pass for a stage of long edge `size` (default the result's)."""
+    return schedule.anchor_hw(content_size, p.anchor_size, size or p.size)
 
 
 class _Anchor:

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from nstd.engine import images
+from nstd.engine.schedule import MAX_STYLE_EDGE, style_edge  # noqa: F401 (here for callers)
 
 Grams = dict[str, torch.Tensor]
 
@@ -26,16 +27,6 @@ class StyleImage:
     image: Image.Image
     weight: float = 1.0
     digest: str | None = None
-
-
-#: A style image is never seen larger than this (the largest result's edge): `size: 8192` with
-#: `style_scale: 4` would otherwise make a 32768 px style, 10 GB as one float tensor.
-MAX_STYLE_EDGE = 8192
-
-
-def style_edge(content_size: tuple[int, int], size: int, style_scale: float) -> int:
-    """The style image's long edge for a result of long edge `size` from content of `content_size`."""
-    return min(MAX_STYLE_EDGE, max(16, round(max(images.fit_long_edge(content_size, size)) * style_scale)))
 
 
 class TargetCache:
