@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--stage-steps", type=float, help="each later stage's steps over the one before's (default 0.5)")
     s.add_argument("--anchor-size", type=int, help="stages larger than this also match the style scaled down to it, "
                                                     "keeping strokes' size relative to the picture (default 512; 0: off)")
+    s.add_argument("--grain", type=float, help="rms of the grain added to each stage's start, 8-bit levels "
+                                               "(default 8; 0: none; docs/quality.md)")
     s.add_argument("--optimizer", help="lbfgs (default) or adam")
     s.add_argument("--content-weight", type=float, help="alpha (default 1)")
     s.add_argument("--style-weight", type=float, help="beta (default 1e4)")
@@ -245,7 +247,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     took = time.perf_counter() - t0
     losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items())
     gif_note = f" and {args.gif}" if args.gif and result.frames else ""
-    print(f"wrote {out}{gif_note} ({w}x{h}, {result.steps} steps{_stages_note(result)}, {took:.1f} s on {result.device}, {result.precision}; {losses})")
+    print(f"wrote {out}{gif_note} ({w}x{h}, {result.steps} steps{_stages_note(result)}, {took:.1f} s on {result.device}, {result.precision}, {result.e512:.0f} E512; {losses})")
     return ExitCode.OK
 
 
@@ -384,7 +386,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 #: `nstd stylize`'s options by job key: its errors name the option the user typed.
 OPTION_OF_KEY = {
     "size": "--size", "steps": "--steps", "stages": "--stages", "stage_start": "--stage-start",
-    "stage_factor": "--stage-factor", "stage_steps": "--stage-steps", "anchor_size": "--anchor-size", "optimizer": "--optimizer", "content_weight": "--content-weight",
+    "stage_factor": "--stage-factor", "stage_steps": "--stage-steps", "anchor_size": "--anchor-size", "grain": "--grain", "optimizer": "--optimizer", "content_weight": "--content-weight",
     "style_weight": "--style-weight", "tv_weight": "--tv-weight", "style_scale": "--style-scale",
     "preserve_color": "--preserve-color", "init": "--init", "pooling": "--pooling", "seed": "--seed",
     "gif.every": "--gif-every", "engine.device": "--device", "engine.weights": "--weights",
@@ -428,6 +430,7 @@ def _job_and_engine(args, cfg) -> tuple[dict, dict]:
             ("stage_factor", "stage_factor"),
             ("stage_steps", "stage_steps"),
             ("anchor_size", "anchor_size"),
+            ("grain", "grain"),
             ("optimizer", "optimizer"),
             ("content_weight", "content_weight"),
             ("style_weight", "style_weight"),

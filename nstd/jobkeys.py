@@ -70,6 +70,9 @@ JOB_FIELDS: dict[str, Any] = {
     "anchor_size": Field(512, "a stage larger than this also matches the style with the picture scaled down to "
                          "this long edge, so strokes keep their size relative to the picture; 0 = off",
                          integer(0, 8192)),
+    "grain": Field(8.0, "rms of the fixed-seed grain added to each stage's start picture, in 8-bit levels, so "
+                   "that flat regions grow strokes instead of a periodic grid (docs/quality.md); 0 = none",
+                   number(0, 64)),
     "optimizer": Field("lbfgs", "lbfgs | adam", choice("lbfgs", "adam")),
     "content_weight": Field(1.0, "alpha: weight of the content term", number(0, 1e12)),
     "style_weight": Field(1.0e4, "beta: weight of the style term", number(0, 1e12)),
@@ -103,6 +106,7 @@ def style_params(job: dict) -> "StyleParams":
         stage_factor=job.get("stage_factor", DEFAULT_FACTOR),
         stage_steps=job.get("stage_steps", DEFAULT_STEP_RATIO),
         anchor_size=job.get("anchor_size", 0),  # a claim from before the key: as it was taken
+        grain=job.get("grain", 0.0),  # likewise
         optimizer=job["optimizer"],
         content_weight=job["content_weight"],
         style_weight=job["style_weight"],

@@ -36,6 +36,7 @@ def test_a_job_lands_complete(daemon):
     assert set(report["timings"]) == {"waited", "loaded", "targets", "optimised", "encoded"}
     assert report["steps"] == 3 and report["size_used"] == [32, 17] and report["device"] == "cpu"
     assert report["weights"] == "vgg19-caffe" and "torch" in report["versions"]
+    assert report["e512"] == pytest.approx((3 + 1 / 3) * 32 * 17 / 512**2, abs=0.01)  # 3 steps + the check
     log = (out / "job.log").read_text()
     assert "claimed as" in log and "step 3/3" in log and "done:" in log
     daemon.wait_state_clean()

@@ -168,6 +168,8 @@ class Outcomes:
             "device_name": result.device_name,
             "precision": result.precision,
             "cuda_graph": result.cuda_graph,
+            # the picture's passes through VGG-19, each over 512 x 512 pixels (docs/quality.md)
+            "e512": result.e512,
             "preserve_color": done.job.settings.get("preserve_color", "none"),
             "size_requested": done.size_requested,
             "size_used": list(result.size),

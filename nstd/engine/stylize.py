@@ -28,6 +28,10 @@ from nstd.engine.targets import StyleImage, TargetCache, style_edge
 from nstd.engine.vgg import Network, layer_index
 
 ADAM_LR = 0.02  # in 0..1 pixel units
+#: E512, the cost that carries from one machine to any other: one forward+backward pass of the
+#: picture over 512 x 512 pixels. A forward alone (a stage's closing check) counts a third.
+E512_PIXELS = 512 * 512
+FORWARD_SHARE = 1 / 3
 #: Eager steps before a CUDA graph of the step is captured (lazy initialisation happens in them).
 GRAPH_WARMUP_STEPS = 3
 
@@ -57,6 +61,8 @@ class StyleParams:
     stage_steps: float = schedule.DEFAULT_STEP_RATIO
     #: a stage larger than this also matches the style at this long edge (0: off); see _Anchor
     anchor_size: int = 512
+    #: rms of the fixed-seed grain added to each stage's start picture, in 8-bit levels (see _grain)
+    grain: float = 8.0
 
     def schedule(self) -> list[Stage]:
         return schedule.plan(self.size, self.steps, self.stages, self.stage_start, self.stage_factor, self.stage_steps)
@@ -88,6 +94,8 @@ class Result:
     restarts: int = 0  # L-BFGS restarts after a diverging step
     resumed_from: int = 0  # the checkpoint's step, when the run resumed one
     cuda_graph: bool = False  # the steps after the warm-up were replayed from a captured CUDA graph
+    #: the picture's passes through the network, each counted as its pixels over 512 x 512 (see E512)
+    e512: float = 0.0
     #: one record a stage: size [w, h], steps, seconds, peak memory, the memory techniques and why
     stages: list[dict] = field(default_factory=list)
 
@@ -450,13 +458,17 @@ class Engine:
                              self._autocast)
             del grams
 
+        begin = sum(s.steps for s in run.stages[:index])
+        first_step = max(begin, run.start) + 1
         if previous is not None:  # the stage before (upsampled), or a checkpoint (perhaps at another size)
             x = previous.to(dev, torch.float32)
             if x.shape[-2:] != content_t.shape[-2:]:
                 x = torch.nn.functional.interpolate(x, size=content_t.shape[-2:], mode="bicubic", align_corners=False).clamp_(0, 1)
-            x = x.contiguous().requires_grad_(True)
         else:
-            x = palette.start(self._initial(p, content_t, init_image)).requires_grad_(True)
+            x = palette.start(self._initial(p, content_t, init_image))
+        if first_step == begin + 1 and p.grain > 0:  # the stage starts here (not mid-stage from a checkpoint)
+            x = (x + _grain(x.shape, p.grain, p.seed, index).to(dev)).clamp_(0, 1)
+        x = x.contiguous().requires_grad_(True)
         del previous
         history = tech.history if p.optimizer == "lbfgs" else 0
 
@@ -510,23 +522,24 @@ class Engine:
         # The masked L-BFGS (no host read) wherever a step may be captured; on the CPU otherwise.
         opt: LBFGS | _Adam = (LBFGS(x, history=tech.history, masked=x.is_cuda or use_graph) if p.optimizer == "lbfgs"
                               else _Adam(x, lr=ADAM_LR))
-        begin = sum(s.steps for s in run.stages[:index])
-        first_step = max(begin, run.start) + 1
         end = begin + stage.steps
         t_loop = time.perf_counter()
+        e512_before = run.e512
         run.targets += t_loop - t_stage
         if run.t_opt is None:
             run.t_opt = t_loop
         tap = run.tap
+        pass_cost = (w * h + (anchor.size[0] * anchor.size[1] if anchor is not None else 0)) / E512_PIXELS
+
         def checkpoint(at: int) -> Checkpoint:
             return Checkpoint(at, x.detach().float().cpu().clone(), frames.all())
 
         for step in range(first_step, end + 1):
             stoppable = True
             try:
-                captured_now = False
+                captured_now = tried_capture = False
                 if use_graph and graph is None and step - first_step == GRAPH_WARMUP_STEPS:
-                    use_graph = False  # one try a stage
+                    use_graph, tried_capture = False, True  # one try a stage; its warm-up evaluates once
                     graph = self._capture(lambda: lbfgs_step(capturing=True), evaluate, lambda: guard.evaluations,
                                           graph_kind)
                     captured_now = graph is not None  # its check replayed it once: that was this step
@@ -549,6 +562,7 @@ class Engine:
                 frames.add(palette.show(x.detach()))
             elapsed = time.perf_counter() - run.t_opt
             run.work_done += w * h
+            run.e512 += pass_cost * (2 if tried_capture else 1)
             if tap is not None:
                 tap.add(step, guard.last)
             progress.on_step(StepInfo(step, run.total, elapsed, guard.last,
@@ -577,6 +591,7 @@ class Engine:
             if anchor is not None:
                 a = anchor(palette.view(x))
                 final_losses = Losses(final_losses.content, final_losses.style + a, final_losses.tv, final_losses.total + a)
+        run.e512 += pass_cost * FORWARD_SHARE
         if not float(final_losses.total) <= float(guard.best_total):
             guard.restore(x)
             final_losses = guard.best
@@ -592,6 +607,7 @@ class Engine:
             "seconds": round(time.perf_counter() - t_stage, 3), "peak_memory_bytes": peak,
             "techniques": tech.names(), "lbfgs_history": history, "why": why,
             "anchor": [aw, ah] if anchor is not None else None,
+            "e512": round(run.e512 - e512_before, 2),
         })
         if end < run.total:  # between stages: the picture the next one starts from
             if progress.checkpoint_due(end):
@@ -734,6 +750,18 @@ def _release_pool(dev: torch.device, pool) -> None:
             logger.debug("after a failed capture, {} failed: {}", name, exc)
 
 
+def _grain(shape: torch.Size, rms: float, seed: int, stage: int) -> torch.Tensor:
+    """Fixed-seed Gaussian grain of `rms` 8-bit levels, the same for the same seed and stage.
+
+    Why: in a flat region of a start picture (the content's sky, or any stage's upsampled picture)
+    the fine scales hold no energy. With average pooling only conv1_1's Gram matrix pushes there
+    (the pools average the rest away: docs/quality.md), and a Gram loss grows what it finds in
+    proportion to what is there, so from almost nothing its fastest-growing frequencies win: a
+    periodic grid. Grain in every direction and scale gives it strokes to shape instead."""
+    g = torch.Generator().manual_seed(seed * 1009 + stage)
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32).mul_(rms / 255.0)
+
+
 def _anchor_hw(content_size: tuple[int, int], p: StyleParams, size: int | None = None) -> tuple[int, int] | None:
     """(h, w) of the anchor's pass for a stage of long edge `size` (default the result's)."""
     return schedule.anchor_hw(content_size, p.anchor_size, size or p.size)
@@ -790,6 +818,7 @@ class _Run:
     peak: int | None = None
     records: list[dict] = field(default_factory=list)
     work_done: float = 0.0  # pixel-steps run in this call (the ETA's pace)
+    e512: float = 0.0  # passes of the picture run in this call, in E512
     sizes: list[int] = field(default_factory=list)  # each stage's pixels, for the ETA
 
     def work_left(self, step: int) -> float:
@@ -819,6 +848,7 @@ class _Run:
             timings={"targets": self.targets, "optimise": self.optimise},
             restarts=self.restarts,
             cuda_graph=self.cuda_graph,
+            e512=round(self.e512, 2),
             resumed_from=self.start,
             peak_memory_bytes=self.peak,
             stages=self.records,

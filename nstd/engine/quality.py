@@ -1,0 +1,142 @@
+"""Held-out measures of a finished picture: how well it took the style, how much of the content it
+kept, periodic artefacts (moiré), clipped pixels.
+
+They judge a picture from outside the optimisation, so that no method is scored by its own loss:
+the network is VGG-19 with *max* pooling (the engine optimises through average pooling by
+default), the style statistic is the sliced Wasserstein-2 distance over all 16 conv layers (the
+engine matches Gram matrices of five), seen at 0.75x the result's scale. bench/quality.py runs
+them over a frozen set of pairs.
+"""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from nstd.engine import images
+from nstd.engine.options import CONV_LAYERS
+
+#: C_held's layers: below conv2_1 a feature is little more than the pixels; conv4_2, the engine's
+#: content layer, is one of five here.
+CONTENT_LAYERS = ("conv2_1", "conv3_1", "conv4_1", "conv4_2", "conv5_1")
+#: S_held sees both pictures at this fraction of the result's scale (another view than the loss's).
+STYLE_VIEW = 0.75
+DIRECTIONS = 128
+#: Moiré: frequencies above this fraction of Nyquist count (below it lie the strokes).
+MOIRE_FROM = 0.2
+
+
+@torch.no_grad()
+def sliced_w2(a: torch.Tensor, b: torch.Tensor, directions: torch.Tensor) -> float:
+    """Sliced Wasserstein-2 distance (squared) between the feature sets a (C, Na) and b (C, Nb),
+    projected on `directions` (C, D): the quantiles of each projection compared at the smaller
+    count of points."""
+    pa = (directions.T @ a).sort(dim=1).values  # (D, Na)
+    pb = (directions.T @ b).sort(dim=1).values
+    n = min(pa.shape[1], pb.shape[1])
+    pa, pb = _quantiles(pa, n), _quantiles(pb, n)
+    return float((pa - pb).pow(2).mean())
+
+
+def _quantiles(sorted_rows: torch.Tensor, n: int) -> torch.Tensor:
+    """n evenly spaced quantiles of each sorted row (linear interpolation)."""
+    m = sorted_rows.shape[1]
+    if m == n:
+        return sorted_rows
+    pos = (torch.arange(n, dtype=torch.float32) + 0.5) * m / n - 0.5
+    lo = pos.floor().clamp(0, m - 1).long()
+    hi = (lo + 1).clamp(max=m - 1)
+    frac = (pos - lo.float()).clamp(0, 1)
+    return sorted_rows[:, lo] * (1 - frac) + sorted_rows[:, hi] * frac
+
+
+class Judge:
+    """The held-out network (VGG-19, max pooling, all 16 convs) and fixed random directions:
+    one per process, shared by every picture it judges."""
+
+    def __init__(self, network, seed: int = 1234):
+        self.extractor = network.extractor(CONV_LAYERS, "max")
+        self.device = network.device
+        g = torch.Generator().manual_seed(seed)
+        self.directions = {}
+        for name in CONV_LAYERS:
+            c = network.convs[name].out_channels
+            d = torch.randn(c, DIRECTIONS, generator=g)
+            self.directions[name] = (d / d.norm(dim=0, keepdim=True)).to(self.device)
+        self._style_cache: dict[tuple, dict] = {}
+
+    @torch.no_grad()
+    def features(self, img: Image.Image, layers=CONV_LAYERS) -> dict[str, torch.Tensor]:
+        x = images.to_tensor(img).to(self.device)
+        feats = self.extractor(x)
+        return {k: feats[k][0].flatten(1).float() for k in layers}
+
+    def style_distance(self, result: Image.Image, style: Image.Image, style_scale: float = 1.0) -> float:
+        """S_held: per layer the sliced W2 from the result's features to the style's, over the
+        same distance from a flat picture of the style's mean colour; the mean over layers. The
+        style is seen at the engine's size rule (its long edge = the result's x style_scale), both
+        at STYLE_VIEW of that."""
+        edge = max(16, round(max(result.size) * STYLE_VIEW))
+        s_edge = max(16, round(max(result.size) * style_scale * STYLE_VIEW))
+        ref = self._style_reference(style, s_edge, result.size, edge)
+        got = self.features(images.resize_long_edge(result, edge))
+        ratios = [sliced_w2(got[k], ref["style"][k], self.directions[k]) / ref["flat"][k] for k in CONV_LAYERS]
+        return sum(ratios) / len(ratios)
+
+    def _style_reference(self, style: Image.Image, s_edge: int, size: tuple[int, int], edge: int) -> dict:
+        key = (id(style), s_edge, size, edge)
+        if key not in self._style_cache:
+            feats = self.features(images.resize_long_edge(style, s_edge))
+            mean = tuple(int(round(v)) for v in images.to_tensor(style).mean(dim=(0, 2, 3)).mul(255).tolist())
+            flat = self.features(Image.new("RGB", images.fit_long_edge(size, edge), mean))
+            self._style_cache[key] = {
+                "style": feats,
+                "flat": {k: max(sliced_w2(flat[k], feats[k], self.directions[k]), 1e-12) for k in CONV_LAYERS},
+            }
+        return self._style_cache[key]
+
+    def content_distance(self, result: Image.Image, content: Image.Image) -> float:
+        """C_held: mean over CONTENT_LAYERS of |F(result) - F(content)|^2 / |F(content)|^2, the
+        content resized to the result's size."""
+        ref = self.features(content.resize(result.size, Image.Resampling.LANCZOS), CONTENT_LAYERS)
+        got = self.features(result, CONTENT_LAYERS)
+        vals = [float((got[k] - ref[k]).pow(2).sum() / ref[k].pow(2).sum().clamp_min(1e-12)) for k in CONTENT_LAYERS]
+        return sum(vals) / len(vals)
+
+
+def luminance(img: Image.Image) -> torch.Tensor:
+    """(H, W) float luminance in 0..1 (Rec. 601)."""
+    t = images.to_tensor(img)[0]
+    return 0.299 * t[0] + 0.587 * t[1] + 0.114 * t[2]
+
+
+def moire(img: Image.Image) -> float:
+    """Periodic high-frequency artefacts: the 99.9th percentile, over the luminance power
+    spectrum's bins above MOIRE_FROM of Nyquist, of each bin's power over the median power at its
+    radius. A stroke spreads its power over all directions of a ring; a periodic grid puts it in a
+    few bins, far above their ring's median. A Hann window keeps the picture's edges out."""
+    y = luminance(img).double()
+    h, w = y.shape
+    y = y - y.mean()
+    win = torch.hann_window(h, periodic=False, dtype=torch.float64)[:, None] * torch.hann_window(w, periodic=False, dtype=torch.float64)[None, :]
+    power = torch.fft.fftshift(torch.fft.fft2(y * win)).abs().pow(2)
+    fy = torch.fft.fftshift(torch.fft.fftfreq(h, dtype=torch.float64))[:, None] / 0.5
+    fx = torch.fft.fftshift(torch.fft.fftfreq(w, dtype=torch.float64))[None, :] / 0.5
+    radius = (fx.pow(2) + fy.pow(2)).sqrt()  # 1 = Nyquist along an axis
+    rings = (radius * min(h, w) / 2).round().long()
+    keep = (radius > MOIRE_FROM) & (radius <= 1.0)
+    ratios = []
+    for r in rings[keep].unique().tolist():
+        ring = power[(rings == r) & keep]
+        med = ring.median()
+        if med > 0:
+            ratios.append(ring / med)
+    if not ratios:
+        return 0.0
+    allr = torch.cat(ratios)
+    return float(torch.quantile(allr.float(), 0.999))
+
+
+def clipped(img: Image.Image) -> float:
+    """The fraction of pixel channels at 0 or 255."""
+    t = torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8)
+    return float(((t == 0) | (t == 255)).float().mean())

@@ -1,0 +1,109 @@
+"""The held-out picture measures (nstd/engine/quality.py) on pictures whose answer is known, and
+E512 counted for a staged run."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from nstd.engine import StyleParams, images
+from nstd.engine.quality import Judge, clipped, moire, sliced_w2
+from nstd.engine.schedule import Stage
+from nstd.engine.stylize import E512_PIXELS, FORWARD_SHARE
+
+
+def _grey(values: torch.Tensor) -> Image.Image:
+    arr = values.clamp(0, 255).round().to(torch.uint8)
+    return Image.fromarray(arr.numpy(), "L").convert("RGB")
+
+
+def _noise(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return 128 + 30 * torch.randn(h, w, generator=g)
+
+
+def test_moire_is_high_for_stripes_and_none_for_flat():
+    h = w = 64
+    xx = torch.arange(w).float()[None, :].expand(h, w)
+    stripes = _grey(128 + 60 * torch.cos(2 * math.pi * 0.45 * xx))
+    flat = Image.new("RGB", (w, h), (90, 120, 200))
+    noise = _grey(_noise(h, w))
+    assert moire(flat) == 0.0
+    assert moire(stripes) > 1000
+    # noise has power in every direction: its bins sit near their ring's median
+    assert moire(noise) < 20
+    # stripes laid over noise stand out
+    assert moire(_grey(_noise(h, w) + 20 * torch.cos(2 * math.pi * 0.45 * xx))) > 5 * moire(noise)
+    # slow stripes (strokes) are below the band the measure looks at
+    assert moire(_grey(_noise(h, w) + 20 * torch.cos(2 * math.pi * 0.05 * xx))) < 20
+
+
+def test_clipped_counts_channels_at_the_ends():
+    img = Image.new("RGB", (10, 10), (0, 128, 255))
+    assert clipped(img) == pytest.approx(2 / 3)
+    assert clipped(Image.new("RGB", (4, 4), (1, 128, 254))) == 0.0
+
+
+def test_sliced_w2_is_zero_for_the_same_set_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 500, generator=g)
+    d = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=0)
+    assert sliced_w2(a, a, d) == 0.0
+    assert sliced_w2(a, a[:, torch.randperm(500, generator=g)], d) == pytest.approx(0.0, abs=1e-10)
+    near, far = sliced_w2(a, a + 0.1, d), sliced_w2(a, a + 1.0, d)
+    assert 0 < near < far
+
+
+def test_style_distance_is_zero_for_the_style_and_one_for_its_flat_mean(engine, pair):
+    judge = Judge(engine.network)
+    style = images.resize_long_edge(pair[1], 64)
+    assert judge.style_distance(style, style) == pytest.approx(0.0, abs=1e-6)
+    mean = tuple(int(round(v)) for v in images.to_tensor(style).mean(dim=(0, 2, 3)).mul(255).tolist())
+    flat = Image.new("RGB", style.size, mean)
+    assert judge.style_distance(flat, style) == pytest.approx(1.0, rel=1e-3)
+    content = images.resize_long_edge(pair[0], 64)
+    between = judge.style_distance(content, style)
+    assert 0.0 < between
+    # the content against itself keeps everything; a flat picture loses it
+    assert judge.content_distance(content, content) == pytest.approx(0.0, abs=1e-6)
+    assert judge.content_distance(flat.resize(content.size), content) > 0.5
+
+
+def test_e512_counts_every_pass_of_a_staged_run(engine, pair):
+    content, style = pair
+    p = StyleParams(size=64, steps=3, stages=(Stage(32, 3), Stage(64, 2)),
+                    frame_every=0)
+    r = engine.stylize(content, [(style, 1.0)], p)
+    assert [rec["steps"] for rec in r.stages] == [3, 2]
+    expected = 0.0
+    for rec in r.stages:
+        w, h = rec["size"]
+        stage = (rec["steps"] + FORWARD_SHARE) * w * h / E512_PIXELS  # steps, then the closing check
+        assert rec["e512"] == pytest.approx(stage, abs=0.01)
+        expected += stage
+    assert r.e512 == pytest.approx(expected, abs=0.01)
+    assert r.e512 > 0
+
+
+def test_grain_is_fixed_by_seed_and_stage_and_has_its_rms():
+    from nstd.engine.stylize import _grain
+
+    a = _grain(torch.Size((1, 3, 64, 64)), 8.0, seed=0, stage=0)
+    assert torch.equal(a, _grain(torch.Size((1, 3, 64, 64)), 8.0, seed=0, stage=0))
+    assert not torch.equal(a, _grain(torch.Size((1, 3, 64, 64)), 8.0, seed=0, stage=1))
+    assert not torch.equal(a, _grain(torch.Size((1, 3, 64, 64)), 8.0, seed=1, stage=0))
+    assert float(a.std()) * 255 == pytest.approx(8.0, rel=0.05)
+
+
+def test_grain_is_on_the_start_picture_and_zero_turns_it_off(engine, pair):
+    content, style = pair
+    p = StyleParams(size=48, steps=1, stages=1, frame_every=1, grain=8.0)
+    r = engine.stylize(content, [(style, 1.0)], p)
+    plain = engine.stylize(content, [(style, 1.0)], StyleParams(**{**p.__dict__, "grain": 0.0}))
+    # the first frame is the start picture: the content with grain, or the content itself
+    start, start0 = images.to_tensor(r.frames[0]), images.to_tensor(plain.frames[0])
+    noise = (start - start0) * 255
+    assert 7 < float(noise.std()) < 9  # 8 levels rms (a little is clamped at 0 and 255)
+    assert float(noise.mean()) == pytest.approx(0.0, abs=1.0)
