@@ -262,3 +262,30 @@ def test_a_page_process_that_dies_comes_back_and_its_address_is_updated(tmp_path
         assert second and second != first and get(second + "status.json")[0] == 200
     finally:
         page.stop()
+
+
+def test_the_pages_own_messages_cannot_flood_the_journal():
+    """Clients that provoke waitress's "Task queue depth" warning once a request (4411 lines in 3 s
+    before) get one line a minute, with the count of the rest."""
+    import io
+    import logging
+
+    from nstd.web.server import Summarised, quiet_waitress
+
+    now = [0.0]
+    out = io.StringIO()
+    handler = quiet_waitress(Summarised(out, seconds=60.0, clock=lambda: now[0]))
+    try:
+        log = logging.getLogger("waitress.queue")
+        for i in range(4411):
+            now[0] = i * 3 / 4411
+            log.warning("Task queue depth is %d", 1)
+        assert out.getvalue().count("\n") == 1
+        now[0] = 61.0
+        log.warning("Task queue depth is %d", 2)
+        lines = out.getvalue().splitlines()
+        assert len(lines) == 2 and "4410 more from waitress.queue" in lines[1], lines
+        logging.getLogger("waitress").warning("client \x1b[2J disconnected")  # another logger: its own line, escaped
+        assert len(out.getvalue().splitlines()) == 3 and "\x1b" not in out.getvalue()
+    finally:
+        logging.getLogger("waitress").handlers.remove(handler)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import socket
 import sys
@@ -38,6 +39,47 @@ def _lowest_priority() -> None:
         os.nice(19)
 
 
+class Summarised(logging.Handler):
+    """The page's own messages (waitress: "Task queue depth is 1", "client disconnected"...) to
+    stderr, at most one line a `seconds` per logger, counting the rest: a client that provokes a
+    line per request cannot flood the journal (whose per-unit rate limit would then drop the
+    daemon's own lines)."""
+
+    def __init__(self, stream=None, seconds: float = 60.0, clock=time.monotonic) -> None:
+        super().__init__(logging.WARNING)
+        self.stream, self.seconds, self.clock = stream, seconds, clock
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        now, key = self.clock(), record.name
+        last = self._last.get(key)
+        if last is not None and now - last < self.seconds:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        held = self._held.pop(key, 0)
+        self._last[key] = now
+        more = f" ({held} more from {key} in the last {now - last:.0f} s)" if held and last is not None else ""
+        from nstd.logs import one_line
+
+        stream = self.stream or sys.stderr
+        try:
+            stream.write(f"web: {one_line(record.getMessage())[:300]}{more}\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def quiet_waitress(handler: logging.Handler | None = None) -> logging.Handler:
+    """Route waitress's loggers through one Summarised handler (and not to Python's last resort)."""
+    handler = handler or Summarised()
+    log = logging.getLogger("waitress")
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.WARNING)
+    return handler
+
+
 def _orphan_watch(parent: int) -> None:
     """End with the daemon, however it ends (kill -9 included)."""
     while os.getppid() == parent:
@@ -65,6 +107,7 @@ def main() -> int:
         print(f"error: cannot listen on {cfg['listen']}: {exc.strerror or exc}", flush=True)
         return 2
     app = create_app(view, cfg["refresh_seconds"])
+    quiet_waitress()
     try:
         # A GET needs no body: one over 1 KiB is refused before waitress spools it to a file.
         server = create_server(app, host=address, port=port, threads=THREADS, ident="nstd", channel_timeout=10,
