@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -567,3 +568,47 @@ def test_only_the_judged_job_file_is_remembered_as_refused(tmp_path):
     r.refuse(inbox / "x.yaml", judged)
     r.update([inbox / "x.yaml"])
     assert inbox / "x.yaml" in r.pending  # the new one is judged
+
+
+def _start_refused(tmp_path: Path, mutate) -> subprocess.CompletedProcess:
+    import sys
+
+    var = tmp_path / "var"
+    for d in ("inbox", "outbox", "quarantine", "state", "logs"):
+        (var / d).mkdir(parents=True, exist_ok=True)
+    for d in (var, var / "outbox", var / "quarantine", var / "state", var / "logs"):
+        os.chmod(d, 0o755)
+    mutate(var)
+    (tmp_path / "config.yaml").write_text(f"paths: {{root: {var}}}\nweb: {{enabled: false}}\nengine: {{device: cpu}}\n")
+    return subprocess.run([sys.executable, "-m", "nstd.cli", "run", "--until-empty", "--config", str(tmp_path / "config.yaml")],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name, mutate, says", [
+    ("group-writable state", lambda v: os.chmod(v / "state", 0o2775), "paths.state"),
+    ("world-writable root", lambda v: os.chmod(v, 0o777), "paths.root"),
+    ("group-writable outbox", lambda v: os.chmod(v / "outbox", 0o775), "paths.outbox"),
+    ("quarantine swapped for a link", lambda v: (shutil.rmtree(v / "quarantine"), (v / "elsewhere").mkdir(),
+                                                 os.symlink(v / "elsewhere", v / "quarantine")), "is a symbolic link"),
+])
+def test_the_service_refuses_folders_others_can_change(tmp_path, name, mutate, says):
+    """A member of the inbox's group must not be able to replace state/ (claims, leases, cancel
+    requests) or the quarantine, nor delete others' results: the daemon refuses to start, naming
+    the folder and the fix, as sshd refuses a loose key file. The group-writable inbox is fine."""
+    r = _start_refused(tmp_path, mutate)
+    assert r.returncode == 2, (name, r.stderr)
+    assert says in r.stderr and ("chmod go-w" in r.stderr or "real folder" in r.stderr), r.stderr
+
+
+def test_a_group_inbox_and_a_loose_umask_still_start(tmp_path):
+    """The inbox is the group's (2775); folders the daemon creates are 0755 whatever the umask."""
+    def mutate(var):
+        os.chmod(var / "inbox", 0o2775)
+        shutil.rmtree(var / "outbox")
+    old = os.umask(0o002)
+    try:
+        r = _start_refused(tmp_path, mutate)
+    finally:
+        os.umask(old)
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(tmp_path / "var" / "outbox").st_mode) == 0o755

@@ -142,7 +142,9 @@ class Daemon:
         else:
             devices = resolve_all(self.cfg["gpu"]["devices"]) or [resolve_device(self.cfg["engine"]["device"])]
         self.folders.check_layout()
-        self.folders.create()
+        root = Path(self.cfg["paths"]["root"])
+        self.folders.create(root)
+        self.folders.check_modes(root)
         self.lock = RootLock(self.folders.state, wait_seconds=5)  # before anything is touched
         logs.setup(self.cfg["logging"], self.folders.logs)
         self.store = Store(self.folders)
