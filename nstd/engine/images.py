@@ -42,13 +42,16 @@ class ImageError(NstdError, ValueError):
         super().__init__(f"{self.path.name}: {reason}")
 
 
-def open_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, fileobj: BinaryIO | None = None) -> Image.Image:
+def open_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, fileobj: BinaryIO | None = None,
+               within: int | None = None) -> Image.Image:
     """Decode an image file fully and return it as 8-bit RGB, EXIF orientation applied.
 
     Dimensions are checked from the header before any pixel is decoded, so a decompression
     bomb costs nothing. Animated files give their first frame. Alpha is composited over white.
     With `fileobj` (an open file, e.g. one pinned in the inbox) that is read and `path` only
-    names it in messages.
+    names it in messages. `within` (a thumbnail's edge): the picture is scaled down to fit it
+    while it is decoded (JPEG's draft mode) or right after, before any conversion, so that a
+    big picture costs one decode of itself, not several copies.
     """
     path = Path(path)
     try:
@@ -70,7 +73,14 @@ def open_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS, fileobj: 
                 )
             if w < 1 or h < 1:
                 raise ImageError(path, f"has no pixels ({w}x{h})")
+            if within:
+                img.draft(img.mode, (within, within))  # JPEG: decoded at 1/2 .. 1/8 of its size
             img.load()
+            if within:
+                try:
+                    img.thumbnail((within, within))
+                except ValueError:  # a mode Pillow cannot resize (16-bit): converted first, below
+                    pass
     except ImageError:
         raise
     except Image.DecompressionBombError:

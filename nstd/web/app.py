@@ -27,6 +27,12 @@ from nstd.web.view import View
 THUMB_EDGE = 192
 #: nstd's results are at most 8192 px on the long edge; anything bigger was not made by nstd.
 THUMB_MAX_PIXELS = 8192 * 8192
+#: What one thumbnail may cost to decode (pixels x bytes a pixel, twice with alpha: Pillow scales
+#: such a picture premultiplied, a second copy): a 5600 x 5600 RGB result fits (peak about 1.3x
+#: this); a 7000 x 7000 RGBA picture dropped as an input (392 MiB) or an 8192 px print gets no
+#: thumbnail (the page links the file itself). One is made at a time, so this bounds what
+#: thumbnails add to the page's memory, whatever clients ask at once.
+THUMB_MAX_DECODE_BYTES = 100 << 20
 MAX_PREVIEW_BYTES = 16 << 20
 THUMBS_KEPT = 128
 CONTENT_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
@@ -182,8 +188,10 @@ class _Thumbs:
             if key in self._kept:
                 self._kept.move_to_end(key)
                 return self._kept[key]
+            if _decode_bytes(fh) > THUMB_MAX_DECODE_BYTES:
+                return None
             try:
-                img = open_image(key[1], THUMB_MAX_PIXELS, fileobj=fh)
+                img = open_image(key[1], THUMB_MAX_PIXELS, fileobj=fh, within=THUMB_EDGE)
             except ImageError:
                 return None
             img.thumbnail((THUMB_EDGE, THUMB_EDGE))
@@ -193,6 +201,21 @@ class _Thumbs:
             while len(self._kept) > THUMBS_KEPT:
                 self._kept.popitem(last=False)
             return buf.getvalue()
+
+
+def _decode_bytes(fh) -> int:
+    """What decoding the picture in `fh` would take, from its header alone (rewinds `fh`)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(fh) as img:
+            w, h = img.size
+            bands = len(img.getbands()) * (2 if "I;16" in img.mode or img.mode in ("I", "F") else 1)
+            cost = w * h * bands * (2 if "A" in img.mode or "transparency" in img.info else 1)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        cost = 0  # open_image says what is wrong with it
+    fh.seek(0)
+    return cost
 
 
 def loss_plot(losses: list[tuple[int, float]], width: int = 320, height: int = 120) -> dict | None:
