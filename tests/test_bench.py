@@ -36,3 +36,20 @@ def test_startup_times_each_process_against_import_torch():
 def test_step_time_runs_on_the_cpu():
     out = bench("step_time.py", "--device", "cpu", "--sizes", "32", "--steps", "3")
     assert "| 32 " in out, out
+
+
+def test_quality_bench_runs_settings_side_by_side_and_reuses_what_it_made(tmp_path):
+    import json
+
+    out = bench("quality.py", "--size", "40", "--pairs", "tubingen-starry", "--out", str(tmp_path),
+                "--precision", "fp32", "old:steps=2;grain=0", "default:steps=2", "max:steps=2;pooling=max")
+    assert "| setting | S_held | C_held | moiré | clipped % | E512 | moiré <= max's on every pair |" in out
+    made = json.loads((tmp_path / "results.json").read_text())["tubingen-starry"]
+    assert set(made) == {"old", "default", "max"} and made["max"]["keys"] == {"steps": 2, "pooling": "max"}
+    assert all(0 <= r["s_held"] and r["e512"] > 0 for r in made.values())
+    for f in ("tubingen-starry.side.jpg", "tubingen-starry.crops.png", "tubingen-starry.old.40.png"):
+        assert (tmp_path / f).is_file(), f
+    again = bench("quality.py", "--size", "40", "--pairs", "tubingen-starry", "--out", str(tmp_path),
+                  "--precision", "fp32", "old:steps=2;grain=0")
+    assert json.loads((tmp_path / "results.json").read_text())["tubingen-starry"]["old"] == made["old"]
+    assert "| old |" in again
