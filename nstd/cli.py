@@ -179,9 +179,7 @@ def _as_bad_input(*more: type[Exception]) -> Iterator[None]:
 
 
 def _fail(message: str, code: int) -> int:
-    from nstd.logs import journal_prefix
-
-    from nstd.logs import one_line
+    from nstd.logs import journal_prefix, one_line
 
     print(f"{journal_prefix(3)}nstd: error: {one_line(message)}", file=sys.stderr)
     return int(code)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from nstd.engine import images
+from nstd.engine.color import luma
 from nstd.engine.options import CONV_LAYERS
 
 #: C_held's layers: below conv2_1 a feature is little more than the pixels; conv4_2, the engine's
@@ -104,9 +105,8 @@ class Judge:
 
 
 def luminance(img: Image.Image) -> torch.Tensor:
-    """(H, W) float luminance in 0..1 (Rec. 601)."""
-    t = images.to_tensor(img)[0]
-    return 0.299 * t[0] + 0.587 * t[1] + 0.114 * t[2]
+    """(H, W) float luma in 0..1 (BT.601, as the colour modes use)."""
+    return luma(images.to_tensor(img))[0, 0]
 
 
 def moire(img: Image.Image) -> float:

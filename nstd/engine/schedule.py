@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence, Union
 
+from nstd.engine.images import fit_long_edge  # torch-free: Pillow only
+
 #: A later stage never gets fewer steps than this (unless `steps` itself is fewer).
 MIN_STAGE_STEPS = 30
 #: `auto` runs one stage up to this many times `stage_start`.
@@ -75,12 +77,6 @@ def viable(stages: Sequence[Stage], short_edges: Callable[[int], int], minimum: 
     return [*kept, stages[-1]]
 
 
-def fit_long_edge(size: tuple[int, int], long_edge: int) -> tuple[int, int]:
-    from nstd.engine.images import fit_long_edge as fit
-
-    return fit(size, long_edge)
-
-
 def style_edge(content_size: tuple[int, int], size: int, style_scale: float) -> int:
     """The style image's long edge for a result of long edge `size` from content of `content_size`."""
     return min(MAX_STYLE_EDGE, max(16, round(max(fit_long_edge(content_size, size)) * style_scale)))
@@ -95,10 +91,15 @@ def anchor_hw(content_size: tuple[int, int], anchor_size: int, size: int) -> tup
     return h, w
 
 
+def deepest(layers: Sequence[str]) -> str:
+    """The deepest of `layers` (named convN_M)."""
+    return max(layers, key=lambda n: (int(n[4]), n))
+
+
 def smallest_edge(layers: Sequence[str]) -> int:
-    """The shortest edge a picture may have for the deepest of `layers` (convN_M): each pooling
-    before it halves the picture, and a pool needs two pixels."""
-    return 2 ** (max(int(name[4]) for name in layers) - 1)
+    """The shortest edge a picture may have for the deepest of `layers`: each pooling before it
+    halves the picture, and a pool needs two pixels."""
+    return 2 ** (int(deepest(layers)[4]) - 1)
 
 
 def runnable(content_size: tuple[int, int], style_sizes: Sequence[tuple[int, int]], stages: Sequence[Stage],
@@ -119,8 +120,7 @@ def too_small(content_size: tuple[int, int], style_sizes: Sequence[tuple[int, in
     """Why some pass of this run would be too small for the network, or None: the content at every
     stage that runs (early ones too thin are left out, see `viable`), each style at its scale, and
     the anchor. The one check, for `nstd validate`, intake and the engine alike."""
-    minimum = smallest_edge(layers)
-    deepest = max(layers, key=lambda n: (int(n[4]), n))
+    minimum, last = smallest_edge(layers), deepest(layers)
 
     def say(what: str, w: int, h: int, need: int, layer: str) -> str:
         return (f"{what} would be {w}x{h} px: its short edge is under the {need} px that {layer} needs "
@@ -129,19 +129,19 @@ def too_small(content_size: tuple[int, int], style_sizes: Sequence[tuple[int, in
     for st in runnable(content_size, style_sizes, stages, style_scale, layers):
         w, h = fit_long_edge(content_size, st.size)
         if min(w, h) < minimum:
-            return say(f"the content ({content_size[0]}x{content_size[1]}) at {st.size} px", w, h, minimum, deepest)
+            return say(f"the content ({content_size[0]}x{content_size[1]}) at {st.size} px", w, h, minimum, last)
         edge = style_edge(content_size, st.size, style_scale)
         for i, s in enumerate(style_sizes):
             sw, sh = fit_long_edge(s, edge)
             if min(sw, sh) < minimum:
                 name = "the style" if len(style_sizes) == 1 else f"style {i + 1}"
-                return say(f"{name} ({s[0]}x{s[1]}) read at {edge} px for the {st.size} px stage", sw, sh, minimum, deepest)
+                return say(f"{name} ({s[0]}x{s[1]}) read at {edge} px for the {st.size} px stage", sw, sh, minimum, last)
         anchor = anchor_hw(content_size, anchor_size, st.size)
         anchor_layers = style_layers or layers
         need = smallest_edge(anchor_layers)
         if anchor is not None and min(anchor) < need:
             return say(f"the style anchor (anchor_size {anchor_size})", anchor[1], anchor[0], need,
-                       max(anchor_layers, key=lambda n: (int(n[4]), n)))
+                       deepest(anchor_layers))
     return None
 
 

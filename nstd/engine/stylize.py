@@ -398,12 +398,12 @@ class Engine:
         short edge at that stage under what the deepest layer's pooling needs (a panorama, a
         small style_scale). A run whose last stage, a style or the anchor would still be too
         small is refused here with the reason (ValueError), as `nstd validate` refuses its job."""
-        layers = (*p.content_layers, *p.style_layers)
+        layers, stages = (*p.content_layers, *p.style_layers), p.schedule()
         sizes = [s.image.size for s in styles]
-        why = schedule.too_small(content.size, sizes, p.schedule(), p.style_scale, p.anchor_size, layers, p.style_layers)
+        why = schedule.too_small(content.size, sizes, stages, p.style_scale, p.anchor_size, layers, p.style_layers)
         if why:
             raise ValueError(why)
-        return schedule.runnable(content.size, sizes, p.schedule(), p.style_scale, layers)
+        return schedule.runnable(content.size, sizes, stages, p.style_scale, layers)
 
     def _run_stage(self, run: "_Run", index: int, previous: torch.Tensor | None, content: Image.Image,
                    styles: list[StyleImage], init_image: Image.Image | None, cache: TargetCache | None,

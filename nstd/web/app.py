@@ -207,8 +207,10 @@ def _decode_bytes(fh) -> int:
     """What decoding the picture in `fh` would take, from its header alone (rewinds `fh`)."""
     from PIL import Image, UnidentifiedImageError
 
+    from nstd.engine.images import READ_FORMATS
+
     try:
-        with Image.open(fh) as img:
+        with Image.open(fh, formats=READ_FORMATS) as img:
             w, h = img.size
             bands = len(img.getbands()) * (2 if "I;16" in img.mode or img.mode in ("I", "F") else 1)
             cost = w * h * bands * (2 if "A" in img.mode or "transparency" in img.info else 1)
