@@ -310,7 +310,7 @@ def _validate_one(sidecar: Path, cfg: dict) -> int:
     limits = cfg["limits"]
     try:
         job = parse_job(sidecar, sidecar.parent, cfg["defaults"], limits["max_sidecar_bytes"])
-        checked = check_job(job, limits["max_pixels"], max_bytes=limits["max_input_bytes"])
+        checked = check_job(job, limits)
     except JobError as exc:
         print(f"{sidecar.name}: {exc.kind}", file=sys.stderr)
         for problem in exc.problems:

@@ -117,6 +117,17 @@ CONFIG_FIELDS: dict[str, Any] = {
         "max_input_bytes": Field(512 * 2**20, "largest input file, bytes", integer(1024, 2**40)),
         "cpu_memory_mb": Field(0, "peak memory a job may use on the CPU, MiB (memory techniques first, then a "
                                "smaller picture); 0 = half of this machine's memory", integer(0, 1_048_576)),
+        # A job's own bounds (docs/jobs.md): the static ones are refused when the job is checked.
+        "max_job_pixels": Field(8192 * 8192, "largest result a job may ask for, width x height",
+                                integer(1024, 2**40)),
+        "max_steps": Field(5000, "most optimisation steps a job may ask for, all its stages together",
+                           integer(1, 10_000_000)),
+        "max_stages": Field(8, "most coarse-to-fine stages a job may ask for", integer(1, 12)),
+        "max_styles": Field(8, "most style images a job may blend", integer(1, 1000)),
+        "min_priority": Field(-100, "lowest priority a job may ask for", integer(-1_000_000, 1_000_000)),
+        "max_priority": Field(100, "highest priority a job may ask for", integer(-1_000_000, 1_000_000)),
+        "max_job_seconds": Field(21600.0, "a job running longer than this is stopped and quarantined as over "
+                                 "limit, its checkpoint kept for a retry; 0 = no limit", number(0, 10**8)),
     },
     "service": {
         "shutdown_grace_seconds": Field(60.0, "on SIGTERM, time the running job gets to finish", number(0, 86400)),
@@ -198,6 +209,14 @@ def load_config(path: Path | str | None = None) -> dict:
         if isinstance(cfg["defaults"]["stages"], list):
             raise ConfigError(f"{path}: defaults.stages: a list of stages fixes every job's size; as a default "
                               "use auto or a number of stages, and put lists in job files")
+        if cfg["limits"]["min_priority"] > cfg["limits"]["max_priority"]:
+            raise ConfigError(f"{path}: limits.min_priority ({cfg['limits']['min_priority']}) is above "
+                              f"limits.max_priority ({cfg['limits']['max_priority']})")
+        from nstd.daemon.jobfile import over_limits  # the defaults are a job too: one the limits must allow
+
+        over = over_limits(cfg["defaults"], cfg["limits"])
+        if over:
+            raise ConfigError(f"{path}: defaults: every job would be refused: {'; '.join(over)}")
         if 0 < cfg["limits"]["cpu_memory_mb"] < 64:
             raise ConfigError(f"{path}: limits.cpu_memory_mb: expected 0 (half the memory) or at least 64, "
                               f"got {cfg['limits']['cpu_memory_mb']}")

@@ -45,6 +45,8 @@ class ErrorKind(_Word):
     CANNOT_WRITE_OUTBOX = "cannot write outbox"
     #: `nstd cancel`
     CANCELLED = "cancelled"
+    #: over the operator's `limits:` (steps, stages, styles, priority, pixels, max_job_seconds)
+    OVER_LIMIT = "over limit"
 
 
 class Stage(_Word):

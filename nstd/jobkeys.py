@@ -50,7 +50,7 @@ def _stages(v: Any, key: str) -> str | int | list[dict]:
 GIF_FIELDS = {
     "every": Field(5, "a frame every N steps", integer(1, 100_000)),
     "fps": Field(12.0, "frames per second when played", number(0.5, 50)),
-    "max_size": Field(512, "long edge of the GIF's frames, px (frames are scaled down, never up)", integer(32, 4096)),
+    "max_size": Field(512, "long edge of the GIF's frames, px (frames are scaled down, never up)", integer(32, 1024)),
 }
 
 OUTPUT_FIELDS = {

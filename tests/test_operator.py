@@ -204,7 +204,7 @@ def test_retry_refuses_what_is_not_a_quarantined_job(tmp_path):
 
 
 def test_cancel_a_running_and_a_queued_job(tmp_path):
-    d = Daemon(tmp_path, defaults={"size": 64, "steps": 100000, "gif": False})
+    d = Daemon(tmp_path, defaults={"size": 64, "steps": 100000, "gif": False}, limits={"max_steps": 100000})
     d.start()
     try:
         d.drop("long", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg"})
@@ -229,7 +229,7 @@ def test_cancel_a_running_and_a_queued_job(tmp_path):
 
 
 def test_cancel_without_a_daemon_and_status_shows_what_waits_to_resume(tmp_path):
-    d = Daemon(tmp_path, defaults={"size": 64, "steps": 100000, "gif": False},
+    d = Daemon(tmp_path, defaults={"size": 64, "steps": 100000, "gif": False}, limits={"max_steps": 100000},
                service={"shutdown_grace_seconds": 0, "checkpoint_every": 1})
     d.start()
     d.drop("halted", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg"})

@@ -366,6 +366,8 @@ def test_without_file_permission_capabilities_an_unreadable_job_is_quarantined(t
         d.wait_quarantined("locked", timeout=60)
         err = d.error("locked")
         assert err["kind"] == "unreadable" and "permission denied" in err["message"]
+        assert "hoovertowernight.jpg" in os.listdir(d.quarantine / "locked")  # its content went with it
+        d.image("hoovertowernight.jpg")
         d.drop("fine", GOOD, images=False)
         d.wait_landed("fine", timeout=60)
     finally:
@@ -373,6 +375,49 @@ def test_without_file_permission_capabilities_an_unreadable_job_is_quarantined(t
         (d.inbox / "private").chmod(0o755)
     assert audit_confinement(d.root) == []
     shutil.rmtree(request_cleanup, ignore_errors=True)
+
+
+def test_other_users_folders_leave_nothing_behind_unexplained(tmp_path):
+    """Inputs in two other users' sub-folders, the service running as a third user (nobody): a
+    style in bob's private (700) folder quarantines its job, and the job's content (at the top)
+    goes with it instead of staying behind; inputs in alice's 755 folder (readable, but not the
+    service's to move out of) are copied, the job runs, and its job.log says why they stayed.
+    Before: the content stayed orphaned, and alice's job was held for ever ('cannot claim')."""
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root to become nobody")
+    base = Path(tempfile.mkdtemp(prefix="nstd-nobody-"))
+    base.chmod(0o755)
+    d = Daemon(base, watch={"settle_seconds": 0.1, "missing_timeout": 600.0})
+    d.root.mkdir(parents=True)
+    for user in ("alice", "bob"):
+        (d.inbox / user).mkdir(parents=True)
+        d.image("starry_night.jpg", folder=d.inbox / user)
+    d.image("hoovertowernight.jpg", folder=d.inbox / "alice")
+    d.image("hoovertowernight.jpg")
+    subprocess.run(["chown", "-R", "nobody:nogroup", str(base)], check=True)
+    subprocess.run(["chown", "-R", "daemon:daemon", str(d.inbox / "alice"), str(d.inbox / "bob")], check=True)
+    (d.inbox / "alice").chmod(0o755)
+    (d.inbox / "bob").chmod(0o700)
+    d.start(user="nobody", env={"HOME": str(base)})
+    try:
+        d.drop("private", "content: hoovertowernight.jpg\nstyle: bob/starry_night.jpg\n", images=False)
+        d.drop("shared", "content: alice/hoovertowernight.jpg\nstyle: alice/starry_night.jpg\n", images=False)
+        d.wait_quarantined("private", timeout=60)
+        assert d.error("private")["kind"] == "unreadable"
+        assert sorted(os.listdir(d.quarantine / "private")) == [
+            "error.yaml", "hoovertowernight.jpg", "job.log", "private.yaml"]
+        d.wait_landed("shared", timeout=60)
+        log = (d.outbox / "shared" / "job.log").read_text()
+        assert "alice/hoovertowernight.jpg: its folder is not the service's to write" in log
+        assert sorted(os.listdir(d.inbox / "alice")) == ["hoovertowernight.jpg", "starry_night.jpg"]
+        assert sorted(p.name for p in d.inbox.iterdir()) == ["alice", "bob"]
+    finally:
+        assert d.stop() == 0
+        (d.inbox / "bob").chmod(0o755)
+    assert audit_confinement(d.root) == []
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_job_nstd_cannot_claim_is_held_with_its_reason_in_status(tmp_path, small_fs):
@@ -476,7 +521,8 @@ def test_hard_links_and_huge_sparse_files_are_refused(tmp_path):
     (inbox / "j.yaml").write_text("x")
     files = resolve_files({"content": "big.png", "style": "big.png"}, inbox / "j.yaml", inbox)
     with pytest.raises(JobError, match="200,000 bytes, over the limit of 100,000"):
-        check_job(ParsedJob({}, files, load_config(None)["defaults"]), 10**8, max_bytes=100_000)
+        cfg = load_config(None)
+        check_job(ParsedJob({}, files, cfg["defaults"]), {**cfg["limits"], "max_input_bytes": 100_000})
 
 
 def test_a_burst_of_signals_never_deadlocks_the_daemon(tmp_path):

@@ -54,7 +54,8 @@ def get(url: str, method: str = "GET") -> tuple[int, dict, bytes]:
 def page(tmp_path):
     """A daemon with its page, one long job running (cancelled at the end)."""
     d = Daemon(tmp_path, web={"enabled": True, "listen": "127.0.0.1:0", "refresh_seconds": 2},
-               defaults={"size": 64, "steps": 100000, "gif": False}, service={"shutdown_grace_seconds": 0})
+               defaults={"size": 64, "steps": 100000, "gif": False}, service={"shutdown_grace_seconds": 0},
+               limits={"max_steps": 100000})
     d.start()
     d.wait(lambda: (d.status() or {}).get("web"), 30, "the page's address")
     d.url = d.status()["web"]

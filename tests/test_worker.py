@@ -71,7 +71,7 @@ def claim(store, cfg_defaults, size=512, name="j"):
     Image.new("RGB", (40, 30)).save(store.f.inbox / s)
     sidecar = store.f.inbox / f"{name}.yaml"
     sidecar.write_text(f"content: {c}\nstyle: {s}\nsize: {size}\ngif: false\n")
-    checked = check_job(parse_job(sidecar, store.f.inbox, cfg_defaults, 65536), 10**8)
+    checked = check_job(parse_job(sidecar, store.f.inbox, cfg_defaults, 65536), load_config(None)["limits"])
     return store.claim(name, checked.files, set(), checked.settings)
 
 

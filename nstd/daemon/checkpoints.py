@@ -11,8 +11,11 @@ picture off the device and hands it over, and goes on with the next step.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -24,9 +27,15 @@ from nstd.engine import Checkpoint
 from nstd.fsutil import atomic_open
 
 
+def _frames_dir(folder: Path, stride: int) -> Path:
+    """`frames/` while every chance makes a frame; `frames-x4/` once the engine has thinned them
+    to every 4th (thinning renumbers them all, so they start a folder of their own)."""
+    return folder / ("frames" if stride == 1 else f"frames-x{stride}")
+
+
 def save(folder: Path, cp: Checkpoint) -> None:
     folder.mkdir(exist_ok=True)  # never parents: a job folder that has gone (delivered) stays gone
-    frames_dir = folder / "frames"
+    frames_dir = _frames_dir(folder, cp.frame_stride)
     frames_dir.mkdir(exist_ok=True)
     have = len(_layout(frames_dir))
     new = cp.frames[have:]
@@ -34,7 +43,10 @@ def save(folder: Path, cp: Checkpoint) -> None:
         with atomic_open(frames_dir / f"{have:05d}-{have + len(new):05d}.pt") as fh:
             torch.save([torch.from_numpy(_rgb(f)) for f in new], fh)
     with atomic_open(folder / "checkpoint.pt") as fh:
-        torch.save({"step": cp.step, "image": cp.image, "frames": len(cp.frames)}, fh)
+        torch.save({"step": cp.step, "image": cp.image, "frames": len(cp.frames), "frame_stride": cp.frame_stride}, fh)
+    for old in folder.glob("frames*"):  # an earlier stride's, now superseded
+        if old != frames_dir:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _rgb(img: Image.Image):
@@ -75,8 +87,9 @@ def load(folder: Path, log=logger) -> Checkpoint | None:
     """The checkpoint, or None when there is none or it cannot be read (logged to `log`, the job's)."""
     try:
         data = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
-        want = int(data["frames"])
-        layout = _layout(folder / "frames")[:want]
+        want, stride = int(data["frames"]), int(data.get("frame_stride", 1))
+        frames_dir = _frames_dir(folder, stride)
+        layout = _layout(frames_dir)[:want]
         if len(layout) < want:
             raise ValueError(f"{want} frames recorded, {len(layout)} found")
         frames: list[Image.Image] = []
@@ -84,12 +97,12 @@ def load(folder: Path, log=logger) -> Checkpoint | None:
         for name, i in layout:
             if name.endswith(".pt"):
                 if name not in batches:
-                    batches[name] = torch.load(folder / "frames" / name, map_location="cpu", weights_only=True)
+                    batches[name] = torch.load(frames_dir / name, map_location="cpu", weights_only=True)
                 frames.append(Image.fromarray(batches[name][i].numpy(), "RGB"))
             else:
-                with Image.open(folder / "frames" / name) as img:
+                with Image.open(frames_dir / name) as img:
                     frames.append(img.convert("RGB"))
-        return Checkpoint(int(data["step"]), data["image"].float(), frames)
+        return Checkpoint(int(data["step"]), data["image"].float(), frames, stride)
     except FileNotFoundError:
         return None
     except Exception as exc:  # a damaged checkpoint costs the progress, never the job
@@ -144,3 +157,41 @@ class Writer(threading.Thread):
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+
+# ---------------------------------------------------------------------- kept over a limit
+
+#: Checkpoints of jobs stopped over `limits.max_job_seconds`, kept at most this many (oldest go).
+KEPT_MAX = 32
+
+
+def job_key(settings: dict, digests: list[str]) -> str:
+    """What a kept checkpoint belongs to: the job's inputs (their digests, in their roles' order)
+    and every key that shapes the picture. The same job dropped again (`nstd retry`) finds it;
+    nobody else can, for a checkpoint holds nothing that its inputs and keys do not make."""
+    shaping = {k: v for k, v in settings.items() if k not in ("priority", "output")}
+    text = json.dumps({"settings": shaping, "inputs": digests}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def keep(folder: Path, kept: Path, key: str) -> None:
+    """Move a stopped job's checkpoint folder to `kept/<key>` (state/kept, the service's own), the
+    newest in place of an older one of the same job; then the oldest past KEPT_MAX go."""
+    kept.mkdir(mode=0o755, exist_ok=True)
+    target = kept / key
+    if target.exists():
+        shutil.rmtree(target, ignore_errors=True)
+    os.rename(folder, target)
+    os.utime(target)
+    entries = sorted(kept.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[KEPT_MAX:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def adopt(kept: Path, key: str, folder: Path) -> bool:
+    """A checkpoint kept for this same job becomes the job's own (moved into `folder`)."""
+    try:
+        os.rename(kept / key, folder)
+        return True
+    except OSError:  # none kept (or the job has one of its own already)
+        return False

@@ -12,10 +12,10 @@ from nstd import logs
 from nstd.daemon import safefs
 from nstd.daemon.claim import Claim
 from nstd.daemon.inbox import Pending, Readiness
-from nstd.daemon.jobfile import NO_LINKS, check_job, job_name
+from nstd.daemon.jobfile import NO_LINKS, check_job, job_name, named_files
 from nstd.daemon.outcome import Outcomes
 from nstd.daemon.queue import RETRY_SECONDS, JobQueue
-from nstd.daemon.store import Store
+from nstd.daemon.store import LEFT_WHY, Store
 from nstd.errors import ErrorKind, JobError
 
 
@@ -35,7 +35,7 @@ class Intake:
                 assert p.job is not None and p.files is not None
                 with self.store.pinned(p.files.inputs()) as pins:  # what is checked is what is claimed
                     limits = self.cfg["limits"]
-                    checked = check_job(p.job, limits["max_pixels"], pins, limits["max_input_bytes"])
+                    checked = check_job(p.job, limits, pins)
                     for path, (w, h) in checked.sizes.items():
                         log.debug("{}: {}x{}", path.name, w, h)
                     shared = self.readiness.waiting_references(exclude=p.sidecar) & set(checked.files.inputs())
@@ -61,9 +61,13 @@ class Intake:
 
     def _claim(self, p: Pending, name: str, checked, shared: set[Path], pins, log) -> Claim | None:
         """Claim the pinned files; None (and held for a retry) when the store cannot be written."""
+        left: list[str] = []
         try:
-            return self.store.claim(name, checked.files, shared, checked.settings, pins,
-                                    first_seen=wall(p.first_seen), arrived=p.arrived)
+            job = self.store.claim(name, checked.files, shared, checked.settings, pins,
+                                   first_seen=wall(p.first_seen), arrived=p.arrived, left=left)
+            for rel in left:
+                log.warning("{}: {}; the job took a copy and the file stays in the inbox", rel, LEFT_WHY)
+            return job
         except safefs.Refused:
             raise
         except OSError as exc:  # rolled back: the files are still in the inbox
@@ -72,7 +76,11 @@ class Intake:
             return None
 
     def _quarantine(self, p: Pending, name: str, exc: JobError, lines: list[str]) -> None:
-        files = p.files.inputs() if p.files is not None else [p.sidecar, *convention_files(p.sidecar)]
+        if p.files is not None:
+            files = p.files.inputs()
+        else:  # refused before its files were resolved: whichever it names that can be reached go with it
+            files = [*named_files(p.sidecar, self.store.inbox, self.cfg["limits"]["max_sidecar_bytes"]), p.sidecar,
+                     *convention_files(p.sidecar)]
         shared = self.readiness.waiting_references(exclude=p.sidecar) & set(files)
         judged = _lstat(p.sidecar)
         try:

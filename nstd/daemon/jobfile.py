@@ -226,6 +226,35 @@ def _resolve_files(data: dict, sidecar: Path, inbox_fd: int) -> JobFiles:
     return files
 
 
+def named_files(sidecar: Path, inbox: Path, max_bytes: int) -> list[Path]:
+    """Each file a job file names that can be reached, one at a time: for a job refused for one
+    of its files (another user's private folder), so that the others go to the quarantine with
+    it instead of staying behind in the inbox, unexplained."""
+    try:
+        data = read_sidecar(sidecar, max_bytes)
+        inbox_fd = safefs.open_inbox(inbox)
+    except (JobError, OSError):
+        return []
+    style = data.get("style")
+    named = [("content", data.get("content")), ("init", data.get("init"))]
+    for i, item in enumerate(style if isinstance(style, list) else [style]):
+        named.append((f"style[{i}]", item.get("path") if isinstance(item, dict) else item))
+    out = []
+    try:
+        for key, value in named:
+            if not isinstance(value, str) or value in ("content", "noise"):
+                continue
+            try:
+                path = resolve_path(value, key, sidecar, inbox_fd)
+            except JobError:
+                continue
+            if _present(inbox_fd, inbox, path):
+                out.append(path)
+    finally:
+        os.close(inbox_fd)
+    return out
+
+
 def _present(inbox_fd: int, inbox: Path, path: Path) -> bool:
     try:
         safefs.lstat(inbox_fd, safefs.relative(inbox, path))
@@ -303,15 +332,48 @@ class CheckedJob:
     sizes: dict[Path, tuple[int, int]]
 
 
-def check_job(job: ParsedJob, max_pixels: int, pins: dict[Path, safefs.Pinned] | None = None,
-              max_bytes: int | None = None) -> CheckedJob:
+def over_limits(settings: dict, limits: dict, n_styles: int | None = None,
+                content: tuple[int, int] | None = None) -> list[str]:
+    """What in a job's keys is over the operator's `limits:` (config.yaml), each with the limit
+    named: steps and stages as planned, styles, priority, and (once the content's size is known)
+    the result's pixels. A job over any of them is refused, never cut down in silence."""
+    from nstd.engine import schedule
+    from nstd.engine.images import fit_long_edge
+
+    out: list[str] = []
+    try:
+        stages = schedule.plan(settings["size"], settings["steps"], settings["stages"], settings["stage_start"],
+                               settings["stage_factor"], settings["stage_steps"])
+    except (KeyError, ValueError):
+        stages = []  # the keys' own checks speak for these
+    steps = schedule.total_steps(stages) if stages else settings.get("steps", 0)
+    if steps > limits["max_steps"]:
+        out.append(f"steps: {steps:,} in all ({len(stages)} stage(s)), over limits.max_steps={limits['max_steps']:,}")
+    if len(stages) > limits["max_stages"]:
+        out.append(f"stages: {len(stages)}, over limits.max_stages={limits['max_stages']}")
+    if n_styles is not None and n_styles > limits["max_styles"]:
+        out.append(f"style: {n_styles} styles, over limits.max_styles={limits['max_styles']}")
+    priority = settings.get("priority", 0)
+    if not limits["min_priority"] <= priority <= limits["max_priority"]:
+        out.append(f"priority: {priority}, outside limits.min_priority..max_priority "
+                   f"({limits['min_priority']}..{limits['max_priority']})")
+    if content is not None and "size" in settings:
+        w, h = fit_long_edge(content, settings["size"])
+        if w * h > limits["max_job_pixels"]:
+            out.append(f"size: {settings['size']} makes a {w}x{h} result ({w * h:,} pixels), over "
+                       f"limits.max_job_pixels={limits['max_job_pixels']:,}")
+    return out
+
+
+def check_job(job: ParsedJob, limits: dict, pins: dict[Path, safefs.Pinned] | None = None) -> CheckedJob:
     """The second half of the one verdict, for intake and `nstd validate` alike: every input is
-    there and every image decodes (a bad image never reaches a worker). Every problem is named
-    at once. With `pins` (intake) the images are read from the pinned files, each once however
-    often it is named."""
+    there, every image decodes (a bad image never reaches a worker) and the job is within the
+    operator's `limits:`. Every problem is named at once. With `pins` (intake) the images are
+    read from the pinned files, each once however often it is named."""
     from nstd.engine.images import ImageError, open_image  # torch: only for a real check
 
     files = job.files
+    max_pixels, max_bytes = limits["max_pixels"], limits["max_input_bytes"]
     problems: list[JobError] = []
     if files.missing:
         problems.append(JobError(ErrorKind.MISSING_INPUT, f"not found: {waiting_for(files) or files.sidecar.name}"))
@@ -321,7 +383,7 @@ def check_job(job: ParsedJob, max_pixels: int, pins: dict[Path, safefs.Pinned] |
             continue
         try:
             size = pins[path].st.st_size if pins is not None else path.stat().st_size
-            if max_bytes is not None and size > max_bytes:  # a sparse file would multiply on disk
+            if size > max_bytes:  # a sparse file would multiply on disk
                 raise ImageError(path, f"{size:,} bytes, over the limit of {max_bytes:,} (limits.max_input_bytes)")
             if pins is None:
                 sizes[path] = open_image(path, max_pixels).size
@@ -334,6 +396,8 @@ def check_job(job: ParsedJob, max_pixels: int, pins: dict[Path, safefs.Pinned] |
         why = _too_small(job.settings, sizes[files.content], [sizes[p] for p, _ in files.styles if p in sizes])
         if why:
             problems.append(JobError(ErrorKind.BAD_IMAGE, why))
+    over = over_limits(job.settings, limits, len(files.styles), sizes.get(files.content))
+    problems.extend(JobError(ErrorKind.OVER_LIMIT, why) for why in over)
     if problems:
         messages = [p.message for p in problems]
         raise JobError(problems[0].kind, "; ".join(messages), problems=messages)

@@ -24,7 +24,7 @@ import yaml
 from nstd.daemon import safefs
 from nstd.daemon.cancel import NoSuchJob
 from nstd.daemon.inbox import is_ignored
-from nstd.daemon.jobfile import SIDECAR_SUFFIXES, job_settings, read_sidecar, resolve_files
+from nstd.daemon.jobfile import SIDECAR_SUFFIXES, job_settings, over_limits, read_sidecar, resolve_files
 from nstd.daemon.store import NSTD_FILES, Folders
 from nstd.daemon.transfer import free_name_in
 from nstd.errors import JobError, NstdError
@@ -214,6 +214,8 @@ def _check_new_job(data: dict, cfg: dict) -> None:
             check()
         except JobError as exc:
             problems.extend(exc.problems)
+    if not problems:  # the static limits (the pixels wait for the content's size, at intake)
+        problems = over_limits(job_settings(data, cfg["defaults"]), cfg["limits"])
     if problems:
         raise RetryError(f"the retried job would be refused: {'; '.join(problems)} (override a key with "
                          "key=value, take one out with key=, or edit the job file in the quarantine folder)")

@@ -34,6 +34,8 @@ from nstd.fsutil import atomic_write_bytes, atomic_write_text
 #: The files nstd writes into a quarantined job's folder (error.yaml's `files:` names the user's,
 #: each with where it was dropped, relative to the inbox: what `nstd retry` puts back).
 NSTD_FILES = ("error.yaml", "job.log", MANIFEST, "retried.yaml")
+#: Why an input was copied, not moved (Transfer.left).
+LEFT_WHY = "its folder is not the service's to write (another user's folder)"
 #: A dead worker's transfer being rolled back: `.nstd-tmp-reclaim-<job id>-<random>`.
 RECLAIM = "reclaim-"
 
@@ -196,7 +198,7 @@ class Store:
 
     def claim(self, name: str, files: JobFiles, shared: set[Path], settings: dict,
               pins: dict[Path, Pinned] | None = None, first_seen: float | None = None,
-              arrived: float | None = None) -> Claim:
+              arrived: float | None = None, left: list[str] | None = None) -> Claim:
         """Move a ready job's pinned files out of the inbox into state/jobs/<id>/inputs.
 
         Files in `shared` (named by other waiting sidecars) are copied instead and stay in the
@@ -205,7 +207,7 @@ class Store:
         """
         if pins is None:
             with self.pinned(files.inputs()) as pins:
-                return self.claim(name, files, shared, settings, pins, first_seen, arrived)
+                return self.claim(name, files, shared, settings, pins, first_seen, arrived, left)
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         now = time.time()
         with self._transfer(self.f.jobs, job_id) as t:
@@ -229,6 +231,8 @@ class Store:
             )
             claim.save()  # into the transfer folder: claim.folder is it until the commit
             claim.folder = t.commit(self.f.jobs / job_id)
+        if left is not None:
+            left.extend(t.left)
         return claim
 
     def quarantine_from_inbox(self, name: str, sidecar: Path, files: list[Path], shared: set[Path], error: dict,
@@ -260,6 +264,8 @@ class Store:
                         here = _free_name(src.name, used)
                         t.put_pinned(pin, here)
                         where_from[here] = rel
+                        if t.left and t.left[-1] == rel:
+                            notes.append(f"{rel}: {LEFT_WHY}; copied here, the file stays in the inbox\n")
                     except safefs.Refused as exc:  # swapped while being moved: put back, left there
                         notes.append(_leave(fd, rel, exc, is_sidecar=False))
                     finally:
@@ -314,6 +320,11 @@ class Store:
         return restored
 
     # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def kept(self) -> Path:
+        """`state/kept/<key>/`: checkpoints of jobs stopped over limits.max_job_seconds (checkpoints.keep)."""
+        return self.f.state / "kept"
 
     @staticmethod
     def checkpoint_dir(job: Claim) -> Path:

@@ -77,6 +77,9 @@ class Transfer:
         self.fence()
         self.dir.mkdir(parents=True)
         self.entries: list[dict] = []
+        #: inbox files copied, not moved, because their folder is not the service's to write
+        #: (another user's 755 folder): they stay where they were dropped, and the caller says so
+        self.left: list[str] = []
 
     def _save_manifest(self) -> None:
         # Never made again once gone: a worker that took over a stalled one's transfer renamed it.
@@ -95,6 +98,15 @@ class Transfer:
         try:
             os.rename(pin.name, dst, src_dir_fd=pin.parent_fd)
         except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM) and "/" in pin.rel:
+                # A sub-folder the service may read but not write (another user's, mode 755):
+                # the job takes a copy and the file stays, as a shared one does.
+                self.entries[-1]["copy"] = True
+                self._save_manifest()
+                _copy_fd(pin.fd, dst)
+                _unchanged(pin)
+                self.left.append(pin.rel)
+                return dst
             if exc.errno != errno.EXDEV:
                 raise
             _copy_fd(pin.fd, dst)  # across filesystems: the pinned file's bytes, then its name

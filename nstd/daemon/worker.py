@@ -99,8 +99,8 @@ class JobProgress(Progress):
         self.worker.checkpoints.submit(self.worker.store.checkpoint_dir(self.job), checkpoint, self.log)
 
     def should_stop(self) -> bool:
-        q = self.worker.queue
-        return self.worker.should_stop() or q.is_cancelled(self.job.id) or q.lost(self.job.id)
+        q, w = self.worker.queue, self.worker
+        return w.should_stop() or q.is_cancelled(self.job.id) or q.lost(self.job.id) or w.over_time()
 
 
 class Worker(threading.Thread):
@@ -120,6 +120,8 @@ class Worker(threading.Thread):
         self.stopping = threading.Event()
         self.stop_deadline = float("inf")
         self.current: Claim | None = None
+        self.job_deadline = float("inf")  # the running job's limits.max_job_seconds, on the monotonic clock
+        self.job_key = ""  # the running job's checkpoints.job_key, once its inputs are read
         #: who runs the jobs, for job.log (an `nstd worker` names itself and its host)
         self.label = ""
         self.heartbeat = time.monotonic()
@@ -155,6 +157,10 @@ class Worker(threading.Thread):
     def should_stop(self) -> bool:
         return self.stopping.is_set() and time.monotonic() >= self.stop_deadline
 
+    def over_time(self) -> bool:
+        """The running job has run past `limits.max_job_seconds` (counted from this run's start)."""
+        return time.monotonic() >= self.job_deadline
+
     def run(self) -> None:
         self.engine.device.make_current()
         self.finisher.start()
@@ -184,6 +190,9 @@ class Worker(threading.Thread):
         self.live.begin(job.name)
         log = logger.bind(job=job.name, job_id=job.id)
         job.begin_attempt()
+        limit = self.cfg["limits"]["max_job_seconds"]
+        t_start = time.monotonic()
+        self.job_deadline, self.job_key = (t_start + limit if limit else float("inf")), ""
         try:
             with logs.job_file(job.id, job.log_path):
                 log.info("started (attempt {}) on {}{}", job.attempts, self.engine.device, self.label)
@@ -202,7 +211,11 @@ class Worker(threading.Thread):
                         self.outcomes.quarantine(job, JobError(
                             ErrorKind.CANCELLED, f"cancelled with nstd cancel at step {exc.checkpoint.step}", Stage.RUN))
                         return
-                    checkpoints.save(self.store.checkpoint_dir(job), exc.checkpoint)
+                    if self.over_time():
+                        self._over_time(job, exc, limit, time.monotonic() - t_start, log)
+                        return
+                    if exc.checkpoint.image is not None:  # None: stopped before its first picture
+                        checkpoints.save(self.store.checkpoint_dir(job), exc.checkpoint)
                     job.give_back_attempt()
                     log.warning("stopped at step {} for shutdown; it resumes from there at the next start",
                                 exc.checkpoint.step)
@@ -220,6 +233,25 @@ class Worker(threading.Thread):
             self.status.update(force=True, running=None, queue=self.queue.names())
         # Encoding and the move to the outbox overlap the next job's optimisation.
         self.finisher.submit(done)
+
+    def _over_time(self, job: Claim, exc: Interrupted, limit: float, ran: float, log) -> None:
+        """Stopped over `limits.max_job_seconds`: quarantined as over limit, its checkpoint kept in
+        state/kept so that the same job retried (under a larger limit) goes on from that step."""
+        step = exc.checkpoint.step
+        kept = False
+        if self.job_key and exc.checkpoint.image is not None:
+            folder = self.store.checkpoint_dir(job)
+            try:
+                checkpoints.save(folder, exc.checkpoint)
+                checkpoints.keep(folder, self.store.kept, self.job_key)
+                kept = True
+            except OSError as err:
+                log.warning("could not keep the checkpoint at step {}: {}", step, err)
+        log.warning("stopped at step {} after {:.0f} s: over limits.max_job_seconds={:g}", step, ran, limit)
+        self.outcomes.quarantine(job, JobError(
+            ErrorKind.OVER_LIMIT, f"stopped at step {step} after {ran:.0f} s, over limits.max_job_seconds={limit:g}"
+            + ("; its checkpoint is kept: nstd retry (under a larger limit) goes on from that step" if kept else ""),
+            Stage.RUN))
 
     def perform(self, job: Claim, log) -> Optimised:
         """Decode, fit, and optimise: everything that needs the device. Encoding is the finisher's."""
@@ -245,7 +277,14 @@ class Worker(threading.Thread):
         params = style_params(job.settings)
         t_loaded = time.time()
 
+        roles = [f"content {image(job.content)[1]}", *(f"style {s.weight} {image(s)[1]}" for s in job.styles),
+                 *([f"init {image(job.init)[1]}"] if job.init else [])]
+        self.job_key = checkpoints.job_key(job.settings, roles)
         resume = checkpoints.load(self.store.checkpoint_dir(job), log)
+        if resume is None and checkpoints.adopt(self.store.kept, self.job_key, self.store.checkpoint_dir(job)):
+            resume = checkpoints.load(self.store.checkpoint_dir(job), log)
+            if resume is not None:
+                log.info("this job went over limits.max_job_seconds before; its checkpoint was kept")
         if resume is not None:
             log.info("resuming from the checkpoint at step {} of {}", resume.step, params.total_steps())
         engine, oom_retries, fallback = self.engine, 0, False

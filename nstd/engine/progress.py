@@ -44,8 +44,12 @@ class Checkpoint:
     """Where a run is after `step` steps: enough to resume it (the L-BFGS history is not kept)."""
 
     step: int
-    image: torch.Tensor  # (1, 3, H, W) float32 on the CPU; (1, 1, H, W), the luma, in luminance mode
+    #: (1, 3, H, W) float32 on the CPU; (1, 1, H, W), the luma, in luminance mode; None when the
+    #: run stopped before it had a picture (in the first stage's target passes): nothing to resume
+    image: torch.Tensor | None
     frames: list[Image.Image]
+    #: the GIF's frames are every this many chances (the engine thins them to stay bounded)
+    frame_stride: int = 1
 
 
 class Interrupted(Exception):

@@ -6,6 +6,7 @@ forward+backward evaluation: L-BFGS runs one iteration per step (no line search)
 from __future__ import annotations
 
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -155,14 +156,28 @@ class _Frames:
     makes a picture of a tensor in display form; `size` is the frame size (width, height)."""
 
     def __init__(self, convert: Callable[[torch.Tensor], Image.Image], done: list[Image.Image], asynchronous: bool,
-                 size: tuple[int, int] = (0, 0)):
+                 size: tuple[int, int] = (0, 0), stride: int = 1):
         self.convert, self.done, self.asynchronous, self.size = convert, done, asynchronous, size
         self.pending: list[tuple[torch.Tensor, "torch.cuda.Event"]] = []
+        #: a frame is taken at every `stride`-th chance (doubled each time the frames are thinned)
+        self.stride = stride
+        self.limit = frames_max(size)
 
     def __len__(self) -> int:
         return len(self.done) + len(self.pending)
 
+    def wants(self, chance: int, last: bool = False) -> bool:
+        """Whether the `chance`-th frame (step // gif.every) is taken; the last step's always is."""
+        return last or chance % self.stride == 0
+
     def add(self, shown: torch.Tensor) -> None:
+        self._add(shown)
+        if len(self) > self.limit:  # every other frame goes; from now on, half as many are taken
+            self._collect(wait=True)
+            self.done[:] = self.done[::2]
+            self.stride *= 2
+
+    def _add(self, shown: torch.Tensor) -> None:
         if not self.asynchronous:
             self.done.append(self.convert(shown))
             return
@@ -385,7 +400,8 @@ class Engine:
         run.tap = _LossTap() if self.device.place.type == "cuda" else None  # one ring for every stage
         run.frames = _Frames(lambda t: self._frame(t, run.frame_size, None, shown=True),
                              list(resume.frames) if resume is not None else [],
-                             asynchronous=self.async_frames and self.device.place.type == "cuda", size=run.frame_size)
+                             asynchronous=self.async_frames and self.device.place.type == "cuda", size=run.frame_size,
+                             stride=resume.frame_stride if resume is not None else 1)
         run.sizes = [w * h for w, h in (images.fit_long_edge(content.size, st.size) for st in stages)]
         first, _ = schedule.stage_at(stages, run.start + 1)
         x = resume.image if resume is not None else None
@@ -417,14 +433,36 @@ class Engine:
         content_img = images.resize_long_edge(content, stage.size)
         w, h = content_img.size
         tech, why = (forced, "forced by the caller") if forced else self.techniques(h, w, p, budget_bytes)
-        stoppable = False  # a stop is taken within a step only (the picture is then the last step's)
+        # A stop is taken within a target pass or a step (then the picture is the last step's),
+        # not in the stage's closing pass.
+        gate = types.SimpleNamespace(open=True)
 
         def tick() -> None:
             """Within long passes: a heartbeat, and a stop asked for is taken now, not minutes later."""
             run.progress.alive()
-            if stoppable and run.progress.should_stop():
+            if gate.open and run.progress.should_stop():
                 raise _StopNow
 
+        begin = sum(s.steps for s in run.stages[:index])
+        held = [previous]  # the body lets go of it once the stage's start picture is made
+        del previous
+        try:
+            return self._stage_body(run, index, begin, held, content, content_img, styles, init_image, cache,
+                                    tech, why, tick, gate, t_stage)
+        except _StopNow:  # asked within a target pass: the stage has not begun; resume at its start
+            before = held[0] if held else None
+            image = before.detach().float().cpu().clone() if before is not None else None
+            raise Interrupted(Checkpoint(max(begin, run.start), image, run.frames.all(), run.frames.stride)) from None
+
+    def _stage_body(self, run: "_Run", index: int, begin: int, held: list, content: Image.Image,
+                    content_img: Image.Image, styles: list[StyleImage], init_image: Image.Image | None,
+                    cache: TargetCache | None, tech: Techniques, why: str, tick: Callable[[], None], gate,
+                    t_stage: float) -> torch.Tensor:
+        """The stage after its techniques are chosen: targets, start, steps, the closing pass.
+        `held` holds the picture it starts from (the stage before's, or a checkpoint's)."""
+        p, stage, dev = run.p, run.stages[index], self.device.place
+        previous = held[0]
+        w, h = content_img.size
         palette = Palette(p.preserve_color, images.to_tensor(content_img).to(dev))
         content_t = palette.content()
         layers = tuple(dict.fromkeys((*p.content_layers, *p.style_layers)))
@@ -458,7 +496,6 @@ class Engine:
                              self._autocast)
             del grams
 
-        begin = sum(s.steps for s in run.stages[:index])
         first_step = max(begin, run.start) + 1
         if previous is not None:  # the stage before (upsampled), or a checkpoint (perhaps at another size)
             x = previous.to(dev, torch.float32)
@@ -470,6 +507,8 @@ class Engine:
             x = (x + _grain(x.shape, p.grain, p.seed, index).to(dev)).clamp_(0, 1)
         x = x.contiguous().requires_grad_(True)
         del previous
+        held.clear()
+        gate.open = False  # from here on, between steps only
         history = tech.history if p.optimizer == "lbfgs" else 0
 
         frames, progress = run.frames, run.progress
@@ -532,10 +571,10 @@ class Engine:
         pass_cost = (w * h + (anchor.size[0] * anchor.size[1] if anchor is not None else 0)) / E512_PIXELS
 
         def checkpoint(at: int) -> Checkpoint:
-            return Checkpoint(at, x.detach().float().cpu().clone(), frames.all())
+            return Checkpoint(at, x.detach().float().cpu().clone(), frames.all(), frames.stride)
 
         for step in range(first_step, end + 1):
-            stoppable = True
+            gate.open = True
             try:
                 captured_now = tried_capture = False
                 if use_graph and graph is None and step - first_step == GRAPH_WARMUP_STEPS:
@@ -557,8 +596,9 @@ class Engine:
             except _StopNow:  # asked within a long (tiled) step: x is still the last step's picture
                 raise Interrupted(checkpoint(step - 1)) from None
             finally:
-                stoppable = False
-            if p.frame_every and (step % p.frame_every == 0 or step == run.total):
+                gate.open = False
+            if p.frame_every and (step % p.frame_every == 0 or step == run.total) and \
+                    frames.wants(step // p.frame_every, last=step == run.total):
                 frames.add(palette.show(x.detach()))
             elapsed = time.perf_counter() - run.t_opt
             run.work_done += w * h
@@ -788,9 +828,24 @@ class _StopNow(Exception):
     """A stop asked for within a long step (tiles.Tiler's tick): the run ends at the step before."""
 
 
+#: A GIF frame's long edge at most, whatever a job asks: frames are held until the end.
+FRAME_EDGE_MAX = 1024
+#: What a run's frames may take in memory (and in a checkpoint), and how many there may be: past
+#: either, every other frame goes and frames are taken half as often (the GIF keeps its pace).
+FRAME_BYTES_MAX = 128 * 2**20
+FRAMES_MAX = 300
+FRAMES_MIN = 16
+
+
 def _frame_size(final: tuple[int, int], max_size: int) -> tuple[int, int]:
-    """The GIF's frame size: the result's, scaled down to `max_size` (never up)."""
+    """The GIF's frame size: the result's, scaled down to `max_size` (never up) and to FRAME_EDGE_MAX."""
+    max_size = min(max_size, FRAME_EDGE_MAX)
     return images.fit_long_edge(final, max_size) if max(final) > max_size else final
+
+
+def frames_max(size: tuple[int, int]) -> int:
+    """How many frames of `size` a run holds at most (FRAME_BYTES_MAX, within FRAMES_MIN..FRAMES_MAX)."""
+    return max(FRAMES_MIN, min(FRAMES_MAX, FRAME_BYTES_MAX // max(1, size[0] * size[1] * 3)))
 
 
 @dataclass
