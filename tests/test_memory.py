@@ -1,4 +1,9 @@
 """The peak-memory model: it grows as it should, and it covers what autograd really keeps."""
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from nstd.engine.memory import fit_size, predict_peak_bytes
@@ -47,3 +52,55 @@ def test_covers_autograd_saved_tensors(engine):
     predicted = predict_peak_bytes(72, 96, LAYERS, history=0)
     weights = sum(p.numel() * 4 for c in ext.layers for p in c.parameters())
     assert saved + weights <= predicted <= 3 * (saved + weights), (saved, weights, predicted)
+
+
+# --------------------------------------------------------------------------- every pass under a budget
+
+_PEAK = r"""
+import resource, sys
+import torch
+from PIL import Image
+from nstd.engine import Engine
+from nstd.engine.stylize import StyleParams
+torch.set_num_threads(2)
+cw, ch, size, sw, sh, scale, styles, budget_mb = map(float, sys.argv[1:9])
+e = Engine(device="cpu", precision="fp32")
+content = Image.new("RGB", (int(cw), int(ch)), (120, 80, 60))
+style = [(Image.effect_noise((int(sw), int(sh)), 60 + i).convert("RGB"), 1.0) for i in range(int(styles))]
+# the baseline: the network loaded and run once (the CPU's convolutions keep their own copies)
+e.stylize(content.resize((32, 32)), [(Image.new("RGB", (32, 32)), 1.0)], StyleParams(size=32, steps=1, stages=1))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+p = StyleParams(size=int(size), steps=2, stages=1, style_scale=scale, anchor_size=0, frame_every=1)
+budget = int(budget_mb) * 2**20
+p = p.at_size(e.fit(content.size, p, budget))  # as the worker does: techniques first, a smaller picture last
+e.stylize(content, style, p, budget_bytes=budget)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+@pytest.mark.parametrize("shape", [
+    pytest.param((1000, 16, 1024, 1024, 640, 1.0, 1), id="thin"),  # the issue's 2000x16 at 2048, halved
+    pytest.param((16, 1000, 1024, 640, 1024, 1.0, 1), id="tall", marks=pytest.mark.slow),
+    pytest.param((64, 48, 256, 1024, 640, 4.0, 3), id="small content, style_scale 4, three styles",
+                 marks=pytest.mark.slow),
+    pytest.param((1000, 16, 1024, 1024, 640, 1.0, 4), id="thin, four styles", marks=pytest.mark.slow),
+])
+def test_every_pass_stays_within_the_budget_whatever_the_shape(shape):
+    """The process grows by at most the budget over its baseline (the network loaded and run): the style
+    passes are counted by the model too, not only the stage's, and the GIF's frames. Before: a
+    1000x16 content at 1024 px with a 1024x640 style grew by 489 MiB (the style pass, untiled)."""
+    budget_mb = 300
+    out = subprocess.run([sys.executable, "-c", _PEAK, *map(str, shape), str(budget_mb)], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_ARENA_MAX": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    grew = int(out.stdout.split()[-1])
+    assert grew <= budget_mb * 2**20, f"grew {grew / 2**20:.0f} MiB over a {budget_mb} MiB budget"
+
+
+def test_a_style_pass_is_tiled_when_its_whole_pass_would_not_fit():
+    from nstd.engine.memory import predict_target_bytes, target_tile
+
+    whole = predict_target_bytes(1280, 2048, LAYERS[1:])
+    assert target_tile(1280, 2048, whole, LAYERS[1:]) is None
+    tile = target_tile(1280, 2048, whole // 4, LAYERS[1:])
+    assert tile is not None and predict_target_bytes(1280, 2048, LAYERS[1:], tile=tile) <= whole // 4

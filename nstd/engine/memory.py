@@ -186,6 +186,49 @@ def choose(height: int, width: int, budget_bytes: int | None, layers: Sequence[s
     return min(fits, key=lambda o: (o.cost(height, width, deepest), -o.history)) if fits else None
 
 
+#: A style target pass's peak, in its largest feature map (see predict_target_bytes).
+_TARGET_MAPS = 8
+
+
+def predict_target_bytes(height: int, width: int, layers: Sequence[str], precision: str = "fp32",
+                         pooling: str = "avg", device: str = "cpu", tile: int | None = None) -> int:
+    """Predicted peak bytes of one style target pass (no gradient) over a `height` x `width`
+    picture, in tiles of `tile` px when set: the picture, the network, the largest maps alive at
+    once and the Gram sums. A style is sized by the result's long edge, not by the content's
+    area: a thin content's stage can be small while its style's pass is not (#26)."""
+    deepest = max(layers, key=layer_index)
+    wh, ww = height, width
+    if tile:
+        grid, halo = _grid_and_halo(deepest)
+        tile = -(-tile // grid) * grid
+        wh, ww = min(height, tile + 2 * halo), min(width, tile + 2 * halo)
+    act = _FP32 if precision == "fp32" else _FP32 // 2
+    largest = max(n for _, n in feature_maps(wh, ww, deepest))
+    # Measured on the CPU after a first pass (tests/test_memory.py), a no-grad pass peaks at 3 to
+    # 7.5 of its largest map (the maps alive, their successors, a Gram's float copy, the
+    # convolutions' own buffers, the allocator's slack): 8 of them, to be safe.
+    transient = _TARGET_MAPS * largest * max(act, _FP32)
+    weights = sum((s[0] * s[1] * s[2] * s[3] + s[0]) * _FP32
+                  for n, s in CONV_SHAPES.items() if layer_index(n) <= layer_index(deepest))
+    if precision == "bf16":
+        weights += weights // 2
+    pixels = 3 * height * width * _FP32 * 3  # the picture, its colour-adjusted copy, a tile's crop
+    grams = sum(CONV_SHAPES[n][0] ** 2 for n in layers if n in CONV_SHAPES) * _FP32 * 2
+    reserve = CUDA_RESERVE_BYTES if device.startswith("cuda") else 0
+    return int(transient + weights + pixels + grams + reserve)
+
+
+def target_tile(height: int, width: int, budget_bytes: int | None, layers: Sequence[str], **kw) -> int | None:
+    """The tile a style target pass needs to fit `budget_bytes`: None when the whole pass does,
+    else the largest of TILE_SIZES that does (the smallest when none does)."""
+    if budget_bytes is None or predict_target_bytes(height, width, layers, **kw) <= budget_bytes:
+        return None
+    for t in TILE_SIZES:
+        if t < max(height, width) and predict_target_bytes(height, width, layers, tile=t, **kw) <= budget_bytes:
+            return t
+    return TILE_SIZES[-1]
+
+
 def fit_size(
     height: int, width: int, budget_bytes: int, min_long_edge: int = 32, **kwargs
 ) -> tuple[int, int] | None:

@@ -20,7 +20,7 @@ from nstd.engine.color import Palette
 from nstd.engine.device import Device, is_oom, pick_precision, resolve as resolve_device
 from nstd.engine.options import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
 from nstd.engine.lbfgs import LBFGS
-from nstd.engine.memory import Techniques, choose, fit_size, predict_peak_bytes
+from nstd.engine.memory import Techniques, choose, fit_size, predict_peak_bytes, target_tile
 from nstd.engine.schedule import Stage, StagesSetting
 from nstd.engine.tiles import Tiler
 from nstd.engine.losses import Losses, Objective, blend_grams, gram
@@ -330,11 +330,29 @@ class Engine:
         where none does, never under `smallest` (nothing fits even there: the smallest, and the
         caller's out-of-memory handling)."""
         w, h = images.fit_long_edge(content_size, p.size)
+        budget_bytes = self._pass_budget(budget_bytes, p, _frame_size((w, h), p.frame_max_size))
         layers = list(dict.fromkeys((*p.content_layers, *p.style_layers)))
         fit = fit_size(h, w, budget_bytes, min_long_edge=min(smallest, p.size), layers=layers, optimizer=p.optimizer,
                        history=self.lbfgs_history, precision=self.precision, pooling=p.pooling,
                        device=self.device.type, content_layers=p.content_layers, anchor=_anchor_hw(content_size, p))
         return max(fit) if fit else min(smallest, p.size)
+
+    def _pass_budget(self, budget_bytes: int | None, p: StyleParams, frame_size: tuple[int, int]) -> int | None:
+        """What the passes may use of `budget_bytes`: on the CPU the GIF's frames (at most
+        FRAME_BYTES_MAX) live in the same memory, so they come off first."""
+        if budget_bytes is None or not p.frame_every or self.device.place.type != "cpu":
+            return budget_bytes
+        fw, fh = frame_size
+        return max(1, budget_bytes - min(FRAME_BYTES_MAX, frames_max(frame_size) * fw * fh * 3))
+
+    def _target_tile(self, styles: Sequence[StyleImage], edge: int, p: StyleParams,
+                     budget_bytes: int | None) -> int | None:
+        """The tile the largest style's target pass at long edge `edge` needs (memory.target_tile)."""
+        if budget_bytes is None or not styles:
+            return None
+        w, h = max((images.fit_long_edge(s.image.size, edge) for s in styles), key=lambda s: s[0] * s[1])
+        return target_tile(h, w, budget_bytes, p.style_layers, precision=self.precision, pooling=p.pooling,
+                           device=self.device.type)
 
     def techniques(self, height: int, width: int, p: StyleParams, budget_bytes: int | None) -> tuple[Techniques, str]:
         """The cheapest memory techniques for one stage inside `budget_bytes` (memory.choose), and
@@ -405,6 +423,7 @@ class Engine:
         run.sizes = [w * h for w, h in (images.fit_long_edge(content.size, st.size) for st in stages)]
         first, _ = schedule.stage_at(stages, run.start + 1)
         x = resume.image if resume is not None else None
+        budget_bytes = self._pass_budget(budget_bytes, p, run.frame_size)
         for index in range(first, len(stages)):
             x = self._run_stage(run, index, x, content, styles, init_image, cache, budget_bytes, techniques)
         return run.result(self, x)
@@ -448,7 +467,7 @@ class Engine:
         del previous
         try:
             return self._stage_body(run, index, begin, held, content, content_img, styles, init_image, cache,
-                                    tech, why, tick, gate, t_stage)
+                                    tech, why, tick, gate, t_stage, budget_bytes)
         except _StopNow:  # asked within a target pass: the stage has not begun; resume at its start
             before = held[0] if held else None
             image = before.detach().float().cpu().clone() if before is not None else None
@@ -457,7 +476,7 @@ class Engine:
     def _stage_body(self, run: "_Run", index: int, begin: int, held: list, content: Image.Image,
                     content_img: Image.Image, styles: list[StyleImage], init_image: Image.Image | None,
                     cache: TargetCache | None, tech: Techniques, why: str, tick: Callable[[], None], gate,
-                    t_stage: float) -> torch.Tensor:
+                    t_stage: float, budget_bytes: int | None) -> torch.Tensor:
         """The stage after its techniques are chosen: targets, start, steps, the closing pass.
         `held` holds the picture it starts from (the stage before's, or a checkpoint's)."""
         p, stage, dev = run.p, run.stages[index], self.device.place
@@ -468,9 +487,13 @@ class Engine:
         layers = tuple(dict.fromkeys((*p.content_layers, *p.style_layers)))
         extractor = self.network.extractor(layers, p.pooling)
         tiler = Tiler(extractor, tech.tile, tech.checkpoint, self._autocast, tick) if tech.tile else None
-        # A style seen larger than the picture (style_scale > 1) is read in tiles too: its pass
-        # is not what the techniques were fitted to.
-        style_tile = tech.tile or (1024 if style_edge(content.size, stage.size, p.style_scale) > stage.size else None)
+        # The style passes are sized by the result's long edge, not by the content's area (a thin
+        # content's stage is small, its style's pass need not be): each is read in tiles when the
+        # memory model says its whole pass would not fit the budget, or when seen larger than
+        # the picture (style_scale > 1).
+        edge = style_edge(content.size, stage.size, p.style_scale)
+        style_tile = tech.tile or self._target_tile(styles, edge, p, budget_bytes) or \
+            (1024 if edge > stage.size else None)
         grams = self.style_targets(styles, content.size, p, cache, palette, size=stage.size, tile=style_tile, tick=tick)
         target_grams = blend_grams(grams, [s.weight for s in styles])
         del grams
@@ -490,7 +513,9 @@ class Engine:
         anchor = None
         if _anchor_hw(content.size, p, stage.size):
             ah, aw = _anchor_hw(content.size, p, stage.size)
-            grams = self.style_targets(styles, content.size, p, cache, palette, size=p.anchor_size, tick=tick)
+            grams = self.style_targets(styles, content.size, p, cache, palette, size=p.anchor_size, tick=tick,
+                                       tile=self._target_tile(styles, style_edge(content.size, p.anchor_size,
+                                                                                 p.style_scale), p, budget_bytes))
             anchor = _Anchor((ah, aw), self.network.extractor(p.style_layers, p.pooling),
                              Objective({}, blend_grams(grams, [s.weight for s in styles]), 0.0, p.style_weight, 0.0),
                              self._autocast)
