@@ -312,3 +312,49 @@ def test_a_thumbnail_costs_one_small_decode_at_most(tmp_path):
                            timeout=120, cwd=Path(__file__).resolve().parent.parent)
         size, grew = map(int, r.stdout.split())
         assert (size > 0) == made and grew < most_mib, (name, size, grew, r.stderr)
+
+
+def test_slow_clients_and_pipeliners_cannot_stop_the_page(page):
+    """Ten clients, each pipelining 100 GETs of a 400 KiB outbox file and reading nothing: the
+    page still answers /status.json within a second, and each of them is cut off (before: two
+    such clients made 4 of 4 probes time out, for as long as they stayed)."""
+    import socket
+
+    d = page
+    (d.outbox / "big").mkdir()
+    (d.outbox / "big" / "big.png").write_bytes(os.urandom(400 * 1024))
+    port = int(d.url.rsplit(":", 1)[1].strip("/"))
+    ask = f"GET /files/outbox/big/big.png HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode() * 100
+    hostile = []
+    for _ in range(10):
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # reads nothing, holds little
+        s.sendall(ask)
+        hostile.append(s)
+    try:
+        time.sleep(1.0)
+        waits = []
+        for _ in range(10):
+            t0 = time.monotonic()
+            with urllib.request.urlopen(d.url + "status.json", timeout=5) as r:
+                assert r.status == 200
+            waits.append(time.monotonic() - t0)
+            time.sleep(0.2)
+        assert max(waits) < 1.0, waits
+        time.sleep(7.0)  # past the stall allowed (STALL_SECONDS)
+        everything = 100 * 400 * 1024
+        for s in hostile:  # each was cut off: a little of what it asked for, then the end
+            s.settimeout(10)
+            got = 0
+            try:
+                while True:
+                    chunk = s.recv(1 << 20)
+                    if not chunk:
+                        break
+                    got += len(chunk)
+            except ConnectionResetError:
+                pass
+            assert got < everything / 4, got
+    finally:
+        for s in hostile:
+            s.close()

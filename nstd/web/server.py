@@ -17,10 +17,60 @@ import threading
 import time
 from pathlib import Path
 
-#: waitress's worker threads: enough for a few browsers.
-THREADS = 2
+#: waitress's worker threads: enough for a few browsers (a connection never holds one for long).
+THREADS = 4
+#: A connection's unsent output above this makes its next response wait for it to drain...
+OUTBUF_BYTES = 1 << 20
+#: ...and a connection that takes none of its output for this long is cut off (a slow reader).
+STALL_SECONDS = 5.0
 #: status.json is read at most this often.
 STATUS_SECONDS = 0.5
+
+
+def _bounded_channel():
+    """waitress's HTTPChannel, except that no connection can hold a worker thread or pile up
+    output: a client that pipelines requests while leaving more than OUTBUF_BYTES unread is cut
+    off at once, and one whose unread output is not taken for STALL_SECONDS is cut off then
+    (waitress itself waits for ever: two such clients stopped the page)."""
+    from waitress.channel import HTTPChannel
+
+    class BoundedChannel(HTTPChannel):
+        cut = False
+
+        def _flush_outbufs_below_high_watermark(self) -> None:
+            if self.total_outbufs_len <= self.adj.outbuf_high_watermark:
+                return
+            with self.outbuf_lock:
+                self._flush_exception(self._flush_some, do_close=False)
+                while self.connected and self.total_outbufs_len > self.adj.outbuf_high_watermark:
+                    stalled = time.time() - self.last_activity
+                    if len(self.requests) > 1 or stalled >= STALL_SECONDS:
+                        # Taken as gone: its task ends (write_soon raises ClientDisconnected, no
+                        # further request is served) and the server's loop closes the socket.
+                        self.cut, self.connected = True, False
+                        self.server.pull_trigger()
+                        return
+                    self.server.pull_trigger()
+                    self.outbuf_lock.wait(STALL_SECONDS - stalled)
+
+    return BoundedChannel
+
+
+def _cut_stalled(server) -> None:
+    """Besides waitress's own upkeep (idle connections), close on the server's loop (every
+    cleanup_interval) each connection cut off above and each whose output has waited
+    STALL_SECONDS without a byte taken: a socket that takes nothing never becomes writable, so
+    waitress's own `will_close` would never be acted on."""
+    plain = server.maintenance
+
+    def maintenance(now: float) -> None:
+        plain(now)
+        for channel in list(server.active_channels.values()):
+            if getattr(channel, "cut", False) or (channel.total_outbufs_len
+                                                  and now - channel.last_activity >= STALL_SECONDS):
+                channel.handle_close()
+
+    server.maintenance = maintenance
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -111,7 +161,10 @@ def main() -> int:
     try:
         # A GET needs no body: one over 1 KiB is refused before waitress spools it to a file.
         server = create_server(app, host=address, port=port, threads=THREADS, ident="nstd", channel_timeout=10,
-                               connection_limit=100, max_request_body_size=1024)
+                               connection_limit=100, max_request_body_size=1024,
+                               outbuf_high_watermark=OUTBUF_BYTES, cleanup_interval=1)
+        server.channel_class = _bounded_channel()
+        _cut_stalled(server)
     except OSError as exc:
         print(f"error: cannot listen on {cfg['listen']}: {exc.strerror or exc}", flush=True)
         return 2
