@@ -145,6 +145,10 @@ CONFIG_FIELDS: dict[str, Any] = {
         "listen": Field("127.0.0.1:8750", "HOST:PORT of the status page (0.0.0.0:8750: every interface)", _listen),
         "results": Field(12, "last results and quarantined jobs shown", integer(1, 1000)),
         "refresh_seconds": Field(3, "the page reloads itself this often", integer(1, 3600)),
+        "hosts": Field([], "names the page answers to besides its address, localhost and this machine's own "
+                       "(any other Host: 421, against DNS rebinding)", list_of(string)),
+        "token": Field(None, "a secret every request must carry (HTTP basic auth with it as the password, or "
+                       "Authorization: Bearer); set one for a page bound beyond the loopback", optional(string)),
     },
     "logging": {
         "level": Field("INFO", "DEBUG | INFO | WARNING | ERROR", choice("DEBUG", "INFO", "WARNING", "ERROR")),

@@ -238,7 +238,7 @@ def test_what_a_hostile_review_found_stays_fixed(page):
     reply = raw_request(d.url, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000000\r\n\r\n" + b"0" * 4096)
     assert reply.startswith(b"HTTP/1.1 413")
     port = d.url.rsplit(":", 1)[1].strip("/")
-    assert raw_request(d.url, f"GET / HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n".encode()).startswith(b"HTTP/1.1 400")
+    assert raw_request(d.url, f"GET / HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n".encode()).startswith(b"HTTP/1.1 421")
     assert raw_request(d.url, f"GET / HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode()).startswith(b"HTTP/1.1 200")
     assert get(d.url, "OPTIONS")[0] == 405
     assert get(d.url + "/files/outbox/x")[0] == 404
@@ -251,7 +251,8 @@ def test_a_page_process_that_dies_comes_back_and_its_address_is_updated(tmp_path
     folders = Folders(*(tmp_path / n for n in ("inbox", "outbox", "quarantine", "state", "logs")))
     for f in (folders.outbox, folders.quarantine, folders.state):
         f.mkdir()
-    page = StatusPage({"listen": "127.0.0.1:0", "results": 5, "refresh_seconds": 3}, folders, tmp_path)
+    page = StatusPage({"listen": "127.0.0.1:0", "results": 5, "refresh_seconds": 3, "hosts": [], "token": None},
+                      folders, tmp_path)
     first = page.start()
     try:
         assert first and get(first + "status.json")[0] == 200
@@ -358,3 +359,33 @@ def test_slow_clients_and_pipeliners_cannot_stop_the_page(page):
     finally:
         for s in hostile:
             s.close()
+
+
+def test_a_page_beyond_the_loopback_answers_its_own_names_and_its_token_only(tmp_path):
+    """Bound to every interface: a foreign Host (DNS rebinding) gets 421; the machine's own name
+    and web.hosts are answered; with web.token every request needs it (basic auth or Bearer).
+    Before: Host: attacker.example got 200 and the job names, results and inputs."""
+    import base64
+    import socket
+
+    d = Daemon(tmp_path, web={"enabled": True, "listen": "0.0.0.0:0", "hosts": ["nstd.lan"],
+                              "token": "s3cret-token-for-the-page"})
+    d.start()
+    try:
+        d.wait(lambda: (d.status() or {}).get("web"), 30, "the page's address")
+        url = d.status()["web"].replace("0.0.0.0", "127.0.0.1")
+        port = url.rsplit(":", 1)[1].strip("/")
+
+        def ask(host: str, auth: str = "") -> bytes:
+            line = f"GET /status.json HTTP/1.1\r\nHost: {host}\r\n" + (f"Authorization: {auth}\r\n" if auth else "")
+            return raw_request(url, (line + "Connection: close\r\n\r\n").encode())
+
+        basic = "Basic " + base64.b64encode(b"anyone:s3cret-token-for-the-page").decode()
+        assert ask(f"attacker.example:{port}", basic).startswith(b"HTTP/1.1 421")
+        assert ask(f"nstd.lan:{port}").startswith(b"HTTP/1.1 401")
+        assert ask(f"nstd.lan:{port}", "Basic " + base64.b64encode(b"x:wrong").decode()).startswith(b"HTTP/1.1 401")
+        assert ask(f"nstd.lan:{port}", basic).startswith(b"HTTP/1.1 200")
+        assert ask(f"{socket.gethostname()}:{port}", "Bearer s3cret-token-for-the-page").startswith(b"HTTP/1.1 200")
+        assert ask(f"127.0.0.1:{port}", basic).startswith(b"HTTP/1.1 200")
+    finally:
+        d.stop()

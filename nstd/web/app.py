@@ -6,6 +6,8 @@ planted in a group-writable outbox or quarantine leads nowhere; `..`, hidden nam
 but a regular file are refused with a 404 that says no more."""
 from __future__ import annotations
 
+import base64
+import hmac
 import io
 import json
 import math
@@ -51,6 +53,20 @@ SECURITY_HEADERS = {
 RENDER_SECONDS = 1.0
 
 
+def _carries(authorization: str, token: str) -> bool:
+    """`Bearer TOKEN`, or basic auth with TOKEN as the password (any user name), compared in
+    constant time."""
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            value = base64.b64decode(value, validate=True).decode("utf-8").partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return False
+    elif scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(value.encode("utf-8"), token.encode("utf-8"))
+
+
 def create_app(view: View, refresh_seconds: int = 3) -> Flask:
     """app.config["NSTD_HOSTS"]: the Host headers accepted (None: any); a page bound to the
     loopback answers only to its own names, so a web page elsewhere cannot read it through DNS
@@ -61,12 +77,17 @@ def create_app(view: View, refresh_seconds: int = 3) -> Flask:
     made = Recent(RENDER_SECONDS)
 
     app.config["NSTD_HOSTS"] = None
+    app.config["NSTD_TOKEN"] = None
 
     @app.before_request
     def known_host():
         allowed = app.config["NSTD_HOSTS"]
         if allowed is not None and request.host.lower() not in allowed:
-            abort(400)
+            abort(421)  # Misdirected Request: not a name of this page (DNS rebinding)
+        token = app.config["NSTD_TOKEN"]
+        if token and not _carries(request.headers.get("Authorization", ""), token):
+            return Response("this page needs its token (web.token)\n", 401, mimetype="text/plain",
+                            headers={"WWW-Authenticate": 'Basic realm="nstd", charset="UTF-8"'})
 
     @app.after_request
     def headers(resp: Response) -> Response:

@@ -23,7 +23,7 @@ MAX_RESTART_SECONDS = 600.0
 class StatusPage:
     def __init__(self, web: dict, folders, root: Path):
         self.settings = {"listen": web["listen"], "results": web["results"], "refresh_seconds": web["refresh_seconds"],
-                         "state": str(folders.state), "root": str(root), "outbox": str(folders.outbox),
+                         "hosts": web["hosts"], "token": web["token"], "state": str(folders.state), "root": str(root), "outbox": str(folders.outbox),
                          "quarantine": str(folders.quarantine), "parent": os.getpid()}
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None

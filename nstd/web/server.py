@@ -73,6 +73,21 @@ def _cut_stalled(server) -> None:
     server.maintenance = maintenance
 
 
+def own_names(shown: str, port: int, extra: list[str]) -> set[str]:
+    """The Host headers the page answers to: its bound address, the loopback's names, this
+    machine's names and addresses, and the operator's `web.hosts`, each with the port (and
+    without it where the port is HTTP's own). A page elsewhere that a browser opens under
+    another name (DNS rebinding) gets 421."""
+    names = {shown, "localhost", "127.0.0.1", "[::1]", *extra}
+    try:
+        host = socket.gethostname()
+        names |= {host, socket.getfqdn(), *socket.gethostbyname_ex(host)[2]}
+    except OSError:
+        pass
+    names = {n.lower() for n in names if n and n not in ("0.0.0.0", "[::]")}
+    return {f"{n}:{port}" for n in names} | (names if port == 80 else set())
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     """'127.0.0.1:8750', '[::1]:8750', ':8750' (every interface) -> (host, port); config.py
     has checked the form."""
@@ -170,8 +185,8 @@ def main() -> int:
         return 2
     port = server.effective_port
     shown = f"[{address}]" if ":" in address else address
-    if ipaddress.ip_address(address).is_loopback:  # answer to our own names only (DNS rebinding)
-        app.config["NSTD_HOSTS"] = {f"{n}:{port}" for n in (shown, "localhost", "127.0.0.1", "[::1]")}
+    app.config["NSTD_HOSTS"] = own_names(shown, port, cfg.get("hosts") or [])  # DNS rebinding: 421 otherwise
+    app.config["NSTD_TOKEN"] = cfg.get("token")
     print(f"http://{shown}:{port}/", flush=True)
     threading.Thread(target=_orphan_watch, args=(cfg["parent"],), daemon=True).start()
     server.run()
