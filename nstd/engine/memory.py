@@ -111,6 +111,23 @@ def _activations(height: int, width: int, layers: Sequence[str], precision: str,
     return inputs + style_saved + content_saved + max(kept(b) for b in blocks if b), largest
 
 
+def _window(height: int, width: int, tile: int | None, deepest: str) -> tuple[int, int]:
+    """(h, w) of the largest window a pass in tiles of `tile` px sees (its core rounded up to the
+    deepest map's grid, a halo on each side, cut at the picture's edge); the picture untiled."""
+    if not tile:
+        return height, width
+    grid, halo = _grid_and_halo(deepest)
+    tile = -(-tile // grid) * grid
+    return min(height, tile + 2 * halo), min(width, tile + 2 * halo)
+
+
+def _weights(deepest: str, precision: str) -> int:
+    """The network's bytes up to `deepest`, with autocast's bf16 copies where it runs in bf16."""
+    weights = sum((s[0] * s[1] * s[2] * s[3] + s[0]) * _FP32
+                  for n, s in CONV_SHAPES.items() if layer_index(n) <= layer_index(deepest))
+    return weights + weights // 2 if precision == "bf16" else weights
+
+
 def predict_peak_bytes(
     height: int,
     width: int,
@@ -131,23 +148,15 @@ def predict_peak_bytes(
     whole maps are kept as targets (all of `layers` when not given: an upper bound); `anchor`:
     (h, w) of the anchor's pass (stylize._Anchor), which runs after the main one, alone."""
     deepest = max(layers, key=layer_index)
-    if tile:  # autograd holds one tile's window at a time (core + halo on each side, cut at the edge)
-        grid, halo = _grid_and_halo(deepest)
-        tile = -(-tile // grid) * grid
-        wh, ww = min(height, tile + 2 * halo), min(width, tile + 2 * halo)
-        saved, largest = _activations(wh, ww, layers, precision, pooling, checkpoint, content_layers)
-    else:
-        saved, largest = _activations(height, width, layers, precision, pooling, checkpoint, content_layers)
+    # tiled, autograd holds one tile's window at a time (core + halo on each side, cut at the edge)
+    saved, largest = _activations(*_window(height, width, tile, deepest), layers, precision, pooling, checkpoint,
+                                  content_layers)
     if anchor:
         style_only = [n for n in layers if content_layers is None or n not in content_layers] or list(layers)
         a_saved, a_largest = _activations(*anchor, style_only, precision, pooling, False, [])
         saved, largest = max(saved, a_saved), max(largest, a_largest)
     transient = _TRANSIENT_MAPS * largest * _FP32
-    weights = sum(
-        (s[0] * s[1] * s[2] * s[3] + s[0]) * _FP32 for n, s in CONV_SHAPES.items() if layer_index(n) <= layer_index(deepest)
-    )
-    if precision == "bf16":
-        weights += weights // 2  # autocast's bf16 copies
+    weights = _weights(deepest, precision)
     pixels = 3 * height * width * _FP32
     # The picture, its gradient, the guard's best picture, the content picture; L-BFGS's 2 x history
     # pairs, its direction and last gradient, and up to three temporaries within a step (Adam: its
@@ -197,21 +206,12 @@ def predict_target_bytes(height: int, width: int, layers: Sequence[str], precisi
     once and the Gram sums. A style is sized by the result's long edge, not by the content's
     area: a thin content's stage can be small while its style's pass is not (#26)."""
     deepest = max(layers, key=layer_index)
-    wh, ww = height, width
-    if tile:
-        grid, halo = _grid_and_halo(deepest)
-        tile = -(-tile // grid) * grid
-        wh, ww = min(height, tile + 2 * halo), min(width, tile + 2 * halo)
-    act = _FP32 if precision == "fp32" else _FP32 // 2
-    largest = max(n for _, n in feature_maps(wh, ww, deepest))
+    largest = max(n for _, n in feature_maps(*_window(height, width, tile, deepest), deepest))
     # Measured on the CPU after a first pass (tests/test_memory.py), a no-grad pass peaks at 3 to
     # 7.5 of its largest map (the maps alive, their successors, a Gram's float copy, the
     # convolutions' own buffers, the allocator's slack): 8 of them, to be safe.
-    transient = _TARGET_MAPS * largest * max(act, _FP32)
-    weights = sum((s[0] * s[1] * s[2] * s[3] + s[0]) * _FP32
-                  for n, s in CONV_SHAPES.items() if layer_index(n) <= layer_index(deepest))
-    if precision == "bf16":
-        weights += weights // 2
+    transient = _TARGET_MAPS * largest * _FP32
+    weights = _weights(deepest, precision)
     pixels = 3 * height * width * _FP32 * 3  # the picture, its colour-adjusted copy, a tile's crop
     grams = sum(CONV_SHAPES[n][0] ** 2 for n in layers if n in CONV_SHAPES) * _FP32 * 2
     reserve = CUDA_RESERVE_BYTES if device.startswith("cuda") else 0

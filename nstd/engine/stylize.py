@@ -446,7 +446,7 @@ class Engine:
         """One stage: targets at its size, the picture from the stage before (or the start, or
         a checkpoint), its steps; returns the stage's picture (the optimised variable, on the host
         side of nothing: a detached device tensor)."""
-        p, stage, dev = run.p, run.stages[index], self.device.place
+        p, stage = run.p, run.stages[index]
         t_stage = time.perf_counter()
         self.device.reset_peak()
         content_img = images.resize_long_edge(content, stage.size)
