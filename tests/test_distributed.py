@@ -290,3 +290,79 @@ def test_a_stopped_worker_gives_its_job_back_to_another(cluster):
     assert report["attempts"] == 1  # an orderly stop is not a crash
     assert report["resumed_from_step"] >= 10
     assert "stopped at step" in c.job_log("long") and "(worker b on" in c.job_log("long")
+
+
+#: A time.time() for a worker's process that adds the seconds written in a file (read every
+#: 0.2 s): its wall clock, stepped while it runs, as NTP or an operator does. Installed as
+#: sitecustomize, so the whole process (Celery and kombu too) sees the same wrong time.
+FAKE_WALL_CLOCK = '''
+import os, time
+_path = os.environ.get("NSTD_TEST_CLOCK_FILE")
+if _path:
+    _real, _state = time.time, [0.0, -1.0]
+
+    def _time():
+        now = time.monotonic()
+        if now >= _state[1]:
+            _state[1] = now + 0.2
+            try:
+                _state[0] = float(open(_path).read() or 0)
+            except (OSError, ValueError):
+                pass
+        return _real() + _state[0]
+
+    time.time = _time
+'''
+
+
+def send_message(c: Cluster, hint: str) -> None:
+    from nstd.config import load_config
+    from nstd.distributed.broker import Broker
+
+    broker = Broker(load_config(c.intake.config))
+    try:
+        broker.send(hint)
+    finally:
+        broker.close()
+
+
+def test_no_workers_clock_step_either_way_takes_a_running_job_or_keeps_a_dead_ones(cluster, tmp_path):
+    c = cluster
+    site = tmp_path / "fake-clock"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAKE_WALL_CLOCK)
+    offsets = {n: tmp_path / f"clock-{n}" for n in "ab"}
+    c.intake.start()
+    for n, path in offsets.items():
+        path.write_text("0")
+        c.workers.start(n, env={"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+                                "NSTD_TEST_CLOCK_FILE": str(path)})
+    c.wait_idle("a", "b")
+    drop(c, "long", steps=600)
+    c.wait(lambda: any(c.running(n)[0] == "long" and c.running(n)[1] >= 10 for n in "ab"), 60, "long to run")
+    holder = "a" if c.running("a")[0] == "long" else "b"
+    other = "b" if holder == "a" else "a"
+    for ahead in (100, -100):
+        # The holder's clock steps one way, the other's the other way: by wall clocks, its lease
+        # was renewed 200 s ago, or 200 s in the future.
+        offsets[holder].write_text(str(-ahead))
+        offsets[other].write_text(str(ahead))
+        said = c.workers.log(other).count("nothing to take")
+        send_message(c, "long")  # as a redelivery would: the other worker gets a message for it
+        c.wait(lambda: c.workers.log(other).count("nothing to take") > said, 30, f"{other} to leave the job alone")
+        step = c.running(holder)[1]
+        time.sleep(3 * LEASE)  # three leases of the intake and both workers looking
+        assert c.running(holder)[0] == "long" and c.running(holder)[1] > step and c.running(other)[0] is None
+    # The holder dies with its clock 100 s ahead: its last renewal reads as 100 s in the future.
+    offsets[holder].write_text("100")
+    offsets[other].write_text("0")
+    time.sleep(1)
+    c.workers.kill(holder)
+    t0 = time.monotonic()
+    c.wait(lambda: c.running(other)[0] == "long", LEASE + 20, f"{other} to take over the dead worker's job")
+    assert time.monotonic() - t0 < 60  # not the 100 s its wall clock claimed
+    c.intake.wait_landed("long", timeout=180)
+    log = c.job_log("long")
+    assert log.count("started (attempt") == 2 and f"(worker {other} on" in log
+    assert "was lost" not in c.workers.log(holder)
+    assert c.intake.audit(settled=False) == []

@@ -14,6 +14,27 @@ from nstd.daemon.claim import Claim, Input, StyleInput, Times
 from nstd.distributed import board, lease
 
 
+class FakeClock:
+    """This process's monotonic clock, moved by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(lease, "_clock", fake)
+    monkeypatch.setattr(lease, "SIGHTINGS", lease.Sightings())
+    return fake
+
+
 def claim(jobs: Path, job_id: str, priority: int = 0, arrived: float = 0.0) -> Claim:
     folder = jobs / job_id
     (folder / "inputs").mkdir(parents=True)
@@ -25,7 +46,7 @@ def claim(jobs: Path, job_id: str, priority: int = 0, arrived: float = 0.0) -> C
     return c
 
 
-def test_a_lease_is_exclusive_until_it_expires_or_is_released(tmp_path):
+def test_a_lease_is_exclusive_until_it_expires_or_is_released(tmp_path, clock):
     job = claim(tmp_path, "j1").folder
     first = lease.Lease.acquire(job, "a", lease_seconds=60)
     assert first is not None and first.held()
@@ -38,12 +59,13 @@ def test_a_lease_is_exclusive_until_it_expires_or_is_released(tmp_path):
     assert lease.current(job).holder == "b"
 
 
-def test_an_expired_lease_is_taken_over_and_its_old_holder_is_fenced(tmp_path):
+def test_an_expired_lease_is_taken_over_and_its_old_holder_is_fenced(tmp_path, clock):
     job = claim(tmp_path, "j1").folder
     stalled = lease.Lease.acquire(job, "a", lease_seconds=60)
-    record = json.loads(stalled.path.read_text())
-    record["renewed_at"] = time.time() - 120  # it stopped renewing two minutes ago
-    stalled.path.write_text(json.dumps(record))
+    assert not lease.free(job, lease_seconds=60)
+    clock.advance(59)
+    assert not lease.free(job, lease_seconds=60)
+    clock.advance(1.5)  # watched for a minute, unchanged: it stopped renewing
     assert lease.free(job, lease_seconds=60)
     taker = lease.Lease.acquire(job, "b", lease_seconds=60)
     assert taker is not None
@@ -74,7 +96,7 @@ def test_no_lease_on_a_job_that_left_state(tmp_path):
     assert not job.exists()  # never made again
 
 
-def test_an_unreadable_lease_counts_as_taken(tmp_path):
+def test_an_unreadable_lease_counts_as_taken(tmp_path, clock):
     job = claim(tmp_path, "j1").folder
     (job / "lease").mkdir()
     (job / "lease" / "000001.json").write_text("{not json")
@@ -92,7 +114,7 @@ def test_the_board_orders_by_priority_then_arrival_and_skips_held_and_leased(tmp
     assert board.leftovers(tmp_path) == [tmp_path / "leftover"]
     assert [e.id[-1] for e in board.scan(tmp_path)] == ["d", "c", "b", "a"]
     lease.Lease.acquire(tmp_path / "20260101-000000-dddddddd", "w", 60)
-    board.hold(tmp_path / "20260101-000000-cccccccc", time.time() + 30, "test")
+    board.hold(tmp_path / "20260101-000000-cccccccc", 30, "test")
     assert [e.id[-1] for e in board.takeable(tmp_path, 60)] == ["b", "a"]
     board.unhold(tmp_path / "20260101-000000-cccccccc")
     assert [e.id[-1] for e in board.takeable(tmp_path, 60)] == ["c", "b", "a"]
@@ -175,23 +197,27 @@ def test_nstd_worker_refuses_what_it_cannot_run(tmp_path):
     assert r.returncode == 2 and "--name" in r.stderr
 
 
-def test_a_lease_cut_short_by_a_crash_expires_with_its_file(tmp_path):
+def test_a_lease_cut_short_by_a_crash_expires_when_watched_unchanged(tmp_path, clock):
     job = claim(tmp_path, "j1").folder
     (job / "lease").mkdir()
     empty = job / "lease" / "000001.json"
     empty.write_text("")  # a power loss before the data reached the disk
-    old = time.time() - 120
-    os.utime(empty, (old, old))
+    assert not lease.free(job, 60)  # it may be being written
+    clock.advance(30)
+    empty.write_text("{")  # it was: the watch starts again, from when it is seen changed
+    assert not lease.free(job, 60)
+    clock.advance(59)
+    assert not lease.free(job, 60)
+    clock.advance(1.5)
     assert lease.free(job, 60)
     assert lease.Lease.acquire(job, "a", 60) is not None
 
 
-def test_the_longer_of_two_lease_settings_wins_and_old_leases_are_pruned(tmp_path):
+def test_the_longer_of_two_lease_settings_wins_and_old_leases_are_pruned(tmp_path, clock):
     job = claim(tmp_path, "j1").folder
     first = lease.Lease.acquire(job, "a", lease_seconds=600)  # the holder's own setting
-    record = json.loads(first.path.read_text())
-    record["renewed_at"] = time.time() - 100
-    first.path.write_text(json.dumps(record))
+    assert lease.Lease.acquire(job, "b", lease_seconds=60) is None
+    clock.advance(100)
     assert lease.Lease.acquire(job, "b", lease_seconds=60) is None  # 100 s < the holder's 600
     first.release()
     for n in range(5):
@@ -199,13 +225,60 @@ def test_the_longer_of_two_lease_settings_wins_and_old_leases_are_pruned(tmp_pat
     assert sorted(os.listdir(job / "lease")) == ["000005.json", "000006.json"]
 
 
-def test_a_newer_lease_is_seen_even_when_the_listing_is_stale(tmp_path, monkeypatch):
+def test_no_wall_clock_jump_takes_a_running_lease_or_keeps_a_dead_ones(tmp_path, monkeypatch, clock):
+    """The holder's and the reader's wall clocks stepped 100 s either way, at every moment: only
+    whether the record changes, as the reader watches on its own monotonic clock, decides."""
+    job = claim(tmp_path, "j1").folder
+    real = time.time
+    holder = lease.Lease.acquire(job, "a", lease_seconds=10)
+    for offset in (100, -100, 0, -100, 100) * 3:
+        monkeypatch.setattr(time, "time", lambda: real() + offset)  # every clock in this process
+        assert holder.renew()
+        clock.advance(4)
+        assert not lease.free(job, 10)
+        assert lease.Lease.acquire(job, "b", 10) is None
+    # Now the holder dies, its clock 100 s ahead: its last renewed_at lies in the reader's future.
+    monkeypatch.setattr(time, "time", lambda: real() + 100)
+    assert holder.renew()
+    assert json.loads(holder.path.read_text())["renewed_at"] > real() + 90
+    monkeypatch.setattr(time, "time", real)
+    lease.current(job)
+    clock.advance(9)
+    assert not lease.free(job, 10)
+    clock.advance(1.5)
+    assert lease.free(job, 10)  # ten seconds watched without a beat, whatever renewed_at says
+    assert lease.Lease.acquire(job, "b", 10) is not None and not holder.renew()
+
+
+def test_a_hold_lasts_its_seconds_whatever_the_clocks(tmp_path, monkeypatch, clock):
+    job = claim(tmp_path, "20260101-000000-aaaaaaaa")
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 100)  # the worker that holds it is 100 s behind
+    board.hold(job.folder, 30, "nstd could not move it")
+    monkeypatch.setattr(time, "time", lambda: real() + 100)  # and the one that reads it 100 s ahead
+    assert board.takeable(tmp_path, 60) == []
+    clock.advance(29)
+    assert board.takeable(tmp_path, 60) == []
+    clock.advance(1.5)
+    assert [e.id for e in board.takeable(tmp_path, 60)] == [job.id]
+
+
+def test_sightings_are_bounded_and_a_forgotten_one_counts_again_from_zero(clock):
+    seen = lease.Sightings(size=3)
+    for n in range(5):
+        assert seen.unchanged_for(f"k{n}", b"x") == 0
+    clock.advance(10)
+    assert seen.unchanged_for("k4", b"x") == 10
+    assert seen.unchanged_for("k0", b"x") == 0  # forgotten: late, never early
+    assert seen.unchanged_for("k4", b"y") == 0  # changed
+
+
+def test_a_newer_lease_is_seen_even_when_the_listing_is_stale(tmp_path, monkeypatch, clock):
     job = claim(tmp_path, "j1").folder
     mine = lease.Lease.acquire(job, "a", 60)
-    record = json.loads(mine.path.read_text())
-    record["renewed_at"] = time.time() - 120
-    mine.path.write_text(json.dumps(record))
-    lease.Lease.acquire(job, "b", 60)
+    lease.current(job)
+    clock.advance(61)
+    assert lease.Lease.acquire(job, "b", 60) is not None
     monkeypatch.setattr(lease, "_numbers", lambda d: [1])  # an NFS client's cached listing
     assert not mine.held()
 
@@ -240,7 +313,7 @@ def test_a_stalled_workers_delivery_is_taken_from_it_not_shared(tmp_path):
     assert sorted(os.listdir(job.inputs_dir)) == ["a.jpg", "b.jpg"]  # a user's file is never deleted
 
 
-def test_cancel_without_an_intake_respects_a_workers_lease_and_reclaims_a_dead_ones_move(tmp_path):
+def test_cancel_without_an_intake_respects_a_workers_lease_and_reclaims_a_dead_ones_move(tmp_path, clock):
     from nstd.daemon import cancel
     from nstd.daemon.transfer import Transfer
 
@@ -254,9 +327,7 @@ def test_cancel_without_an_intake_respects_a_workers_lease_and_reclaims_a_dead_o
     os.unlink(folders.state / "cancel" / job.id)
     # The worker dies mid-delivery: one input is in its unfinished outbox folder.
     Transfer(folders.outbox, job.id).put(job.inputs_dir / "a.jpg", "inputs/a.jpg")
-    record = json.loads(worker.path.read_text())
-    record["renewed_at"] = time.time() - 120
-    worker.path.write_text(json.dumps(record))
+    clock.advance(61)  # watched (here, by this process) for a minute without a renewal: dead
     said = cancel.cancel(cfg, job.name, wait_seconds=0.3)
     assert "cancelled" in said and not job.folder.exists()
     error = yaml.safe_load((folders.quarantine / job.name / "error.yaml").read_text())

@@ -206,7 +206,15 @@ class Daemon:
         now = time.time()
         live = [w["name"] for w in worker_records(self.folders.state, now)
                 if w.get("state") != "stopped" and now - w["updated_at"] < lease_seconds]
-        leased = [e.name for e in board.scan(self.folders.jobs) if e.taken(lease_seconds, now)]
+        leased = [e.name for e in board.scan(self.folders.jobs) if e.taken(lease_seconds)]
+        if leased and not live:
+            # A lease is judged by watching it (nstd/distributed/lease.py): a dead cluster's stop renewing.
+            logger.info("jobs held by a worker ({}): watching their leases for up to {:g} s",
+                        ", ".join(leased), lease_seconds)
+            end = time.monotonic() + lease_seconds + 1
+            while leased and time.monotonic() < end:
+                time.sleep(0.5)
+                leased = [e.name for e in board.scan(self.folders.jobs) if e.taken(lease_seconds)]
         if live or leased:
             self.lock.release()
             raise NstdError(f"queue.backend is local, but this root has a cluster at work (workers: "

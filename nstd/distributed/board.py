@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,18 +34,19 @@ class Entry:
     arrived: float
     claimed: float
     attempts: int
-    held_until: float
+    #: seconds it is still held back for (board.hold), as this process has watched the hold
+    held_for: float
     lease: lease.Current | None
 
     def sort_key(self) -> tuple:
         """As the local queue's: highest priority first, then the job file that arrived first."""
         return (-self.priority, self.arrived, self.claimed, self.id)
 
-    def taken(self, lease_seconds: float, now: float) -> bool:
-        return self.lease is not None and self.lease.live(lease_seconds, now)
+    def taken(self, lease_seconds: float) -> bool:
+        return self.lease is not None and self.lease.live(lease_seconds)
 
-    def takeable(self, lease_seconds: float, now: float) -> bool:
-        return not self.taken(lease_seconds, now) and self.held_until <= now
+    def takeable(self, lease_seconds: float) -> bool:
+        return not self.taken(lease_seconds) and self.held_for <= 0
 
 
 def scan(jobs_dir: Path) -> list[Entry]:
@@ -63,7 +65,7 @@ def scan(jobs_dir: Path) -> list[Entry]:
             entry = Entry(id=str(r["id"]), name=str(r["name"]), folder=folder,
                           priority=int(r["settings"].get("priority", 0)), arrived=float(t["arrived"]),
                           claimed=float(t["claimed"]), attempts=int(r.get("attempts", 0)),
-                          held_until=_held_until(folder), lease=lease.current(folder))
+                          held_for=_held_for(folder), lease=lease.current(folder))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         entries.append(entry)
@@ -81,15 +83,33 @@ def leftovers(jobs_dir: Path) -> list[Path]:
     return [jobs_dir / n for n in names if (jobs_dir / n).is_dir() and not (jobs_dir / n / "claim.json").exists()]
 
 
-def takeable(jobs_dir: Path, lease_seconds: float, now: float | None = None) -> list[Entry]:
+def takeable(jobs_dir: Path, lease_seconds: float) -> list[Entry]:
     """The jobs a worker may take now, best first."""
-    now = time.time() if now is None else now
-    return [e for e in scan(jobs_dir) if e.takeable(lease_seconds, now)]
+    return [e for e in scan(jobs_dir) if e.takeable(lease_seconds)]
 
 
-def hold(folder: Path, until: float, reason: str) -> None:
-    """Keep a job from being taken before `until` (wall clock): nstd failed to move it."""
-    atomic_write_text(folder / HELD, json.dumps({"until": until, "reason": reason}), parents=False)
+def observe(jobs_dir: Path) -> None:
+    """Read every job's lease and hold, so that this process's sightings of them start now (a
+    worker's heartbeat: a dead worker's job is then free to it `lease_seconds` after its start,
+    not after its first message)."""
+    try:
+        names = [n for n in os.listdir(jobs_dir) if not n.startswith(".")]
+    except OSError:
+        return
+    for name in names:
+        try:
+            lease.current(jobs_dir / name)
+        except OSError:
+            pass
+        _held_for(jobs_dir / name)
+
+
+def hold(folder: Path, seconds: float, reason: str) -> None:
+    """Keep a job from being taken for `seconds` (nstd failed to move it), counted by each reader
+    from when it first sees the hold, on its own monotonic clock: no machine's wall clock, right
+    or wrong, shortens or stretches it. `until` is for people to read."""
+    record = {"seconds": max(0.0, seconds), "until": time.time() + seconds, "reason": reason, "token": uuid.uuid4().hex}
+    atomic_write_text(folder / HELD, json.dumps(record), parents=False)
 
 
 def unhold(folder: Path) -> None:
@@ -99,8 +119,12 @@ def unhold(folder: Path) -> None:
         pass
 
 
-def _held_until(folder: Path) -> float:
+def _held_for(folder: Path) -> float:
     try:
-        return float(json.loads((folder / HELD).read_text(encoding="utf-8"))["until"])
+        raw = (folder / HELD).read_bytes()[:4096]
+        seconds = float(json.loads(raw)["seconds"])
     except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: not held
         return 0.0
+    if not 0 < seconds < 86400:
+        return 0.0
+    return seconds - lease.SIGHTINGS.unchanged_for(str(folder / HELD), raw)

@@ -68,7 +68,8 @@ class Broker:
 
     def clock_skew(self) -> float:
         """Seconds this machine's clock is behind Redis's (negative: ahead). Raises when Redis
-        cannot be reached. Leases compare clocks across machines (nstd/distributed/lease.py)."""
+        cannot be reached. Leases and holds do not depend on it (nstd/distributed/lease.py): the
+        times shown (a worker heard from, a job held until) do."""
         import time
 
         before = time.time()
@@ -83,7 +84,7 @@ class Broker:
             pass
 
 
-#: The largest clock difference with the broker a machine of the cluster may have, as a share
+#: The largest clock difference with the broker a machine may have before nstd says so, as a share
 #: of queue.lease_seconds.
 MAX_SKEW_SHARE = 0.25
 
@@ -91,9 +92,9 @@ MAX_SKEW_SHARE = 0.25
 def skew_problem(skew: float, lease_seconds: float) -> str | None:
     if abs(skew) <= lease_seconds * MAX_SKEW_SHARE:
         return None
-    return (f"this machine's clock is {abs(skew):.1f} s {'behind' if skew > 0 else 'ahead of'} the broker's; "
-            f"leases need the clocks within {lease_seconds * MAX_SKEW_SHARE:g} s (a quarter of "
-            f"queue.lease_seconds={lease_seconds:g}): run NTP (chrony, systemd-timesyncd) on every machine")
+    return (f"this machine's clock is {abs(skew):.1f} s {'behind' if skew > 0 else 'ahead of'} the broker's: "
+            "leases do not depend on clocks, but the times the status shows (a worker heard from, a job "
+            "held until) are off by as much: run NTP (chrony, systemd-timesyncd) on every machine")
 
 
 def redact(url: str) -> str:

@@ -60,8 +60,7 @@ class Dispatcher(threading.Thread):
         entries = board.scan(self.jobs_dir)
         with self._lock:
             self._entries = entries
-        now = time.time()
-        takeable = [e for e in entries if e.takeable(self.cfg["queue"]["lease_seconds"], now)]
+        takeable = [e for e in entries if e.takeable(self.cfg["queue"]["lease_seconds"])]
         try:
             missing = len(takeable) - self.broker.queued()
             for entry in takeable[:max(0, missing)]:
@@ -91,13 +90,12 @@ class Dispatcher(threading.Thread):
         except Exception:
             return
         if problem:
-            logger.error("{}: a worker's live lease may look expired to the others, or a dead one's live", problem)
+            logger.warning("{}", problem)
 
     def queue_names(self) -> list[str]:
         """Jobs waiting for a worker, best first (status.json's `queue`)."""
         with self._lock:
-            now = time.time()
-            return [e.name for e in self._entries if not e.taken(self.cfg["queue"]["lease_seconds"], now)]
+            return [e.name for e in self._entries if not e.taken(self.cfg["queue"]["lease_seconds"])]
 
 
 
@@ -110,7 +108,7 @@ class ClusterQueue:
 
     def put(self, job, not_before: float = 0.0) -> None:
         if not_before:
-            board.hold(job.folder, time.time() + max(0.0, not_before - time.monotonic()), "nstd could not move it")
+            board.hold(job.folder, max(0.0, not_before - time.monotonic()), "nstd could not move it")
         self.dispatcher.wake.set()
 
     def names(self) -> list[str]:

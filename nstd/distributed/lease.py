@@ -9,9 +9,12 @@ every move of the job's files, that it still holds the highest number (a fence):
 stalled past its lease finds a newer one and lets the job go without touching it. So two workers
 never run a job's moves at once, and a dead worker's job is free again after `lease_seconds`.
 
-Liveness compares the holder's clock with the reader's: the machines' clocks must agree to well
-within `lease_seconds` (NTP); `nstd worker` refuses to start when its clock is a quarter of that
-away from the broker's (nstd/distributed/node.py).
+Liveness is judged on the reader's own monotonic clock, never by comparing clocks: the holder
+writes a new record at each renewal (a `beat` count goes up), and a reader counts a lease expired
+once it has itself seen the same record, unchanged, for `lease_seconds` (`Sightings`). So no wall
+clock, stepped either way on any machine (NTP, an operator, a VM resumed), takes a running job or
+keeps a dead one's: `renewed_at` is there for people to read. The price: a process that has just
+started counts every unreleased lease as live until it has watched it for `lease_seconds`.
 
 Torch-free: the intake and `nstd status` read leases too.
 """
@@ -24,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,29 +39,56 @@ def _name(number: int) -> str:
     return f"{number:06d}.json"
 
 
+#: The only clock liveness is read on: this process's monotonic one (tests replace it).
+_clock = time.monotonic
+
+
+class Sightings:
+    """For how long this process has seen a file's content unchanged, on its monotonic clock.
+    What other machines' clocks say never enters it; a value never seen before counts from now,
+    so a judgement made from sightings is late, never early. At most `size` files are
+    remembered (the oldest seen are forgotten, and so counted again from their next sighting)."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self._seen: OrderedDict[str, tuple[object, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def unchanged_for(self, key: str, value: object) -> float:
+        now = _clock()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is None or seen[0] != value:
+                seen = (value, now)
+            self._seen[key] = seen
+            self._seen.move_to_end(key)
+            while len(self._seen) > self.size:
+                self._seen.popitem(last=False)
+        return now - seen[1]
+
+
+SIGHTINGS = Sightings()
+
+
 @dataclass(frozen=True)
 class Current:
     """The highest-numbered lease of a job, as read."""
 
     number: int
     record: dict
-    #: the file's modification time: the age of a record that cannot be read
-    mtime: float = 0.0
+    #: seconds this process has seen this very record (or unreadable file) unchanged
+    silent_for: float = 0.0
 
-    def live(self, lease_seconds: float, now: float | None = None) -> bool:
-        """Held: not released, and renewed within `lease_seconds` (or the holder's own, if longer).
-        A record that cannot be read (being written, or cut short by a crash) counts as live for
-        `lease_seconds` after its file was last written."""
+    def live(self, lease_seconds: float) -> bool:
+        """Held: not released, and renewed within the last `lease_seconds` (or the holder's own, if
+        longer) as this process has watched it. A record that cannot be read (being written, or
+        cut short by a crash) counts as live until it has stayed so for as long."""
         if self.record.get("released"):
             return False
-        now = time.time() if now is None else now
         theirs = self.record.get("lease_seconds")
         if isinstance(theirs, (int, float)) and not isinstance(theirs, bool) and 0 < theirs < 10**7:
             lease_seconds = max(lease_seconds, theirs)
-        renewed = self.record.get("renewed_at")
-        if not isinstance(renewed, (int, float)) or isinstance(renewed, bool):
-            renewed = self.mtime
-        return now - renewed < lease_seconds
+        return self.silent_for < lease_seconds
 
     @property
     def holder(self) -> str:
@@ -85,22 +116,26 @@ def current(job_dir: Path) -> Current | None:
         top += 1
     path = job_dir / LEASES / _name(top)
     try:
-        mtime = path.stat().st_mtime
-    except OSError:
-        mtime = time.time()
+        raw = path.read_bytes()[:_RECORD_MAX]
+    except OSError as exc:
+        raw = f"unreadable: {exc.errno}".encode()
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(raw)
         if not isinstance(record, dict):
             record = {}
-    except (OSError, ValueError):
+    except ValueError:
         record = {}
-    return Current(top, record, mtime)
+    return Current(top, record, SIGHTINGS.unchanged_for(str(job_dir), (top, raw)))
 
 
-def free(job_dir: Path, lease_seconds: float, now: float | None = None) -> bool:
+#: A lease record is a few hundred bytes: more is not one of ours, and is not kept in memory.
+_RECORD_MAX = 4096
+
+
+def free(job_dir: Path, lease_seconds: float) -> bool:
     """Nobody holds the job (its lease is released or expired, or it never had one)."""
     cur = current(job_dir)
-    return cur is None or not cur.live(lease_seconds, now)
+    return cur is None or not cur.live(lease_seconds)
 
 
 class Lease:
@@ -125,7 +160,7 @@ class Lease:
         number = (cur.number if cur else 0) + 1
         now = time.time()
         record = {"holder": holder, "host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
-                  "taken_at": now, "renewed_at": now, "lease_seconds": lease_seconds, "released": False,
+                  "taken_at": now, "renewed_at": now, "beat": 0, "lease_seconds": lease_seconds, "released": False,
                   "after": cur.record.get("holder") if cur else None}
         folder = job_dir / LEASES
         tmp = folder / f".take-{record['token']}"
@@ -180,7 +215,7 @@ class Lease:
         with self._lock:
             if self.record["released"] or not self.held():
                 return False
-            self.record["renewed_at"] = time.time()
+            self.record.update(renewed_at=time.time(), beat=self.record["beat"] + 1)
             try:
                 _replace(self.path, self.record)
             except OSError:
@@ -193,7 +228,7 @@ class Lease:
             if self.record["released"] or not self.held():
                 self.record["released"] = True
                 return
-            self.record.update(released=True, renewed_at=time.time())
+            self.record.update(released=True, renewed_at=time.time(), beat=self.record["beat"] + 1)
             try:
                 _replace(self.path, self.record)
             except OSError:

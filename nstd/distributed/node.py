@@ -74,7 +74,7 @@ class NodeQueue:
             return
         wait = max(0.0, not_before - time.monotonic()) if not_before else RETRY_SECONDS
         job.give_back_attempt()  # nstd failed to move it: that is not a crash the job caused
-        board.hold(job.folder, time.time() + wait, "nstd could not finish it")
+        board.hold(job.folder, wait, "nstd could not finish it")
         held.release()
 
     def done(self, job_id: str) -> None:
@@ -190,6 +190,8 @@ class Node:
                     self.lost.set()
                     logger.warning("the lease on {} was lost (another worker took the job): stopping it at the next step",
                                    held.job_dir.name)
+            if held is None:
+                board.observe(self.folders.jobs)  # idle: watch the other leases, to judge them when a message comes
             if self.stopping.is_set() and self.status.data.get("state") not in ("stopping", "stopped"):
                 self.status.update(state="stopping")
             self.status.update(force=True, heartbeat_at=time.time())
@@ -238,7 +240,7 @@ class Node:
                         log.opt(exception=exc).error("could not take the job ({}); it waits {:g} s", exc, RETRY_SECONDS)
                         if held.held():
                             _give_back_attempt(entry)  # nstd's failure, not a crash the job caused
-                            board.hold(entry.folder, time.time() + RETRY_SECONDS, f"{type(exc).__name__}: {exc}")
+                            board.hold(entry.folder, RETRY_SECONDS, f"{type(exc).__name__}: {exc}")
                         outcome = "failed; held for a retry"
             except LeaseLost:
                 log.warning("let go: another worker holds it now")
@@ -309,17 +311,17 @@ def serve(cfg: dict, device: str | None, name: str | None, loglevel: str = "INFO
 
     device = device or cfg["engine"]["device"]
     name = name or default_name(device)
+    folders = Folders.from_config(cfg)
+    logs.setup(cfg["logging"], folders.logs if folders.logs.is_dir() else None, filename=f"worker-{name}.log")
     broker = Broker(cfg)
     try:
         problem = skew_problem(broker.clock_skew(), cfg["queue"]["lease_seconds"])
     except Exception:
-        problem = None  # Redis not up yet: Celery waits for it; the intake checks the clocks too
+        problem = None  # Redis not up yet: Celery waits for it; the intake checks the clocks every 5 min
     finally:
         broker.close()
     if problem:
-        raise NstdError(problem)
-    folders = Folders.from_config(cfg)
-    logs.setup(cfg["logging"], folders.logs if folders.logs.is_dir() else None, filename=f"worker-{name}.log")
+        logger.warning("{}", problem)
     node = Node(cfg, device, name)
     logger.info("worker {}: network {} loaded on {} ({}); consuming queue {!r} at {}", name, cfg["engine"]["weights"],
                 node.worker.engine.device, node.worker.engine.precision, cfg["queue"]["name"], redact(cfg["queue"]["broker"]))
