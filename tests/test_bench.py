@@ -53,3 +53,10 @@ def test_quality_bench_runs_settings_side_by_side_and_reuses_what_it_made(tmp_pa
                   "--precision", "fp32", "old:steps=2;grain=0")
     assert json.loads((tmp_path / "results.json").read_text())["tubingen-starry"]["old"] == made["old"]
     assert "| old |" in again
+
+
+def test_page_load_prints_a_row_per_count_of_hostile_clients():
+    out = bench("page_load.py", "--seconds", "2", "--browsers", "1", "--hostile", "0", "3")
+    rows = [x for x in out.splitlines() if x.startswith("| 0 |") or x.startswith("| 3 |")]
+    assert len(rows) == 2 and rows[0].split("|")[7].strip() == "1.00x", out
+    assert "pipelined=" in rows[1] and "thumbs=" in rows[1], out

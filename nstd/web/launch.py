@@ -18,6 +18,11 @@ START_SECONDS = 30.0
 #: time it fails again, up to MAX_RESTART_SECONDS.
 RESTART_SECONDS = 30.0
 MAX_RESTART_SECONDS = 600.0
+#: glibc's malloc for the page's process: a thumbnail's decode (tens of MiB) is mapped and given back
+#: to the system when freed, not kept in a per-thread arena (three clients asking for thumbnails of
+#: distinct 4000 px PNGs held the page at 226 MiB; so, at most 94: bench/page_load.py). The
+#: operator's own settings, if any, win.
+PAGE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_ARENA_MAX": "2"}
 
 
 class StatusPage:
@@ -34,7 +39,7 @@ class StatusPage:
         """Start the page's process; its address, or None (logged) when it cannot serve."""
         self.url = None
         self.next_start = time.monotonic() + self.backoff
-        env = {**os.environ, "NSTD_WEB": json.dumps(self.settings)}
+        env = {**PAGE_MALLOC, **os.environ, "NSTD_WEB": json.dumps(self.settings)}
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "nstd.web.server"], env=env, stdin=subprocess.DEVNULL,
                                          stdout=subprocess.PIPE, text=True)

@@ -65,12 +65,21 @@ def _cut_stalled(server) -> None:
 
     def maintenance(now: float) -> None:
         plain(now)
-        for channel in list(server.active_channels.values()):
-            if getattr(channel, "cut", False) or (channel.total_outbufs_len
-                                                  and now - channel.last_activity >= STALL_SECONDS):
-                channel.handle_close()
+        doomed = [c for c in list(server.active_channels.values())
+                  if getattr(c, "cut", False) or (c.total_outbufs_len and now - c.last_activity >= STALL_SECONDS)]
+        if doomed:
+            # Closed from the trigger, after this turn's select(): maintenance runs while the loop
+            # lists the sockets to select on, and a socket closed then is handed to select()
+            # closed (EBADF ended the page's process: sleepy readers killed it in bench/page_load.py).
+            server.trigger.pull_trigger(lambda: _close(doomed))
 
     server.maintenance = maintenance
+
+
+def _close(channels) -> None:
+    for channel in channels:
+        if channel._fileno is not None and channel._map.get(channel._fileno) is channel:  # not closed meanwhile
+            channel.handle_close()
 
 
 def own_names(shown: str, port: int, extra: list[str]) -> set[str]:
