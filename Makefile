@@ -4,20 +4,28 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= config.yaml
 
-.PHONY: install run test browser redis bench clean
+.PHONY: install install-test run test browser redis bench clean
 
+# What running needs, and only that (a service's environment gets no pytest, Celery or Redis client).
 install: $(VENV)/.installed
+
+# The suite's extra on top: pytest, and the cluster's Celery and Redis client it drives.
+install-test: $(VENV)/.installed-test
 
 # Re-install whenever pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
 run: install
 	$(VENV)/bin/nstd run --config $(CONFIG)
 
-test: install
+test: install-test
 	$(PY) -m pytest -q
 
 # Debian's headless Chromium, for the status page's browser test (.ci/run does this too).

@@ -7,6 +7,7 @@ argument, image, job file or config; 3 when the weights cannot be loaded; 4 for 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -68,7 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--budget-mb", type=int, metavar="MIB",
                    help="peak memory each stage must fit, MiB: memory techniques first, then a smaller picture "
                         "(default on a GPU: its memory less 1 GiB; on the CPU: limits.cpu_memory_mb, 0 = half the memory)")
-    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no progress lines")
+    s.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="without a terminal, a progress line at least this often, besides one per stage (default 30)")
+    s.add_argument("--report", metavar="FILE", help="also write the run's report.json here (the daemon's keys)")
 
     r = sub.add_parser("run", help="the watch-folder daemon")
     r.add_argument("--config", help=CONFIG_HELP)
@@ -195,8 +199,11 @@ def _config(args: argparse.Namespace, required: bool) -> dict:
 
 def cmd_stylize(args: argparse.Namespace) -> int:
     # Imports here keep `nstd --help` fast.
-    from nstd.engine import Engine, images
+    from nstd.engine import Engine, StyleImage, images
+    from nstd.fsutil import atomic_write_text
     from nstd.jobkeys import style_params
+    from nstd.report import run_fields
+    from nstd.terminal import Bar, peak_rss, reporter
 
     with _as_bad_input():
         cfg = _config(args, required=False)
@@ -229,20 +236,38 @@ def cmd_stylize(args: argparse.Namespace) -> int:
         budget_mb = max(64, ((engine.device.total_memory or 0) >> 20) - 1024)
     else:
         budget_mb = memory_budget(cfg, False)[0] >> 20
+    size_requested = params.size
     params = _fit_budget(engine, content, params, budget_mb)
     t0 = time.perf_counter()
-    bar = _progress(params.total_steps(), disabled=args.quiet)
+    with _as_bad_input():
+        stages = engine.plan(content, [StyleImage(*s) for s in styles], params)
+    bar = reporter(sum(st.steps for st in stages), stages, args.quiet, args.progress_every,
+                   peak=engine.device.peak_bytes if engine.device.is_cuda else peak_rss,
+                   peak_name="peak GPU memory" if engine.device.is_cuda else "peak RSS")
     try:
         with _as_bad_input():
             result = engine.stylize(content, styles, params, init_image=init_image, progress=bar,
                                     budget_bytes=budget_mb * 2**20 if budget_mb else None)
     finally:
         bar.close()
+    optimised = time.perf_counter() - t0
     images.save(result.image, out, out_format)
     if args.gif and result.frames:
         images.save_gif(result.frames, args.gif, job["gif"]["fps"] if job["gif"] else 12.0)
     w, h = result.size
     took = time.perf_counter() - t0
+    if isinstance(bar, Bar) and not args.quiet and len(result.stages) > 1:  # the lines said it already
+        for i, st in enumerate(result.stages, 1):
+            peak = st["peak_memory_bytes"]
+            print(f"nstd: stage {i}/{len(result.stages)}: {st['size'][0]}x{st['size'][1]}, {st['steps_run']} steps in "
+                  f"{st['seconds']:.1f} s" + (f", peak {peak / 2**20:.0f} MiB" if peak else ""), file=sys.stderr)
+    if args.report:
+        report = {"job": out.stem, "status": "done", "attempts": 1,
+                  "timings": {"optimised": round(optimised, 3), "total": round(took, 3)}, **run_fields(result),
+                  "preserve_color": job.get("preserve_color", "none"), "size_requested": size_requested,
+                  "peak_rss_bytes": peak_rss(), "memory_budget_bytes": budget_mb * 2**20 if budget_mb else None,
+                  "weights": engine_cfg["weights"], "output": str(out)}
+        atomic_write_text(Path(args.report), json.dumps(report, indent=1) + "\n")
     losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items())
     gif_note = f" and {args.gif}" if args.gif and result.frames else ""
     print(f"wrote {out}{gif_note} ({w}x{h}, {result.steps} steps{_stages_note(result)}, {took:.1f} s on {result.device}, {result.precision}, {result.e512:.0f} E512; {losses})")
@@ -452,36 +477,6 @@ def _job_and_engine(args, cfg) -> tuple[dict, dict]:
             engine[key] = getattr(args, key)
     engine = validate(engine, CONFIG_FIELDS["engine"], "engine")
     return job, engine
-
-
-class _progress:
-    """A tqdm bar as the engine's Progress; losses are read only every few steps."""
-
-    def __init__(self, total: int, disabled: bool):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, unit="step", disable=disabled or None, dynamic_ncols=True, leave=False)
-        self.every = max(1, total // 50)
-
-    def checkpoint_due(self, step: int) -> bool:
-        return False
-
-    def on_checkpoint(self, checkpoint) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
-
-    def on_step(self, info) -> None:
-        self.bar.update(1)
-        if self.bar.disable or not (info.step % self.every == 0 or info.step == info.steps):
-            return
-        got = info.recent_losses()  # on a GPU: the newest landed, no sync
-        if got is not None:
-            self.bar.set_postfix(loss=f"{got[1]['total']:.4g}", refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 if __name__ == "__main__":

@@ -103,3 +103,26 @@ def test_status_says_when_no_daemon_runs(tmp_path):
     assert r.returncode == 1 and "no daemon is running" in r.stdout
     r = nstd("status", "--json", "--config", tmp_path / "config.yaml")
     assert '"daemon_running": false' in r.stdout
+
+
+def test_without_a_terminal_stylize_says_each_stage_and_its_progress_and_writes_a_report(images_dir, tmp_path):
+    """stderr to a file (as `2> log`, cron): a tqdm bar turns itself off, and a 1024 px run said
+    nothing for 13 minutes. Now a line as each stage starts and ends (its time and peak memory)
+    and one at least every --progress-every seconds; --report writes the daemon's report keys."""
+    import json
+
+    out, report = tmp_path / "r.png", tmp_path / "report.json"
+    r = nstd("stylize", images_dir / "tubingen.jpg", images_dir / "starry_night.jpg", "-o", out, "--size", 64,
+             "--stages", "32:12,64:8", "--device", "cpu", "--progress-every", "0.01", "--report", report)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == "nstd: stage 1/2: 32 px, 12 steps, started", lines
+    done = [x for x in lines if " done, " in x]
+    assert len(done) == 2 and "stage 2/2: 64 px done, 8 steps in" in done[1] and "peak RSS" in done[1], lines
+    assert any(x.startswith("nstd: step ") and "/20 (stage " in x and "loss" in x for x in lines), lines
+    made = json.loads(report.read_text())
+    assert made["steps"] == 20 and [s["steps_run"] for s in made["stages"]] == [12, 8]
+    assert made["size_used"] == [64, 48] and made["e512"] > 0 and made["versions"]["nstd"]
+    quiet = nstd("stylize", images_dir / "tubingen.jpg", images_dir / "starry_night.jpg", "-o", out, "--size", 32,
+                 "--steps", 2, "--device", "cpu", "-q")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr

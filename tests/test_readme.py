@@ -61,3 +61,16 @@ def test_the_readmes_commands_work_as_typed(checkout):
     assert (checkout / "tubingen_starry.png").stat().st_size > 0
     r = run(". .venv/bin/activate && nstd status", checkout)
     assert r.returncode == 1 and "no daemon is running" in r.stdout
+
+
+def test_make_run_installs_only_what_running_needs():
+    """The service's environment (make run, make install in docs/service.md) gets no pytest,
+    Celery or Redis client; make test adds the test extra."""
+    import subprocess
+
+    def commands(target: str) -> str:
+        return subprocess.run(["make", "-n", "-B", target, "VENV=/nonexistent/venv"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout
+
+    assert "pip install" in commands("run") and "[test]" not in commands("run")
+    assert "'.[test]'" in commands("test")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import platform
 import queue
 import threading
 import time
@@ -18,11 +17,10 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-import torch
 import yaml
 from loguru import logger
 
-from nstd import __version__, logs
+from nstd import logs
 from nstd.daemon.claim import Claim
 from nstd.daemon.hooks import Hooks
 from nstd.daemon.live import Live
@@ -32,6 +30,7 @@ from nstd.daemon.store import Store
 from nstd.daemon.transfer import safe_component
 from nstd.engine import Result, images
 from nstd.errors import ErrorKind, JobError, Stage
+from nstd.report import run_fields
 
 
 @dataclasses.dataclass
@@ -154,36 +153,20 @@ class Outcomes:
         return outputs
 
     def report(self, done: Optimised, encoded: float) -> dict:
-        result = done.result
         return {
             "job": done.job.name,
             "status": "done",
             "attempts": done.job.attempts,
             "timings": {**done.timings, "encoded": round(encoded, 3)},  # encoded: result + GIF
-            "steps": result.steps,
-            "resumed_from_step": result.resumed_from or None,
-            "steps_run": result.steps - result.resumed_from,
-            "losses": result.losses,
-            "device": result.device,
-            "device_name": result.device_name,
-            "precision": result.precision,
-            "cuda_graph": result.cuda_graph,
-            # the picture's passes through VGG-19, each over 512 x 512 pixels (docs/quality.md)
-            "e512": result.e512,
+            **run_fields(done.result),
             "preserve_color": done.job.settings.get("preserve_color", "none"),
             "size_requested": done.size_requested,
-            "size_used": list(result.size),
             "oom_retries": done.oom_retries,
             "cpu_fallback": done.cpu_fallback,
-            "peak_memory_bytes": result.peak_memory_bytes,
             "peak_rss_bytes": done.peak_rss_bytes,
             "memory_budget_bytes": done.budget_bytes,
-            # coarse to fine: each stage's size, steps, seconds, peak memory (CUDA), and the memory
-            # techniques it used (activation checkpointing, tiles, a shorter L-BFGS history) and why
-            "stages": result.stages,
             "style_cache": done.style_cache,
             "weights": self.cfg["engine"]["weights"],
-            "versions": {"nstd": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
 
 
