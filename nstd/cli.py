@@ -89,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check job files as the daemon would, without running them")
     v.add_argument("sidecars", nargs="+", metavar="JOB", help="a job's .yaml file (its paths are checked against its own folder)")
     v.add_argument("--config", help=CONFIG_HELP + "; without one, the built-in defaults")
+    v.add_argument("--json", action="store_true", help="the verdicts as a JSON list, one object a job file")
 
     st = sub.add_parser("status", help="what the daemon is doing")
     st.add_argument("--config", help=CONFIG_HELP)
@@ -100,6 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     rt.add_argument("name", help="the job's folder in the quarantine")
     rt.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="job keys to change, e.g. steps=500 size=768")
     rt.add_argument("--config", help=CONFIG_HELP)
+    rt.add_argument("--json", action="store_true", help="what was done, as a JSON object")
 
     cn = sub.add_parser("cancel", help="cancel a queued job, or stop the running one at its next step",
                         description="A cancelled job goes to the quarantine as 'cancelled' (nstd retry puts it back).")
@@ -107,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     cn.add_argument("--config", help=CONFIG_HELP)
     cn.add_argument("--wait", type=float, default=30.0, metavar="SECONDS",
                     help="how long to wait for a running daemon to confirm (default 30)")
+    cn.add_argument("--json", action="store_true", help="what happened, as a JSON object")
     return p
 
 
@@ -320,16 +323,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """The daemon's own check on each job file (nstd/daemon/jobfile.py), with the config the daemon
-    would read: keys, paths, inputs present, images decodable. Every problem is listed."""
+    would read: keys, paths, inputs present, images decodable. Every problem is listed; each
+    verdict goes to stdout (a job's problems are the answer asked for, not a diagnostic), and the
+    exit code is the worst job's."""
     cfg = _config(args, required=False)
-    worst = ExitCode.OK
-    for sidecar in map(Path, args.sidecars):
-        worst = max(worst, _validate_one(sidecar, cfg))
-    return worst
+    verdicts = [_validate_one(Path(sidecar), cfg) for sidecar in args.sidecars]
+    lines = [v.pop("_lines") for v in verdicts]
+    if args.json:
+        print(json.dumps(verdicts, indent=1, default=str))
+    else:
+        print("\n".join(line for job in lines for line in job))
+    return max(v["exit_code"] for v in verdicts)
 
 
-def _validate_one(sidecar: Path, cfg: dict) -> int:
+def _validate_one(sidecar: Path, cfg: dict) -> dict:
+    """One job file's verdict: the keys of --json, and its text in "_lines"."""
     from nstd.daemon.jobfile import check_job, parse_job
+    from nstd.engine import schedule
     from nstd.errors import ErrorKind, JobError
 
     limits = cfg["limits"]
@@ -337,35 +347,43 @@ def _validate_one(sidecar: Path, cfg: dict) -> int:
         job = parse_job(sidecar, sidecar.parent, cfg["defaults"], limits["max_sidecar_bytes"])
         checked = check_job(job, limits)
     except JobError as exc:
-        print(f"{sidecar.name}: {exc.kind}", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        lines = [f"{sidecar.name}: {exc.kind}", *(f"  {problem}" for problem in exc.problems)]
         if exc.kind is ErrorKind.MISSING_INPUT:
-            print(f"  (the daemon waits up to {cfg['watch']['missing_timeout']:g} s for a missing input "
-                  "(watch.missing_timeout), then quarantines the job as missing input)", file=sys.stderr)
-        return exc.exit_code
+            lines.append(f"  (the daemon waits up to {cfg['watch']['missing_timeout']:g} s for a missing input "
+                         "(watch.missing_timeout), then quarantines the job as missing input)")
+        return {"job": str(sidecar), "ok": False, "kind": str(exc.kind), "problems": list(exc.problems),
+                "exit_code": int(exc.exit_code), "_lines": lines}
     files, settings, sizes = checked.files, checked.settings, checked.sizes
-    print(f"{sidecar.name}: ok")
-    print(f"  content  {files.content.name} ({'x'.join(map(str, sizes[files.content]))})")
+    style_sizes = [sizes[path] for path, _ in files.styles]
+    stages = schedule.runnable(sizes[files.content], style_sizes,
+                               schedule.plan(settings["size"], settings["steps"], settings["stages"],
+                                             settings["stage_start"], settings["stage_factor"], settings["stage_steps"]),
+                               settings["style_scale"], [*settings["content_layers"], *settings["style_layers"]])
+    lines = [f"{sidecar.name}: ok", f"  content  {files.content.name} ({'x'.join(map(str, sizes[files.content]))})"]
     for path, weight in files.styles:
-        print(f"  style    {path.name} ({'x'.join(map(str, sizes[path]))}), weight {weight:.3g}")
+        lines.append(f"  style    {path.name} ({'x'.join(map(str, sizes[path]))}), weight {weight:.3g}")
     if len(files.styles) > 1 and files.weight_sum != 1.0:
-        print(f"  (blend weights are normalised to add up to 1: as written they add up to {files.weight_sum:g})")
+        lines.append(f"  (blend weights are normalised to add up to 1: as written they add up to {files.weight_sum:g})")
     gif = settings["gif"]
-    print(f"  size {settings['size']}, steps {settings['steps']}, {settings['optimizer']}, "
-          f"content_weight {settings['content_weight']:g}, style_weight {settings['style_weight']:g}, "
-          f"tv_weight {settings['tv_weight']:g}, init {settings['init']}, pooling {settings['pooling']}, "
-          f"preserve_color {settings['preserve_color']}, seed {settings['seed']}, "
-          f"gif {'every %d steps' % gif['every'] if gif else 'off'}, "
-          f"output {settings['output']['format']}, priority {settings['priority']}")
-    return ExitCode.OK
+    lines.append(f"  size {settings['size']}, steps {settings['steps']}, {settings['optimizer']}, "
+                 f"content_weight {settings['content_weight']:g}, style_weight {settings['style_weight']:g}, "
+                 f"tv_weight {settings['tv_weight']:g}, init {settings['init']}, pooling {settings['pooling']}, "
+                 f"preserve_color {settings['preserve_color']}, seed {settings['seed']}, "
+                 f"gif {'every %d steps' % gif['every'] if gif else 'off'}, "
+                 f"output {settings['output']['format']}, priority {settings['priority']}")
+    if len(stages) > 1:
+        lines.append(f"  stages   {', '.join(f'{st.size} px x {st.steps}' for st in stages)} "
+                     f"({schedule.total_steps(stages)} steps in all)")
+    return {"job": str(sidecar), "ok": True, "kind": None, "problems": [], "exit_code": int(ExitCode.OK),
+            "content": {"file": files.content.name, "size": list(sizes[files.content])},
+            "styles": [{"file": path.name, "size": list(sizes[path]), "weight": weight} for path, weight in files.styles],
+            "stages": [{"size": st.size, "steps": st.steps} for st in stages],
+            "settings": settings, "_lines": lines}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    import json
-
     from nstd.daemon.lock import RootLock
-    from nstd.daemon.status import describe, read_status, resumable, workers
+    from nstd.daemon.status import STALE_SECONDS, describe, read_status, resumable, workers
 
     cfg = _config(args, required=True)
     state = Path(cfg["paths"]["state"])
@@ -373,11 +391,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     cluster = workers(state)
     text, alive = describe(data, resumable=resumable(state), lock_held=RootLock.held(state), workers=cluster,
                            lease_seconds=cfg["queue"]["lease_seconds"])
+    responding = alive and (data is None or time.time() - data.get("updated_at", 0) <= STALE_SECONDS)
     if args.json:
-        print(json.dumps({**(data or {}), "daemon_running": alive, **({"workers": cluster} if cluster else {})}, indent=1))
+        print(json.dumps({**(data or {}), "daemon_running": alive, "responding": responding,
+                          **({"workers": cluster} if cluster else {})}, indent=1))
     else:
         print(text)
-    return ExitCode.OK if alive else ExitCode.NOT_RUNNING
+    if not alive:
+        return ExitCode.NOT_RUNNING
+    return ExitCode.OK if responding else ExitCode.NOT_RESPONDING
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -388,6 +410,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
         done = retry(cfg, args.name, parse_overrides(args.overrides))
     except OSError as exc:  # the folders themselves: permissions, a full disk
         raise NstdError(f"retry {args.name}: {exc.strerror or exc} ({exc.filename or 'a folder'})") from None
+    if args.json:
+        print(json.dumps({"retried": args.name, "sidecar": done.sidecar, "moved": done.moved, "kept": str(done.kept),
+                          "waits_for": done.waits_for}, indent=1))
+        return ExitCode.OK
     print(f"retrying {args.name} as {done.sidecar} in the inbox ({len(done.moved)} input(s) moved back); "
           f"error.yaml and job.log kept in {done.kept}")
     if done.waits_for:
@@ -400,10 +426,15 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from nstd.daemon.cancel import cancel
 
     try:
-        print(cancel(_config(args, required=True), args.name, args.wait))
+        said = cancel(_config(args, required=True), args.name, args.wait)
     except OSError as exc:
         raise NstdError(f"cancel {args.name}: {exc.strerror or exc} ({exc.filename or 'a folder'})") from None
-    return ExitCode.OK
+    if args.json:
+        print(json.dumps({"outcome": said.outcome, "job": said.job, "id": said.id, "where": said.where,
+                          "message": said.line}, indent=1))
+    else:
+        print(said)
+    return ExitCode.PENDING if said.outcome == "asked" else ExitCode.OK
 
 
 #: `nstd stylize`'s options by job key: its errors name the option the user typed.

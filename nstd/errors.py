@@ -19,6 +19,10 @@ class ExitCode(IntEnum):
     WEIGHTS = 3
     #: `nstd cancel` / `nstd retry`: no such job
     NO_SUCH_JOB = 4
+    #: `nstd status`: a daemon holds the root but has not updated its status (stopped? hung?)
+    NOT_RESPONDING = 5
+    #: `nstd cancel`: asked; the daemon or the job's worker had not confirmed within --wait
+    PENDING = 6
     INTERRUPTED = 130
 
 

@@ -69,10 +69,10 @@ def test_validate_a_good_and_a_bad_job(images_dir, tmp_path):
     assert "ok.yaml: ok" in r.stdout and "t.jpg (1024x768)" in r.stdout and "steps 50" in r.stdout
     (tmp_path / "bad.yaml").write_text("content: t.jpg\nstyle: ../s.jpg\n")
     r = nstd("validate", tmp_path / "bad.yaml")
-    assert r.returncode == 2 and "path outside inbox" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "path outside inbox" in r.stdout and "Traceback" not in r.stderr
     (tmp_path / "gone.yaml").write_text("content: t.jpg\nstyle: nope.jpg\n")
     r = nstd("validate", tmp_path / "gone.yaml")
-    assert r.returncode == 2 and "missing input" in r.stderr and "nope.jpg" in r.stderr
+    assert r.returncode == 2 and "missing input" in r.stdout and "nope.jpg" in r.stdout
 
 
 @pytest.mark.parametrize("content_size, keys, says", [
@@ -89,7 +89,7 @@ def test_validate_refuses_what_the_network_cannot_take_and_the_engine_agrees(tmp
     Image.effect_noise((640, 400), 60).convert("RGB").save(tmp_path / "s.png")
     (tmp_path / "j.yaml").write_text("content: c.png\nstyle: s.png\nsteps: 1\n" + keys)
     r = nstd("validate", tmp_path / "j.yaml")
-    assert r.returncode == 2 and "bad image" in r.stderr and says in r.stderr, r.stderr
+    assert r.returncode == 2 and "bad image" in r.stdout and says in r.stdout, r.stdout
     args = ["--size", 64, "--steps", 1, "-q", "--device", "cpu"]
     args += ["--style-scale", 0.1] if "style_scale" in keys else []
     args += ["--stages", 2, "--anchor-size", 1] if "anchor_size" in keys else []

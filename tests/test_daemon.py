@@ -69,6 +69,19 @@ def test_a_coarse_to_fine_job_reports_its_stages(daemon):
     assert "step 4/4" in (out / "job.log").read_text()
 
 
+def test_progress_is_logged_at_every_twentieth_of_the_steps_the_job_runs(daemon):
+    """guarantees.md: step lines at every 5 % of the steps and the last; a job in stages counts
+    all of its stages' steps, as the engine runs them."""
+    daemon.start()
+    daemon.drop("forty", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 40, "size": 32})
+    daemon.drop("staged", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg",
+                           "stages": [{"size": 32, "steps": 30}, {"size": 48, "steps": 10}]})
+    daemon.wait_landed("forty", "staged")
+    for name in ("forty", "staged"):
+        steps = [line for line in (daemon.outbox / name / "job.log").read_text().splitlines() if " | step " in line]
+        assert len(steps) == 20 and "step 40/40" in steps[-1], (name, steps)
+
+
 def test_ten_jobs_share_one_style(daemon):
     daemon.start()
     daemon.image("starry_night.jpg")

@@ -321,14 +321,14 @@ def test_cancel_without_an_intake_respects_a_workers_lease_and_reclaims_a_dead_o
     cfg = {"paths": {k: str(getattr(folders, k)) for k in ("inbox", "outbox", "quarantine", "state", "logs")},
            "queue": {"backend": "celery", "lease_seconds": 60}}
     worker = lease.Lease.acquire(job.folder, "gpu1-cuda0", 60)
-    said = cancel.cancel(cfg, job.name, wait_seconds=0.3)
+    said = str(cancel.cancel(cfg, job.name, wait_seconds=0.3))
     assert "asked its worker gpu1-cuda0" in said and job.folder.is_dir()  # the worker's to stop
     assert (folders.state / "cancel" / job.id).exists()
     os.unlink(folders.state / "cancel" / job.id)
     # The worker dies mid-delivery: one input is in its unfinished outbox folder.
     Transfer(folders.outbox, job.id).put(job.inputs_dir / "a.jpg", "inputs/a.jpg")
     clock.advance(61)  # watched (here, by this process) for a minute without a renewal: dead
-    said = cancel.cancel(cfg, job.name, wait_seconds=0.3)
+    said = str(cancel.cancel(cfg, job.name, wait_seconds=0.3))
     assert "cancelled" in said and not job.folder.exists()
     error = yaml.safe_load((folders.quarantine / job.name / "error.yaml").read_text())
     assert sorted(error["files"]) == ["a.jpg", "b.jpg"]  # the dead worker's share came back too

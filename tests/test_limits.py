@@ -72,9 +72,9 @@ def test_validate_and_the_daemon_refuse_a_job_over_the_limits(tmp_path, images_d
                "priority": 1_000_000, "steps": 99_999}
         d.drop("greedy", job, style="the_scream.jpg")
         r = nstd("validate", d.inbox / "greedy.yaml", "--config", d.config)
-        assert r.returncode == 2 and "greedy.yaml: over limit" in r.stderr, r.stderr
+        assert r.returncode == 2 and "greedy.yaml: over limit" in r.stdout, r.stdout
         for named in ("limits.max_steps=5,000", "limits.max_styles=1", "limits.min_priority..max_priority"):
-            assert named in r.stderr
+            assert named in r.stdout
         d.wait_quarantined("greedy", timeout=30)
         error = d.error("greedy")
         assert error["kind"] == "over limit" and "limits.max_steps" in error["message"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def test_validate_and_the_daemon_give_one_verdict(tmp_path):
         d.drop("typo", {"content": "tubingen.jpg", "style": "nowhere.jpg", "stpes": 3, "size": 5}, images=False)
         r = nstd("validate", d.inbox / "typo.yaml", "--config", d.config)
         assert r.returncode == 2
-        assert r.stderr.splitlines() == [
+        assert r.stdout.splitlines() == [
             "typo.yaml: invalid job file",
             "  stpes: unknown key (did you mean 'steps'?)",
             "  size: expected an integer from 32 to 8192, got 5",
@@ -51,7 +52,7 @@ def test_validate_and_the_daemon_give_one_verdict(tmp_path):
         d.wait_quarantined("typo", timeout=30)
         error = d.error("typo")
         assert error["kind"] == "invalid job file"
-        assert error["message"] == "; ".join(line.strip() for line in r.stderr.splitlines()[1:])
+        assert error["message"] == "; ".join(line.strip() for line in r.stdout.splitlines()[1:])
     finally:
         d.stop()
 
@@ -71,7 +72,7 @@ def test_validate_reads_the_config_the_daemon_reads(tmp_path):
     r = nstd("validate", job, cwd=tmp_path)
     assert r.returncode == 0 and "steps 7," in r.stdout
     r = nstd("validate", job, cwd=tmp_path, env={"NSTD_CONFIG": str(strict)})
-    assert r.returncode == 2 and "bad image" in r.stderr and "1,200 pixels" in r.stderr.replace("1200", "1,200")
+    assert r.returncode == 2 and "bad image" in r.stdout and "1,200 pixels" in r.stdout.replace("1200", "1,200")
     r = nstd("validate", job, cwd=tmp_path / "img")  # no config anywhere: the built-in defaults
     assert r.returncode == 0 and "steps 300," in r.stdout
 
@@ -281,7 +282,7 @@ def test_status_tells_a_stalled_daemon_and_since_when_it_counts():
             "worker_heartbeat_at": now - 1, "queue": [], "waiting": [], "done": 4, "failed": 1}
     text, alive = describe(data, now=now)
     assert alive and "nstd is running" in text and "up 60 min" in text
-    assert "done: 4, failed: 1 (since this daemon started" in text
+    assert "done: 4, failed: 1, cancelled: 0 (since this daemon started" in text
     text, alive = describe({**data, "updated_at": now - 90}, now=now)
     assert alive and "NOT RESPONDING" in text and "SIGSTOP" in text
     text, _ = describe({**data, "worker_heartbeat_at": now - 900}, now=now)
@@ -362,3 +363,58 @@ def test_until_empty_leaves_a_job_file_that_never_settles(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     assert "busy.yaml: its files are still changing after 3 s; left in the inbox" in out
     assert out.count("cannot remove the cancel request") == 1
+
+
+def test_scripts_get_json_and_exit_codes_that_mean_something(tmp_path, images_dir):
+    """status: 0 running, 1 none, 5 a daemon that holds the root but does not answer; validate:
+    verdicts on stdout, --json a list; cancel: 6 while only asked, 0 once done, --json; retry --json."""
+    import json
+
+    from nstd.daemon.lock import RootLock
+
+    d = Daemon(tmp_path, defaults={"size": 64, "steps": 100000, "gif": False}, limits={"max_steps": 100000},
+               service={"shutdown_grace_seconds": 0})
+    d.write_config()
+    d.state.mkdir(parents=True, exist_ok=True)
+    lock = RootLock(d.state)  # a daemon that holds the root, and whose status is 90 s old
+    try:
+        now = time.time()
+        (d.state / "status.json").write_text(json.dumps({"pid": os.getpid(), "state": "running", "started_at": now - 600,
+                                                         "updated_at": now - 90, "queue": [], "waiting": [],
+                                                         "done": 0, "failed": 0}))
+        r = nstd("status", "--config", d.config)
+        assert r.returncode == 5 and "NOT RESPONDING" in r.stdout, (r.returncode, r.stdout)
+        r = nstd("status", "--json", "--config", d.config)
+        assert r.returncode == 5 and json.loads(r.stdout)["responding"] is False
+    finally:
+        lock.release()
+    os.unlink(d.state / "status.json")
+    d.start()
+    try:
+        d.image("tubingen.jpg")
+        d.drop("typo", {"content": "tubingen.jpg", "style": "nowhere.jpg", "stpes": 3}, images=False)
+        (tmp_path / "ok.yaml").write_text("content: t.jpg\nstyle: t.jpg\nsize: 64\nsteps: 300\nstages: 2\n")
+        shutil.copy(images_dir / "tubingen.jpg", tmp_path / "t.jpg")
+        r = nstd("validate", tmp_path / "ok.yaml", d.inbox / "typo.yaml", "--json", "--config", d.config)
+        verdicts = json.loads(r.stdout)
+        assert r.returncode == 2 and r.stderr == "" and [v["ok"] for v in verdicts] == [True, False]
+        assert verdicts[0]["stages"] == [{"size": 32, "steps": 300}, {"size": 64, "steps": 150}], verdicts[0]["stages"]
+        assert verdicts[1]["kind"] == "invalid job file" and any("stpes" in p for p in verdicts[1]["problems"])
+        r = nstd("validate", tmp_path / "ok.yaml", "--config", d.config)
+        assert "stages   32 px x 300, 64 px x 150 (450 steps in all)" in r.stdout
+        d.wait_quarantined("typo")  # error.yaml as people read it: no doubled quotes (''steps'')
+        raw = (d.quarantine / "typo" / "error.yaml").read_text()
+        assert "did you mean 'steps'?" in raw and "''" not in raw, raw
+        d.drop("long", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg"})
+        d.wait(lambda: ((d.status() or {}).get("running") or {}).get("step", 0) >= 1, 60, "the long job to run")
+        assert nstd("status", "--config", d.config).returncode == 0
+        r = nstd("cancel", "long", "--wait", "0", "--json", "--config", d.config)
+        said = json.loads(r.stdout)
+        assert r.returncode == 6 and said["outcome"] == "asked" and said["job"] == "long", r.stdout
+        d.wait_quarantined("long", timeout=30)
+        r = nstd("retry", "long", "steps=2", "--json", "--config", d.config)
+        done = json.loads(r.stdout)
+        assert r.returncode == 0 and done["sidecar"] == "long.yaml" and done["waits_for"] == [], r.stdout
+        d.wait_landed("long", timeout=60)
+    finally:
+        d.stop()

@@ -115,6 +115,45 @@ def test_results_and_quarantine_are_listed_with_links_that_work(tmp_path):
         d.stop()
 
 
+def test_cancels_and_retried_folders_are_counted_and_listed_apart_from_failures(tmp_path):
+    """A cancel is not a failure: counted as cancelled (status, metrics), shown muted; a retried
+    folder goes to its own list, so it cannot push real failures off the page; failures carry
+    their kind as a label; nstd_info and nstd_up say which nstd answers and whether it lives."""
+    d = Daemon(tmp_path, web={"enabled": True, "listen": "127.0.0.1:0", "results": 2},
+               defaults={"size": 64, "steps": 100000, "gif": False}, limits={"max_steps": 100000})
+    d.start()
+    try:
+        d.wait(lambda: (d.status() or {}).get("web"), 30, "the page's address")
+        url = d.status()["web"]
+        d.drop("bad", "steps: [", images=False)
+        d.wait_quarantined("bad")
+        d.drop("long", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg"})
+        d.wait(lambda: ((d.status() or {}).get("running") or {}).get("step", 0) >= 1, 60, "long to run")
+        assert subprocess.run([sys.executable, "-m", "nstd.cli", "cancel", "long", "--config", str(d.config)],
+                              capture_output=True, timeout=60).returncode == 0
+        for n in range(3):  # more retried folders than the page lists
+            (d.quarantine / f"old{n}.retried-20260101-00000{n}").mkdir()
+        time.sleep(3.5)  # the listings are cached for 3 s
+        data = json.loads(get(url + "status.json")[2])
+        assert data["failed"] == 1 and data["cancelled"] == 1 and data["failed_kinds"] == {"invalid job file": 1}
+        assert sorted(e["name"] for e in data["quarantine"]) == ["bad", "long"]
+        assert [e["cancelled"] for e in sorted(data["quarantine"], key=lambda e: e["name"])] == [False, True]
+        assert len(data["retried"]) == 2 and all(".retried-" in e["name"] for e in data["retried"])
+        html = get(url)[2].decode()
+        assert "<h2>Retried</h2>" in html and 'class="muted">cancelled:' in html and 'class="bad">invalid job file' in html
+        families = {f.name: f for f in text_string_to_metric_families(get(url + "metrics")[2].decode())}
+        failed = {tuple(sorted(s.labels.items())): s.value for s in families["nstd_jobs_failed"].samples
+                  if s.name == "nstd_jobs_failed_total"}
+        assert failed == {(("kind", "invalid job file"),): 1.0}, failed
+        assert families["nstd_jobs_cancelled"].samples[0].value == 1
+        assert families["nstd_info"].samples[0].labels["version"] and families["nstd_up"].samples[0].value == 1
+        out = subprocess.run([sys.executable, "-m", "nstd.cli", "status", "--config", str(d.config)],
+                             capture_output=True, text=True, timeout=60).stdout
+        assert "done: 0, failed: 1 (invalid job file 1), cancelled: 1" in out, out
+    finally:
+        d.stop()
+
+
 def test_only_files_inside_the_outbox_and_quarantine_are_served(page):
     d = page
     secret = d.tmp / "secret.txt"
@@ -458,3 +497,17 @@ def test_a_page_beyond_the_loopback_answers_its_own_names_and_its_token_only(tmp
         assert ask(f"127.0.0.1:{port}", basic).startswith(b"HTTP/1.1 200")
     finally:
         d.stop()
+
+
+def test_each_jobs_first_step_is_timed_too():
+    """nstd_step_seconds counted n - 1 of a job's n steps: its first has no step before it. The
+    engine's time since its optimisation began times it."""
+    from nstd.daemon.live import Live
+
+    live = Live()
+    for job in ("a", "b"):
+        live.begin(job)
+        for step in (1, 2, 3):
+            live.step(step, None, None, elapsed=0.25 * step)
+        live.end()
+    assert live.steps.as_json()["count"] == 6

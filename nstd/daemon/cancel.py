@@ -99,8 +99,23 @@ def cancelled_error(stage: Stage, detail: str = "") -> JobError:
 # ------------------------------------------------------------------ the command
 
 
-def cancel(cfg: dict, name: str, wait_seconds: float) -> str:
-    """Cancel the claimed job `name`; returns what happened, in a line."""
+@dataclass(frozen=True)
+class Said:
+    """What `nstd cancel` did: `outcome` is "cancelled" (in the quarantine now), "asked" (the
+    daemon or the job's worker stops it at its next step) or "finished" (it ended first)."""
+
+    outcome: str
+    job: str
+    id: str
+    line: str
+    where: str | None = None
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def cancel(cfg: dict, name: str, wait_seconds: float) -> Said:
+    """Cancel the claimed job `name`; returns what happened."""
     from nstd.daemon.lock import AlreadyRunning, RootLock
     from nstd.daemon.store import Folders
 
@@ -140,7 +155,7 @@ def cancel(cfg: dict, name: str, wait_seconds: float) -> str:
     return _ask_the_daemon(folders, job, wait_seconds, who)
 
 
-def _ask_the_daemon(folders, job: Claimed, wait_seconds: float, who: str = "the daemon") -> str:
+def _ask_the_daemon(folders, job: Claimed, wait_seconds: float, who: str = "the daemon") -> Said:
     ask(folders.state, job.id)
     deadline = time.monotonic() + wait_seconds
     while time.monotonic() < deadline:
@@ -148,12 +163,13 @@ def _ask_the_daemon(folders, job: Claimed, wait_seconds: float, who: str = "the 
             break
         time.sleep(0.2)
     else:
-        return (f"asked {who} to cancel {job.name} ({job.id}); it stops at its next step "
-                "and moves the job to quarantine ('nstd status' shows when)")
+        return Said("asked", job.name, job.id, f"asked {who} to cancel {job.name} ({job.id}); it stops at its next "
+                    "step and moves the job to quarantine ('nstd status' shows when)")
     where = quarantined_as(folders.quarantine, job)
     if where is not None:
-        return f"cancelled {job.name}: moved to {where}"
-    return f"{job.name} finished before the cancel reached it (see the outbox, or the quarantine)"
+        return Said("cancelled", job.name, job.id, f"cancelled {job.name}: moved to {where}", str(where))
+    return Said("finished", job.name, job.id, f"{job.name} finished before the cancel reached it (see the outbox, "
+                "or the quarantine)")
 
 
 def quarantined_as(quarantine: Path, job: Claimed) -> Path | None:
@@ -176,7 +192,7 @@ def quarantined_as(quarantine: Path, job: Claimed) -> Path | None:
 MAX_ERROR_TEXT = 4096
 
 
-def _quarantine_here(folders, job: Claimed) -> str:
+def _quarantine_here(folders, job: Claimed) -> Said:
     """No daemon runs and we hold the lock: move the claimed job to quarantine ourselves."""
     from nstd.daemon.claim import Claim
     from nstd.daemon.outcome import error_record
@@ -189,4 +205,4 @@ def _quarantine_here(folders, job: Claimed) -> str:
                          {"claimed": claim.times.claimed, "failed": time.time()}, claim.id)
     log = claim.log_path.read_text(encoding="utf-8", errors="replace") if claim.log_path.exists() else ""
     final = Store(folders).quarantine_claimed(claim, error, log)
-    return f"cancelled {claim.name}: moved to {final}"
+    return Said("cancelled", claim.name, claim.id, f"cancelled {claim.name}: moved to {final}", str(final))

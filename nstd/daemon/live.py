@@ -74,14 +74,19 @@ class Live:
         """Time for a new picture? (Asked every step: a clock read.)"""
         return self.preview_path is not None and time.monotonic() >= self._next_picture
 
-    def step(self, step: int, loss: tuple[int, float] | None, picture: Image.Image | None) -> None:
-        """`loss`: (the step it was taken at, the total), perhaps a few steps behind `step`."""
+    def step(self, step: int, loss: tuple[int, float] | None, picture: Image.Image | None,
+             elapsed: float | None = None) -> None:
+        """`loss`: (the step it was taken at, the total), perhaps a few steps behind `step`;
+        `elapsed`: the engine's seconds since its optimisation began, which times a job's first
+        step (the steps after it are timed from the one before)."""
         now = time.monotonic()
         if picture is not None:
             self._publish(picture)
         with self._lock:
             if self._last_step_at is not None:
                 self.steps.observe(now - self._last_step_at)
+            elif elapsed is not None and elapsed >= 0:
+                self.steps.observe(elapsed)
             self._last_step_at = now
             if loss is not None:
                 self.losses.append(loss)

@@ -17,7 +17,6 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-import yaml
 from loguru import logger
 
 from nstd import logs
@@ -29,6 +28,7 @@ from nstd.daemon.status import Status, iso
 from nstd.daemon.store import Store
 from nstd.daemon.transfer import safe_component
 from nstd.engine import Result, images
+from nstd import yamltext
 from nstd.errors import ErrorKind, JobError, Stage
 from nstd.report import run_fields
 
@@ -72,7 +72,7 @@ class Outcomes:
         error = error_record(name, exc, 0, {"seen": seen, "failed": time.time()})
         final = self.store.quarantine_from_inbox(name, sidecar, files, shared, error, log_text)
         logger.bind(job=name).warning("quarantined in {}: {}", final, exc.message)
-        self.status.count("failed")
+        self.status.count_quarantined(exc.kind.value)
         self.hooks.failed(name, str(final), exc.kind.value, exc.message)
         return final
 
@@ -82,7 +82,7 @@ class Outcomes:
         text = job.log_path.read_text(encoding="utf-8") if job.log_path.exists() else ""
         final = self.store.quarantine_claimed(job, error, text)
         logger.bind(job=job.name).warning("quarantined in {}: {}", final, exc.message)
-        self.status.count("failed")
+        self.status.count_quarantined(exc.kind.value)
         self.hooks.failed(job.name, str(final), exc.kind.value, exc.message)
 
     def internal_error(self, job: Claim, exc: Exception, stage: Stage) -> None:
@@ -148,7 +148,7 @@ class Outcomes:
         encoded = time.time() - t_start
         effective = {"content": job.content.origin,
                      "style": [{"path": s.origin, "weight": s.weight} for s in job.styles], **settings}
-        outputs["job.yaml"] = yaml.safe_dump(effective, sort_keys=False, allow_unicode=True).encode()
+        outputs["job.yaml"] = yamltext.dump(effective).encode()
         outputs["report.json"] = json.dumps(self.report(done, encoded), indent=1).encode()
         return outputs
 

@@ -27,6 +27,7 @@ from nstd.daemon.inbox import is_ignored
 from nstd.daemon.jobfile import SIDECAR_SUFFIXES, job_settings, over_limits, read_sidecar, resolve_files
 from nstd.daemon.store import NSTD_FILES, Folders
 from nstd.daemon.transfer import free_name_in
+from nstd import yamltext
 from nstd.errors import JobError, NstdError
 
 RETRIED = ".retried-"
@@ -138,9 +139,9 @@ def _retry(folders: Folders, name: str, parent_fd: int, qfd: int, overrides: dic
             sidecar_name = f"{new_job}.yaml"
             record = {"retried_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "as": sidecar_name,
                       "overrides": _shown(overrides), "moved": moved}
-            _write_new(qfd, "retried.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+            _write_new(qfd, "retried.yaml", yamltext.dump(record))
             try:
-                _write_new(inbox_fd, sidecar_name, yaml.safe_dump(new_data, sort_keys=False, allow_unicode=True))
+                _write_new(inbox_fd, sidecar_name, yamltext.dump(new_data))
                 os.fsync(inbox_fd)
             except BaseException:
                 os.unlink("retried.yaml", dir_fd=qfd)

@@ -38,7 +38,10 @@ class Status:
             "waiting": [],
             #: counted since started_at (this daemon's start)
             "done": 0,
+            #: quarantined for the job's own reason, and by kind (`bad image`: 2); cancels apart
             "failed": 0,
+            "failed_kinds": {},
+            "cancelled": 0,
             #: wall-clock time of the stalest worker's last sign of life
             "worker_heartbeat_at": time.time(),
         }
@@ -64,6 +67,17 @@ class Status:
     def count(self, key: str) -> None:
         with self._lock:
             self.data[key] += 1
+        self.update(force=True)
+
+    def count_quarantined(self, kind: str) -> None:
+        """A job quarantined: a cancel is counted as one, anything else as failed under its kind."""
+        with self._lock:
+            if kind == "cancelled":
+                self.data["cancelled"] += 1
+            else:
+                self.data["failed"] += 1
+                kinds = self.data["failed_kinds"]
+                kinds[kind] = kinds.get(kind, 0) + 1
         self.update(force=True)
 
 
@@ -108,7 +122,16 @@ def clean(data: dict) -> dict:
             "state": text(data.get("state")), "started_at": num(data.get("started_at")),
             "updated_at": num(data.get("updated_at")), "worker_heartbeat_at": num(data.get("worker_heartbeat_at"), None),
             "running": run, "queue": [text(q) for q in queue] if isinstance(queue, list) else [],
-            "waiting": waiting, "done": int(num(data.get("done"))), "failed": int(num(data.get("failed")))}
+            "waiting": waiting, "done": int(num(data.get("done"))), "failed": int(num(data.get("failed"))),
+            "cancelled": int(num(data.get("cancelled"))), "failed_kinds": _kinds(data.get("failed_kinds"))}
+
+
+def _kinds(value) -> dict[str, int]:
+    """status.json's failed_kinds, only what is well formed (the page reads it as a stranger's)."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(k)[:64]: int(v) for k, v in list(value.items())[:64]
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
 
 
 def resumable(state_dir: Path) -> list[str]:
@@ -140,10 +163,24 @@ def workers(state_dir: Path, now: float | None = None) -> list[dict]:
     return out
 
 
-def cluster_counts(data: dict, workers: list[dict]) -> tuple[int, int]:
-    """Jobs done and failed in a cluster: the workers deliver; the intake quarantines from the inbox."""
-    return (data.get("done", 0) + sum(w["done"] for w in workers),
-            data.get("failed", 0) + sum(w["failed"] for w in workers))
+def cluster_counts(data: dict, workers: list[dict]) -> dict:
+    """Jobs done, failed (and by kind) and cancelled in a cluster: the workers deliver; the intake
+    quarantines from the inbox."""
+    kinds = dict(data.get("failed_kinds") or {})
+    for w in workers:
+        for kind, n in (w.get("failed_kinds") or {}).items():
+            kinds[kind] = kinds.get(kind, 0) + n
+    return {"done": data.get("done", 0) + sum(w["done"] for w in workers),
+            "failed": data.get("failed", 0) + sum(w["failed"] for w in workers),
+            "cancelled": data.get("cancelled", 0) + sum(w.get("cancelled", 0) for w in workers),
+            "failed_kinds": kinds}
+
+
+def _counts_line(c: dict) -> str:
+    """'done: 4, failed: 3 (bad image 2, crashed 1), cancelled: 1'"""
+    kinds = ", ".join(f"{k} {n}" for k, n in sorted(c.get("failed_kinds", {}).items(), key=lambda kv: -kv[1]))
+    return (f"done: {c.get('done', 0)}, failed: {c.get('failed', 0)}" + (f" ({kinds})" if kinds else "")
+            + f", cancelled: {c.get('cancelled', 0)}")
 
 
 def describe_worker(w: dict, now: float, lease_seconds: float) -> str:
@@ -251,9 +288,8 @@ def describe(data: dict | None, now: float | None = None, resumable: list[str] |
     if len(waiting) > 20:
         lines.append(f"  ... and {len(waiting) - 20} more (nstd status --json lists all)")
     if data.get("backend") == "celery":
-        done, failed = cluster_counts(data, workers or [])
-        lines.append(f"done: {done}, failed: {failed} (by the workers listed and the intake, each since it started)")
+        lines.append(f"{_counts_line(cluster_counts(data, workers or []))} "
+                     "(by the workers listed and the intake, each since it started)")
     else:
-        lines.append(f"done: {data.get('done', 0)}, failed: {data.get('failed', 0)} "
-                     f"(since this daemon started, {_clock(data.get('started_at', 0))})")
+        lines.append(f"{_counts_line(data)} (since this daemon started, {_clock(data.get('started_at', 0))})")
     return "\n".join(lines), True

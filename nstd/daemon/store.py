@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import yaml
 from loguru import logger
 
+from nstd import yamltext
 from nstd.daemon.claim import Claim, Input, StyleInput, Times
 from nstd.daemon import safefs
 from nstd.daemon.jobfile import JobFiles
@@ -368,7 +368,7 @@ def _free_name(name: str, used: set[str]) -> str:
 
 
 def _write_error(folder: Path, error: dict, log: str) -> None:
-    atomic_write_text(folder / "error.yaml", yaml.safe_dump(error, sort_keys=False, allow_unicode=True), parents=False)
+    atomic_write_text(folder / "error.yaml", yamltext.dump(error), parents=False)
     atomic_write_text(folder / "job.log", log, parents=False)
 
 

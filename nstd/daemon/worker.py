@@ -50,6 +50,7 @@ class JobProgress(Progress):
 
     def __init__(self, worker: "Worker", job: Claim, device: Device, steps: int):
         self.worker, self.job, self.device = worker, job, device
+        self.steps = steps  # as planned; the engine's own count, from its first step, decides
         self.every = max(1, steps // 20)
         self.plot_every = max(1, steps // 100)  # about 100 points a job (or one a second)
         self.next_loss = 0.0
@@ -63,6 +64,8 @@ class JobProgress(Progress):
     def on_step(self, info: StepInfo) -> None:
         w = self.worker
         w.heartbeat = time.monotonic()
+        if info.steps != self.steps:  # stages too small for the network are left out by the engine
+            self.steps, self.every, self.plot_every = info.steps, max(1, info.steps // 20), max(1, info.steps // 100)
         eta = info.eta
         w.status.update(running={"name": self.job.name, "step": info.step, "steps": info.steps,
                                  "eta_seconds": round(eta, 1), "device": str(self.device)})
@@ -74,7 +77,7 @@ class JobProgress(Progress):
             if got is not None and got[0] != self.loss_step:
                 loss, self.loss_step, self.next_loss = (got[0], got[1]["total"]), got[0], now + LOSS_SECONDS
         picture = info.picture() if info.picture is not None and w.live.wants_picture() else None
-        w.live.step(info.step, loss, picture)
+        w.live.step(info.step, loss, picture, info.elapsed)
         if info.step % self.every == 0 or last:
             got = info.recent_losses()
             self.log.info("step {}/{} loss {} eta {:.0f} s", info.step, info.steps,

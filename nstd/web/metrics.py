@@ -2,9 +2,13 @@
 live job's histograms (prometheus_client's exposition, not a format of our own)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+import time
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
+
+from nstd import __version__
+from nstd.daemon.status import STALE_SECONDS, cluster_counts, workers
 from nstd.web.view import View
 
 
@@ -14,10 +18,25 @@ class _Collector:
 
     def collect(self):
         status = self.view.status()
+        counts = status
+        if status.get("backend") == "celery":  # the workers deliver: their counts join the intake's
+            counts = cluster_counts(status, workers(self.view.state))
         done = CounterMetricFamily("nstd_jobs_done", "Jobs delivered to the outbox since the daemon started")
-        done.add_metric([], status.get("done", 0))
-        failed = CounterMetricFamily("nstd_jobs_failed", "Jobs quarantined since the daemon started")
-        failed.add_metric([], status.get("failed", 0))
+        done.add_metric([], counts.get("done", 0))
+        failed = CounterMetricFamily("nstd_jobs_failed", "Jobs quarantined for their own reason since the daemon "
+                                     "started, by error kind (error.yaml's kind)", labels=["kind"])
+        for kind, n in sorted((counts.get("failed_kinds") or {}).items()):
+            failed.add_metric([kind], n)
+        cancelled = CounterMetricFamily("nstd_jobs_cancelled", "Jobs cancelled (nstd cancel) since the daemon started")
+        cancelled.add_metric([], counts.get("cancelled", 0))
+        info = InfoMetricFamily("nstd", "This nstd", value={"version": __version__,
+                                                            "backend": str(status.get("backend") or "local")})
+        age = time.time() - status.get("updated_at", 0) if status.get("updated_at") else float("inf")
+        responding = GaugeMetricFamily("nstd_up", f"1 while the daemon updates its status (within {STALE_SECONDS:g} s); "
+                                       "0 when it is stopped, hung or gone")
+        responding.add_metric([], 1 if age <= STALE_SECONDS and status.get("state") not in ("stopped", None) else 0)
+        status_age = GaugeMetricFamily("nstd_status_age_seconds", "Seconds since the daemon last wrote its status")
+        status_age.add_metric([], age if age != float("inf") else -1)
         queued = GaugeMetricFamily("nstd_queue_length", "Claimed jobs waiting for a worker")
         queued.add_metric([], len(status.get("queue") or []))
         waiting = GaugeMetricFamily("nstd_inbox_waiting", "Job files in the inbox not yet taken")
@@ -26,7 +45,7 @@ class _Collector:
         running.add_metric([], 1 if status.get("running") else 0)
         up = GaugeMetricFamily("nstd_start_time_seconds", "When the daemon started, seconds since the epoch")
         up.add_metric([], status.get("started_at", 0))
-        yield from (done, failed, queued, waiting, running, up)
+        yield from (done, failed, cancelled, queued, waiting, running, up, info, responding, status_age)
         live = status.get("live") if isinstance(status.get("live"), dict) else {}
         yield _histogram("nstd_step_seconds", "Time of one optimisation step", live.get("step_seconds"))
         yield _histogram("nstd_job_duration_seconds", "A job's time from start to delivery", live.get("job_seconds"))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from nstd.daemon.live import PREVIEW_FILE
+from nstd.daemon.retry import RETRIED
 from nstd.daemon.status import cluster_counts, workers
 
 #: How long a listing of the outbox or the quarantine is reused.
@@ -32,6 +33,8 @@ class Entry:
     result: str | None = None  # file name inside the folder
     gif: str | None = None
     reason: str = ""
+    #: a cancel, not a failure: shown muted
+    cancelled: bool = False
 
 
 class View:
@@ -52,6 +55,10 @@ class View:
     def areas(self) -> dict[str, Path]:
         return {"outbox": self.outbox, "quarantine": self.quarantine}
 
+    def _folder_of(self, listing: str) -> Path:
+        """'retried' lists the quarantine's NAME.retried-<time> folders, apart from the failures."""
+        return self.quarantine if listing == "retried" else self.areas()[listing]
+
     def recent(self, area: str) -> list[Entry]:
         """The newest folders of an area; one thread lists while the others wait and reuse it, and
         a listing is stamped when it is done (a slow one is still reused)."""
@@ -63,13 +70,17 @@ class View:
             self._cache[area] = (time.monotonic(), entries)
             return entries
 
-    def _list(self, area: str) -> list[Entry]:
-        folder = self.areas()[area]
+    def _list(self, listing: str) -> list[Entry]:
+        """The newest folders of the outbox, of the quarantine (its retried ones left out: they
+        must not push failures off the page) or of the retried ones alone."""
+        folder, area = self._folder_of(listing), "outbox" if listing == "outbox" else "quarantine"
         found = []
         try:
             with os.scandir(folder) as it:
                 for e in it:
                     if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
+                        continue
+                    if area == "quarantine" and ((RETRIED in e.name) != (listing == "retried")):
                         continue
                     try:
                         found.append((e.stat(follow_symlinks=False).st_mtime, e.name))
@@ -90,10 +101,11 @@ class View:
         if area == "outbox":
             entry.result = next((f for f in files if f.lower().endswith(IMAGE_SUFFIXES)), None)
             entry.gif = next((f for f in files if f.lower().endswith(".gif")), None)
-        elif ".retried-" in name:
+        elif RETRIED in name:
             entry.reason = "retried (nstd retry); kept for its error.yaml and job.log"
         else:
             entry.reason = self._reason(folder)
+            entry.cancelled = entry.reason.startswith("cancelled:")
         return entry
 
     def _reason(self, folder: Path) -> str:
@@ -127,7 +139,7 @@ class View:
                     "state": w.get("state"), "heard_from": now - w["updated_at"]} for w in records]
         counts = {}
         if status.get("backend") == "celery":  # the workers deliver: their counts join the intake's
-            counts = dict(zip(("done", "failed"), cluster_counts(status, records)))
+            counts = cluster_counts(status, records)
         return printable({
             **status,
             **counts,
@@ -135,6 +147,7 @@ class View:
             "live": {**live, "losses": _points(live.get("losses"))},
             "results": [_entry_json(e) for e in self.recent("outbox")],
             "quarantine": [_entry_json(e) for e in self.recent("quarantine")],
+            "retried": [_entry_json(e) for e in self.recent("retried")],
         })
 
 
@@ -147,7 +160,7 @@ def _points(losses) -> list[list[float]]:
 
 
 def _entry_json(e: Entry) -> dict:
-    return {"name": e.name, "at": e.at, "result": e.result, "gif": e.gif, "reason": e.reason}
+    return {"name": e.name, "at": e.at, "result": e.result, "gif": e.gif, "reason": e.reason, "cancelled": e.cancelled}
 
 
 def _reason_in(raw: bytes) -> str:
