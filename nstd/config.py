@@ -64,6 +64,15 @@ def _queue_name(v: Any, key: str) -> str:
     raise SchemaError(key, f"letters, digits, '-', '_' and '.' only (at most 64), got {s!r}")
 
 
+def _free_mb(v: Any, key: str) -> int | str:
+    if v == "auto":
+        return v
+    try:
+        return integer(0, 2**40)(v, key)
+    except SchemaError:
+        raise SchemaError(key, f"expected auto or a number of MiB (0: no check), got {v!r}") from None
+
+
 def _device(v: Any, key: str) -> str:
     s = string(v, key)
     if s in ("auto", "cpu", "cuda") or (s.startswith("cuda:") and s[5:].isdigit()):
@@ -128,6 +137,9 @@ CONFIG_FIELDS: dict[str, Any] = {
         "max_priority": Field(100, "highest priority a job may ask for", integer(-1_000_000, 1_000_000)),
         "max_job_seconds": Field(21600.0, "a job running longer than this is stopped and quarantined as over "
                                  "limit, its checkpoint kept for a retry; 0 = no limit", number(0, 10**8)),
+        "min_free_mb": Field("auto", "room a job needs on the outbox's and state's disks before it starts (else "
+                             "it waits): auto = its own result, GIF and checkpoints + 64 MiB; MiB; 0 = no check",
+                             _free_mb),
     },
     "service": {
         "shutdown_grace_seconds": Field(60.0, "on SIGTERM, time the running job gets to finish", number(0, 86400)),

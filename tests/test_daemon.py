@@ -205,3 +205,40 @@ def test_status_command_while_running(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "nstd is running" in r.stdout and "running: busy step" in r.stdout and "ETA" in r.stdout
     assert daemon.stop() == 0
+
+
+def test_a_job_without_room_on_disk_waits_with_its_reason_and_runs_once_there_is(tmp_path):
+    """limits.min_free_mb larger than the disk: the job is held (not failed, no attempt counted),
+    `nstd status` says why; once room is made (here: the threshold lowered, SIGHUP) it runs."""
+    import signal
+    import subprocess
+    import sys
+
+    d = Daemon(tmp_path, limits={"min_free_mb": 2**40 // 2**20})
+    d.start()
+    try:
+        d.drop("big", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 2})
+        d.wait(lambda: "big" in ((d.status() or {}).get("held") or {}), 30, "the job to be held")
+        out = subprocess.run([sys.executable, "-m", "nstd.cli", "status", "--config", str(d.config)],
+                             capture_output=True, text=True, timeout=60).stdout
+        assert "held: big: waiting for disk space:" in out and "limits.min_free_mb=" in out, out
+        assert "waiting for disk space" in d.logs() and d.logs().count("waiting for disk space") == 1
+        d.write_config(limits={"min_free_mb": "auto"})
+        os.kill(d.proc.pid, signal.SIGHUP)
+        d.wait_landed("big", timeout=90)
+        assert json.loads((d.outbox / "big" / "report.json").read_text())["attempts"] == 1
+        d.wait(lambda: not (d.status() or {}).get("held"), 10, "the hold to be cleared")
+    finally:
+        d.stop()
+
+
+def test_the_room_a_job_needs_grows_with_its_size_and_gif():
+    from nstd.config import load_config
+    from nstd.daemon import diskroom
+
+    settings = load_config(None)["defaults"]
+    small = diskroom.estimate({**settings, "size": 512})
+    big = diskroom.estimate({**settings, "size": 4096})
+    assert big["state"] > 8 * small["state"] and big["outbox"] > 4 * small["outbox"]
+    assert small["state"] >= 2 * 512 * 512 * 12  # two float checkpoints
+    assert diskroom.estimate({**settings, "size": 512, "gif": False})["outbox"] == 512 * 512 * 3

@@ -40,6 +40,10 @@ class JobQueue:
             heapq.heappush(self._heap, ((*job.sort_key(), next(self._seq)), not_before, job))
             self._cond.notify()
 
+    def hold(self, job: Claim, seconds: float, reason: str) -> None:
+        """Back into the queue, not taken for `seconds` (the worker said why: no room on disk)."""
+        self.put(job, not_before=time.monotonic() + seconds)
+
     def get(self, timeout: float) -> Claim | None:
         with self._cond:
             entry = self._first_ready()

@@ -117,13 +117,15 @@ def clean(data: dict) -> dict:
                 "quarantine_in": num(w.get("quarantine_in"), None)}
                for w in (waiting if isinstance(waiting, list) else []) if isinstance(w, dict)]
     queue = data.get("queue")
+    held = data.get("held")
     pid = data.get("pid")
     return {**data, "pid": pid if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**22 else 0,
             "state": text(data.get("state")), "started_at": num(data.get("started_at")),
             "updated_at": num(data.get("updated_at")), "worker_heartbeat_at": num(data.get("worker_heartbeat_at"), None),
             "running": run, "queue": [text(q) for q in queue] if isinstance(queue, list) else [],
             "waiting": waiting, "done": int(num(data.get("done"))), "failed": int(num(data.get("failed"))),
-            "cancelled": int(num(data.get("cancelled"))), "failed_kinds": _kinds(data.get("failed_kinds"))}
+            "cancelled": int(num(data.get("cancelled"))), "failed_kinds": _kinds(data.get("failed_kinds")),
+            "held": {text(k): text(v) for k, v in list(held.items())[:1000]} if isinstance(held, dict) else {}}
 
 
 def _kinds(value) -> dict[str, int]:
@@ -287,6 +289,8 @@ def describe(data: dict | None, now: float | None = None, resumable: list[str] |
         lines.append(f"  {w['job']}: {w['reason']}{deadline}")
     if len(waiting) > 20:
         lines.append(f"  ... and {len(waiting) - 20} more (nstd status --json lists all)")
+    for name, why in list((data.get("held") or {}).items())[:20]:
+        lines.append(f"held: {name}: {why}")
     if data.get("backend") == "celery":
         lines.append(f"{_counts_line(cluster_counts(data, workers or []))} "
                      "(by the workers listed and the intake, each since it started)")

@@ -17,11 +17,11 @@ from loguru import logger
 
 from nstd import logs
 from nstd.config import memory_budget
-from nstd.daemon import checkpoints, safefs
+from nstd.daemon import checkpoints, diskroom, safefs
 from nstd.daemon.claim import Claim
 from nstd.daemon.live import Live
 from nstd.daemon.outcome import Finisher, Optimised, Outcomes
-from nstd.daemon.queue import JobQueue
+from nstd.daemon.queue import RETRY_SECONDS, JobQueue
 from nstd.daemon.status import Status
 from nstd.daemon.store import Store
 from nstd.engine import Checkpoint, Device, Engine, ImageError, Interrupted, Progress, StepInfo, StyleImage, TargetCache, images
@@ -184,9 +184,26 @@ class Worker(threading.Thread):
     def process(self, job: Claim) -> None:
         """Perform one job, then hand it on: to the finisher, to quarantine, or back to the queue."""
         try:
+            if not self._room_for(job):
+                return
             self._process(job)
         finally:
             self.queue.done(job.id)  # after the hand-over: the job is never in no one's hands
+
+    def _room_for(self, job: Claim) -> bool:
+        """Room on disk for the job's result, GIF and checkpoints (nstd/daemon/diskroom.py); if
+        not, it is held for RETRY_SECONDS with the reason (status, log), no attempt counted."""
+        why = diskroom.shortfall(self.store.outbox, self.store.f.state, job.settings, self.cfg["limits"]["min_free_mb"])
+        held = dict(self.status.data.get("held") or {})
+        if why is None:
+            if held.pop(job.name, None) is not None:
+                self.status.update(force=True, held=held)
+            return True
+        if held.get(job.name) != why:  # said once, not at every try
+            logger.bind(job=job.name, job_id=job.id).warning("{}; tried again every {:g} s", why, RETRY_SECONDS)
+            self.status.update(force=True, held={**held, job.name: why})
+        self.queue.hold(job, RETRY_SECONDS, why)
+        return False
 
     def _process(self, job: Claim) -> None:
         self.current = job

@@ -77,6 +77,15 @@ class NodeQueue:
         board.hold(job.folder, wait, "nstd could not finish it")
         held.release()
 
+    def hold(self, job: Claim, seconds: float, reason: str) -> None:
+        """Not now (the worker said why: no room on disk): held on the board with the reason,
+        for any worker once the time is up; no attempt was counted."""
+        held = self.node.lease
+        if held is None or not held.held():
+            return
+        board.hold(job.folder, seconds, reason)
+        held.release()
+
     def done(self, job_id: str) -> None:
         self._cancel = ("", False, 0.0)
 
