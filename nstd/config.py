@@ -152,6 +152,10 @@ CONFIG_FIELDS: dict[str, Any] = {
         "on_failed": Field(None, "command run after a job is quarantined", optional(_command)),
         "timeout_seconds": Field(60.0, "a hook still running after this is killed", number(1, 86400)),
     },
+    "outbox": {
+        "keep_days": Field(0.0, "results older than this many days leave the outbox (their inputs/ with them), "
+                           "looked at hourly; 0 = kept for ever", number(0, 100_000)),
+    },
     "web": {
         "enabled": Field(True, "serve the read-only status page", boolean),
         "listen": Field("127.0.0.1:8750", "HOST:PORT of the status page (0.0.0.0:8750: every interface)", _listen),

@@ -242,3 +242,44 @@ def test_the_room_a_job_needs_grows_with_its_size_and_gif():
     assert big["state"] > 8 * small["state"] and big["outbox"] > 4 * small["outbox"]
     assert small["state"] >= 2 * 512 * 512 * 12  # two float checkpoints
     assert diskroom.estimate({**settings, "size": 512, "gif": False})["outbox"] == 512 * 512 * 3
+
+
+def test_outbox_keep_days_removes_old_results_only_and_says_so(tmp_path):
+    """Results whose report.json is older than keep_days go, at the start and hourly; a fresh
+    result, a folder that is not nstd's delivery, a link and a hidden transfer stay. The log,
+    `nstd status` and the page name what went."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    d = Daemon(tmp_path, outbox={"keep_days": 7}, web={"enabled": True, "listen": "127.0.0.1:0"})
+    d.outbox.mkdir(parents=True, exist_ok=True)
+    old = time.time() - 8 * 86400
+    for name in ("old1", "old2", "fresh"):
+        (d.outbox / name / "inputs").mkdir(parents=True)
+        (d.outbox / name / "inputs" / "mine.jpg").write_bytes(b"x")
+        (d.outbox / name / "report.json").write_text("{}")
+        if name != "fresh":
+            os.utime(d.outbox / name / "report.json", (old, old))
+    (d.outbox / "notours").mkdir()  # an old folder without nstd's report
+    os.utime(d.outbox / "notours", (old, old))
+    outside = tmp_path / "outside"
+    (outside / "x").mkdir(parents=True)
+    (outside / "x" / "report.json").write_text("{}")
+    os.utime(outside / "x" / "report.json", (old, old))
+    os.symlink(outside / "x", d.outbox / "link")  # a link to an old result elsewhere
+    d.start()
+    try:
+        d.wait(lambda: ((d.status() or {}).get("expired") or {}).get("count") == 2, 30, "the old results removed")
+        assert sorted(os.listdir(d.outbox)) == ["fresh", "link", "notours"]
+        assert (outside / "x" / "report.json").exists()
+        assert "removed 2 result(s) older than 7 days from the outbox (outbox.keep_days): old1, old2" in d.logs()
+        out = subprocess.run([sys.executable, "-m", "nstd.cli", "status", "--config", str(d.config)],
+                             capture_output=True, text=True, timeout=60).stdout
+        assert "outbox: 2 result(s) older than 7 days removed since the start (outbox.keep_days)" in out, out
+        assert "old1, old2" in out
+        d.wait(lambda: (d.status() or {}).get("web"), 30, "the page")
+        with urllib.request.urlopen(d.status()["web"], timeout=10) as r:
+            assert "2 result(s) older than 7 days removed from the outbox" in r.read().decode()
+    finally:
+        d.stop()

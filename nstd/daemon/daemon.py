@@ -18,6 +18,7 @@ from loguru import logger
 
 from nstd import logs
 from nstd.daemon import cancel
+from nstd.daemon.expiry import Expiry
 from nstd.daemon.inbox import Readiness, list_sidecars
 from nstd.daemon.hooks import Hooks
 from nstd.daemon.intake import Intake, wall
@@ -104,7 +105,7 @@ class Daemon:
             logger.error("reload refused; keeping the running configuration: logging: {}", exc)
             return
         needs_restart = [key for key in RESTART_KEYS if _get(self.cfg, key) != _get(new, key)]
-        for section in ("defaults", "limits", "queue", "service", "logging", "hooks"):
+        for section in ("defaults", "limits", "queue", "service", "logging", "hooks", "outbox"):
             kept = {k: self.cfg[section][k] for k in RESTART_KEYS_IN.get(section, ())}
             self.cfg[section] = {**new[section], **kept}
         for key in ("settle_seconds", "missing_timeout", "rescan_seconds"):
@@ -149,6 +150,7 @@ class Daemon:
         logs.setup(self.cfg["logging"], self.folders.logs)
         self.store = Store(self.folders)
         self.status = Status(self.folders.state)
+        self.expiry = Expiry(self.cfg, self.folders.outbox, self.status)
         self.status.update(force=True, state="starting")
         w = self.cfg["watch"]
         self.readiness = Readiness(w["settle_seconds"], w["missing_timeout"], self.cfg["limits"]["max_sidecar_bytes"],
@@ -303,6 +305,7 @@ class Daemon:
                 except Exception as exc:  # a bug on one job must not stop the intake of the others
                     logger.bind(job=verdict.pending.sidecar.name).exception("intake failed: {}", exc)
                     verdict.pending.hold(f"intake failed: {type(exc).__name__}: {exc}")
+            self.expiry.tick(now)
             self.status.update(waiting=self.readiness.waiting(), queue=self.queue.names(), live=self.live.as_json(),
                                worker_heartbeat_at=wall(min((w.heartbeat for w in self.workers), default=now)))
             if not ready:

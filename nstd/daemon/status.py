@@ -125,7 +125,18 @@ def clean(data: dict) -> dict:
             "running": run, "queue": [text(q) for q in queue] if isinstance(queue, list) else [],
             "waiting": waiting, "done": int(num(data.get("done"))), "failed": int(num(data.get("failed"))),
             "cancelled": int(num(data.get("cancelled"))), "failed_kinds": _kinds(data.get("failed_kinds")),
-            "held": {text(k): text(v) for k, v in list(held.items())[:1000]} if isinstance(held, dict) else {}}
+            "held": {text(k): text(v) for k, v in list(held.items())[:1000]} if isinstance(held, dict) else {},
+            "expired": _expired(data.get("expired"))}
+
+
+def _expired(value) -> dict | None:
+    """What outbox.keep_days removed (nstd/daemon/expiry.py), only what is well formed."""
+    if not isinstance(value, dict) or not isinstance(value.get("count"), int):
+        return None
+    names = value.get("names")
+    return {"count": value["count"], "at": value.get("at") if isinstance(value.get("at"), (int, float)) else 0,
+            "days": value.get("days") if isinstance(value.get("days"), (int, float)) else 0,
+            "names": [n for n in names if isinstance(n, str)][:10] if isinstance(names, list) else []}
 
 
 def _kinds(value) -> dict[str, int]:
@@ -291,6 +302,10 @@ def describe(data: dict | None, now: float | None = None, resumable: list[str] |
         lines.append(f"  ... and {len(waiting) - 20} more (nstd status --json lists all)")
     for name, why in list((data.get("held") or {}).items())[:20]:
         lines.append(f"held: {name}: {why}")
+    gone = data.get("expired")
+    if gone:
+        lines.append(f"outbox: {gone['count']} result(s) older than {gone['days']:g} days removed since the start "
+                     f"(outbox.keep_days), the last at {_clock(gone['at'])}: {', '.join(gone['names'])}")
     if data.get("backend") == "celery":
         lines.append(f"{_counts_line(cluster_counts(data, workers or []))} "
                      "(by the workers listed and the intake, each since it started)")
