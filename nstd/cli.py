@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stylize", help="stylize one image", description="Stylize CONTENT in the style of STYLE(s).")
     s.add_argument("content", help="content image")
     s.add_argument("styles", nargs="+", metavar="STYLE", help="style image(s); several are blended")
-    s.add_argument("-o", "--output", required=True, help="result file (.png, .jpg or .webp), written atomically")
+    s.add_argument("-o", "--output", required=True, help="result file (.png, .jpg, .webp or .tif), written atomically")
+    s.add_argument("--quality", type=int, help="jpg and webp: 1-100 (default 95)")
+    s.add_argument("--bits", type=int, help="bits per channel: 8 (default), or 16 for a .tif (prints)")
     s.add_argument("--config", help=CONFIG_HELP + "; without one, the built-in defaults")
     s.add_argument("--size", type=int, help="long edge of the result, px (default 512)")
     s.add_argument("--steps", type=int, help="optimisation steps of the first stage (default 300)")
@@ -254,7 +256,7 @@ def cmd_stylize(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     optimised = time.perf_counter() - t0
-    images.save(result.image, out, out_format)
+    images.save(result.image, out, out_format, job["output"]["quality"], result.image16)
     if args.gif and result.frames:
         images.save_gif(result.frames, args.gif, job["gif"]["fps"] if job["gif"] else 12.0)
     w, h = result.size
@@ -445,6 +447,7 @@ OPTION_OF_KEY = {
     "preserve_color": "--preserve-color", "init": "--init", "pooling": "--pooling", "seed": "--seed",
     "gif.every": "--gif-every", "engine.device": "--device", "engine.weights": "--weights",
     "engine.weights_file": "--weights-file", "engine.precision": "--precision",
+    "output.quality": "--quality", "output.bits": "--bits", "output.format": "-o",
 }
 
 
@@ -501,6 +504,13 @@ def _job_and_engine(args, cfg) -> tuple[dict, dict]:
     if args.gif_every is not None:
         gif["every"] = args.gif_every
     overrides["gif"] = gif if args.gif else False  # frames cost time: only collect them when asked
+    from nstd.engine.images import format_for_suffix
+
+    try:
+        fmt = format_for_suffix(Path(args.output))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    overrides["output"] = {"format": fmt, "quality": args.quality, "bits": args.bits if args.bits is not None else 8}
     job = merge(cfg["defaults"], overrides)
     engine = dict(cfg["engine"])
     for key in ("device", "weights", "weights_file", "precision"):

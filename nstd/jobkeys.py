@@ -54,8 +54,27 @@ GIF_FIELDS = {
 }
 
 OUTPUT_FIELDS = {
-    "format": Field("png", "png | jpg | webp", choice("png", "jpg", "webp")),
+    "format": Field("png", "png | jpg | webp | tiff", choice("png", "jpg", "webp", "tiff")),
+    "quality": Field(None, "jpg and webp: 1-100 (default 95)", lambda v, k: integer(1, 100)(v, k) if v is not None else None),
+    "bits": Field(8, "bits per channel: 8, or 16 with format tiff (for prints: no banding in smooth skies)",
+                  lambda v, k: _bits(v, k)),
 }
+
+
+def _bits(v: Any, key: str) -> int:
+    if v in (8, 16) and not isinstance(v, bool):
+        return v
+    raise SchemaError(key, f"expected 8 or 16, got {v!r}")
+
+
+def _output(v: Any, key: str) -> dict:
+    """output: its keys, and what they mean together (16 bits: tiff only; quality: jpg, webp)."""
+    out = validate(v, OUTPUT_FIELDS, key)
+    if out["bits"] == 16 and out["format"] != "tiff":
+        raise SchemaError(f"{key}.bits", f"16 bits per channel are written as tiff only (format: tiff), not {out['format']}")
+    if out["quality"] is not None and out["format"] not in ("jpg", "webp"):
+        raise SchemaError(f"{key}.quality", f"applies to jpg and webp, not {out['format']}")
+    return out
 
 #: Every optional key of a job, with the contract's defaults.
 JOB_FIELDS: dict[str, Any] = {
@@ -86,7 +105,7 @@ JOB_FIELDS: dict[str, Any] = {
     "preserve_color": Field("none", "none | luminance | histogram: keep the content's colours",
                             choice(*COLOR_MODES)),
     "gif": Field(dict((k, f.default) for k, f in GIF_FIELDS.items()), "progress GIF, or false", _gif),
-    "output": Field({"format": "png"}, "result format", section(OUTPUT_FIELDS)),
+    "output": Field({"format": "png", "quality": None, "bits": 8}, "the result's file: format, quality, bits", _output),
     "priority": Field(0, "higher runs first", integer(-1_000_000, 1_000_000)),
 }
 
@@ -120,6 +139,7 @@ def style_params(job: dict) -> "StyleParams":
         frame_every=gif["every"] if gif else 0,
         frame_max_size=gif["max_size"] if gif else 512,
         preserve_color=job.get("preserve_color", "none"),  # a claim from before the key
+        bits=(job.get("output") or {}).get("bits", 8),
     )
 
 

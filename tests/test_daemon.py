@@ -283,3 +283,34 @@ def test_outbox_keep_days_removes_old_results_only_and_says_so(tmp_path):
             assert "2 result(s) older than 7 days removed from the outbox" in r.read().decode()
     finally:
         d.stop()
+
+
+def test_prints_as_16_bit_tiff_and_jpeg_quality(tmp_path):
+    """output: {format: tiff, bits: 16} keeps the optimised picture without the 8-bit rounding;
+    output.quality sets jpg's; 16 bits other than tiff, or quality for png, are refused by name."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import tifffile
+
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        base = {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 3, "gif": False}
+        d.drop("print", {**base, "output": {"format": "tiff", "bits": 16}})
+        d.drop("small", {**base, "output": {"format": "jpg", "quality": 30}})
+        d.drop("fine", {**base, "output": {"format": "jpg"}})
+        d.wait_landed("print", "small", "fine")
+        deep = tifffile.imread(d.outbox / "print" / "print.tiff")
+        assert deep.dtype == np.uint16 and deep.shape == (17, 32, 3)
+        assert np.any(deep % 257 != 0)  # values between the 8-bit levels: not an 8-bit picture widened
+        flat = np.asarray(Image.open(d.outbox / "fine" / "fine.jpg"), dtype=np.float64)
+        assert np.abs(deep / 257.0 - flat).mean() < 8  # the same picture
+        assert (d.outbox / "small" / "small.jpg").stat().st_size < (d.outbox / "fine" / "fine.jpg").stat().st_size
+        (d.inbox / "x.yaml").write_text("content: a.jpg\nstyle: a.jpg\noutput: {format: png, bits: 16, quality: 80}\n")
+        r = subprocess.run([sys.executable, "-m", "nstd.cli", "validate", str(d.inbox / "x.yaml"), "--config", str(d.config)],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "output.bits: 16 bits per channel are written as tiff only" in r.stdout, r.stdout
+    finally:
+        d.stop()

@@ -140,7 +140,7 @@ class Outcomes:
         job, result, settings = done.job, done.result, done.job.settings
         fmt = settings["output"]["format"]
         stem = safe_component(job.name)
-        outputs = {f"{stem}.{fmt}": images.encode(result.image, fmt)}
+        outputs = {f"{stem}.{fmt}": images.encode(result.image, fmt, settings["output"].get("quality"), result.image16)}
         if settings["gif"] and result.frames:
             buf = io.BytesIO()
             images.save_gif_to(result.frames, buf, settings["gif"]["fps"])

@@ -28,6 +28,7 @@ WRITE_FORMATS = {
     "png": ("PNG", {"optimize": False, "compress_level": 6}),
     "jpg": ("JPEG", {"quality": 95, "subsampling": 0}),
     "webp": ("WEBP", {"quality": 95, "method": 4}),
+    "tiff": ("TIFF", {"compression": "tiff_deflate"}),
 }
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -153,6 +154,15 @@ def to_uint8_hwc(t: "torch.Tensor") -> "torch.Tensor":
     return t.detach().squeeze(0).clamp(0, 1).mul(255.0).round_().to(torch.uint8).permute(1, 2, 0).contiguous()
 
 
+def to_uint16_hwc(t: "torch.Tensor"):
+    """Tensor (1, 3, H, W) in 0..1 -> (H, W, 3) uint16 numpy array on the host, values clamped:
+    the optimised picture without the 8-bit rounding (prints of smooth gradients)."""
+    import numpy as np
+
+    arr = t.detach().squeeze(0).clamp(0, 1).mul(65535.0).round_().permute(1, 2, 0).float().cpu().numpy()
+    return arr.astype(np.uint16)
+
+
 def from_uint8_hwc(arr: "torch.Tensor") -> Image.Image:
     """uint8 (H, W, 3) on the host -> RGB PIL image."""
     return Image.frombytes("RGB", (arr.shape[1], arr.shape[0]), arr.numpy().tobytes())
@@ -163,29 +173,41 @@ def to_pil(t: "torch.Tensor") -> Image.Image:
     return from_uint8_hwc(to_uint8_hwc(t).cpu())
 
 
-def encode(img: Image.Image, fmt: str) -> bytes:
-    """Encode to `png`, `jpg` or `webp` bytes."""
+def encode(img: Image.Image, fmt: str, quality: int | None = None, image16=None) -> bytes:
+    """Encode to `png`, `jpg`, `webp` or `tiff` bytes; `quality` for jpg and webp (default 95);
+    `image16` (to_uint16_hwc's array) makes a tiff of 16 bits per channel, written by tifffile
+    (Pillow writes no 16-bit RGB), deflate-compressed."""
     try:
         pil_format, options = WRITE_FORMATS[fmt]
     except KeyError:
         raise ValueError(f"unknown output format {fmt!r} (expected one of {', '.join(WRITE_FORMATS)})") from None
     buf = io.BytesIO()
+    if image16 is not None:
+        if fmt != "tiff":
+            raise ValueError(f"16 bits per channel are written as tiff only, not {fmt}")
+        import tifffile
+
+        tifffile.imwrite(buf, image16, photometric="rgb", compression="zlib")
+        return buf.getvalue()
+    if quality is not None and "quality" in options:
+        options = {**options, "quality": quality}
     img.save(buf, format=pil_format, **options)
     return buf.getvalue()
 
 
-def save(img: Image.Image, path: Path | str, fmt: str | None = None) -> None:
+def save(img: Image.Image, path: Path | str, fmt: str | None = None, quality: int | None = None,
+         image16=None) -> None:
     """Write atomically; the format comes from `fmt` or the file's suffix."""
     path = Path(path)
     fmt = fmt or format_for_suffix(path)
-    atomic_write_bytes(path, encode(img, fmt))
+    atomic_write_bytes(path, encode(img, fmt, quality, image16))
 
 
 def format_for_suffix(path: Path) -> str:
     suffix = path.suffix.lower().lstrip(".")
-    fmt = {"jpeg": "jpg"}.get(suffix, suffix)
+    fmt = {"jpeg": "jpg", "tif": "tiff"}.get(suffix, suffix)
     if fmt not in WRITE_FORMATS:
-        raise ValueError(f"{path.name}: cannot tell the output format from the suffix (use .png, .jpg or .webp)")
+        raise ValueError(f"{path.name}: cannot tell the output format from the suffix (use .png, .jpg, .webp or .tif)")
     return fmt
 
 

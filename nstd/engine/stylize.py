@@ -56,6 +56,7 @@ class StyleParams:
     frame_every: int = 5  # 0: no frames
     frame_max_size: int = 512
     preserve_color: str = "none"  # none | luminance | histogram (see engine/color.py)
+    bits: int = 8  # 16: the result is also kept as 16 bits per channel (Result.image16), for a tiff
     stages: StagesSetting = "auto"  # coarse-to-fine (see engine/schedule.py); 1: one scale
     stage_start: int = schedule.DEFAULT_START
     stage_factor: float = schedule.DEFAULT_FACTOR
@@ -99,6 +100,8 @@ class Result:
     e512: float = 0.0
     #: one record a stage: size [w, h], steps, seconds, peak memory, the memory techniques and why
     stages: list[dict] = field(default_factory=list)
+    #: (H, W, 3) uint16 numpy array of the result, when StyleParams.bits is 16 (else None)
+    image16: object = None
 
 
 class _Guard:
@@ -917,6 +920,7 @@ class _Run:
             frames[-1] = engine._frame(shown, self.frame_size, None, shown=True)
         return Result(
             image=images.to_pil(shown),
+            image16=images.to_uint16_hwc(shown) if self.p.bits == 16 else None,
             frames=frames,
             losses=self.losses.as_floats(),
             steps=self.total,
