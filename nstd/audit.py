@@ -74,7 +74,7 @@ def audit(root: Path, dropped: dict[str, dict[str, str]], outside: dict[Path, di
                 problems.append(f"unfinished outbox folder left: {d.name}")
             continue
         missing = [f for f in OUTBOX_FILES if not (d / f).is_file()]
-        results = [p for p in d.iterdir() if p.suffix in (".png", ".jpg", ".webp")]
+        results = [p for p in d.iterdir() if p.suffix in (".png", ".jpg", ".webp", ".tiff")]
         if missing or not results or not (d / "inputs").is_dir():
             problems.append(f"incomplete outbox folder {d.name}: missing {missing or 'result or inputs'}")
     for d in quarantine.iterdir() if quarantine.is_dir() else ():

@@ -418,3 +418,85 @@ def test_scripts_get_json_and_exit_codes_that_mean_something(tmp_path, images_di
         d.wait_landed("long", timeout=60)
     finally:
         d.stop()
+
+
+def test_a_job_waiting_for_an_input_says_so_in_the_inbox_and_can_be_cancelled_there(tmp_path):
+    """NAME.waiting.txt appears beside a job file that waits for an input and goes when the job
+    is taken; a user's own file of that name, or a link planted there, is never written through
+    or removed. `nstd cancel` takes a job still waiting in the inbox (before: exit 4)."""
+    import json
+
+    d = Daemon(tmp_path, watch={"settle_seconds": 0.3, "missing_timeout": 600})
+    d.start()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours")
+    try:
+        d.image("starry_night.jpg")
+        d.drop("late", {"content": "late.jpg", "style": "starry_night.jpg", "steps": 2}, images=False)
+        note = d.inbox / "late.waiting.txt"
+        d.wait(note.exists, 20, "the note beside late.yaml")
+        text = note.read_text()
+        assert text.startswith("nstd: late.yaml waits for late.jpg") and "missing input" in text, text
+        d.image("hoovertowernight.jpg", as_name="late.jpg")
+        d.wait_landed("late")
+        d.wait(lambda: not note.exists(), 10, "the note to go")
+        # Someone else's file, and a link, under the names a note would take: left alone.
+        (d.inbox / "mine.waiting.txt").write_text("my own notes")
+        os.symlink(outside, d.inbox / "linked.waiting.txt")
+        d.image("starry_night.jpg")  # the first job took its copy to the outbox
+        d.drop("mine", {"content": "nowhere.jpg", "style": "starry_night.jpg", "steps": 2}, images=False)
+        d.drop("linked", {"content": "nowhere.jpg", "style": "starry_night.jpg", "steps": 2}, images=False)
+        d.wait(lambda: {"mine.yaml", "linked.yaml"} <= {w["job"] for w in (d.status() or {}).get("waiting", [])}
+               and "late" not in str(d.status().get("waiting")), 20, "both to wait")
+        time.sleep(1.5)
+        assert (d.inbox / "mine.waiting.txt").read_text() == "my own notes" and outside.read_text() == "not yours"
+        r = nstd("cancel", "mine", "--json", "--config", d.config)
+        said = json.loads(r.stdout)
+        assert r.returncode == 0 and said["outcome"] == "cancelled", (r.stdout, r.stderr)
+        assert d.error("mine")["kind"] == "cancelled" and "waited in the inbox" in d.error("mine")["message"]
+        assert not (d.inbox / "mine.yaml").exists() and (d.inbox / "mine.waiting.txt").read_text() == "my own notes"
+        assert "starry_night.jpg" in os.listdir(d.inbox)  # linked.yaml still names it: it stays
+    finally:
+        d.stop()
+    assert os.path.islink(d.inbox / "linked.waiting.txt") and outside.read_text() == "not yours"
+
+
+def test_a_cancel_for_a_job_in_the_inbox_without_a_daemon_is_done_at_the_next_start(tmp_path):
+    d = Daemon(tmp_path)
+    d.write_config()
+    for folder in (d.inbox, d.state):
+        folder.mkdir(parents=True, exist_ok=True)
+    d.drop("early", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 2})
+    r = nstd("cancel", "early", "--config", d.config)
+    assert r.returncode == 6 and "no daemon is running: it is cancelled when one starts" in r.stdout, (r.stdout, r.stderr)
+    d.start()
+    try:
+        d.wait_quarantined("early", timeout=30)
+        assert d.error("early")["kind"] == "cancelled" and not (d.outbox / "early").exists()
+        assert sorted(os.listdir(d.quarantine / "early")) == ["early.yaml", "error.yaml", "hoovertowernight.jpg",
+                                                               "job.log", "starry_night.jpg"]
+    finally:
+        d.stop()
+    assert d.audit() == []
+
+
+def test_retry_checks_the_images_with_the_new_keys_before_anything_moves(tmp_path):
+    """A retry whose images the intake would refuse at once (one that no longer decodes, one too
+    thin for the network at the new size) is refused by the command, naming why; nothing moves."""
+    from PIL import Image
+
+    d = Daemon(tmp_path)
+    d.start()
+    try:
+        d.drop("thin", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg", "steps": 0})
+        d.wait_quarantined("thin", timeout=30)
+        before = sorted(os.listdir(d.quarantine / "thin"))
+        Image.new("RGB", (2000, 8), (90, 120, 200)).save(d.quarantine / "thin" / "hoovertowernight.jpg", "JPEG")
+        r = nstd("retry", "thin", "steps=3", "size=64", "--config", d.config)
+        assert r.returncode == 2 and "would be refused" in r.stderr and "2000x8" in r.stderr, r.stderr
+        (d.quarantine / "thin" / "starry_night.jpg").write_bytes(b"not a picture any more")
+        r = nstd("retry", "thin", "steps=3", "--config", d.config)
+        assert r.returncode == 2 and "starry_night.jpg" in r.stderr and "would be refused" in r.stderr, r.stderr
+        assert sorted(os.listdir(d.quarantine / "thin")) == before and not any(d.inbox.iterdir())
+    finally:
+        d.stop()

@@ -60,7 +60,7 @@ def find(jobs_dir: Path, name: str, outbox: Path | None = None) -> Claimed:
     if not found:
         known = ", ".join(j.name for j in jobs) or "none"
         raise NoSuchJob(f"no queued or running job is called {name!r} (claimed now: {known}); "
-                        "a job still in the inbox is not claimed yet: take its files out instead")
+                        "nor waiting in the inbox")
     if len(found) > 1:
         raise NoSuchJob(f"several jobs are called {name!r}: give the id of one ({', '.join(j.id for j in found)})")
     return found[0]
@@ -71,6 +71,38 @@ def find(jobs_dir: Path, name: str, outbox: Path | None = None) -> Claimed:
 
 def ask(state: Path, job_id: str) -> None:
     atomic_write_text(state / REQUESTS / job_id, f"{time.time()}\n")
+
+
+#: A request for a job still in the inbox: `inbox-<digest of its job file's name>`, the name inside.
+INBOX_PREFIX = "inbox-"
+
+
+def ask_inbox(state: Path, sidecar: str) -> str:
+    """Ask the intake to quarantine the job file `sidecar` (a name in the inbox) as cancelled
+    before it is taken; the request's name."""
+    import hashlib
+
+    key = INBOX_PREFIX + hashlib.sha256(sidecar.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    atomic_write_text(state / REQUESTS / key, sidecar + "\n")
+    return key
+
+
+def inbox_request(state: Path, key: str) -> str | None:
+    """The job file's name an inbox request names (None: unreadable, or not one)."""
+    try:
+        return (state / REQUESTS / key).read_bytes()[:4096].decode("utf-8", "surrogateescape").strip() or None
+    except OSError:
+        return None
+
+
+def in_inbox(inbox: Path, name: str) -> str | None:
+    """The job file in the inbox that `name` (with or without its suffix) names, if any."""
+    from nstd.daemon.jobfile import SIDECAR_SUFFIXES
+
+    if "/" in name or name in ("", ".", ".."):
+        return None
+    candidates = [name] if name.endswith(SIDECAR_SUFFIXES) else [name + s for s in SIDECAR_SUFFIXES]
+    return next((c for c in candidates if os.path.lexists(inbox / c)), None)
 
 
 def requests(state: Path) -> list[str]:
@@ -120,7 +152,13 @@ def cancel(cfg: dict, name: str, wait_seconds: float) -> Said:
     from nstd.daemon.store import Folders
 
     folders = Folders.from_config(cfg)
-    job = find(folders.jobs, name, folders.outbox)
+    try:
+        job = find(folders.jobs, name, folders.outbox)
+    except NoSuchJob:
+        sidecar = in_inbox(folders.inbox, name)
+        if sidecar is None:
+            raise
+        return _cancel_in_inbox(folders, sidecar, wait_seconds)
     try:
         lock = RootLock(folders.state)
     except AlreadyRunning:
@@ -153,6 +191,36 @@ def cancel(cfg: dict, name: str, wait_seconds: float) -> Said:
         lock.release()
     who = f"its worker {holder.holder}" if holder else "its worker"
     return _ask_the_daemon(folders, job, wait_seconds, who)
+
+
+def _cancel_in_inbox(folders, sidecar: str, wait_seconds: float) -> Said:
+    """A job still in the inbox (waiting for an input, say): the intake, the only one that moves
+    inbox files, quarantines it as cancelled at its next look, or at its next start."""
+    from nstd.daemon.lock import RootLock
+
+    name = sidecar.rsplit(".", 1)[0]
+    ask_inbox(folders.state, sidecar)
+    if not RootLock.held(folders.state):
+        return Said("asked", name, "", f"asked the daemon to cancel {name} ({sidecar} in the inbox); no daemon is "
+                    "running: it is cancelled when one starts, before it is taken (or take the job file out yourself)")
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline and os.path.lexists(folders.inbox / sidecar):
+        time.sleep(0.2)
+    if os.path.lexists(folders.inbox / sidecar):
+        return Said("asked", name, "", f"asked the daemon to cancel {name} ({sidecar} in the inbox); it does so at its "
+                    "next look at the inbox")
+    where = next((d for d in sorted(folders.quarantine.glob(f"{glob.escape(name)}*"))
+                  if (d / sidecar).exists() and "kind: cancelled" in _head(d / "error.yaml")), None)
+    if where is None:
+        return Said("finished", name, "", f"{name} left the inbox before the cancel reached it (taken: nstd status)")
+    return Said("cancelled", name, "", f"cancelled {name}: moved to {where}", str(where))
+
+
+def _head(path: Path) -> str:
+    try:
+        return safefs.read_bounded(path.parent, path.name, MAX_ERROR_TEXT).decode("utf-8", "replace")
+    except (OSError, safefs.Refused, ValueError):
+        return ""
 
 
 def _ask_the_daemon(folders, job: Claimed, wait_seconds: float, who: str = "the daemon") -> Said:

@@ -291,7 +291,9 @@ class Daemon:
                     continue
                 self.readiness.update(sidecars)
             for job_id in cancel.requests(self.folders.state):
-                if self.cluster:
+                if job_id.startswith(cancel.INBOX_PREFIX):
+                    self.cancel_in_inbox(job_id)
+                elif self.cluster:
                     try:
                         self.cancel_in_cluster(job_id)
                     except Exception as exc:  # a lease folder nstd cannot read, say: never the intake's end
@@ -361,6 +363,22 @@ class Daemon:
         self.cancel_retry_at.pop(job_id, None)
         self.cancels_stuck.discard(job_id)
         cancel.answered(self.folders.state, job_id)
+
+    def cancel_in_inbox(self, key: str) -> None:
+        """A request for a job still in the inbox: quarantined as cancelled, with the files it
+        names (those another waiting job names stay), before it is taken."""
+        sidecar = cancel.inbox_request(self.folders.state, key)
+        if not cancel.answered(self.folders.state, key):
+            if key in self.cancels_stuck:
+                return
+            self.cancels_stuck.add(key)
+            logger.warning("cannot remove the cancel request state/{}/{}: remove it by hand", cancel.REQUESTS, key)
+        pending = self.readiness.pending.get(self.folders.inbox / sidecar) if sidecar else None
+        if pending is None:
+            logger.warning("nstd cancel: {} is not waiting in the inbox (taken or gone meanwhile?)", sidecar or key)
+            return
+        logger.bind(job=pending.sidecar.stem).warning("cancelled while waiting in the inbox (nstd cancel)")
+        self.intake.take(pending, cancel.cancelled_error(Stage.INTAKE, " while it waited in the inbox"))
 
     def cancel(self, job_id: str) -> None:
         """A request from `nstd cancel`: a queued job goes to quarantine now, a running one stops

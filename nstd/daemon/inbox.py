@@ -16,7 +16,7 @@ from pathlib import Path
 
 from loguru import logger
 
-from nstd.daemon import safefs
+from nstd.daemon import inboxnote, safefs
 from nstd.daemon.queue import retry_at
 from nstd.daemon.jobfile import SIDECAR_SUFFIXES, JobFiles, ParsedJob, check_input, job_name, parse_job, waiting_for
 from nstd.errors import ErrorKind, JobError
@@ -115,6 +115,10 @@ class Readiness:
     #: job files judged and quarantined that could not be moved or renamed aside: (dev, ino,
     #: ctime) of each, so the same file is not judged again and again (a new one is)
     refused: set[tuple[int, int, int]] = field(default_factory=set)
+    #: job files with a NAME.waiting.txt beside them
+    notes: set[Path] = field(default_factory=set)
+    #: the inbox was looked at for notes an earlier run left
+    swept: bool = False
 
     def update(self, sidecars: list[Path], now: float | None = None) -> None:
         """Track newly seen sidecars and forget those that left the inbox."""
@@ -154,19 +158,31 @@ class Readiness:
         self.forget(sidecar)
 
     def forget(self, sidecar: Path) -> None:
+        """The job was taken or judged: its note (if any) goes with it, now."""
         self.pending.pop(sidecar, None)
+        if sidecar in self.notes:
+            self.notes.discard(sidecar)
+            try:
+                inbox_fd = safefs.open_inbox(self.inbox)
+            except OSError:
+                return
+            try:
+                inboxnote.remove(inbox_fd, sidecar.name)
+            finally:
+                os.close(inbox_fd)
 
     def check(self, now: float | None = None) -> list[Verdict]:
         """Verdicts for sidecars that are ready or must be quarantined; others keep waiting."""
         now = time.monotonic() if now is None else now
         out = []
-        if not self.pending:
+        if not self.pending and not self.notes and self.swept:
             return out
         try:
             inbox_fd = safefs.open_inbox(self.inbox)
         except OSError:
             return out  # the intake loop reports an unreadable inbox
         try:
+            self._take_notes_back(inbox_fd)
             for p in list(self.pending.values()):
                 try:
                     v = self._check_one(inbox_fd, p, now)
@@ -179,6 +195,37 @@ class Readiness:
         finally:
             os.close(inbox_fd)
         return out
+
+    def _note(self, inbox_fd: int, p: Pending, left: float) -> None:
+        """NAME.waiting.txt beside a job file that waits for an input (nstd/daemon/inboxnote.py)."""
+        assert p.files is not None
+        until = time.strftime("%H:%M", time.localtime(time.time() + left))
+        text = (f"{p.sidecar.name} waits for {waiting_for(p.files)}: not in the inbox yet.\n"
+                f"Put it there within {left / 60:.0f} min (by {until}), or the job goes to the quarantine as "
+                f"missing input.\nThis note goes away when the job is taken or leaves the inbox.\n")
+        try:
+            if inboxnote.write(inbox_fd, p.sidecar.name, text):
+                self.notes.add(p.sidecar)
+        except OSError as exc:  # a full or read-only inbox: the log and nstd status still say it
+            logger.debug("no note beside {}: {}", p.sidecar.name, exc)
+
+    def _take_notes_back(self, inbox_fd: int) -> None:
+        """The notes of jobs that no longer wait for an input (taken, judged, gone) go; at the
+        first look, also those an earlier run left beside job files that are there no more."""
+        if not self.swept:
+            self.swept = True
+            try:
+                names = os.listdir(inbox_fd)
+            except OSError:
+                names = []
+            for n in names:
+                if n.endswith(inboxnote.SUFFIX):
+                    self.notes.add(self.inbox / (n[: -len(inboxnote.SUFFIX)] + ".yaml"))
+        for sidecar in list(self.notes):
+            p = self.pending.get(sidecar)
+            if p is None or p.files is None or not p.files.missing:
+                inboxnote.remove(inbox_fd, sidecar.name)
+                self.notes.discard(sidecar)
 
     def _parse(self, inbox_fd: int, p: Pending) -> None:
         sig = signature(inbox_fd, self.inbox, [p.sidecar], regular=False)
@@ -226,9 +273,11 @@ class Readiness:
                 return Verdict(p, error=JobError(ErrorKind.MISSING_INPUT, f"still missing after {self.missing_timeout:g} s: {waiting_for(p.files)}"))
             if waited >= self.settle_seconds and not p.told_waiting:
                 p.told_waiting = True
+                left = self.missing_timeout - waited
                 logger.bind(job=job_name(p.sidecar)).info(
                     "{}: waiting for {} (quarantined as missing input in {:.0f} s)", p.sidecar.name,
-                    waiting_for(p.files), self.missing_timeout - waited)
+                    waiting_for(p.files), left)
+                self._note(inbox_fd, p, left)
             return None
         return Verdict(p, ready=True) if settled else None
 

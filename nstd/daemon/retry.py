@@ -116,6 +116,7 @@ def _retry(folders: Folders, name: str, parent_fd: int, qfd: int, overrides: dic
     inputs = {h: o for h, o in origins.items() if h != sidecar_here}
     planned = {h: _inbox_name(o, h) for h, o in inputs.items()}
     _check_new_job(_renamed(data, {o: planned[h] for h, o in inputs.items()}, old_job), cfg)  # nothing moved yet
+    _check_images(qfd, folder, _renamed(data, {o: h for h, o in inputs.items()}, old_job), cfg)
 
     try:
         inbox_fd = safefs.open_inbox(folders.inbox)
@@ -220,6 +221,49 @@ def _check_new_job(data: dict, cfg: dict) -> None:
     if problems:
         raise RetryError(f"the retried job would be refused: {'; '.join(problems)} (override a key with "
                          "key=value, take one out with key=, or edit the job file in the quarantine folder)")
+
+
+def _check_images(qfd: int, folder: Path, data: dict, cfg: dict) -> None:
+    """The images the retried job names that are in the quarantine folder, checked as the intake
+    will (each decoded, the network's smallest picture, the pixel limit) with its new keys,
+    before a file moves: a retry whose content (with `size=64`, say) the intake would refuse
+    at once is refused here. Files still to come are the inbox's to wait for."""
+    from dataclasses import replace
+
+    from nstd.daemon.jobfile import ParsedJob, check_job
+
+    try:
+        files = resolve_files(data, folder / "job.yaml", folder)
+    except JobError:
+        return  # _check_new_job has judged the names
+    from nstd.engine.images import ImageError, open_image
+
+    pins: dict[Path, safefs.Pinned] = {}
+    coming = [p for p in files.missing if p != files.sidecar]  # the sidecar here is a stand-in
+    problems: list[str] = []
+    try:
+        for path in files.inputs()[:-1]:
+            if path not in files.missing and path not in pins:
+                pins[path] = safefs.pin(qfd, folder, str(path.relative_to(folder)))
+        if coming:  # what is here must decode; the job as a whole is judged when all has come
+            for path, pinned in pins.items():
+                try:
+                    with pinned.reader() as fh:
+                        open_image(path, cfg["limits"]["max_pixels"], fileobj=fh)
+                except ImageError as exc:
+                    problems.append(str(exc))
+        else:
+            check_job(ParsedJob(data, replace(files, missing=[]), job_settings(data, cfg["defaults"])),
+                      cfg["limits"], pins)
+    except (safefs.Refused, OSError) as exc:
+        raise RetryError(f"the retried job's files cannot be read in the quarantine folder ({exc}); nothing was moved") from None
+    except JobError as exc:
+        problems = list(exc.problems or [exc.message])
+    finally:
+        for pinned in pins.values():
+            pinned.close()
+    if problems:
+        raise RetryError(f"the retried job would be refused: {'; '.join(problems)}; nothing was moved")
 
 
 def _names_check(data: dict) -> None:
