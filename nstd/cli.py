@@ -121,6 +121,12 @@ def _parser() -> argparse.ArgumentParser:
 OPERATOR_COMMANDS = ("validate", "status", "retry", "cancel")
 
 
+def one_line(text: str) -> str:
+    from nstd.logs import one_line as escaped
+
+    return escaped(text)
+
+
 class _Escaped:
     """A text stream that writes control characters (newlines and tabs aside) as escapes."""
 
@@ -128,8 +134,6 @@ class _Escaped:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        from nstd.logs import one_line
-
         self._stream.write("\n".join(one_line(line) for line in text.split("\n")))
         return len(text)
 
@@ -334,7 +338,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(verdicts, indent=1, default=str))
     else:
-        print("\n".join(line for job in lines for line in job))
+        print("\n".join(one_line(line) for job in lines for line in job))
     return max(v["exit_code"] for v in verdicts)
 
 
@@ -416,11 +420,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
         print(json.dumps({"retried": args.name, "sidecar": done.sidecar, "moved": done.moved, "kept": str(done.kept),
                           "waits_for": done.waits_for}, indent=1))
         return ExitCode.OK
-    print(f"retrying {args.name} as {done.sidecar} in the inbox ({len(done.moved)} input(s) moved back); "
-          f"error.yaml and job.log kept in {done.kept}")
+    print(one_line(f"retrying {args.name} as {done.sidecar} in the inbox ({len(done.moved)} input(s) moved back); "
+                   f"error.yaml and job.log kept in {done.kept}"))
     if done.waits_for:
-        print(f"note: the job waits for {', '.join(done.waits_for)}: put them into the inbox "
-              f"(within watch.missing_timeout, or it is quarantined as missing input)")
+        print(one_line(f"note: the job waits for {', '.join(done.waits_for)}: put them into the inbox "
+                       f"(within watch.missing_timeout, or it is quarantined as missing input)"))
     return ExitCode.OK
 
 
@@ -435,7 +439,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print(json.dumps({"outcome": said.outcome, "job": said.job, "id": said.id, "where": said.where,
                           "message": said.line}, indent=1))
     else:
-        print(said)
+        print(one_line(said.line))
     return ExitCode.PENDING if said.outcome == "asked" else ExitCode.OK
 
 

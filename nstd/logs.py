@@ -59,12 +59,24 @@ def _journal_sink(stream):
 #: Control characters a line must not carry: a job (file) name holding a newline would otherwise
 #: start a forged line in the log ("... | ERROR | ..."), and an escape sequence would drive the
 #: terminal of whoever reads it. Tabs stay.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x80-\x9f\u2028\u2029]")  # + Unicode's line/paragraph separators
+#: Control characters, Unicode's line/paragraph separators and bidi controls (U+202E would turn a
+#: line around), and the lone surrogates that stand for a file name's undecodable bytes (0x9b is
+#: the 8-bit CSI: written raw, a terminal takes it as an escape sequence).
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f\x80-\x9f\u061c\u200e\u200f\u2028\u2029"
+                      "\u202a-\u202e\u2066-\u2069\udc80-\udcff]")
+
+
+def _escape(m: re.Match) -> str:
+    c = m.group()
+    if "\udc80" <= c <= "\udcff":
+        return f"\\x{ord(c) - 0xDC00:02x}"  # the byte the file name holds
+    return repr(c)[1:-1] if ord(c) < 0x100 else f"\\u{ord(c):04x}"
 
 
 def one_line(text: str) -> str:
-    """`text` with each control character written as its escape (a newline as `\\n`)."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+    """`text` with each control character written as its escape (a newline as `\\n`), so that
+    a name can neither start a line of its own nor drive the terminal."""
+    return _CONTROL.sub(_escape, text)
 
 
 def _patch(record) -> None:

@@ -62,7 +62,7 @@ CASES = {
                              "invalid job file", "style[0]: expected a file name or"),
     "style-number": ("content: hoovertowernight.jpg\nstyle: 42\n", {}, "invalid job file", "style: expected a file name"),
     "not-utf8": ("\udcff", {}, "invalid job file", "not UTF-8"),
-    "huge-sidecar": (GOOD + "# " + "x" * 70000 + "\n", {}, "invalid job file", "larger than 65536 bytes"),
+    "huge-sidecar": (GOOD + "# " + "x" * 70000 + "\n", {}, "invalid job file", "larger than 65,536 bytes"),
     "empty-by-convention": ("", {}, "missing input", "empty-by-convention.content.jpg"),
     "dotdot-in-blend": ("content: hoovertowernight.jpg\nstyle: [{path: ../outside/fifo.jpg, weight: 1}]\n", {},
                         "path outside inbox", "'..' is not allowed"),

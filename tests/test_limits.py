@@ -186,3 +186,25 @@ def test_gif_frames_stay_bounded_whatever_the_job_asks(engine, monkeypatch, tmp_
     assert sorted(p.name for p in (tmp_path / "cp").iterdir()) == ["checkpoint.pt", f"frames-x{cp.frame_stride}"]
     resumed = engine.stylize(content, [(style, 1.0)], p, resume=back)
     assert 4 <= len(resumed.frames) <= 9
+
+
+def test_a_size_lowered_to_fit_memory_below_what_the_network_takes_is_refused_not_crashed(tmp_path):
+    """A 1600x32 panorama at size 1600 under limits.cpu_memory_mb: 64: validate passes it (the
+    budget is the device's), the worker lowers the size to fit, and there the picture is too thin
+    for the network. Before: an internal error (a ValueError inside the engine); now 'out of memory'
+    with both reasons."""
+    d = Daemon(tmp_path, limits={"cpu_memory_mb": 64})
+    Image.effect_noise((1600, 32), 60).convert("RGB").save(tmp_path / "pano.png")
+    d.start()
+    try:
+        d.image("starry_night.jpg")
+        shutil.copy(tmp_path / "pano.png", d.inbox / "pano.png")
+        d.drop("pano", {"content": "pano.png", "style": "starry_night.jpg", "size": 1600, "stages": 1,
+                        "anchor_size": 0, "gif": False}, images=False)
+        d.wait_quarantined("pano", timeout=60)
+        error = d.error("pano")
+        assert error["kind"] == "out of memory" and error["stage"] == "run", error
+        assert "does not fit limits.cpu_memory_mb=64" in error["message"] and "the content (1600x32) at" in error["message"]
+        assert "conv5_1 needs" in error["message"]
+    finally:
+        d.stop()

@@ -254,3 +254,40 @@ def test_retry_that_fails_midway_leaves_the_folder_as_it_was(root, monkeypatch):
     with pytest.raises(OSError):
         retry_mod.retry(load_config(root / "config.yaml"), "q", {})
     assert tree(root / "var") == before
+
+
+def test_a_name_can_neither_forge_a_line_nor_reach_the_terminal_raw(root):
+    """A newline in a name (a forged 'nstd is running' line), the 8-bit CSI byte 0x9b and 0xff
+    from a name that is not UTF-8, and U+202E (turns the rest of the line around): status,
+    cancel and retry print each as an escape, the line stays one line."""
+    import json
+    import time
+
+    forged = "nl\nnstd is running (pid 1, FORGED)"
+    raw = os.fsdecode(b"bad\x9b31mRED\xff")
+    bidi = "rtl\u202eevil"
+    var = root / "var"
+    now = time.time()
+    (var / "state" / "status.json").write_text(json.dumps({
+        "pid": 1, "state": "running", "started_at": now, "updated_at": now, "queue": [forged, raw, bidi],
+        "waiting": [{"job": forged + ".yaml", "reason": "waiting for x"}], "done": 0, "failed": 0}))
+    from nstd.daemon.lock import RootLock
+
+    lock = RootLock(var / "state")  # a daemon holds the root
+    try:
+        out = nstd("status", "--config", root / "config.yaml").stdout
+    finally:
+        lock.release()
+    assert "FORGED" in out and not any(line.startswith("nstd is running (pid 1, FORGED") for line in out.splitlines())
+    assert "\\x9b31mRED\\xff" in out and "\\u202e" in out and "\u202e" not in out, out
+    (var / "inbox" / f"{forged}.yaml").write_text("content: a.png\nstyle: b.png\n")
+    r = nstd("cancel", forged, "--config", root / "config.yaml")
+    assert "FORGED" in r.stdout and len(r.stdout.strip().splitlines()) == 1, r.stdout
+    q = var / "quarantine" / "plant"
+    q.mkdir()
+    (q / "plant.yaml").write_text('content: "c\\nnstd: FORGED LINE\\e[2J.jpg"\nstyle: s.jpg\n')
+    (q / "error.yaml").write_text(yaml.safe_dump({"job": "plant", "kind": "invalid job file",
+                                                  "files": {"plant.yaml": "plant.yaml"}}))
+    r = nstd("retry", "plant", "--config", root / "config.yaml")
+    lines = (r.stdout + r.stderr).splitlines()
+    assert not any(line.startswith("nstd: FORGED") for line in lines) and "\x1b" not in r.stdout + r.stderr, lines

@@ -338,6 +338,8 @@ def test_a_thumbnail_costs_one_small_decode_at_most(tmp_path):
     and a picture that is thumbnailed is scaled down before any conversion."""
     Image.new("RGBA", (7000, 7000), (10, 20, 30, 128)).save(tmp_path / "bomb.png")
     Image.new("RGBA", (3000, 3000), (10, 20, 30, 128)).save(tmp_path / "fine.png")
+    Image.new("F", (7200, 7200)).save(tmp_path / "float.tif", compression="tiff_adobe_deflate")  # 4 bytes a pixel
+    Image.new("RGB", (5000, 5000), (10, 20, 30)).save(tmp_path / "big.jpg")  # decoded at an eighth
     probe = (
         "import resource, sys\n"
         "from nstd.web.app import _Thumbs\n"
@@ -347,7 +349,8 @@ def test_a_thumbnail_costs_one_small_decode_at_most(tmp_path):
         "    data = t.get(('outbox', sys.argv[1], 1, 1), fh)\n"
         "print(len(data or b''), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n"
     )
-    for name, made, most_mib in (("bomb.png", False, 20), ("fine.png", True, 2 * 3000 * 3000 * 4 / 2**20 + 20)):
+    for name, made, most_mib in (("bomb.png", False, 20), ("fine.png", True, 2 * 3000 * 3000 * 4 / 2**20 + 20),
+                                 ("float.tif", False, 20), ("big.jpg", True, 40)):
         r = subprocess.run([sys.executable, "-c", probe, str(tmp_path / name)], capture_output=True, text=True,
                            timeout=120, cwd=Path(__file__).resolve().parent.parent)
         size, grew = map(int, r.stdout.split())

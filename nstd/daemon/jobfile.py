@@ -49,7 +49,8 @@ class _StrictLoader(yaml.SafeLoader):
             self.depth -= 1
 
 
-def read_sidecar(path: Path, max_bytes: int, dir_fd: int | None = None) -> dict:
+def read_sidecar(path: Path, max_bytes: int, dir_fd: int | None = None,
+                 limit_name: str = "limits.max_sidecar_bytes") -> dict:
     """The sidecar's mapping, or JobError(ErrorKind.INVALID_JOB_FILE) saying why not.
 
     Opened through its folder (or `dir_fd`, a descriptor of it) without following a link, and only
@@ -74,7 +75,7 @@ def read_sidecar(path: Path, max_bytes: int, dir_fd: int | None = None) -> dict:
     except UnicodeEncodeError:
         raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name!r}: not a valid file name") from None
     if len(raw) > max_bytes:
-        raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name}: larger than {max_bytes} bytes (limits.max_sidecar_bytes)")
+        raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name}: larger than {max_bytes:,} bytes ({limit_name})")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -176,7 +176,8 @@ def _read_mapping(qfd: int, folder: Path, name: str, max_bytes: int = MAX_ERROR_
     if missing_ok and not _taken(qfd, name):
         return {}
     try:
-        return read_sidecar(folder / name, max_bytes, dir_fd=qfd)
+        return read_sidecar(folder / name, max_bytes, dir_fd=qfd,
+                            limit_name="limits.max_sidecar_bytes" if max_bytes != MAX_ERROR_BYTES else "nstd's cap on error.yaml")
     except JobError as exc:
         raise RetryError(f"quarantine/{folder.name}/{name}: {exc.message}; fix it there, then run nstd retry again") from None
 

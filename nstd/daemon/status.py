@@ -215,6 +215,15 @@ def describe_worker(w: dict, now: float, lease_seconds: float) -> str:
     return f"{head}: {doing}; heard from {duration(age)} ago; {w['done']} done, {w['failed']} failed"
 
 
+def _joined(lines: list[str]) -> str:
+    """The lines for the operator's terminal: each is one line by construction, so whatever a
+    name in it holds (a newline, ESC, a bidi control, a raw byte) is written as an escape and
+    can neither forge a line nor drive the terminal."""
+    from nstd.logs import one_line
+
+    return "\n".join(one_line(line) for line in lines)
+
+
 def printable(s: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in s)[:200]
 
@@ -258,7 +267,7 @@ def describe(data: dict | None, now: float | None = None, resumable: list[str] |
     if data is None:
         if lock_held:
             return "a daemon holds the root but has written no status yet (starting?)", True
-        return "\n".join(["no daemon is running (no status file yet)", *resume_lines]), False
+        return _joined(["no daemon is running (no status file yet)", *resume_lines]), False
     if lock_held is None:
         alive = pid_alive(data["pid"]) and data.get("state") != "stopped"
     else:
@@ -268,7 +277,7 @@ def describe(data: dict | None, now: float | None = None, resumable: list[str] |
     if not alive:
         lines.append(f"no daemon is running (last status from {_clock(updated)}, pid {data.get('pid')})")
         lines.extend(resume_lines)
-        return "\n".join(lines), False
+        return _joined(lines), False
     if now - updated > STALE_SECONDS:
         lines.append(f"nstd is NOT RESPONDING: pid {data.get('pid')} is alive but has not updated its status for "
                      f"{duration(now - updated)} (stopped with SIGSTOP or kill -STOP? hung?); the rest is as of {_clock(updated)}")
@@ -311,4 +320,4 @@ def describe(data: dict | None, now: float | None = None, resumable: list[str] |
                      "(by the workers listed and the intake, each since it started)")
     else:
         lines.append(f"{_counts_line(data)} (since this daemon started, {_clock(data.get('started_at', 0))})")
-    return "\n".join(lines), True
+    return _joined(lines), True

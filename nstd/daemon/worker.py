@@ -309,6 +309,7 @@ class Worker(threading.Thread):
             log.info("resuming from the checkpoint at step {} of {}", resume.step, params.total_steps())
         engine, oom_retries, fallback = self.engine, 0, False
         size = self._fit_budget(content.size, params, engine, log)
+        self._runnable(engine, content, styles, params, size)
         t_opt = time.time()
         while True:
             p = params.at_size(size)
@@ -326,12 +327,14 @@ class Worker(threading.Thread):
             self.cache.clear()
             engine.device.free_cache()
             smaller = int(size * SHRINK)
-            if smaller >= MIN_EDGE and engine.device.is_cuda:
+            if smaller >= MIN_EDGE and engine.device.is_cuda and self._runnable(engine, content, styles, params,
+                                                                                smaller, raises=False):
                 log.warning("out of memory at {} px; retrying at {} px", size, smaller)
                 size = smaller
             elif self.cfg["gpu"]["cpu_fallback"] and engine.device.is_cuda:
                 failed_at, engine, fallback = size, self._cpu(), True
                 size = self._fit_budget(content.size, params, engine, log)
+                self._runnable(engine, content, styles, params, size)
                 log.warning("out of memory at {} px; finishing on the CPU at {} px", failed_at, size)
             else:
                 raise JobError(ErrorKind.OUT_OF_MEMORY, f"out of memory at {size} px on {engine.device}", Stage.RUN)
@@ -372,6 +375,22 @@ class Worker(threading.Thread):
         if size < params.size:
             log.info("size {} lowered to {} to fit {}", params.size, size, setting)
         return size
+
+    def _runnable(self, engine: Engine, content, styles, params, size: int, raises: bool = True) -> bool:
+        """A size lowered to fit memory may leave the picture too thin for the network (a
+        1600x32 panorama at 64 px): the job is refused with both reasons, not crashed inside the
+        engine. `raises=False`: just whether it is runnable (an out-of-memory retry's smaller size)."""
+        if size >= params.size:
+            return True  # the size asked: the intake has checked it
+        try:
+            engine.plan(content, styles, params.at_size(size))
+            return True
+        except ValueError as exc:
+            if not raises:
+                return False
+            budget, setting = self.budget(engine)
+            raise JobError(ErrorKind.OUT_OF_MEMORY, f"{params.size} px does not fit {setting} on {engine.device}, and "
+                           f"at {size} px, the largest that does, {exc}", Stage.RUN) from None
 
     def _cpu(self) -> Engine:
         if self._cpu_engine is None:
