@@ -307,7 +307,7 @@ class Engine:
         if tile:
             return Tiler(extractor, tile, autocast=self._autocast, tick=tick).grams(x, list(layers))
         with self._autocast():
-            feats = extractor(x)
+            feats = extractor(x, tick=tick)
         return {k: gram(v).detach() for k, v in feats.items()}
 
     def style_targets(self, styles: Sequence[StyleImage], content_size: tuple[int, int], p: StyleParams,
@@ -504,7 +504,7 @@ class Engine:
             content_feats = tiler.features(content_t, p.content_layers)
         else:
             with torch.no_grad(), self._autocast():
-                content_feats = extractor(content_t)
+                content_feats = extractor(content_t, tick=tick)
         objective = Objective(
             {k: content_feats[k] for k in p.content_layers},
             {k: target_grams[k] for k in p.style_layers},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -230,11 +230,13 @@ class Extractor(nn.Module):
         self.names = names
         self.layers = nn.ModuleList(mods)
 
-    def forward(self, image: torch.Tensor, checkpoint: bool = False) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, checkpoint: bool = False,
+                tick: Callable[[], None] | None = None) -> dict[str, torch.Tensor]:
         """Post-ReLU features of the wanted layers. With `checkpoint`, each block's activations
         are dropped after the forward and recomputed in the backward (activation checkpointing):
         autograd keeps only each block's input and the wanted features, about half the memory,
-        for one more forward pass."""
+        for one more forward pass. `tick` is called after each layer (a target pass over a big
+        untiled style takes many seconds on a CPU: a stop is taken within it; it may raise)."""
         x = self.norm(image)
         out: dict[str, torch.Tensor] = {}
         for block in self.blocks:
@@ -244,7 +246,7 @@ class Extractor(nn.Module):
                 got = recompute(self._run, block, x, use_reentrant=False, preserve_rng_state=False)
                 x, feats = got[0], dict(zip(self._wanted_in(block), got[1:]))
             else:
-                got = self._run(block, x)
+                got = self._run(block, x, tick)
                 x, feats = got[0], dict(zip(self._wanted_in(block), got[1:]))
             out.update(feats)
         return out
@@ -260,11 +262,13 @@ class Extractor(nn.Module):
         return ["conv" + self.names[i][4:] for i in block
                 if self.names[i].startswith("relu") and "conv" + self.names[i][4:] in self.wanted]
 
-    def _run(self, block: range, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _run(self, block: range, x: torch.Tensor, tick: Callable[[], None] | None = None) -> tuple[torch.Tensor, ...]:
         """One block: its output and its wanted features, in order."""
         feats = []
         for i in block:
             x = self.layers[i](x)
+            if tick is not None:
+                tick()
             if self.names[i].startswith("relu") and "conv" + self.names[i][4:] in self.wanted:
                 feats.append(x)
         return (x, *feats)
