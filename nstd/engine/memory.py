@@ -212,7 +212,10 @@ def predict_target_bytes(height: int, width: int, layers: Sequence[str], precisi
     # convolutions' own buffers, the allocator's slack): 8 of them, to be safe.
     transient = _TARGET_MAPS * largest * _FP32
     weights = _weights(deepest, precision)
-    pixels = 3 * height * width * _FP32 * 3  # the picture, its colour-adjusted copy, a tile's crop
+    # the picture, its colour-adjusted copy, a tile's crop; and before them the resized style as
+    # Pillow holds it (4 bytes a pixel) and its 8-bit array (a 4000x400 content with a 2400x1900
+    # style at 256 MiB grew 263 MiB before these were counted)
+    pixels = 3 * height * width * _FP32 * 3 + height * width * (4 + 3)
     grams = sum(CONV_SHAPES[n][0] ** 2 for n in layers if n in CONV_SHAPES) * _FP32 * 2
     reserve = CUDA_RESERVE_BYTES if device.startswith("cuda") else 0
     return int(transient + weights + pixels + grams + reserve)
