@@ -209,18 +209,10 @@ def _cancel_in_inbox(folders, sidecar: str, wait_seconds: float) -> Said:
     if os.path.lexists(folders.inbox / sidecar):
         return Said("asked", name, "", f"asked the daemon to cancel {name} ({sidecar} in the inbox); it does so at its "
                     "next look at the inbox")
-    where = next((d for d in sorted(folders.quarantine.glob(f"{glob.escape(name)}*"))
-                  if (d / sidecar).exists() and "kind: cancelled" in _head(d / "error.yaml")), None)
+    where = quarantined_as(folders.quarantine, Claimed("", name, folders.inbox), sidecar=sidecar)
     if where is None:
         return Said("finished", name, "", f"{name} left the inbox before the cancel reached it (taken: nstd status)")
     return Said("cancelled", name, "", f"cancelled {name}: moved to {where}", str(where))
-
-
-def _head(path: Path) -> str:
-    try:
-        return safefs.read_bounded(path.parent, path.name, MAX_ERROR_TEXT).decode("utf-8", "replace")
-    except (OSError, safefs.Refused, ValueError):
-        return ""
 
 
 def _ask_the_daemon(folders, job: Claimed, wait_seconds: float, who: str = "the daemon") -> Said:
@@ -240,9 +232,10 @@ def _ask_the_daemon(folders, job: Claimed, wait_seconds: float, who: str = "the 
                 "or the quarantine)")
 
 
-def quarantined_as(quarantine: Path, job: Claimed) -> Path | None:
+def quarantined_as(quarantine: Path, job: Claimed, sidecar: str | None = None) -> Path | None:
     """The quarantine folder whose error.yaml says this very job was cancelled, if any (the
-    folders named after the job are read; a name taken earlier gets a suffix)."""
+    folders named after the job are read; a name taken earlier gets a suffix). A job cancelled
+    in the inbox had no id yet: its job file `sidecar` in the folder tells it."""
     from nstd.daemon.transfer import safe_component
 
     stem = safe_component(job.name)
@@ -251,7 +244,8 @@ def quarantined_as(quarantine: Path, job: Claimed) -> Path | None:
             text = safefs.read_bounded(quarantine, f"{d.name}/error.yaml", MAX_ERROR_TEXT).decode("utf-8", "replace")
         except (OSError, safefs.Refused, ValueError):
             continue
-        if f"id: {job.id}" in text and "kind: cancelled" in text:
+        this = (d / sidecar).is_file() if sidecar is not None else f"id: {job.id}" in text
+        if this and "kind: cancelled" in text:
             return d
     return None
 

@@ -388,7 +388,7 @@ class Worker(threading.Thread):
         except ValueError as exc:
             if not raises:
                 return False
-            budget, setting = self.budget(engine)
+            setting = self.budget(engine)[1]
             raise JobError(ErrorKind.OUT_OF_MEMORY, f"{params.size} px does not fit {setting} on {engine.device}, and "
                            f"at {size} px, the largest that does, {exc}", Stage.RUN) from None
 
