@@ -40,7 +40,7 @@ def quality(result: Path, content: Path, style: Path, size: int) -> dict[str, fl
 
     from nstd.engine import Engine, images
     from nstd.engine.losses import Target, gram
-    from nstd.engine.stylize import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
+    from nstd.engine.options import DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
 
     e = Engine(device="cpu", precision="fp32")
     img = images.open_image(result)

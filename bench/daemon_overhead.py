@@ -87,7 +87,7 @@ def bare(args: argparse.Namespace, settings: list[dict], reports: list[dict]) ->
     from nstd.engine import images
     from nstd.engine.stylize import Engine
     from nstd.engine.targets import StyleImage, TargetCache
-    from nstd.jobkeys import style_params
+    from nstd.job.spec import Job
     from nstd.daemon.worker import file_digest
 
     e = load_config(None)["engine"]
@@ -100,9 +100,9 @@ def bare(args: argparse.Namespace, settings: list[dict], reports: list[dict]) ->
         t = time.perf_counter()
         content = images.open_image(IMAGES / CONTENTS[i % len(CONTENTS)])
         style = StyleImage(images.open_image(IMAGES / STYLE), 1.0, file_digest(IMAGES / STYLE))
-        result = engine.stylize(content, [style], style_params(job), cache=cache,
+        result = engine.stylize(content, [style], Job.of(job).params(), cache=cache,
                                 budget_bytes=report.get("memory_budget_bytes"))
-        assert result.steps == report["steps"], (result.steps, report["steps"])
+        assert result.steps == report["steps_total"], (result.steps, report["steps_total"])
         each.append((time.perf_counter() - t, result.timings["optimise"]))
     return time.perf_counter() - t0, each
 

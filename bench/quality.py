@@ -61,11 +61,12 @@ def parse_setting(text: str) -> tuple[str, str, dict]:
 
 
 def run_nstd(engine, content, style, size: int, overrides: dict):
-    from nstd import jobkeys
+    from nstd.job import keys as jobkeys
+    from nstd.job.spec import Job
 
     defaults = {k: f.default for k, f in jobkeys.JOB_FIELDS.items()}
     job = jobkeys.merge(defaults, {"size": size, **overrides, "gif": False})
-    p = jobkeys.style_params(job)
+    p = Job.of(job).params()
     t0 = time.perf_counter()
     result = engine.stylize(content, [(style, 1.0)], p)
     return result.image, time.perf_counter() - t0, result.e512

@@ -10,7 +10,7 @@ import os
 import stat
 from pathlib import Path
 
-from nstd.daemon.transfer import MANIFEST, TMP_PREFIX
+from nstd.state.transfer import MANIFEST, TMP_PREFIX
 
 OUTBOX_FILES = ("job.yaml", "report.json", "job.log")
 QUARANTINE_FILES = ("error.yaml", "job.log")

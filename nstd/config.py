@@ -11,24 +11,14 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from nstd import yamltext
 from nstd.engine.options import DEFAULT_MAX_PIXELS, WEIGHT_SOURCES
 from nstd.errors import NstdError
-from nstd.jobkeys import JOB_FIELDS
-from nstd.schema import (
-    Field,
-    SchemaError,
-    boolean,
-    choice,
-    integer,
-    list_of,
-    number,
-    optional,
-    string,
-    validate,
-    yaml_problem,
-)
+from nstd.job.check import over_limits
+from nstd.job.keys import JOB_FIELDS
+from nstd.job.spec import Job
+from nstd.schema import (Field, SchemaError, boolean, choice, integer, list_of, number, optional, string, validate,
+                         yaml_problem)
 
 
 def _command(v: Any, key: str) -> str:
@@ -216,8 +206,8 @@ def load_config(path: Path | str | None = None) -> dict:
             hint = "" if path.is_absolute() else f" (looked in {Path.cwd()}; pass --config with the full path)"
             raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc}){hint}") from None
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
+            data = yamltext.load(text, aliases=True)
+        except yamltext.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
         try:
             cfg = validate(data, CONFIG_FIELDS)
@@ -232,9 +222,7 @@ def load_config(path: Path | str | None = None) -> dict:
         if cfg["limits"]["min_priority"] > cfg["limits"]["max_priority"]:
             raise ConfigError(f"{path}: limits.min_priority ({cfg['limits']['min_priority']}) is above "
                               f"limits.max_priority ({cfg['limits']['max_priority']})")
-        from nstd.daemon.jobfile import over_limits  # the defaults are a job too: one the limits must allow
-
-        over = over_limits(cfg["defaults"], cfg["limits"])
+        over = over_limits(Job.of(cfg["defaults"]), cfg["limits"])  # the defaults are a job the limits must allow
         if over:
             raise ConfigError(f"{path}: defaults: every job would be refused: {'; '.join(over)}")
         if 0 < cfg["limits"]["cpu_memory_mb"] < 64:
@@ -302,3 +290,33 @@ def memory_budget(cfg: dict, cuda: bool) -> tuple[int, str]:
         return mb * 2**20, f"limits.cpu_memory_mb={mb}"
     half = (machine_memory_bytes() or 8 * 2**30) // 2
     return half, f"limits.cpu_memory_mb=0 (half this machine's memory, {half >> 20} MiB)"
+
+
+# ------------------------------------------------------------------ reload
+
+#: Settings that only a restart applies (SIGHUP names them in a warning).
+RESTART_KEYS = ("paths", "engine", "gpu.devices", "watch.polling", "watch.poll_interval_seconds", "web",
+                "queue.backend", "queue.broker", "queue.name")
+
+
+#: The RESTART_KEYS inside the sections a reload otherwise replaces whole.
+RESTART_KEYS_IN = {"queue": ("backend", "broker", "name")}
+
+
+def reloaded(running: dict, new: dict) -> tuple[dict, list[str]]:
+    """The configuration after a reload (SIGHUP): `new`, except what only a restart applies
+    (RESTART_KEYS), kept as it runs, and those keys that differ. A new dict: the running one is
+    never changed (the daemon hands the new one to each of its parts)."""
+    cfg = {**running}
+    for section in ("defaults", "limits", "queue", "service", "logging", "hooks", "outbox"):
+        kept = {k: running[section][k] for k in RESTART_KEYS_IN.get(section, ())}
+        cfg[section] = {**new[section], **kept}
+    cfg["watch"] = {**running["watch"], **{k: new["watch"][k] for k in ("settle_seconds", "missing_timeout", "rescan_seconds")}}
+    cfg["gpu"] = {**running["gpu"], **{k: new["gpu"][k] for k in ("vram_budget_mb", "cpu_fallback")}}
+    return cfg, [key for key in RESTART_KEYS if _get(running, key) != _get(new, key)]
+
+
+def _get(cfg: dict, dotted: str):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg

@@ -88,16 +88,17 @@ def _patch(record) -> None:
         record["extra"]["job"] = one_line(job)
 
 
-def setup(logging_cfg: dict, logs_dir: Path | None, filename: str = "nstd.log") -> None:
+def setup(logging_cfg: dict, logs_dir: Path | None, filename: str = "nstd.log", stderr: bool = True) -> None:
     """Replace loguru's default sink with ours; safe to call again (SIGHUP). Each `nstd worker`
-    writes a file of its own (`worker-<name>.log`): several machines rotating one file would not."""
+    writes a file of its own (`worker-<name>.log`): several machines rotating one file would not.
+    `stderr` False: the file only (a command that says what it did in its own words)."""
     logger.remove()
     logger.configure(extra={"job": "-", "job_id": None}, patcher=_patch)
     level = logging_cfg["level"]
-    # Lines bound with file_only=True (a start-up error the command prints itself) skip stderr.
-    stderr = _journal_sink(sys.stderr) if stderr_is_journal() else sys.stderr
-    logger.add(stderr, level=level, format=FORMAT, backtrace=False, diagnose=False,
-               filter=lambda record: not record["extra"].get("file_only"))
+    if stderr:  # lines bound with file_only=True (a start-up error the command prints itself) skip it
+        sink = _journal_sink(sys.stderr) if stderr_is_journal() else sys.stderr
+        logger.add(sink, level=level, format=FORMAT, backtrace=False, diagnose=False,
+                   filter=lambda record: not record["extra"].get("file_only"))
     if logs_dir is not None:
         logs_dir.mkdir(parents=True, exist_ok=True)
         logger.add(

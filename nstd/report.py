@@ -7,12 +7,16 @@ import platform
 from nstd import __version__
 
 
-def run_fields(result) -> dict:
-    """The engine's facts about one run (nstd.engine.Result)."""
+def run_fields(result, steps: int) -> dict:
+    """The engine's facts about one run (nstd.engine.Result). `steps` is the job key as the job
+    file and job.yaml hold it (the first stage's steps); `steps_total` is every stage's the engine
+    ran (stages too small for the content are dropped: docs/big-prints.md); `steps_run` is this
+    attempt's share of them (less after a resume)."""
     import torch
 
     return {
-        "steps": result.steps,
+        "steps": steps,
+        "steps_total": result.steps,
         "resumed_from_step": result.resumed_from or None,
         "steps_run": result.steps - result.resumed_from,
         "losses": result.losses,

@@ -8,7 +8,7 @@ import time
 import torch
 from PIL import Image
 
-from nstd.daemon import checkpoints
+from nstd.state import checkpoints
 from nstd.engine import Checkpoint
 
 

@@ -6,7 +6,7 @@ import torch
 import yaml
 from PIL import Image
 
-from nstd.daemon.claim import Claim
+from nstd.state.claim import Claim
 from nstd.daemon.worker import is_oom
 from test_worker import claim, make_worker
 

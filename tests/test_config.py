@@ -99,3 +99,37 @@ def test_config_refuses_a_list_of_stages_as_a_default_and_a_tiny_cpu_budget(tmp_
     p.write_text("limits:\n  cpu_memory_mb: 10\n")
     with pytest.raises(ConfigError, match="limits.cpu_memory_mb: expected 0"):
         load_config(p)
+
+
+def test_a_reload_hands_out_a_new_config_and_keeps_what_needs_a_restart():
+    """SIGHUP: a new dict, the running one untouched (a part reading it mid-job sees one whole
+    config); settings that only a restart applies keep their running value and are named."""
+    import copy
+
+    from nstd.config import reloaded
+
+    running = load_config(None)
+    before = copy.deepcopy(running)
+    new = load_config(None)
+    new["defaults"]["steps"] = 42
+    new["queue"]["max_attempts"] = 7
+    new["queue"]["backend"] = "celery"  # a restart's
+    new["watch"]["settle_seconds"] = 9.0
+    new["watch"]["polling"] = True  # a restart's
+    new["paths"]["root"] = "/elsewhere"  # a restart's
+    cfg, restart = reloaded(running, new)
+    assert running == before and cfg is not running
+    assert cfg["defaults"]["steps"] == 42 and cfg["queue"]["max_attempts"] == 7 and cfg["watch"]["settle_seconds"] == 9.0
+    assert cfg["queue"]["backend"] == "local" and cfg["watch"]["polling"] is False and cfg["paths"] == running["paths"]
+    assert set(restart) == {"paths", "queue.backend", "watch.polling"}
+
+
+def test_the_operators_config_may_use_anchors_a_job_file_may_not(tmp_path):
+    """One YAML reader: config.yaml (the admin's) may share settings with an anchor; nesting stays
+    bounded there too. A job file's anchors are refused (tests/test_jobfile.py)."""
+    path = tmp_path / "config.yaml"
+    path.write_text("defaults: &d\n  steps: 123\nlimits:\n  max_steps: 5000\n")
+    assert load_config(path)["defaults"]["steps"] == 123
+    path.write_text("x: " + "[" * 40 + "]" * 40 + "\n")
+    with pytest.raises(ConfigError, match="nested deeper"):
+        load_config(path)

@@ -34,7 +34,7 @@ def test_a_job_lands_complete(daemon):
     assert set(job) >= {"size", "optimizer", "init", "pooling", "content_layers", "style_layers", "seed", "gif", "output"}
     report = json.loads((out / "report.json").read_text())
     assert set(report["timings"]) == {"waited", "loaded", "targets", "optimised", "encoded"}
-    assert report["steps"] == 3 and report["size_used"] == [32, 17] and report["device"] == "cpu"
+    assert report["steps"] == report["steps_total"] == 3 and report["size_used"] == [32, 17] and report["device"] == "cpu"
     assert report["weights"] == "vgg19-caffe" and "torch" in report["versions"]
     assert report["e512"] == pytest.approx((3 + 1 / 3) * 32 * 17 / 512**2, abs=0.01)  # 3 steps + the check
     log = (out / "job.log").read_text()
@@ -61,7 +61,8 @@ def test_a_coarse_to_fine_job_reports_its_stages(daemon):
     job = yaml.safe_load((out / "job.yaml").read_text())
     assert job["size"] == 48 and job["stages"] == [{"size": 32, "steps": 2}, {"size": 48, "steps": 2}]
     report = json.loads((out / "report.json").read_text())
-    assert report["steps"] == 4 and report["size_used"] == [48, 25]
+    # steps: the job key (the first stage's, as job.yaml says); steps_total: every stage's
+    assert report["steps"] == 2 and report["steps_total"] == 4 and report["size_used"] == [48, 25]
     assert [(s["size"], s["steps"], s["techniques"]) for s in report["stages"]] == [([32, 17], 2, []), ([48, 25], 2, [])]
     # the CPU's budget (half the machine) holds such a job plainly, and the record says so
     assert all(s["seconds"] > 0 and s["why"].startswith("the plain pass fits") for s in report["stages"])
@@ -235,13 +236,14 @@ def test_a_job_without_room_on_disk_waits_with_its_reason_and_runs_once_there_is
 def test_the_room_a_job_needs_grows_with_its_size_and_gif():
     from nstd.config import load_config
     from nstd.daemon import diskroom
+    from nstd.job.spec import Job
 
     settings = load_config(None)["defaults"]
-    small = diskroom.estimate({**settings, "size": 512})
-    big = diskroom.estimate({**settings, "size": 4096})
+    small = diskroom.estimate(Job.of({**settings, "size": 512}))
+    big = diskroom.estimate(Job.of({**settings, "size": 4096}))
     assert big["state"] > 8 * small["state"] and big["outbox"] > 4 * small["outbox"]
     assert small["state"] >= 2 * 512 * 512 * 12  # two float checkpoints
-    assert diskroom.estimate({**settings, "size": 512, "gif": False})["outbox"] == 512 * 512 * 3
+    assert diskroom.estimate(Job.of({**settings, "size": 512, "gif": False}))["outbox"] == 512 * 512 * 3
 
 
 def test_outbox_keep_days_removes_old_results_only_and_says_so(tmp_path):

@@ -71,3 +71,20 @@ def test_waiting_references_name_shared_files(tmp_path):
     r.update(list_sidecars(tmp_path), now=0)
     r.check(now=0)
     assert r.waiting_references(exclude=tmp_path / "a.yaml") == {tmp_path / "c2.jpg", tmp_path / "s.jpg"}
+
+
+def test_a_job_file_caught_mid_rewrite_is_not_taken_for_one_that_waits(tmp_path):
+    """A job file read while it is being rewritten (empty for an instant) names by convention
+    inputs that are not there: it must settle before it counts as waiting for them, so
+    --until-empty does not leave it, nor the intake quarantine it as missing input."""
+    (tmp_path / "c.jpg").write_bytes(b"x")
+    (tmp_path / "s.jpg").write_bytes(b"x")
+    (tmp_path / "j.yaml").write_text("")  # caught between the truncation and the write
+    r = make(tmp_path, settle=2.0, missing=30.0)
+    r.update(list_sidecars(tmp_path), now=0)
+    assert r.check(now=0) == []
+    (tmp_path / "j.yaml").write_text("content: c.jpg\nstyle: s.jpg\n")  # ... written
+    assert r.check(now=1) == [] and not r.settled(now=1)  # seen changing: not waiting for j.content.jpg
+    (tmp_path / "j.yaml").write_text("")  # rewritten again, and caught empty again
+    assert r.check(now=11) == [] and not r.settled(now=11)  # neither missing input nor settled
+    assert r.check(now=13.5) == [] and r.settled(now=13.5)  # settled empty: now it waits for its inputs

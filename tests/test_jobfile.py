@@ -4,7 +4,7 @@ import os
 import pytest
 import yaml
 
-from nstd.daemon.jobfile import read_sidecar, resolve_files, job_settings
+from nstd.job.file import read_sidecar, resolve_files, job_settings
 from nstd.errors import JobError
 from nstd.config import load_config
 

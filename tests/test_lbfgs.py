@@ -197,7 +197,7 @@ def test_frames_read_behind_the_steps_are_the_frames_read_at_once(pair):
 
 
 def test_a_step_that_cannot_be_captured_leaves_the_run_eager_with_one_log_line(engine):
-    """The fallback of Engine._capture, reached on the CPU: capture fails, nothing ran, None, and
+    """The fallback of StepGraphs.capture, reached on the CPU: capture fails, nothing ran, None, and
     that kind of step is not tried again by this engine."""
     from loguru import logger
 
@@ -206,13 +206,14 @@ def test_a_step_that_cannot_be_captured_leaves_the_run_eager_with_one_log_line(e
     ran = []
     try:
         x = torch.zeros(3)
-        assert engine._capture(lambda: ran.append("step"), lambda: ran.append("warm"), lambda: x.sum(), ("k",)) is None
+        assert engine.graphs.capture(lambda: ran.append("step"), lambda: ran.append("warm"), lambda: x.sum(),
+                                     ("k",)) is None
     finally:
         logger.remove(sink)
     assert "step" not in ran and torch.equal(x, torch.zeros(3))
     assert len(lines) == 1 and "cannot be captured in a CUDA graph" in lines[0] and "running it eagerly" in lines[0]
-    assert ("k",) in engine._graphs_refused
-    engine._graphs_refused.clear()
+    assert ("k",) in engine.graphs.refused
+    engine.graphs.refused.clear()
 
 
 class _FakeGraph:
@@ -237,14 +238,14 @@ def test_the_step_loop_with_a_graph_gives_the_eager_result(engine, pair, monkeyp
     import numpy as np
 
     from nstd.engine import StyleParams
-    from nstd.engine import stylize as st
+    from nstd.engine import graph
 
     content, style = pair
     p = StyleParams(size=32, steps=8, frame_every=2)
-    monkeypatch.setattr(engine, "_graphs_possible", lambda: engine.cuda_graphs)
-    monkeypatch.setattr(st, "GRAPH_WARMUP_STEPS", 10**6)  # the masked L-BFGS, never captured: the yardstick
+    monkeypatch.setattr(engine.graphs, "possible", lambda: engine.cuda_graphs)
+    monkeypatch.setattr(graph, "WARMUP_STEPS", 10**6)  # the masked L-BFGS, never captured: the yardstick
     eager = engine.stylize(content, [(style, 1.0)], p)
-    monkeypatch.setattr(st, "GRAPH_WARMUP_STEPS", 3)
+    monkeypatch.setattr(graph, "WARMUP_STEPS", 3)
     graphs: list[_FakeGraph] = []
 
     calls = []
@@ -253,23 +254,23 @@ def test_the_step_loop_with_a_graph_gives_the_eager_result(engine, pair, monkeyp
         calls.append(1)
         warm()
         if outcome == "raises":
-            raise st._CaptureFailed(RuntimeError("operation not permitted when stream is capturing"), clean=True)
+            raise graph.CaptureFailed(RuntimeError("operation not permitted when stream is capturing"), clean=True)
         if outcome == "ended by CUDA":
-            raise st._CaptureFailed(RuntimeError("operation not permitted when stream is capturing"), clean=False)
+            raise graph.CaptureFailed(RuntimeError("operation not permitted when stream is capturing"), clean=False)
         if outcome == "out of memory":
-            raise st._CaptureFailed(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 MiB"), True)
+            raise graph.CaptureFailed(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 MiB"), True)
         graphs.append(_FakeGraph(step, empty=outcome == "empty"))
         return graphs[-1]
 
-    monkeypatch.setattr(st, "_record_graph", record)
-    monkeypatch.setattr(engine, "_side_stream", lambda: None)
+    monkeypatch.setattr(graph, "record_graph", record)
+    monkeypatch.setattr(engine.graphs, "side_stream", lambda: None)
     try:
         got = engine.stylize(content, [(style, 1.0)], p)
         again = engine.stylize(content, [(style, 1.0)], p)
-        engine_refused = bool(engine._graphs_refused)
+        engine_refused = bool(engine.graphs.refused)
         graphs_on = engine.cuda_graphs
     finally:
-        engine._graphs_refused.clear()
+        engine.graphs.refused.clear()
         engine.cuda_graphs = True
     assert not eager.cuda_graph
     assert np.array_equal(np.asarray(got.image), np.asarray(eager.image))
@@ -291,13 +292,13 @@ def test_the_step_loop_with_a_graph_gives_the_eager_result(engine, pair, monkeyp
 
 @pytest.mark.parametrize("size", [(40, 30), (160, 120)], ids=["frame-size", "bigger-than-frames"])
 def test_frames_read_behind_the_steps_on_the_cpu(monkeypatch, size):
-    """_Frames' asynchronous path with CUDA's event and pinned memory stood in for: the event is
+    """Frames' asynchronous path with CUDA's event and pinned memory stood in for: the event is
     recorded on the frame's own device's stream, the frames come out in order and at the frame
     size, as the synchronous path makes them (exactly where no resize is needed)."""
     import numpy as np
 
     from nstd.engine import images
-    from nstd.engine import stylize as st
+    from nstd.engine import readbehind
 
     recorded = []
 
@@ -316,10 +317,10 @@ def test_frames_read_behind_the_steps_on_the_cpu(monkeypatch, size):
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream of", str(device)))
-    monkeypatch.setattr(st, "_pinned_like", lambda t: torch.empty_like(t))
+    monkeypatch.setattr(readbehind, "pinned_like", lambda t: torch.empty_like(t))
     frame_size = (40, 30)
-    sync = st._Frames(lambda t: st.Engine._frame(t, frame_size, None, shown=True), [], asynchronous=False)
-    behind = st._Frames(None, [], asynchronous=True, size=frame_size)
+    sync = readbehind.Frames(lambda t: readbehind.frame_of(t, frame_size, None, shown=True), [], asynchronous=False)
+    behind = readbehind.Frames(None, [], asynchronous=True, size=frame_size)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         shown = torch.rand((1, 3, size[1], size[0]), generator=g)
@@ -334,10 +335,10 @@ def test_frames_read_behind_the_steps_on_the_cpu(monkeypatch, size):
 
 
 def test_losses_read_behind_the_steps_on_the_cpu(monkeypatch):
-    """_LossTap with CUDA's event and pinned memory stood in for: nothing is returned before a
+    """LossTap with CUDA's event and pinned memory stood in for: nothing is returned before a
     copy has landed; then the newest landed step's losses, never a slot a newer copy was queued
     into (the ring has 8 slots: step 9 reuses step 1's)."""
-    from nstd.engine import stylize as st
+    from nstd.engine import readbehind
     from nstd.engine.losses import Losses
 
     class Event:
@@ -352,8 +353,8 @@ def test_losses_read_behind_the_steps_on_the_cpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
-    monkeypatch.setattr(st, "_pinned_like", lambda t: torch.empty_like(t))
-    tap = st._LossTap()
+    monkeypatch.setattr(readbehind, "pinned_like", lambda t: torch.empty_like(t))
+    tap = readbehind.LossTap()
     for step in range(1, 11):
         v = torch.tensor(float(step))
         tap.add(step, Losses(v, v * 2, v * 0, v * 3))
@@ -367,10 +368,10 @@ def test_losses_read_behind_the_steps_on_the_cpu(monkeypatch):
 
 
 def test_a_capture_cuda_ended_gives_its_pool_back(monkeypatch):
-    """_release_pool, the one path after a capture CUDA ended under torch, with torch's private
+    """release_pool, the one path after a capture CUDA ended under torch, with torch's private
     calls stood in for: the allocator stops routing to the pool, then frees it, on the engine's
     GPU; a failing call does not stop the next."""
-    from nstd.engine import stylize as st
+    from nstd.engine import graph
 
     calls = []
 
@@ -381,5 +382,5 @@ def test_a_capture_cuda_ended_gives_its_pool_back(monkeypatch):
     monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda index, pool: calls.append(("release", index, pool)),
                         raising=False)
-    st._release_pool(torch.device("cuda", 1), (0, 7))
+    graph.release_pool(torch.device("cuda", 1), (0, 7))
     assert calls == [("end", 1, (0, 7)), ("release", 1, (0, 7))]

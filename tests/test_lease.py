@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from nstd.config import ConfigError, load_config
-from nstd.daemon.claim import Claim, Input, StyleInput, Times
+from nstd.state.claim import Claim, Input, StyleInput, Times
 from nstd.distributed import board, lease
 
 
@@ -121,8 +121,9 @@ def test_the_board_orders_by_priority_then_arrival_and_skips_held_and_leased(tmp
 
 
 def test_intake_recovery_in_a_cluster_leaves_the_workers_moves_alone(tmp_path):
-    from nstd.daemon.store import Folders, Store
-    from nstd.daemon.transfer import Transfer
+    from nstd.state.folders import Folders
+    from nstd.state.store import Store
+    from nstd.state.transfer import Transfer
 
     folders = Folders(*(tmp_path / n for n in ("inbox", "outbox", "quarantine", "state", "logs")))
     folders.create()
@@ -152,7 +153,8 @@ def test_config_celery_needs_a_broker(tmp_path):
 
 
 def test_status_lists_workers_with_their_heartbeat(tmp_path):
-    from nstd.daemon.status import describe, workers
+    from nstd.commands.status import describe
+    from nstd.state.status import workers
 
     (tmp_path / "workers").mkdir()
     now = time.time()
@@ -284,7 +286,7 @@ def test_a_newer_lease_is_seen_even_when_the_listing_is_stale(tmp_path, monkeypa
 
 
 def folders_with_a_claim(tmp_path):
-    from nstd.daemon.store import Folders
+    from nstd.state.folders import Folders
 
     folders = Folders(*(tmp_path / n for n in ("inbox", "outbox", "quarantine", "state", "logs")))
     folders.create()
@@ -296,8 +298,8 @@ def folders_with_a_claim(tmp_path):
 def test_a_stalled_workers_delivery_is_taken_from_it_not_shared(tmp_path):
     """B takes over while A is mid-delivery: A's transfer is renamed away and rolled back, and
     nothing A does after waking up can add to it, commit it or delete what came back."""
-    from nstd.daemon.store import Store, drop_state_folder
-    from nstd.daemon.transfer import Transfer
+    from nstd.state.store import Store, drop_state_folder
+    from nstd.state.transfer import Transfer
 
     folders, job = folders_with_a_claim(tmp_path)
     a = Transfer(folders.outbox, job.id)
@@ -314,12 +316,15 @@ def test_a_stalled_workers_delivery_is_taken_from_it_not_shared(tmp_path):
 
 
 def test_cancel_without_an_intake_respects_a_workers_lease_and_reclaims_a_dead_ones_move(tmp_path, clock):
-    from nstd.daemon import cancel
-    from nstd.daemon.transfer import Transfer
+    from nstd.commands import cancel
+    from nstd.state.transfer import Transfer
 
     folders, job = folders_with_a_claim(tmp_path)
-    cfg = {"paths": {k: str(getattr(folders, k)) for k in ("inbox", "outbox", "quarantine", "state", "logs")},
-           "queue": {"backend": "celery", "lease_seconds": 60}}
+    from nstd.config import load_config
+
+    cfg = load_config()
+    cfg["paths"].update({k: str(getattr(folders, k)) for k in ("inbox", "outbox", "quarantine", "state", "logs")})
+    cfg["queue"].update(backend="celery", lease_seconds=60)
     worker = lease.Lease.acquire(job.folder, "gpu1-cuda0", 60)
     said = str(cancel.cancel(cfg, job.name, wait_seconds=0.3))
     assert "asked its worker gpu1-cuda0" in said and job.folder.is_dir()  # the worker's to stop
@@ -352,12 +357,12 @@ def test_a_retry_later_on_a_worker_is_not_counted_as_a_crash(tmp_path):
 def test_a_cancel_seen_for_one_job_is_not_taken_for_the_next(tmp_path):
     from types import SimpleNamespace
 
-    from nstd.daemon import cancel
     from nstd.distributed.node import NodeQueue
+    from nstd.state import requests
 
     folders, job = folders_with_a_claim(tmp_path)
     q = NodeQueue(SimpleNamespace(folders=folders))
-    cancel.ask(folders.state, "job-x")
+    requests.ask(folders.state, "job-x")
     assert q.is_cancelled("job-x")
     assert not q.is_cancelled("job-y")  # asked about another job: looked up again
     q.done("job-x")
@@ -367,8 +372,8 @@ def test_a_cancel_seen_for_one_job_is_not_taken_for_the_next(tmp_path):
 def test_each_lease_moves_in_a_folder_of_its_own_and_a_stale_commit_never_lands(tmp_path):
     """A (lease 1) stalls before its commit; B (lease 2) reclaims and starts its own delivery;
     A wakes up: its folder is gone, B's is another, so A can neither commit nor touch B's."""
-    from nstd.daemon.store import Store
-    from nstd.daemon.transfer import Transfer
+    from nstd.state.store import Store
+    from nstd.state.transfer import Transfer
 
     folders, job = folders_with_a_claim(tmp_path)
     a = Transfer(folders.outbox, f"{job.id}-L1")
@@ -383,7 +388,7 @@ def test_each_lease_moves_in_a_folder_of_its_own_and_a_stale_commit_never_lands(
 
 
 def test_a_commit_never_replaces_a_folder_of_the_same_name(tmp_path):
-    from nstd.daemon.transfer import Transfer
+    from nstd.state.transfer import Transfer
 
     (tmp_path / "name").mkdir()  # empty: a plain rename would replace it
     t = Transfer(tmp_path, "x")

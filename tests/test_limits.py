@@ -14,11 +14,12 @@ from PIL import Image
 
 from harness import Daemon
 from nstd.config import ConfigError, load_config
-from nstd.daemon import checkpoints
-from nstd.daemon.jobfile import over_limits
+from nstd.state import checkpoints
+from nstd.job.check import over_limits
+from nstd.job.spec import Job
 from nstd.engine import Checkpoint, Engine, Interrupted, Progress
-from nstd.engine import stylize as stylize_mod
-from nstd.engine.stylize import StyleParams
+from nstd.engine import readbehind as stylize_mod
+from nstd.engine.params import StyleParams
 from test_operator import nstd
 
 
@@ -26,8 +27,8 @@ def limits(**over) -> dict:
     return {**load_config(None)["limits"], **over}
 
 
-def settings(**over) -> dict:
-    return {**load_config(None)["defaults"], **over}
+def settings(**over) -> Job:
+    return Job.of({**load_config(None)["defaults"], **over})
 
 
 def test_the_defaults_are_within_the_default_limits():
@@ -115,10 +116,10 @@ def test_a_job_over_its_time_stops_is_quarantined_and_a_retry_goes_on_from_its_c
 
 
 def test_a_kept_checkpoint_is_found_only_by_the_same_inputs_and_keys():
-    a = checkpoints.job_key(settings(), ["content 1", "style 1.0 2"])
-    assert a == checkpoints.job_key(settings(priority=5), ["content 1", "style 1.0 2"])  # priority shapes nothing
-    assert a != checkpoints.job_key(settings(), ["content 1", "style 1.0 3"])
-    assert a != checkpoints.job_key(settings(style_weight=1.0), ["content 1", "style 1.0 2"])
+    a = checkpoints.job_key(settings().settings, ["content 1", "style 1.0 2"])
+    assert a == checkpoints.job_key(settings(priority=5).settings, ["content 1", "style 1.0 2"])  # priority shapes nothing
+    assert a != checkpoints.job_key(settings().settings, ["content 1", "style 1.0 3"])
+    assert a != checkpoints.job_key(settings(style_weight=1.0).settings, ["content 1", "style 1.0 2"])
 
 
 class _StopAt(Progress):

@@ -61,7 +61,7 @@ import resource, sys
 import torch
 from PIL import Image
 from nstd.engine import Engine
-from nstd.engine.stylize import StyleParams
+from nstd.engine.params import StyleParams
 torch.set_num_threads(2)
 cw, ch, size, sw, sh, scale, styles, budget_mb = map(float, sys.argv[1:9])
 e = Engine(device="cpu", precision="fp32")

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from harness import Daemon
-from nstd.daemon.status import describe
+from nstd.commands.status import describe
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -230,8 +230,12 @@ def test_cancel_a_running_and_a_queued_job(tmp_path):
 
 
 def test_cancel_without_a_daemon_and_status_shows_what_waits_to_resume(tmp_path):
+    """A job a stop left in state: status names it, and `nstd cancel` with no daemon ends it the
+    way the daemon would (one path, Outcomes): error.yaml, and its hook runs."""
+    said = tmp_path / "hook.txt"
     d = Daemon(tmp_path, defaults={"size": 64, "steps": 100000, "gif": False}, limits={"max_steps": 100000},
-               service={"shutdown_grace_seconds": 0, "checkpoint_every": 1})
+               service={"shutdown_grace_seconds": 0, "checkpoint_every": 1},
+               hooks={"on_failed": f"sh -c 'echo \"$NSTD_JOB $NSTD_ERROR_KIND\" >> {said}'"})
     d.start()
     d.drop("halted", {"content": "hoovertowernight.jpg", "style": "starry_night.jpg"})
     d.wait(lambda: ((d.status() or {}).get("running") or {}).get("step", 0) >= 2, 60, "the job to run")
@@ -242,6 +246,9 @@ def test_cancel_without_a_daemon_and_status_shows_what_waits_to_resume(tmp_path)
     r = nstd("cancel", "halted", "--config", d.config)
     assert r.returncode == 0 and "cancelled halted" in r.stdout, r.stderr
     assert d.error("halted")["kind"] == "cancelled"
+    assert said.read_text() == "halted cancelled\n"
+    logged = (d.root / "logs" / "nstd.log").read_text()  # as the daemon's own cancel is
+    assert r.stderr == "" and "cancelled with nstd cancel while no daemon ran" in logged
     assert os.listdir(d.state / "jobs") == []
     assert "waiting to resume" not in nstd("status", "--config", d.config).stdout
 
@@ -292,7 +299,7 @@ def test_status_tells_a_stalled_daemon_and_since_when_it_counts():
 def test_a_stopped_daemon_shows_as_not_responding(tmp_path, monkeypatch):
     """SIGSTOP: the pid lives, the status file ages; `nstd status` says so (the age is faked
     forward rather than waited for)."""
-    import nstd.daemon.status as status_mod
+    import nstd.commands.status as status_mod  # describe() reads STALE_SECONDS from there
 
     d = Daemon(tmp_path)
     d.start()
@@ -370,7 +377,7 @@ def test_scripts_get_json_and_exit_codes_that_mean_something(tmp_path, images_di
     verdicts on stdout, --json a list; cancel: 6 while only asked, 0 once done, --json; retry --json."""
     import json
 
-    from nstd.daemon.lock import RootLock
+    from nstd.state.lock import RootLock
 
     d = Daemon(tmp_path, defaults={"size": 64, "steps": 100000, "gif": False}, limits={"max_steps": 100000},
                service={"shutdown_grace_seconds": 0})

@@ -211,7 +211,8 @@ def test_names_reach_the_operators_terminal_escaped(root):
 def test_cancel_reads_a_planted_error_yaml_as_an_input(root, plant):
     """A quarantine folder named like the job, holding a FIFO or a link to /dev/zero as its
     error.yaml, is skipped at once: cancel neither hangs nor reads until memory runs out."""
-    from nstd.daemon.cancel import Claimed, quarantined_as
+    from nstd.commands.cancel import quarantined_as
+    from nstd.state.claim import Claimed
 
     trap = root / "var" / "quarantine" / "long"
     trap.mkdir()
@@ -243,14 +244,15 @@ def test_retry_of_a_long_named_folder_does_all_of_it(root):
 
 
 def test_retry_that_fails_midway_leaves_the_folder_as_it_was(root, monkeypatch):
-    from nstd.daemon import retry as retry_mod
+    from nstd.commands import retry as retry_mod
+    from nstd.state import safefs
 
     before = tree(root / "var")
 
     def broken(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(retry_mod, "_write_new", broken)
+    monkeypatch.setattr(safefs, "write_new", broken)  # the new job file cannot be written
     with pytest.raises(OSError):
         retry_mod.retry(load_config(root / "config.yaml"), "q", {})
     assert tree(root / "var") == before
@@ -271,7 +273,7 @@ def test_a_name_can_neither_forge_a_line_nor_reach_the_terminal_raw(root):
     (var / "state" / "status.json").write_text(json.dumps({
         "pid": 1, "state": "running", "started_at": now, "updated_at": now, "queue": [forged, raw, bidi],
         "waiting": [{"job": forged + ".yaml", "reason": "waiting for x"}], "done": 0, "failed": 0}))
-    from nstd.daemon.lock import RootLock
+    from nstd.state.lock import RootLock
 
     lock = RootLock(var / "state")  # a daemon holds the root
     try:

@@ -11,7 +11,7 @@ from PIL import Image
 from nstd.engine import StyleParams, images
 from nstd.engine.quality import Judge, clipped, moire, sliced_w2
 from nstd.engine.schedule import Stage
-from nstd.engine.stylize import E512_PIXELS, FORWARD_SHARE
+from nstd.engine.params import E512_PIXELS, FORWARD_SHARE
 
 
 def _grey(values: torch.Tensor) -> Image.Image:
@@ -88,7 +88,7 @@ def test_e512_counts_every_pass_of_a_staged_run(engine, pair):
 
 
 def test_grain_is_fixed_by_seed_and_stage_and_has_its_rms():
-    from nstd.engine.stylize import _grain
+    from nstd.engine.start import grain as _grain
 
     a = _grain(torch.Size((1, 3, 64, 64)), 8.0, seed=0, stage=0)
     assert torch.equal(a, _grain(torch.Size((1, 3, 64, 64)), 8.0, seed=0, stage=0))

@@ -95,8 +95,9 @@ def test_swapping_names_while_jobs_are_judged_and_claimed_never_reaches_outside(
     from nstd.daemon.intake import Intake
     from nstd.daemon.outcome import Outcomes
     from nstd.daemon.queue import JobQueue
-    from nstd.daemon.status import Status
-    from nstd.daemon.store import Folders, Store
+    from nstd.state.status import Status
+    from nstd.state.folders import Folders
+    from nstd.state.store import Store
 
     outside = make_outside(tmp_path)
     before = {outside: snapshot(outside)}
@@ -285,7 +286,8 @@ def test_a_second_daemon_on_the_same_root_exits_2(tmp_path):
 
 def _state_on(mnt, tmp_path):
     """A store whose state folder lies on `mnt` (another filesystem than the inbox's)."""
-    from nstd.daemon.store import Folders, Store
+    from nstd.state.folders import Folders
+    from nstd.state.store import Store
 
     folders = Folders(tmp_path / "inbox", tmp_path / "outbox", tmp_path / "q", mnt / "state", tmp_path / "logs")
     folders.create()
@@ -295,7 +297,7 @@ def _state_on(mnt, tmp_path):
 def test_state_full_on_another_filesystem_leaves_nothing_in_the_inbox(tmp_path, small_fs):
     from test_faults_disk import fill
 
-    from nstd.daemon.jobfile import JobFiles
+    from nstd.state.claim import JobFiles
 
     folders, store = _state_on(small_fs, tmp_path)
     big = os.urandom(400_000)
@@ -321,9 +323,10 @@ def test_state_full_on_another_filesystem_leaves_nothing_in_the_inbox(tmp_path, 
 
 def test_a_copy_cut_short_is_rolled_back_without_a_trace(tmp_path):
     """kill -9 in the middle of a claim's copy across filesystems: recovery leaves the inbox as it was."""
-    from nstd.daemon import safefs
-    from nstd.daemon.store import Folders, Store
-    from nstd.daemon.transfer import Transfer
+    from nstd.state import safefs
+    from nstd.state.folders import Folders
+    from nstd.state.store import Store
+    from nstd.state.transfer import Transfer
 
     folders = Folders(*(tmp_path / n for n in ("inbox", "outbox", "quarantine", "state", "logs")))
     folders.create()
@@ -432,7 +435,8 @@ def test_a_job_nstd_cannot_claim_is_held_with_its_reason_in_status(tmp_path, sma
     from nstd.daemon.intake import Intake
     from nstd.daemon.outcome import Outcomes
     from nstd.daemon.queue import JobQueue
-    from nstd.daemon.status import Status, describe
+    from nstd.commands.status import describe
+    from nstd.state.status import Status
 
     folders, store = _state_on(small_fs, tmp_path)
     queue, status = JobQueue(), Status(tmp_path)
@@ -456,7 +460,8 @@ def test_a_job_nstd_cannot_claim_is_held_with_its_reason_in_status(tmp_path, sma
 
 
 def _store(tmp_path):
-    from nstd.daemon.store import Folders, Store
+    from nstd.state.folders import Folders
+    from nstd.state.store import Store
 
     folders = Folders(*(tmp_path / n for n in ("inbox", "outbox", "quarantine", "state", "logs")))
     folders.create()
@@ -469,12 +474,12 @@ def test_a_file_named_like_the_manifest_is_kept(tmp_path):
     (store.inbox / "q.yaml").write_text("content: .nstd-manifest.json\n")
     final = store.quarantine_from_inbox("q", store.inbox / "q.yaml", [store.inbox / ".nstd-manifest.json"], set(),
                                         {"kind": "bad"}, "")
-    assert (final / "input-2-.nstd-manifest.json").read_text() == "a user's own file"
+    assert (final / ".nstd-manifest.json-2").read_text() == "a user's own file"
 
 
 def test_a_name_swapped_between_pin_and_move_goes_back_and_nothing_is_lost(tmp_path):
-    from nstd.daemon import safefs
-    from nstd.daemon.transfer import Transfer
+    from nstd.state import safefs
+    from nstd.state.transfer import Transfer
 
     store = _store(tmp_path)
     (store.inbox / "big.png").write_bytes(b"what was checked")
@@ -506,7 +511,8 @@ def test_a_job_file_too_long_to_rename_aside_is_judged_once(tmp_path):
 
 def test_hard_links_and_huge_sparse_files_are_refused(tmp_path):
     from nstd.config import load_config
-    from nstd.daemon.jobfile import ParsedJob, check_job, resolve_files
+    from nstd.job.check import check_job
+    from nstd.job.file import ParsedJob, resolve_files
     from nstd.errors import JobError
 
     outside = make_outside(tmp_path)
@@ -545,8 +551,8 @@ def test_a_burst_of_signals_never_deadlocks_the_daemon(tmp_path):
 
 
 def test_a_file_written_to_between_check_and_claim_goes_back(tmp_path):
-    from nstd.daemon import safefs
-    from nstd.daemon.transfer import Transfer
+    from nstd.state import safefs
+    from nstd.state.transfer import Transfer
 
     store = _store(tmp_path)
     (store.inbox / "grow.png").write_bytes(b"small")
@@ -563,7 +569,7 @@ def test_a_file_written_to_between_check_and_claim_goes_back(tmp_path):
 
 
 def test_moving_aside_never_replaces(tmp_path):
-    from nstd.daemon import safefs
+    from nstd.state import safefs
 
     d = tmp_path / "d"
     d.mkdir()

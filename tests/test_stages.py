@@ -10,7 +10,8 @@ from nstd.engine.memory import Techniques, choose, fit_size, predict_peak_bytes
 from nstd.engine.progress import Interrupted, Progress
 from nstd.engine.schedule import MIN_STAGE_STEPS, Stage, plan, stage_at
 from nstd.engine.tiles import Tiler, halo_for, layout
-from nstd.jobkeys import JOB_FIELDS, merge, style_params
+from nstd.job.keys import JOB_FIELDS, merge
+from nstd.job.spec import Job
 from nstd.schema import SchemaError, defaults
 
 DEFAULT = ["conv4_2", "conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1"]
@@ -54,6 +55,21 @@ def test_stages_too_thin_for_the_network_are_left_out(engine, pair):
         engine.plan(Image.new("RGB", (256, 192)), [StyleImage(Image.new("RGB", (200, 100)))], q)
 
 
+def test_the_total_steps_are_those_of_the_stages_that_run(engine, pair):
+    """A stage the plan leaves out (too thin for the network) is not counted: the total the job
+    is planned with, the one progress reports at every step and the result's are the steps run
+    (the issue's "progress can say 4 steps when 2 run")."""
+    _, style = pair
+    panorama = Image.new("RGB", (640, 32), (90, 120, 160))
+    p = StyleParams(size=640, steps=2, stages=(Stage(160, 2), Stage(640, 2)), frame_every=0)
+    seen = []
+    result = engine.stylize(panorama, [(style, 1.0)], p, progress=lambda i: seen.append((i.step, i.steps)))
+    ran = len(seen)
+    assert ran == 2 and [s for s, _ in seen] == [1, 2] and {n for _, n in seen} == {ran}
+    assert result.steps == ran and p.total_steps(panorama.size, [style.size]) == ran
+    assert sum(st.steps for st in p.schedule()) == 4  # what was asked, before the plan
+
+
 def test_a_checkpoint_resumes_in_its_stage():
     stages = [Stage(64, 10), Stage(128, 5)]
     assert stage_at(stages, 1) == (0, 0) and stage_at(stages, 10) == (0, 0)
@@ -64,10 +80,10 @@ def test_job_keys_for_stages():
     base = defaults(JOB_FIELDS)
     job = merge(base, {"stages": [{"size": 256, "steps": 100}, {"size": 768, "steps": 40}]})
     assert job["size"] == 768 and job["steps"] == 100  # job.yaml says what runs
-    p = style_params(job)
-    assert p.schedule() == [Stage(256, 100), Stage(768, 40)] and p.total_steps() == 140
+    p = Job.of(job).params()
+    assert p.schedule() == [Stage(256, 100), Stage(768, 40)] and p.total_steps((1024, 768), [(512, 512)]) == 140
     assert merge(base, {"stages": [{"size": 256, "steps": 100}], "size": 256, "steps": 100})["size"] == 256
-    assert style_params(merge(base, {"stages": 1, "size": 2048})).schedule() == [Stage(2048, 300)]
+    assert Job.of(merge(base, {"stages": 1, "size": 2048})).params().schedule() == [Stage(2048, 300)]
     for bad, words in [
         ("lots", "expected auto, a number of stages"),
         (0, "expected auto"),
@@ -344,3 +360,19 @@ def test_a_budget_picks_the_techniques_and_the_run_says_why(engine, pair):
     assert squeezed.size == plain.size
     if record["lbfgs_history"] == 20:
         assert squeezed.losses["total"] == pytest.approx(plain.losses["total"], rel=1e-3)
+
+
+def test_a_job_is_typed_once_and_its_defaults_are_the_keys_own():
+    """Job.of: the keys as types, the stages planned once; the engine's parameters for the default
+    job are StyleParams' own defaults (one source: the key table); a claim written before a key
+    existed runs as it was taken."""
+    from nstd.engine.params import StyleParams
+
+    defaults = {k: f.default for k, f in JOB_FIELDS.items()}
+    job = Job.of(merge(defaults, {"stages": [{"size": 256, "steps": 30}, {"size": 512, "steps": 10}]}))
+    assert (job.size, job.steps, job.total_steps) == (512, 30, 40) and job.stages is job.stages
+    assert job.stages == [Stage(256, 30), Stage(512, 10)] and job.gif.every == 5 and job.output.format == "png"
+    assert Job.of(merge(defaults, {})).params() == StyleParams()
+    old = {k: v for k, v in merge(defaults, {}).items() if k not in ("stages", "anchor_size", "grain", "output")}
+    p = Job.of(old).params()
+    assert (p.stages, p.anchor_size, p.grain, p.bits) == (1, 0, 0.0, 8)

@@ -4,9 +4,10 @@ import os
 
 import pytest
 
-from nstd.daemon.jobfile import JobFiles
-from nstd.daemon.store import Folders, Store
-from nstd.daemon.transfer import Transfer
+from nstd.state.claim import JobFiles
+from nstd.state.folders import Folders
+from nstd.state.store import Store
+from nstd.state.transfer import Transfer
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def test_quarantine_from_inbox_keeps_inputs_beside_error(store):
     final = store.quarantine_from_inbox("error", files.sidecar, files.inputs(), set(), {"kind": "bad"}, "log line\n")
     names = sorted(os.listdir(final))
     assert "error.yaml" in names and "job.log" in names and "error.jpg" in names and "style.jpg" in names
-    assert any(n.endswith("error.yaml") and n != "error.yaml" for n in names)  # the user's sidecar, renamed
+    assert "error-2.yaml" in names  # the user's sidecar, under the one free-name rule (nstd/state/names.py)
     assert os.listdir(store.f.inbox) == []
 
 
@@ -98,3 +99,19 @@ def test_layout_check(tmp_path):
     f = Folders(tmp_path / "root" / "in", tmp_path / "o", tmp_path / "q", tmp_path / "root", tmp_path / "l")
     with pytest.raises(ValueError, match="inbox.*lies inside paths.state"):
         f.check_layout()
+
+
+@pytest.mark.parametrize("name, taken, keep_suffix, mark, expected", [
+    ("j", set(), False, "", "j"),
+    ("j", {"j"}, False, "", "j-2"),
+    ("j", {"j", "j-2"}, False, "", "j-3"),
+    ("x.final", {"x.final"}, False, "", "x.final-2"),  # a folder: no suffix to keep
+    ("a.jpg", {"a.jpg", "a-2.jpg"}, True, "", "a-3.jpg"),  # a user's file keeps its type
+    ("error.yaml", {"error.yaml"}, True, "", "error-2.yaml"),
+    (".nstd-manifest.json", {".nstd-manifest.json"}, True, "", ".nstd-manifest.json-2"),  # hidden: whole
+    ("job", {"job"}, False, "retry-", "job-retry-2"),
+])
+def test_one_rule_for_a_free_name(name, taken, keep_suffix, mark, expected):
+    from nstd.state.names import free_name
+
+    assert free_name(name, taken.__contains__, keep_suffix, mark) == expected

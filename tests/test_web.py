@@ -284,7 +284,7 @@ def test_what_a_hostile_review_found_stays_fixed(page):
 
 
 def test_a_page_process_that_dies_comes_back_and_its_address_is_updated(tmp_path):
-    from nstd.daemon.store import Folders
+    from nstd.state.folders import Folders
     from nstd.web.launch import StatusPage
 
     folders = Folders(*(tmp_path / n for n in ("inbox", "outbox", "quarantine", "state", "logs")))
@@ -505,7 +505,7 @@ def test_a_page_beyond_the_loopback_answers_its_own_names_and_its_token_only(tmp
 def test_each_jobs_first_step_is_timed_too():
     """nstd_step_seconds counted n - 1 of a job's n steps: its first has no step before it. The
     engine's time since its optimisation began times it."""
-    from nstd.daemon.live import Live
+    from nstd.state.live import Live
 
     live = Live()
     for job in ("a", "b"):

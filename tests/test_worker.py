@@ -11,14 +11,16 @@ from PIL import Image
 import fake_cuda
 from nstd.config import load_config
 from nstd.engine.device import resolve
-from nstd.engine.stylize import Result
-from nstd.daemon.status import Status
-from nstd.daemon.store import Folders, Store
+from nstd.engine.params import Result
+from nstd.state.status import Status
+from nstd.state.folders import Folders
+from nstd.state.store import Store
 from nstd.daemon.queue import JobQueue
 from nstd.daemon.outcome import Outcomes
 from nstd.daemon.worker import Worker
-from nstd.daemon.claim import Claim, Input, Times
-from nstd.daemon.jobfile import check_job, parse_job
+from nstd.state.claim import Claim, Input, Times
+from nstd.job.check import check_job
+from nstd.job.file import parse_job
 from nstd.engine import TargetCache
 
 

@@ -12,41 +12,35 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from nstd.job.spec import Job
+
 #: What `auto` keeps free besides a job's own files: logs, status, the page, other processes.
 MARGIN_BYTES = 64 * 2**20
 
 
-def estimate(settings: dict) -> dict[str, int]:
+def estimate(job: Job) -> dict[str, int]:
     """Bytes a job writes, by folder: the outbox (the result at most raw, the GIF) and the state
     folder (a float checkpoint twice, as a new one is written beside the old, and the GIF's raw
     frames). The picture is taken as square at its long edge: an upper bound."""
-    from nstd.engine import schedule
-    from nstd.engine.stylize import FRAME_EDGE_MAX, FRAMES_MAX
+    from nstd.engine.readbehind import FRAME_EDGE_MAX, FRAMES_MAX
 
-    side = int(settings["size"])
+    side = job.size
     pixels = side * side
-    try:
-        steps = schedule.total_steps(schedule.plan(settings["size"], settings["steps"], settings["stages"],
-                                                   settings["stage_start"], settings["stage_factor"],
-                                                   settings["stage_steps"]))
-    except (KeyError, ValueError):
-        steps = int(settings.get("steps", 0))
-    gif = settings.get("gif") or {}
     frames = frame_pixels = 0
-    if gif:
-        frames = min(FRAMES_MAX, steps // max(1, int(gif.get("every", 5))) + 1)
-        edge = min(side, int(gif.get("max_size", 512)), FRAME_EDGE_MAX)
+    if job.gif:
+        frames = min(FRAMES_MAX, job.total_steps // max(1, job.gif.every) + 1)
+        edge = min(side, job.gif.max_size, FRAME_EDGE_MAX)
         frame_pixels = edge * edge
     return {"outbox": pixels * 3 + frames * frame_pixels,
             "state": 2 * pixels * 3 * 4 + frames * frame_pixels * 3}
 
 
-def shortfall(outbox: Path, state: Path, settings: dict, min_free_mb: int | str) -> str | None:
+def shortfall(outbox: Path, state: Path, job: Job, min_free_mb: int | str) -> str | None:
     """Why the job cannot start for want of room, or None. `min_free_mb`: "auto" (the job's own
     estimate plus MARGIN_BYTES) or MiB to keep free on each file system (0: no check)."""
     if min_free_mb == 0:
         return None
-    need = estimate(settings)
+    need = estimate(job)
     wanted: dict[int, tuple[int, list[str]]] = {}
     for name, folder in (("outbox", outbox), ("state", state)):
         try:

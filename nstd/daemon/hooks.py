@@ -38,7 +38,7 @@ class HookRun:
 class Hooks(threading.Thread):
     def __init__(self, cfg: dict):
         super().__init__(name="hooks", daemon=True)
-        self.cfg = cfg  # the live config: a reload changes the commands for the next job
+        self.cfg = cfg  # a reload hands over a new one (Daemon._hand_out): the next hook uses it
         self._q: "queue.Queue[HookRun | None]" = queue.Queue(maxsize=MAX_WAITING)
 
     def done(self, job: str, folder: str, result: str) -> None:

@@ -16,10 +16,14 @@ from pathlib import Path
 
 from loguru import logger
 
-from nstd.daemon import inboxnote, safefs
+from nstd.daemon import inboxnote
 from nstd.daemon.queue import retry_at
-from nstd.daemon.jobfile import SIDECAR_SUFFIXES, JobFiles, ParsedJob, check_input, job_name, parse_job, waiting_for
 from nstd.errors import ErrorKind, JobError
+from nstd.job.file import SIDECAR_SUFFIXES, ParsedJob, check_input, job_name, parse_job, waiting_for
+from nstd.job.keys import JOB_FIELDS
+from nstd.schema import defaults
+from nstd.state import safefs
+from nstd.state.claim import JobFiles
 
 #: Hidden and temporary names, and the litter operating systems and sync tools leave.
 IGNORED_PATTERNS = (
@@ -82,6 +86,9 @@ class Pending:
     job: ParsedJob | None = None
     error: JobError | None = None
     parsed_sig: tuple | None = None
+    #: when the job file itself last changed (monotonic): a job file being rewritten may read as
+    #: empty, naming inputs by convention that are not there, until it settles
+    sidecar_changed: float = 0.0
     #: after a failed claim or quarantine (a full disk, say): not looked at again before this
     hold_until: float = 0.0
     #: why it is held, for `nstd status` and the log
@@ -138,8 +145,6 @@ class Readiness:
 
     def __post_init__(self) -> None:
         if self.defaults is None:
-            from nstd.jobkeys import JOB_FIELDS
-            from nstd.schema import defaults
 
             self.defaults = defaults(JOB_FIELDS)
 
@@ -227,10 +232,12 @@ class Readiness:
                 inboxnote.remove(inbox_fd, sidecar.name)
                 self.notes.discard(sidecar)
 
-    def _parse(self, inbox_fd: int, p: Pending) -> None:
+    def _parse(self, inbox_fd: int, p: Pending, now: float) -> None:
         sig = signature(inbox_fd, self.inbox, [p.sidecar], regular=False)
         if sig is not None and sig == p.parsed_sig:
             return
+        # Seen changing: now; read for the first time: as old as it was first seen.
+        p.sidecar_changed = now if p.parsed_sig is not None else p.first_seen
         p.parsed_sig = sig
         p.error, p.files, p.job = None, None, None
         try:
@@ -252,7 +259,7 @@ class Readiness:
             return None
         if now < p.hold_until:
             return None
-        self._parse(inbox_fd, p)
+        self._parse(inbox_fd, p, now)
         watched = [p.sidecar] if p.files is None else p.files.inputs()
         # One lstat a file a tick; only a gap costs a second look. A job file judged for an error
         # (it may be a link to a FIFO outside) only has to settle, never be a regular file.
@@ -269,6 +276,8 @@ class Readiness:
         assert p.files is not None
         if p.files.missing:
             waited = now - p.first_seen
+            if now - p.sidecar_changed < self.settle_seconds:
+                return None  # the job file itself is still being written: what it names may change
             if waited >= self.missing_timeout:
                 return Verdict(p, error=JobError(ErrorKind.MISSING_INPUT, f"still missing after {self.missing_timeout:g} s: {waiting_for(p.files)}"))
             if waited >= self.settle_seconds and not p.told_waiting:
@@ -306,7 +315,8 @@ class Readiness:
         or has kept changing for longer than missing_timeout (it is logged, and left)."""
         now = time.monotonic() if now is None else now
         for p in self.pending.values():
-            if p.held_for or (p.files is not None and p.files.missing):
+            if p.held_for or (p.files is not None and p.files.missing
+                              and now - p.sidecar_changed >= self.settle_seconds):
                 continue
             if now - p.first_seen < self.missing_timeout:
                 return False

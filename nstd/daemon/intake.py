@@ -9,14 +9,15 @@ from pathlib import Path
 from loguru import logger
 
 from nstd import logs
-from nstd.daemon import safefs
-from nstd.daemon.claim import Claim
 from nstd.daemon.inbox import Pending, Readiness
-from nstd.daemon.jobfile import NO_LINKS, check_job, job_name, named_files
 from nstd.daemon.outcome import Outcomes
 from nstd.daemon.queue import RETRY_SECONDS, JobQueue
-from nstd.daemon.store import LEFT_WHY, Store
 from nstd.errors import ErrorKind, JobError
+from nstd.job.check import check_job
+from nstd.job.file import NO_LINKS, job_name, named_files
+from nstd.state import safefs
+from nstd.state.claim import Claim
+from nstd.state.store import LEFT_WHY, Store
 
 
 class Intake:

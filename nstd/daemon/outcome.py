@@ -19,18 +19,19 @@ from typing import Callable
 
 from loguru import logger
 
-from nstd import logs
-from nstd.daemon.claim import Claim
+from nstd import logs, yamltext
 from nstd.daemon.hooks import Hooks
-from nstd.daemon.live import Live
 from nstd.daemon.queue import RETRY_SECONDS, JobQueue, retry_at
-from nstd.daemon.status import Status, iso
-from nstd.daemon.store import Store
-from nstd.daemon.transfer import safe_component
 from nstd.engine import Result, images
-from nstd import yamltext
 from nstd.errors import ErrorKind, JobError, Stage
+from nstd.job.spec import Job
 from nstd.report import run_fields
+from nstd.state.claim import Claim
+from nstd.state.live import Live
+from nstd.state.status import Status
+from nstd.state.store import Store
+from nstd.state.transfer import safe_component
+from nstd.timetext import iso
 
 
 @dataclasses.dataclass
@@ -38,6 +39,7 @@ class Optimised:
     """A job whose picture is made: what the finisher needs to encode, report and deliver it."""
 
     job: Claim
+    spec: Job  # its keys, typed
     result: Result
     size_requested: int
     timings: dict[str, float]
@@ -58,8 +60,10 @@ def error_record(name: str, exc: JobError, attempts: int, times: dict[str, float
 class Outcomes:
     """The one place a job's end is decided and written."""
 
-    def __init__(self, cfg: dict, store: Store, status: Status, jobs: JobQueue, hooks: Hooks | None = None,
-                 live: Live | None = None):
+    def __init__(self, cfg: dict, store: Store, status: Status | None, jobs: JobQueue | None,
+                 hooks: Hooks | None = None, live: Live | None = None):
+        """`status` None: no daemon's counts to add to (`nstd cancel` with no daemon running);
+        `jobs` None: nothing to retry later into (the caller retries)."""
         self.cfg, self.store, self.status, self.queue = cfg, store, status, jobs
         self.hooks = hooks or Hooks(cfg)  # not started: hooks run inline (a worker driven by hand)
         self.live = live or Live()
@@ -71,19 +75,34 @@ class Outcomes:
         """A job judged before its claim. Raises OSError (rolled back) when it cannot be written."""
         error = error_record(name, exc, 0, {"seen": seen, "failed": time.time()})
         final = self.store.quarantine_from_inbox(name, sidecar, files, shared, error, log_text)
-        logger.bind(job=name).warning("quarantined in {}: {}", final, exc.message)
-        self.status.count_quarantined(exc.kind.value)
-        self.hooks.failed(name, str(final), exc.kind.value, exc.message)
+        self._ended(name, final, exc)
         return final
 
-    def quarantine(self, job: Claim, exc: JobError) -> None:
-        """A claimed job that cannot be done. Raises OSError when quarantine cannot be written."""
+    def quarantine(self, job: Claim, exc: JobError) -> Path:
+        """A claimed job that cannot be done, or is cancelled: its quarantine folder. Raises
+        OSError when quarantine cannot be written."""
         error = error_record(job.name, exc, job.attempts, {"claimed": job.times.claimed, "failed": time.time()}, job.id)
-        text = job.log_path.read_text(encoding="utf-8") if job.log_path.exists() else ""
+        text = job.log_path.read_text(encoding="utf-8", errors="replace") if job.log_path.exists() else ""
         final = self.store.quarantine_claimed(job, error, text)
-        logger.bind(job=job.name).warning("quarantined in {}: {}", final, exc.message)
-        self.status.count_quarantined(exc.kind.value)
-        self.hooks.failed(job.name, str(final), exc.kind.value, exc.message)
+        self._ended(job.name, final, exc)
+        return final
+
+    def _ended(self, name: str, final: Path, exc: JobError) -> None:
+        """Every quarantine's log line, count and hook."""
+        logger.bind(job=name).warning("quarantined in {}: {}", final, exc.message)
+        if self.status is not None:
+            self.status.count_quarantined(exc.kind.value)
+        self.hooks.failed(name, str(final), exc.kind.value, exc.message)
+
+    def crashed_too_often(self, job: Claim, who: str) -> bool:
+        """The crash-loop rule: a job during which `who` ("the daemon", "workers") stopped
+        queue.max_attempts times is quarantined as crashed instead of run again (True)."""
+        limit = self.cfg["queue"]["max_attempts"]
+        if job.attempts < limit:
+            return False
+        self.quarantine(job, JobError(ErrorKind.CRASHED, f"{who} stopped during this job {job.attempts} times "
+                                      f"(queue.max_attempts={limit})", Stage.RUN))
+        return True
 
     def internal_error(self, job: Claim, exc: Exception, stage: Stage) -> None:
         """A bug or an engine/encoder failure: quarantine the job with the traceback in its log."""
@@ -91,7 +110,10 @@ class Outcomes:
         self.quarantine(job, JobError(ErrorKind.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", stage))
 
     def retry_later(self, job: Claim, exc: Exception) -> None:
-        """A job that failed for a reason of nstd's, not the user's: log it and queue it again."""
+        """A job that failed for a reason of nstd's, not the user's: log it and queue it again
+        (without a queue, as `nstd cancel` has none: `exc` is the caller's)."""
+        if self.queue is None:
+            raise exc
         logger.bind(job=job.name).opt(exception=exc).error("could not finish the job ({}); retrying in {:g} s",
                                                            exc, RETRY_SECONDS)
         self.queue.put(job, not_before=retry_at())
@@ -137,29 +159,30 @@ class Outcomes:
     def encode(self, done: Optimised) -> dict[str, bytes]:
         """The result, the GIF, job.yaml and report.json, as bytes for the outbox."""
         t_start = time.time()
-        job, result, settings = done.job, done.result, done.job.settings
-        fmt = settings["output"]["format"]
+        job, result, spec = done.job, done.result, done.spec
+        fmt = spec.output.format
         stem = safe_component(job.name)
-        outputs = {f"{stem}.{fmt}": images.encode(result.image, fmt, settings["output"].get("quality"), result.image16)}
-        if settings["gif"] and result.frames:
+        outputs = {f"{stem}.{fmt}": images.encode(result.image, fmt, spec.output.quality, result.image16)}
+        if spec.gif and result.frames:
             buf = io.BytesIO()
-            images.save_gif_to(result.frames, buf, settings["gif"]["fps"])
+            images.save_gif_to(result.frames, buf, spec.gif.fps)
             outputs[f"{stem}.gif"] = buf.getvalue()
         encoded = time.time() - t_start
         effective = {"content": job.content.origin,
-                     "style": [{"path": s.origin, "weight": s.weight} for s in job.styles], **settings}
+                     "style": [{"path": s.origin, "weight": s.weight} for s in job.styles], **spec.settings}
         outputs["job.yaml"] = yamltext.dump(effective).encode()
         outputs["report.json"] = json.dumps(self.report(done, encoded), indent=1).encode()
         return outputs
 
     def report(self, done: Optimised, encoded: float) -> dict:
+        spec = done.spec
         return {
             "job": done.job.name,
             "status": "done",
             "attempts": done.job.attempts,
             "timings": {**done.timings, "encoded": round(encoded, 3)},  # encoded: result + GIF
-            **run_fields(done.result),
-            "preserve_color": done.job.settings.get("preserve_color", "none"),
+            **run_fields(done.result, spec.steps),
+            "preserve_color": spec.preserve_color,
             "size_requested": done.size_requested,
             "oom_retries": done.oom_retries,
             "cpu_fallback": done.cpu_fallback,

@@ -11,7 +11,7 @@ import itertools
 import threading
 import time
 
-from nstd.daemon.claim import Claim
+from nstd.state.claim import Claim
 
 #: How long a job waits after nstd failed to move or finish it (intake and worker alike).
 RETRY_SECONDS = 30.0

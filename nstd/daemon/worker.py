@@ -17,21 +17,22 @@ from loguru import logger
 
 from nstd import logs
 from nstd.config import memory_budget
-from nstd.daemon import checkpoints, diskroom, safefs
-from nstd.daemon.claim import Claim
-from nstd.daemon.live import Live
+from nstd.daemon import diskroom
 from nstd.daemon.outcome import Finisher, Optimised, Outcomes
+from nstd.daemon.jobprogress import JobProgress
 from nstd.daemon.queue import RETRY_SECONDS, JobQueue
-from nstd.daemon.status import Status
-from nstd.daemon.store import Store
-from nstd.engine import Checkpoint, Device, Engine, ImageError, Interrupted, Progress, StepInfo, StyleImage, TargetCache, images
+from nstd.engine import Device, Engine, ImageError, Interrupted, StyleImage, TargetCache, images
 from nstd.engine.device import is_oom
 from nstd.engine.memory import predict_peak_bytes
 from nstd.errors import ErrorKind, JobError, Stage
-from nstd.jobkeys import style_params
+from nstd.job.spec import Job
+from nstd.state import checkpoints, safefs
+from nstd.state.claim import Claim
+from nstd.state.live import Live
+from nstd.state.requests import cancelled_error
+from nstd.state.status import Status
+from nstd.state.store import Store
 
-#: The status page's loss plot gets a point at least this often (one device sync each).
-LOSS_SECONDS = 1.0
 #: Give up shrinking below this long edge.
 MIN_EDGE = 64
 SHRINK = 0.75
@@ -42,68 +43,6 @@ def file_digest(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-class JobProgress(Progress):
-    """What a running job reports: status and heartbeat every step, a log line every 5 %,
-    checkpoints into its state folder, and the worker's stop."""
-
-    def __init__(self, worker: "Worker", job: Claim, device: Device, steps: int):
-        self.worker, self.job, self.device = worker, job, device
-        self.steps = steps  # as planned; the engine's own count, from its first step, decides
-        self.every = max(1, steps // 20)
-        self.plot_every = max(1, steps // 100)  # about 100 points a job (or one a second)
-        self.next_loss = 0.0
-        self.loss_step = 0  # the step of the last loss plotted
-        service = worker.cfg["service"]
-        self.checkpoint_every = service["checkpoint_every"]
-        self.checkpoint_seconds = service["checkpoint_seconds"]
-        self.next_checkpoint = time.monotonic() + self.checkpoint_seconds if self.checkpoint_seconds else float("inf")
-        self.log = logger.bind(job=job.name, job_id=job.id)
-
-    def on_step(self, info: StepInfo) -> None:
-        w = self.worker
-        w.heartbeat = time.monotonic()
-        if info.steps != self.steps:  # stages too small for the network are left out by the engine
-            self.steps, self.every, self.plot_every = info.steps, max(1, info.steps // 20), max(1, info.steps // 100)
-        eta = info.eta
-        w.status.update(running={"name": self.job.name, "step": info.step, "steps": info.steps,
-                                 "eta_seconds": round(eta, 1), "device": str(self.device)})
-        last = info.step == info.steps
-        now = time.monotonic()
-        loss = None  # (step, total): on a GPU the newest already on the host, read without a sync
-        if info.step % self.plot_every == 0 or last or now >= self.next_loss:
-            got = info.recent_losses()
-            if got is not None and got[0] != self.loss_step:
-                loss, self.loss_step, self.next_loss = (got[0], got[1]["total"]), got[0], now + LOSS_SECONDS
-        picture = info.picture() if info.picture is not None and w.live.wants_picture() else None
-        w.live.step(info.step, loss, picture, info.elapsed)
-        if info.step % self.every == 0 or last:
-            got = info.recent_losses()
-            self.log.info("step {}/{} loss {} eta {:.0f} s", info.step, info.steps,
-                          "?" if got is None else f"{got[1]['total']:.4g}" + ("" if got[0] == info.step else
-                                                                            f" (at step {got[0]})"), eta)
-
-    def alive(self) -> None:
-        self.worker.heartbeat = time.monotonic()
-
-    def checkpoint_due(self, step: int) -> bool:
-        """Every `service.checkpoint_seconds` (a 3 s job takes none), and every
-        `service.checkpoint_every` steps if set."""
-        now = time.monotonic()
-        if now >= self.next_checkpoint:
-            self.next_checkpoint = now + self.checkpoint_seconds
-            return True
-        return bool(self.checkpoint_every) and step % self.checkpoint_every == 0
-
-    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
-        if not self.worker.queue.owns(self.job.id):
-            return  # another worker holds the job now: its state folder is not ours to write
-        self.worker.checkpoints.submit(self.worker.store.checkpoint_dir(self.job), checkpoint, self.log)
-
-    def should_stop(self) -> bool:
-        q, w = self.worker.queue, self.worker
-        return w.should_stop() or q.is_cancelled(self.job.id) or q.lost(self.job.id) or w.over_time()
 
 
 class Worker(threading.Thread):
@@ -184,16 +123,17 @@ class Worker(threading.Thread):
     def process(self, job: Claim) -> None:
         """Perform one job, then hand it on: to the finisher, to quarantine, or back to the queue."""
         try:
-            if not self._room_for(job):
+            spec = Job.of(job.settings)  # the job's keys, typed once for this run of it
+            if not self._room_for(job, spec):
                 return
-            self._process(job)
+            self._process(job, spec)
         finally:
             self.queue.done(job.id)  # after the hand-over: the job is never in no one's hands
 
-    def _room_for(self, job: Claim) -> bool:
+    def _room_for(self, job: Claim, spec: Job) -> bool:
         """Room on disk for the job's result, GIF and checkpoints (nstd/daemon/diskroom.py); if
         not, it is held for RETRY_SECONDS with the reason (status, log), no attempt counted."""
-        why = diskroom.shortfall(self.store.outbox, self.store.f.state, job.settings, self.cfg["limits"]["min_free_mb"])
+        why = diskroom.shortfall(self.store.outbox, self.store.f.state, spec, self.cfg["limits"]["min_free_mb"])
         held = dict(self.status.data.get("held") or {})
         if why is None:
             if held.pop(job.name, None) is not None:
@@ -205,7 +145,7 @@ class Worker(threading.Thread):
         self.queue.hold(job, RETRY_SECONDS, why)
         return False
 
-    def _process(self, job: Claim) -> None:
+    def _process(self, job: Claim, spec: Job) -> None:
         self.current = job
         self.live.begin(job.name)
         log = logger.bind(job=job.name, job_id=job.id)
@@ -218,7 +158,7 @@ class Worker(threading.Thread):
                 log.info("started (attempt {}) on {}{}", job.attempts, self.engine.device, self.label)
                 try:
                     try:
-                        done = self.perform(job, log)
+                        done = self.perform(job, spec, log)
                     finally:
                         self.checkpoints.discard()  # one still waiting is older than what follows
                 except Interrupted as exc:
@@ -228,8 +168,7 @@ class Worker(threading.Thread):
                         return
                     if self.queue.is_cancelled(job.id):
                         log.warning("cancelled at step {} (nstd cancel)", exc.checkpoint.step)
-                        self.outcomes.quarantine(job, JobError(
-                            ErrorKind.CANCELLED, f"cancelled with nstd cancel at step {exc.checkpoint.step}", Stage.RUN))
+                        self.outcomes.quarantine(job, cancelled_error(Stage.RUN, f" at step {exc.checkpoint.step}"))
                         return
                     if self.over_time():
                         self._over_time(job, exc, limit, time.monotonic() - t_start, log)
@@ -273,7 +212,7 @@ class Worker(threading.Thread):
             + ("; its checkpoint is kept: nstd retry (under a larger limit) goes on from that step" if kept else ""),
             Stage.RUN))
 
-    def perform(self, job: Claim, log) -> Optimised:
+    def perform(self, job: Claim, spec: Job, log) -> Optimised:
         """Decode, fit, and optimise: everything that needs the device. Encoding is the finisher's."""
         t0 = time.time()
         max_pixels = self.cfg["limits"]["max_pixels"]
@@ -294,7 +233,7 @@ class Worker(threading.Thread):
             init = image(job.init)[0] if job.init else None
         except ImageError as exc:
             raise JobError(ErrorKind.INPUT_CHANGED, f"{exc} (it was readable when the job was taken)", Stage.RUN) from None
-        params = style_params(job.settings)
+        params = spec.params()
         t_loaded = time.time()
 
         roles = [f"content {image(job.content)[1]}", *(f"style {s.weight} {image(s)[1]}" for s in job.styles),
@@ -305,17 +244,19 @@ class Worker(threading.Thread):
             resume = checkpoints.load(self.store.checkpoint_dir(job), log)
             if resume is not None:
                 log.info("this job went over limits.max_job_seconds before; its checkpoint was kept")
-        if resume is not None:
-            log.info("resuming from the checkpoint at step {} of {}", resume.step, params.total_steps())
         engine, oom_retries, fallback = self.engine, 0, False
         size = self._fit_budget(content.size, params, engine, log)
         self._runnable(engine, content, styles, params, size)
+        sizes = (content.size, [s.image.size for s in styles])  # the stages that run count (Engine.plan)
+        if resume is not None:
+            log.info("resuming from the checkpoint at step {} of {}", resume.step,
+                     params.at_size(size).total_steps(*sizes))
         t_opt = time.time()
         while True:
             p = params.at_size(size)
             try:
                 result = engine.stylize(content, styles, p, init_image=init, cache=self.cache, resume=resume,
-                                        progress=JobProgress(self, job, engine.device, p.total_steps()),
+                                        progress=JobProgress(self, job, engine.device, p.total_steps(*sizes)),
                                         budget_bytes=self.budget(engine)[0])
                 break
             except Exception as exc:
@@ -343,7 +284,7 @@ class Worker(threading.Thread):
         log.info("done: {}x{} in {:.1f} s, losses {}", *result.size, t_done - t_opt,
                  ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items()))
         return Optimised(
-            job=job, result=result, size_requested=params.size,
+            job=job, spec=spec, result=result, size_requested=params.size,
             timings={
                 "waited": round(t0 - job.times.first_seen, 3),  # seen in the inbox -> started
                 "loaded": round(t_loaded - t0, 3),  # decode + style digests

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from loguru import logger
 
-from nstd.daemon.store import drop_state_folder
 from nstd.distributed import board
 from nstd.distributed.broker import Broker, redact, skew_problem
+from nstd.state.store import drop_state_folder
 
 #: How often the work list and the queue are compared (a claim wakes it at once).
 TICK_SECONDS = 1.0

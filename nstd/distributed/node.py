@@ -26,17 +26,17 @@ from typing import Callable, Iterator
 from loguru import logger
 
 from nstd import logs
-from nstd.daemon import cancel
-from nstd.daemon.claim import Claim
 from nstd.daemon.hooks import Hooks
-from nstd.daemon.live import Live
 from nstd.daemon.outcome import Outcomes
 from nstd.daemon.queue import RETRY_SECONDS
-from nstd.daemon.status import Status
-from nstd.daemon.store import Folders, Store
-from nstd.daemon.transfer import TMP_PREFIX, rollback
 from nstd.distributed import board, lease
-from nstd.errors import ErrorKind, JobError, NstdError, Stage
+from nstd.errors import NstdError, Stage
+from nstd.state import requests
+from nstd.state.claim import Claim
+from nstd.state.folders import Folders
+from nstd.state.live import Live
+from nstd.state.status import Status, pid_alive, read_status
+from nstd.state.store import Store
 
 WORKERS = "workers"
 #: How often a cancel request is looked for while a job runs (a stat on the shared storage).
@@ -94,7 +94,7 @@ class NodeQueue:
         seen_for, asked, next_look = self._cancel
         now = time.monotonic()
         if seen_for != job_id or (not asked and now >= next_look):
-            asked = (self.node.folders.state / cancel.REQUESTS / job_id).exists()
+            asked = (self.node.folders.state / requests.REQUESTS / job_id).exists()
             self._cancel = (job_id, asked, now + CANCEL_CHECK_SECONDS)
         return asked
 
@@ -166,9 +166,6 @@ class Node:
 
     def _refuse_a_twin(self) -> None:
         """Two live processes writing one record would show as one worker: refuse the second."""
-        from nstd.daemon.status import read_status
-
-        from nstd.daemon.status import pid_alive
 
         other = read_status(self.path.parent, self.path.name) if self.path.exists() else None
         if other is None or other.get("state") == "stopped":
@@ -277,21 +274,16 @@ class Node:
         job = Claim.from_folder(entry.folder)
         board.unhold(entry.folder)
         self.status.update(force=True, state="running", job=job.name)
-        max_attempts = self.cfg["queue"]["max_attempts"]
         try:
             if self.queue.is_cancelled(job.id):
                 log.warning("cancelled while queued (nstd cancel)")
-                self.outcomes.quarantine(job, cancel.cancelled_error(Stage.QUEUE))
-            elif job.attempts >= max_attempts:
-                self.outcomes.quarantine(job, JobError(
-                    ErrorKind.CRASHED, f"workers stopped during this job {job.attempts} times "
-                    f"(queue.max_attempts={max_attempts})", Stage.RUN))
-            else:
+                self.outcomes.quarantine(job, requests.cancelled_error(Stage.QUEUE))
+            elif not self.outcomes.crashed_too_often(job, "workers"):
                 self.worker.process(job)
         finally:
             self.queue.done(job.id)
-        if not job.folder.exists() and (self.folders.state / cancel.REQUESTS / job.id).exists():
-            cancel.answered(self.folders.state, job.id)
+        if not job.folder.exists() and (self.folders.state / requests.REQUESTS / job.id).exists():
+            requests.answered(self.folders.state, job.id)
         return f"took {job.name}"
 
     def close(self) -> None:
@@ -314,9 +306,7 @@ def serve(cfg: dict, device: str | None, name: str | None, loglevel: str = "INFO
     """`nstd worker`: load the network, then consume the cluster's queue until SIGTERM."""
     from celery import signals
 
-    from nstd.distributed.broker import TASK, make_app, redact
-
-    from nstd.distributed.broker import Broker, skew_problem
+    from nstd.distributed.broker import TASK, Broker, make_app, redact, skew_problem
 
     device = device or cfg["engine"]["device"]
     name = name or default_name(device)

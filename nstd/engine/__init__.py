@@ -10,8 +10,8 @@ from typing import Any
 
 _HOMES = {
     "Device": "device", "DeviceError": "device", "ImageError": "images", "open_image": "images",
-    "Checkpoint": "stylize", "Engine": "stylize", "Interrupted": "stylize", "Progress": "stylize",
-    "Result": "stylize", "StepInfo": "stylize", "StyleParams": "stylize",
+    "Checkpoint": "progress", "Engine": "stylize", "Interrupted": "progress", "Progress": "progress",
+    "Result": "params", "StepInfo": "progress", "StyleParams": "params",
     "StyleImage": "targets", "TargetCache": "targets", "WeightsError": "vgg",
 }
 __all__ = sorted(_HOMES)

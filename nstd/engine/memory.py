@@ -146,7 +146,7 @@ def predict_peak_bytes(
     with the given techniques: the allocator's view (torch.cuda.max_memory_allocated), without
     the CUDA context itself. `layers`: every layer the losses use; `content_layers`: those whose
     whole maps are kept as targets (all of `layers` when not given: an upper bound); `anchor`:
-    (h, w) of the anchor's pass (stylize._Anchor), which runs after the main one, alone."""
+    (h, w) of the anchor's pass (anchor.Anchor), which runs after the main one, alone."""
     deepest = max(layers, key=layer_index)
     # tiled, autograd holds one tile's window at a time (core + halo on each side, cut at the edge)
     saved, largest = _activations(*_window(height, width, tile, deepest), layers, precision, pooling, checkpoint,

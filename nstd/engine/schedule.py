@@ -28,7 +28,7 @@ MIN_STAGE_STEPS = 30
 AUTO_SINGLE = 3
 #: The most stages a run has (the job key's limit too).
 MAX_STAGES = 12
-#: The defaults of the job keys (jobkeys.py).
+#: The coarse-to-fine keys' defaults (StyleParams; nstd/job/keys.py takes them from there).
 DEFAULT_START, DEFAULT_FACTOR, DEFAULT_STEP_RATIO = 256, 2.0, 0.5
 #: A style image is never seen larger than this (the largest result's edge): `size: 8192` with
 #: `style_scale: 4` would otherwise make a 32768 px style, 10 GB as one float tensor.

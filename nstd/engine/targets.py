@@ -14,9 +14,6 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from nstd.engine import images
-from nstd.engine.schedule import MAX_STYLE_EDGE, style_edge  # noqa: F401 (here for callers)
-
 Grams = dict[str, torch.Tensor]
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from flask import Flask, Response, abort, render_template, request, send_file
 
 from nstd import __version__
-from nstd.daemon import safefs
-from nstd.daemon.status import duration
+from nstd.state import safefs
+from nstd.timetext import duration
 from nstd.web.metrics import render_metrics
 from nstd.web.view import View
 

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 
 from nstd import __version__
-from nstd.daemon.status import STALE_SECONDS, cluster_counts, workers
+from nstd.state.status import STALE_SECONDS, cluster_counts, workers
 from nstd.web.view import View
 
 
@@ -52,7 +52,7 @@ class _Collector:
 
 
 def _histogram(name: str, doc: str, h) -> HistogramMetricFamily:
-    """A histogram from status.json's form (nstd/daemon/live.py Histogram.as_json)."""
+    """A histogram from status.json's form (nstd/state/live.py Histogram.as_json)."""
     family = HistogramMetricFamily(name, doc)
     try:
         buckets = [(repr(float(b)), float(c)) for b, c in zip(h["bounds"], h["counts"])] + [("+Inf", float(h["count"]))]

@@ -7,7 +7,6 @@ Its first line on stdout is its address (or an error); it ends when its daemon d
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -166,7 +165,7 @@ def main() -> int:
     _lowest_priority()
     from waitress.server import create_server
 
-    from nstd.daemon.status import read_status
+    from nstd.state.status import read_status
     from nstd.web.app import Recent, create_app
     from nstd.web.view import View
 

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from nstd.daemon.live import PREVIEW_FILE
-from nstd.daemon.retry import RETRIED
-from nstd.daemon.status import cluster_counts, workers
+from nstd import yamltext
+from nstd.state.live import PREVIEW_FILE
+from nstd.state.names import RETRIED
+from nstd.state.status import cluster_counts, workers
 
 #: How long a listing of the outbox or the quarantine is reused.
 LISTING_SECONDS = 3.0
@@ -164,13 +165,9 @@ def _entry_json(e: Entry) -> dict:
 
 
 def _reason_in(raw: bytes) -> str:
-    import yaml
-
-    from nstd.daemon.jobfile import _StrictLoader
-
     try:
-        data = yaml.load(raw.decode("utf-8", "replace"), Loader=_StrictLoader)  # noqa: S506 - a SafeLoader
-    except (yaml.YAMLError, RecursionError):
+        data = yamltext.load(raw.decode("utf-8", "replace"))
+    except yamltext.YAMLError:
         return "error.yaml cannot be read"
     if not isinstance(data, dict):
         return "error.yaml cannot be read"

@@ -1,6 +1,6 @@
 """Where a job's files are: inbox -> state (claimed) -> outbox or quarantine, crash-safe.
 
-Every move between folders is a Transfer (nstd/daemon/transfer.py): after kill -9 or power loss
+Every move between folders is a Transfer (nstd/state/transfer.py): after kill -9 or power loss
 `recover()` rolls leftovers back, so each job is in exactly one of inbox, state, outbox or
 quarantine, and no user file is ever deleted. The store also owns the layout of a job's state
 folder: its record, its inputs, its log and its checkpoint. Keep state/, outbox/ and quarantine/
@@ -12,24 +12,22 @@ import glob
 import hashlib
 import os
 import shutil
-import stat
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from loguru import logger
 
 from nstd import yamltext
-from nstd.daemon.claim import Claim, Input, StyleInput, Times
-from nstd.daemon import safefs
-from nstd.daemon.jobfile import JobFiles
-from nstd.daemon.safefs import Pinned
-from nstd.daemon.transfer import MANIFEST, TMP_PREFIX, Transfer, free_name_in, rollback, safe_component
 from nstd.fsutil import atomic_write_bytes, atomic_write_text
-
+from nstd.state import safefs
+from nstd.state.claim import Claim, Input, JobFiles, StyleInput, Times
+from nstd.state.folders import Folders
+from nstd.state.names import free_name, free_name_in
+from nstd.state.safefs import Pinned
+from nstd.state.transfer import MANIFEST, TMP_PREFIX, Transfer, rollback, safe_component
 
 #: The files nstd writes into a quarantined job's folder (error.yaml's `files:` names the user's,
 #: each with where it was dropped, relative to the inbox: what `nstd retry` puts back).
@@ -38,72 +36,6 @@ NSTD_FILES = ("error.yaml", "job.log", MANIFEST, "retried.yaml")
 LEFT_WHY = "its folder is not the service's to write (another user's folder)"
 #: A dead worker's transfer being rolled back: `.nstd-tmp-reclaim-<job id>-<random>`.
 RECLAIM = "reclaim-"
-
-
-@dataclass(frozen=True)
-class Folders:
-    inbox: Path
-    outbox: Path
-    quarantine: Path
-    state: Path
-    logs: Path
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "Folders":
-        p = cfg["paths"]
-        return cls(*(Path(p[k]) for k in ("inbox", "outbox", "quarantine", "state", "logs")))
-
-    @property
-    def jobs(self) -> Path:
-        return self.state / "jobs"
-
-    def check_layout(self) -> None:
-        """Refuse folders nested in the inbox (or the inbox in them): jobs would feed on results."""
-        inbox = Path(os.path.realpath(self.inbox))
-        for name in ("outbox", "quarantine", "state", "logs"):
-            other = Path(os.path.realpath(getattr(self, name)))
-            if other == inbox or inbox in other.parents:
-                raise ValueError(f"paths.{name} ({other}) lies inside the inbox ({inbox}); move it out")
-            if other in inbox.parents:
-                raise ValueError(f"the inbox ({inbox}) lies inside paths.{name} ({other}); move it out")
-
-    def create(self, root: Path | None = None) -> None:
-        """The folders that are missing: the service's own ones writable by it alone (0755, whatever
-        the umask), the inbox as the umask makes it (the group's, docs/service.md)."""
-        for d in (root, self.outbox, self.quarantine, self.state, self.jobs, self.logs):
-            if d is not None and not d.exists():
-                d.parent.mkdir(parents=True, exist_ok=True)
-                d.mkdir(mode=0o755, exist_ok=True)
-        self.inbox.mkdir(parents=True, exist_ok=True)
-
-    def check_modes(self, root: Path | None = None) -> None:
-        """Refuse to start (as sshd refuses a loose key file) when the root, state/, the outbox,
-        the quarantine or logs/ is a link, or can be written by anyone but the service (or root):
-        a member of the inbox's group could otherwise swap state/ for a folder of her own (claims,
-        leases, cancel requests), the quarantine for a link the page would serve, or delete
-        others' results. Only the inbox is the group's to write."""
-        me = os.geteuid()
-        for label, path in (("paths.root", root), ("paths.state", self.state), ("paths.outbox", self.outbox),
-                            ("paths.quarantine", self.quarantine), ("paths.logs", self.logs)):
-            if path is None:
-                continue
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                raise ValueError(f"{label} ({path}) is a symbolic link; give the real folder "
-                                 f"({os.path.realpath(path)}) in the config instead")
-            if not stat.S_ISDIR(st.st_mode):
-                raise ValueError(f"{label} ({path}) is not a folder")
-            who = [w for w, bit in (("its group", stat.S_IWGRP), ("everyone", stat.S_IWOTH)) if st.st_mode & bit]
-            if who:
-                raise ValueError(f"{label} ({path}) can be written by {' and '.join(who)} "
-                                 f"(mode {stat.S_IMODE(st.st_mode):04o}); only the service may write there: "
-                                 f"chmod go-w {path} (the inbox alone is the group's; docs/service.md)")
-            if st.st_uid not in (me, 0):
-                raise ValueError(f"{label} ({path}) belongs to uid {st.st_uid}, not to the service (uid {me}), "
-                                 f"who could change it: chown it to the service's user (docs/service.md)")
 
 
 class Store:
@@ -261,7 +193,8 @@ class Store:
                         notes.append(_leave(fd, rel, exc, is_sidecar=src == sidecar))
                         continue
                     try:
-                        here = _free_name(src.name, used)
+                        here = free_name(src.name, used.__contains__, keep_suffix=True)
+                        used.add(here)
                         t.put_pinned(pin, here)
                         where_from[here] = rel
                         if t.left and t.left[-1] == rel:
@@ -281,7 +214,8 @@ class Store:
             used = set(NSTD_FILES)  # a user file never takes these names
             where_from: dict[str, str] = {}
             for p in sorted(job.inputs_dir.iterdir()):
-                here = _free_name(p.name, used)
+                here = free_name(p.name, used.__contains__, keep_suffix=True)
+                used.add(here)
                 t.put(p, here)
                 where_from[here] = origins.get(p.name, p.name)
             _write_error(t.dir, {**error, "files": where_from}, log)
@@ -356,15 +290,6 @@ def _leave(inbox_fd: int, rel: str, exc: Exception, is_sidecar: bool) -> str:
                 failed = exc2
         return f"{rel}: {why}; left in the inbox (could not be renamed aside: {failed.strerror or failed})\n"
     return f"{rel}: {why}; left in the inbox\n"
-
-
-def _free_name(name: str, used: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in used:
-        n += 1
-        candidate = f"input-{n}-{name}"
-    used.add(candidate)
-    return candidate
 
 
 def _write_error(folder: Path, error: dict, log: str) -> None:

@@ -10,8 +10,9 @@ deleted, and the daemon need not run (or stop): it takes the new job like any ot
 """
 from __future__ import annotations
 
-import errno
+import argparse
 import fcntl
+import json
 import os
 import stat
 import tempfile
@@ -19,18 +20,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import yaml
-
-from nstd.daemon import safefs
-from nstd.daemon.cancel import NoSuchJob
-from nstd.daemon.inbox import is_ignored
-from nstd.daemon.jobfile import SIDECAR_SUFFIXES, job_settings, over_limits, read_sidecar, resolve_files
-from nstd.daemon.store import NSTD_FILES, Folders
-from nstd.daemon.transfer import free_name_in
 from nstd import yamltext
-from nstd.errors import JobError, NstdError
-
-RETRIED = ".retried-"
+from nstd.commands.base import config_of, one_line
+from nstd.daemon.inbox import is_ignored
+from nstd.engine.images import ImageError, open_image
+from nstd.errors import ExitCode, JobError, NstdError
+from nstd.job import overrides as job_overrides
+from nstd.job.check import check_job, over_limits
+from nstd.job.file import SIDECAR_SUFFIXES, ParsedJob, job_settings, read_sidecar, resolve_files
+from nstd.job.spec import Job
+from nstd.state import safefs
+from nstd.state.claim import NoSuchJob
+from nstd.state.folders import Folders
+from nstd.state.names import RETRIED, free_name, free_name_in, taken_in
+from nstd.state.store import NSTD_FILES
 
 
 class RetryError(NstdError):
@@ -43,32 +46,6 @@ class Retried:
     moved: dict[str, str]  # file in quarantine -> its name in the inbox
     kept: Path  # the quarantine folder, renamed, with error.yaml and job.log
     waits_for: list[str]  # inputs the new job names that are not in the inbox (yet)
-
-
-#: An override with nothing after `=` (`stpes=`) takes the key out of the job file.
-REMOVE = object()
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """`steps=100 gif.every=2 stpes=` -> {"steps": 100, "gif": {"every": 2}, "stpes": REMOVE}; values
-    read as YAML scalars; an empty value removes the key."""
-    out: dict = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key:
-            raise RetryError(f"{pair!r}: expected key=value, e.g. steps=500")
-        try:
-            value = yaml.safe_load(text) if text else REMOVE
-        except yaml.YAMLError:
-            value = text
-        *parents, leaf = key.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise RetryError(f"{pair!r}: {part} is given both as a value and as a section")
-        node[leaf] = value
-    return out
 
 
 def retry(cfg: dict, name: str, overrides: dict) -> Retried:
@@ -93,7 +70,7 @@ def retry(cfg: dict, name: str, overrides: dict) -> Retried:
                 fcntl.flock(qfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise RetryError(f"another nstd retry is putting {name!r} back right now") from None
-            if _taken(qfd, "retried.yaml"):
+            if taken_in(qfd)("retried.yaml"):
                 raise NoSuchJob(f"{name!r} was retried already (see its retried.yaml)")
             return _retry(folders, name, parent_fd, qfd, overrides, cfg)
         finally:
@@ -111,7 +88,7 @@ def _retry(folders: Folders, name: str, parent_fd: int, qfd: int, overrides: dic
     sidecar_here = next((f for f, o in origins.items() if o.lower().endswith(SIDECAR_SUFFIXES) and "/" not in o), None)
     if sidecar_here is None:
         raise RetryError(f"quarantine/{name} holds no job file (a regular .yaml file); nothing to retry")
-    data = _merge(_read_mapping(qfd, folder, sidecar_here, max_bytes=cfg["limits"]["max_sidecar_bytes"]), overrides)
+    data = job_overrides.apply(_read_mapping(qfd, folder, sidecar_here, max_bytes=cfg["limits"]["max_sidecar_bytes"]), overrides)
     old_job = origins[sidecar_here].rsplit(".", 1)[0]  # what its images were named after, by convention
     inputs = {h: o for h, o in origins.items() if h != sidecar_here}
     planned = {h: _inbox_name(o, h) for h, o in inputs.items()}
@@ -135,14 +112,14 @@ def _retry(folders: Folders, name: str, parent_fd: int, qfd: int, overrides: dic
         new_job = _free_job_name(inbox_fd, name)
         try:
             for here, base in planned.items():
-                moved[here] = _move_out(qfd, here, inbox_fd, _free_file_name(inbox_fd, base))
+                moved[here] = safefs.move_between(qfd, here, inbox_fd, free_name(base, taken_in(inbox_fd), keep_suffix=True))
             new_data = _renamed(data, {inputs[h]: n for h, n in moved.items()}, old_job)
             sidecar_name = f"{new_job}.yaml"
             record = {"retried_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "as": sidecar_name,
-                      "overrides": _shown(overrides), "moved": moved}
-            _write_new(qfd, "retried.yaml", yamltext.dump(record))
+                      "overrides": job_overrides.shown(overrides), "moved": moved}
+            safefs.write_new(qfd, "retried.yaml", yamltext.dump(record))
             try:
-                _write_new(inbox_fd, sidecar_name, yamltext.dump(new_data))
+                safefs.write_new(inbox_fd, sidecar_name, yamltext.dump(new_data))
                 os.fsync(inbox_fd)
             except BaseException:
                 os.unlink("retried.yaml", dir_fd=qfd)
@@ -173,7 +150,7 @@ def _read_mapping(qfd: int, folder: Path, name: str, max_bytes: int = MAX_ERROR_
                   missing_ok: bool = False) -> dict:
     """A YAML mapping from the folder, read as a job file is: through the descriptor, no link
     followed, regular files only, a size cap, no aliases."""
-    if missing_ok and not _taken(qfd, name):
+    if missing_ok and not taken_in(qfd)(name):
         return {}
     try:
         return read_sidecar(folder / name, max_bytes, dir_fd=qfd,
@@ -218,7 +195,7 @@ def _check_new_job(data: dict, cfg: dict) -> None:
         except JobError as exc:
             problems.extend(exc.problems)
     if not problems:  # the static limits (the pixels wait for the content's size, at intake)
-        problems = over_limits(job_settings(data, cfg["defaults"]), cfg["limits"])
+        problems = over_limits(Job.of(job_settings(data, cfg["defaults"])), cfg["limits"])
     if problems:
         raise RetryError(f"the retried job would be refused: {'; '.join(problems)} (override a key with "
                          "key=value, take one out with key=, or edit the job file in the quarantine folder)")
@@ -231,13 +208,10 @@ def _check_images(qfd: int, folder: Path, data: dict, cfg: dict) -> None:
     at once is refused here. Files still to come are the inbox's to wait for."""
     from dataclasses import replace
 
-    from nstd.daemon.jobfile import ParsedJob, check_job
-
     try:
         files = resolve_files(data, folder / "job.yaml", folder)
     except JobError:
         return  # _check_new_job has judged the names
-    from nstd.engine.images import ImageError, open_image
 
     pins: dict[Path, safefs.Pinned] = {}
     coming = [p for p in files.missing if p != files.sidecar]  # the sidecar here is a stand-in
@@ -285,26 +259,9 @@ def _put_back(inbox_fd: int, qfd: int, moved: dict[str, str]) -> None:
     """A retry that failed half-way: the inputs already moved go back where they were."""
     for here, there in moved.items():
         try:
-            _move_out(inbox_fd, there, qfd, here)
+            safefs.move_between(inbox_fd, there, qfd, here)
         except OSError:
             pass  # left in the inbox under `there`, never lost
-
-
-def _shown(overrides: dict) -> dict:
-    """The overrides as retried.yaml records them (a removed key as "(removed)")."""
-    return {k: _shown(v) if isinstance(v, dict) else "(removed)" if v is REMOVE else v for k, v in overrides.items()}
-
-
-def _merge(data: dict, overrides: dict) -> dict:
-    out = dict(data)
-    for k, v in overrides.items():
-        if v is REMOVE:
-            out.pop(k, None)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 def _renamed(data: dict, new_names: dict[str, str], old_job: str) -> dict:
@@ -337,67 +294,23 @@ def _free_job_name(inbox_fd: int, job: str) -> str:
     """`job`, else `job-retry-2`, ...: no job file of that name in the inbox; a name too long for
     `-retry-N.yaml` within a file name's 255 bytes is cut (at a character)."""
     job = job.encode()[:255 - len("-retry-9999.yaml")].decode("utf-8", "ignore")
-    candidate, n = job, 1
-    while any(_taken(inbox_fd, candidate + s) for s in SIDECAR_SUFFIXES):
-        n += 1
-        candidate = f"{job}-retry-{n}"
-    return candidate
+    taken = taken_in(inbox_fd)
+    return free_name(job, lambda c: any(taken(c + s) for s in SIDECAR_SUFFIXES), mark="retry-")
 
 
-def _free_file_name(inbox_fd: int, name: str) -> str:
-    """`a.jpg`, else `a-2.jpg`, ...: a free name at the top of the inbox, its suffix kept."""
-    p = PurePosixPath(name)
-    candidate, n = name, 1
-    while _taken(inbox_fd, candidate):
-        n += 1
-        candidate = f"{p.stem}-{n}{p.suffix}"
-    return candidate
-
-
-def _taken(dir_fd: int, name: str) -> bool:
+def main(args: argparse.Namespace) -> int:
+    cfg = config_of(args, required=True)
     try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def _move_out(src_fd: int, name: str, dst_fd: int, new: str) -> str:
-    """Move one file between two folders by descriptor, replacing nothing; across filesystems
-    through a hidden name (which the daemon ignores), flushed first."""
-    try:
-        safefs.rename_noreplace(src_fd, name, dst_fd, new)
-        return new
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_fd)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, f"{name}: no longer a regular file")
-    with os.fdopen(fd, "rb") as src:
-        _write_new(dst_fd, new, src)
-    os.unlink(name, dir_fd=src_fd)
-    return new
-
-
-def _write_new(dir_fd: int, name: str, content) -> None:
-    """`content` (text, or a file to copy) as `name` in `dir_fd`: a hidden temporary name, flushed,
-    then renamed into place, replacing nothing."""
-    tmp = free_name_in(dir_fd, f".nstd-retry-{os.getpid()}")  # short: `name` may be 255 bytes already
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            if isinstance(content, str):
-                out.write(content.encode("utf-8", "surrogateescape"))
-            else:
-                while chunk := content.read(1 << 20):
-                    out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        safefs.rename_noreplace(dir_fd, tmp, dir_fd, name)
-    finally:
-        try:
-            os.unlink(tmp, dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
+        done = retry(cfg, args.name, job_overrides.parse(args.overrides))
+    except OSError as exc:  # the folders themselves: permissions, a full disk
+        raise NstdError(f"retry {args.name}: {exc.strerror or exc} ({exc.filename or 'a folder'})") from None
+    if args.json:
+        print(json.dumps({"retried": args.name, "sidecar": done.sidecar, "moved": done.moved, "kept": str(done.kept),
+                          "waits_for": done.waits_for}, indent=1))
+        return ExitCode.OK
+    print(one_line(f"retrying {args.name} as {done.sidecar} in the inbox ({len(done.moved)} input(s) moved back); "
+                   f"error.yaml and job.log kept in {done.kept}"))
+    if done.waits_for:
+        print(one_line(f"note: the job waits for {', '.join(done.waits_for)}: put them into the inbox "
+                       f"(within watch.missing_timeout, or it is quarantined as missing input)"))
+    return ExitCode.OK

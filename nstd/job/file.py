@@ -8,45 +8,25 @@ give: keys, inputs present, images decodable.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from nstd.daemon import safefs
+from nstd import yamltext
 from nstd.errors import ErrorKind, JobError
-from nstd.jobkeys import merge
+from nstd.job.keys import JOB_FIELDS, merge
+from nstd.job.spec import Job
 from nstd.schema import SchemaError, number, unknown_key, yaml_problem
-
+from nstd.state import safefs
+from nstd.state.claim import JobFiles
 
 SIDECAR_SUFFIXES = (".yaml", ".yml")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 #: How deep lists and mappings may nest in a job file (a real one needs 3).
-MAX_DEPTH = 16
 #: The most style images one job may blend.
 MAX_STYLES = 16
 NO_LINKS = ("nstd takes regular files only and never follows a link: a link that leads out of the inbox, "
             "or could at any moment, would let a job read what its dropper cannot")
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses anchors and aliases (a job file never needs them) and nesting deeper
-    than MAX_DEPTH (2 KB of brackets must not exhaust the stack)."""
-
-    depth = 0
-
-    def compose_node(self, parent, index):  # type: ignore[override]
-        event = self.peek_event()
-        if self.check_event(yaml.AliasEvent) or getattr(event, "anchor", None):
-            raise yaml.YAMLError(f"anchors and aliases are not allowed in a job file (line {event.start_mark.line + 1})")
-        self.depth += 1
-        try:
-            if self.depth > MAX_DEPTH:
-                raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels (line {event.start_mark.line + 1})")
-            return super().compose_node(parent, index)
-        finally:
-            self.depth -= 1
 
 
 def read_sidecar(path: Path, max_bytes: int, dir_fd: int | None = None,
@@ -81,37 +61,14 @@ def read_sidecar(path: Path, max_bytes: int, dir_fd: int | None = None,
     except UnicodeDecodeError:
         raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name}: not UTF-8 text") from None
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
+        data = yamltext.load(text)
+    except yamltext.YAMLError as exc:
         raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name}: not valid YAML: {yaml_problem(exc)}") from None
-    except RecursionError:  # belt and braces: the depth limit should have stopped it
-        raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name}: not valid YAML: nested too deeply") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise JobError(ErrorKind.INVALID_JOB_FILE, f"{path.name}: expected a mapping of keys, got {type(data).__name__}")
     return data
-
-
-@dataclass
-class JobFiles:
-    """The files a sidecar names, as paths inside the inbox."""
-
-    sidecar: Path
-    content: Path
-    styles: list[tuple[Path, float]]
-    init: Path | None = None
-    #: files not there yet (the job waits for them); empty when usable
-    missing: list[Path] = field(default_factory=list)
-    #: the blend weights as written add up to this (`styles` holds them normalised)
-    weight_sum: float = 1.0
-
-    def inputs(self) -> list[Path]:
-        """Every file of the job, sidecar last (it is the commit marker), without duplicates."""
-        files = [self.content, *(p for p, _ in self.styles)]
-        if self.init is not None:
-            files.append(self.init)
-        return list(dict.fromkeys(files)) + [self.sidecar]
 
 
 def job_name(sidecar: Path) -> str:
@@ -271,7 +228,6 @@ FILE_KEYS = ("content", "style")
 def job_settings(data: dict, defaults: dict) -> dict:
     """The effective job keys: config defaults with the sidecar's own on top, validated. Every
     problem is named at once, an unknown key with the closest known one."""
-    from nstd.jobkeys import JOB_FIELDS
 
     known = [*FILE_KEYS, *JOB_FIELDS]
     problems = [(str(k), unknown_key(str(k), known)) for k in data if k not in known]
@@ -293,6 +249,12 @@ class ParsedJob:
     data: dict
     files: JobFiles
     settings: dict
+    #: the keys typed, once (nstd/job/spec.py)
+    job: Job = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.job is None:
+            self.job = Job.of(self.settings)
 
 
 def parse_job(sidecar: Path, inbox: Path, defaults: dict, max_sidecar_bytes: int) -> ParsedJob:
@@ -322,101 +284,3 @@ def parse_job(sidecar: Path, inbox: Path, defaults: dict, max_sidecar_bytes: int
 def waiting_for(files: JobFiles) -> str:
     """'a.jpg, b.png': the inputs a job still waits for, as its dropper named them."""
     return ", ".join(f.name for f in files.missing if f != files.sidecar)
-
-
-@dataclass
-class CheckedJob:
-    """A job that passed the check: its files, its effective settings and its images' sizes."""
-
-    files: JobFiles
-    settings: dict
-    sizes: dict[Path, tuple[int, int]]
-
-
-def over_limits(settings: dict, limits: dict, n_styles: int | None = None,
-                content: tuple[int, int] | None = None) -> list[str]:
-    """What in a job's keys is over the operator's `limits:` (config.yaml), each with the limit
-    named: steps and stages as planned, styles, priority, and (once the content's size is known)
-    the result's pixels. A job over any of them is refused, never cut down in silence."""
-    from nstd.engine import schedule
-    from nstd.engine.images import fit_long_edge
-
-    out: list[str] = []
-    try:
-        stages = schedule.plan(settings["size"], settings["steps"], settings["stages"], settings["stage_start"],
-                               settings["stage_factor"], settings["stage_steps"])
-    except (KeyError, ValueError):
-        stages = []  # the keys' own checks speak for these
-    steps = schedule.total_steps(stages) if stages else settings.get("steps", 0)
-    if steps > limits["max_steps"]:
-        out.append(f"steps: {steps:,} in all ({len(stages)} stage(s)), over limits.max_steps={limits['max_steps']:,}")
-    if len(stages) > limits["max_stages"]:
-        out.append(f"stages: {len(stages)}, over limits.max_stages={limits['max_stages']}")
-    if n_styles is not None and n_styles > limits["max_styles"]:
-        out.append(f"style: {n_styles} styles, over limits.max_styles={limits['max_styles']}")
-    priority = settings.get("priority", 0)
-    if not limits["min_priority"] <= priority <= limits["max_priority"]:
-        out.append(f"priority: {priority}, outside limits.min_priority..max_priority "
-                   f"({limits['min_priority']}..{limits['max_priority']})")
-    if content is not None and "size" in settings:
-        w, h = fit_long_edge(content, settings["size"])
-        if w * h > limits["max_job_pixels"]:
-            out.append(f"size: {settings['size']} makes a {w}x{h} result ({w * h:,} pixels), over "
-                       f"limits.max_job_pixels={limits['max_job_pixels']:,}")
-    return out
-
-
-def check_job(job: ParsedJob, limits: dict, pins: dict[Path, safefs.Pinned] | None = None) -> CheckedJob:
-    """The second half of the one verdict, for intake and `nstd validate` alike: every input is
-    there, every image decodes (a bad image never reaches a worker) and the job is within the
-    operator's `limits:`. Every problem is named at once. With `pins` (intake) the images are
-    read from the pinned files, each once however often it is named."""
-    from nstd.engine.images import ImageError, open_image  # torch: only for a real check
-
-    files = job.files
-    max_pixels, max_bytes = limits["max_pixels"], limits["max_input_bytes"]
-    problems: list[JobError] = []
-    if files.missing:
-        problems.append(JobError(ErrorKind.MISSING_INPUT, f"not found: {waiting_for(files) or files.sidecar.name}"))
-    sizes = {}
-    for path in files.inputs()[:-1]:
-        if path in files.missing:
-            continue
-        try:
-            size = pins[path].st.st_size if pins is not None else path.stat().st_size
-            if size > max_bytes:  # a sparse file would multiply on disk
-                raise ImageError(path, f"{size:,} bytes, over the limit of {max_bytes:,} (limits.max_input_bytes)")
-            if pins is None:
-                sizes[path] = open_image(path, max_pixels).size
-            else:
-                with pins[path].reader() as fh:
-                    sizes[path] = open_image(path, max_pixels, fileobj=fh).size
-        except ImageError as exc:
-            problems.append(JobError(ErrorKind.BAD_IMAGE, str(exc)))
-    if not problems and files.content in sizes:
-        why = _too_small(job.settings, sizes[files.content], [sizes[p] for p, _ in files.styles if p in sizes])
-        if why:
-            problems.append(JobError(ErrorKind.BAD_IMAGE, why))
-    over = over_limits(job.settings, limits, len(files.styles), sizes.get(files.content))
-    problems.extend(JobError(ErrorKind.OVER_LIMIT, why) for why in over)
-    if problems:
-        messages = [p.message for p in problems]
-        raise JobError(problems[0].kind, "; ".join(messages), problems=messages)
-    return CheckedJob(files, job.settings, sizes)
-
-
-def _too_small(settings: dict, content: tuple[int, int], styles: list[tuple[int, int]]) -> str | None:
-    """The engine's own check (schedule.too_small) on this job's pictures and keys: a job that
-    validates runs, whatever its shapes."""
-    from nstd.engine import schedule
-
-    if not styles:
-        return None
-    try:
-        stages = schedule.plan(settings["size"], settings["steps"], settings["stages"], settings["stage_start"],
-                               settings["stage_factor"], settings["stage_steps"])
-    except (KeyError, ValueError):
-        return None  # the keys' own checks speak for these
-    layers = [*settings["content_layers"], *settings["style_layers"]]
-    return schedule.too_small(content, styles, stages, settings["style_scale"], settings["anchor_size"], layers,
-                              settings["style_layers"])

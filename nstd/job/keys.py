@@ -1,17 +1,23 @@
-"""A job's keys (size, steps, weights, ...): their defaults, validation and engine parameters.
+"""A job's keys (size, steps, weights, ...): their defaults and validation.
 
 One key table serves job files, config.yaml `defaults:` and `nstd stylize`, so a key means the same
-everywhere and its error reads the same. Reading a job file is the daemon's (nstd/daemon/jobfile.py).
+everywhere and its error reads the same. Reading a job file: nstd/job/file.py; the keys typed, for what runs a job: nstd/job/spec.py.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from nstd.engine.options import COLOR_MODES, CONV_LAYERS, DEFAULT_CONTENT_LAYERS, DEFAULT_STYLE_LAYERS
-from nstd.engine.schedule import DEFAULT_FACTOR, DEFAULT_START, DEFAULT_STEP_RATIO, MAX_STAGES
-from nstd.schema import Field, SchemaError, choice, integer, list_of, number, section, string, validate
+from nstd.engine.options import COLOR_MODES, CONV_LAYERS
+from nstd.engine.params import StyleParams
+from nstd.engine.schedule import MAX_STAGES
+from nstd.schema import Field, SchemaError, choice, integer, list_of, number, string, validate
 
 layer = choice(*CONV_LAYERS)
+
+#: The contract's defaults, written once: the engine's own (StyleParams). The keys below, config.yaml's
+#: built-in `defaults:` and `nstd stylize --help` all take theirs from here.
+_E = {f.name: f.default for f in dataclasses.fields(StyleParams)}
 
 
 def _gif(v: Any, key: str) -> dict | bool:
@@ -48,15 +54,15 @@ def _stages(v: Any, key: str) -> str | int | list[dict]:
 
 
 GIF_FIELDS = {
-    "every": Field(5, "a frame every N steps", integer(1, 100_000)),
+    "every": Field(_E["frame_every"], "a frame every N steps", integer(1, 100_000)),
     "fps": Field(12.0, "frames per second when played", number(0.5, 50)),
-    "max_size": Field(512, "long edge of the GIF's frames, px (frames are scaled down, never up)", integer(32, 1024)),
+    "max_size": Field(_E["frame_max_size"], "long edge of the GIF's frames, px (frames are scaled down, never up)", integer(32, 1024)),
 }
 
 OUTPUT_FIELDS = {
     "format": Field("png", "png | jpg | webp | tiff", choice("png", "jpg", "webp", "tiff")),
     "quality": Field(None, "jpg and webp: 1-100 (default 95)", lambda v, k: integer(1, 100)(v, k) if v is not None else None),
-    "bits": Field(8, "bits per channel: 8, or 16 with format tiff (for prints: no banding in smooth skies)",
+    "bits": Field(_E["bits"], "bits per channel: 8, or 16 with format tiff (for prints: no banding in smooth skies)",
                   lambda v, k: _bits(v, k)),
 }
 
@@ -78,69 +84,36 @@ def _output(v: Any, key: str) -> dict:
 
 #: Every optional key of a job, with the contract's defaults.
 JOB_FIELDS: dict[str, Any] = {
-    "size": Field(512, "long edge of the result, px", _size),
-    "steps": Field(300, "optimisation steps (one forward+backward each) of the first stage", _steps),
-    "stages": Field("auto", "coarse-to-fine: auto | a number of stages (1 = one scale) | a list of {size, steps} "
+    "size": Field(_E["size"], "long edge of the result, px", _size),
+    "steps": Field(_E["steps"], "optimisation steps (one forward+backward each) of the first stage", _steps),
+    "stages": Field(_E["stages"], "coarse-to-fine: auto | a number of stages (1 = one scale) | a list of {size, steps} "
                     "(its last size is the result's)", _stages),
-    "stage_start": Field(DEFAULT_START, "stages: auto: the first stage's long edge is near this, px (and one "
+    "stage_start": Field(_E["stage_start"], "stages: auto: the first stage's long edge is near this, px (and one "
                          "stage up to 3 x this)", integer(32, 8192)),
-    "stage_factor": Field(DEFAULT_FACTOR, "each stage's long edge over the one before's", number(1.1, 4.0)),
-    "stage_steps": Field(DEFAULT_STEP_RATIO, "each later stage's steps over the one before's", number(0.05, 1.0)),
-    "anchor_size": Field(512, "a stage larger than this also matches the style with the picture scaled down to "
+    "stage_factor": Field(_E["stage_factor"], "each stage's long edge over the one before's", number(1.1, 4.0)),
+    "stage_steps": Field(_E["stage_steps"], "each later stage's steps over the one before's", number(0.05, 1.0)),
+    "anchor_size": Field(_E["anchor_size"], "a stage larger than this also matches the style with the picture scaled down to "
                          "this long edge, so strokes keep their size relative to the picture; 0 = off",
                          integer(0, 8192)),
-    "grain": Field(8.0, "rms of the fixed-seed grain added to each stage's start picture, in 8-bit levels, so "
+    "grain": Field(_E["grain"], "rms of the fixed-seed grain added to each stage's start picture, in 8-bit levels, so "
                    "that flat regions grow strokes instead of a periodic grid (docs/quality.md); 0 = none",
                    number(0, 64)),
-    "optimizer": Field("lbfgs", "lbfgs | adam", choice("lbfgs", "adam")),
-    "content_weight": Field(1.0, "alpha: weight of the content term", number(0, 1e12)),
-    "style_weight": Field(1.0e4, "beta: weight of the style term", number(0, 1e12)),
-    "tv_weight": Field(0.0, "total-variation smoothing; 0 = off, about 1 = visible", number(0, 1e12)),
-    "init": Field("content", "content | noise | an image file", string),
-    "pooling": Field("avg", "avg | max", choice("avg", "max")),
-    "content_layers": Field(list(DEFAULT_CONTENT_LAYERS), "VGG-19 layers for content", list_of(layer, 1)),
-    "style_layers": Field(list(DEFAULT_STYLE_LAYERS), "VGG-19 layers for style", list_of(layer, 1)),
-    "seed": Field(0, "random seed (noise init); same seed, same CPU result", integer(0, 2**63 - 1)),
-    "style_scale": Field(1.0, "style image size relative to the result's long edge", number(0.1, 4.0)),
-    "preserve_color": Field("none", "none | luminance | histogram: keep the content's colours",
+    "optimizer": Field(_E["optimizer"], "lbfgs | adam", choice("lbfgs", "adam")),
+    "content_weight": Field(_E["content_weight"], "alpha: weight of the content term", number(0, 1e12)),
+    "style_weight": Field(_E["style_weight"], "beta: weight of the style term", number(0, 1e12)),
+    "tv_weight": Field(_E["tv_weight"], "total-variation smoothing; 0 = off, about 1 = visible", number(0, 1e12)),
+    "init": Field(_E["init"], "content | noise | an image file", string),
+    "pooling": Field(_E["pooling"], "avg | max", choice("avg", "max")),
+    "content_layers": Field(list(_E["content_layers"]), "VGG-19 layers for content", list_of(layer, 1)),
+    "style_layers": Field(list(_E["style_layers"]), "VGG-19 layers for style", list_of(layer, 1)),
+    "seed": Field(_E["seed"], "random seed (noise init); same seed, same CPU result", integer(0, 2**63 - 1)),
+    "style_scale": Field(_E["style_scale"], "style image size relative to the result's long edge", number(0.1, 4.0)),
+    "preserve_color": Field(_E["preserve_color"], "none | luminance | histogram: keep the content's colours",
                             choice(*COLOR_MODES)),
     "gif": Field(dict((k, f.default) for k, f in GIF_FIELDS.items()), "progress GIF, or false", _gif),
-    "output": Field({"format": "png", "quality": None, "bits": 8}, "the result's file: format, quality, bits", _output),
+    "output": Field({k: f.default for k, f in OUTPUT_FIELDS.items()}, "the result's file: format, quality, bits", _output),
     "priority": Field(0, "higher runs first", integer(-1_000_000, 1_000_000)),
 }
-
-
-def style_params(job: dict) -> "StyleParams":
-    """Engine parameters from a validated job dict (every key present)."""
-    from nstd.engine.schedule import Stage
-    from nstd.engine.stylize import StyleParams  # torch: only where a job is run
-
-    gif = job["gif"]
-    stages = job.get("stages", 1)  # a claim from before the key: the single-scale run it was taken as
-    return StyleParams(
-        size=stages[-1]["size"] if isinstance(stages, list) else job["size"],
-        steps=job["steps"],
-        stages=tuple(Stage(s["size"], s["steps"]) for s in stages) if isinstance(stages, list) else stages,
-        stage_start=job.get("stage_start", DEFAULT_START),
-        stage_factor=job.get("stage_factor", DEFAULT_FACTOR),
-        stage_steps=job.get("stage_steps", DEFAULT_STEP_RATIO),
-        anchor_size=job.get("anchor_size", 0),  # a claim from before the key: as it was taken
-        grain=job.get("grain", 0.0),  # likewise
-        optimizer=job["optimizer"],
-        content_weight=job["content_weight"],
-        style_weight=job["style_weight"],
-        tv_weight=job["tv_weight"],
-        init=job["init"] if job["init"] in ("content", "noise") else "image",
-        pooling=job["pooling"],
-        content_layers=tuple(job["content_layers"]),
-        style_layers=tuple(job["style_layers"]),
-        seed=job["seed"],
-        style_scale=job["style_scale"],
-        frame_every=gif["every"] if gif else 0,
-        frame_max_size=gif["max_size"] if gif else 512,
-        preserve_color=job.get("preserve_color", "none"),  # a claim from before the key
-        bits=(job.get("output") or {}).get("bits", 8),
-    )
 
 
 def merge(defaults: dict, overrides: dict) -> dict:

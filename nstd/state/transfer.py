@@ -18,12 +18,12 @@ import errno
 import json
 import os
 import shutil
-import stat
 from pathlib import Path
 from typing import Callable
 
-from nstd.daemon.safefs import Pinned, Refused, open_inbox, parts_of, rename_noreplace
 from nstd.fsutil import atomic_write_text, fsync_dir
+from nstd.state.names import unique_name
+from nstd.state.safefs import Pinned, Refused, open_inbox, parts_of, rename_noreplace, write_new
 
 MANIFEST = ".nstd-manifest.json"
 TMP_PREFIX = ".nstd-tmp-"
@@ -44,15 +44,6 @@ def copy_file(src: Path, dst: Path) -> None:
     shutil.copy2(src, dst, follow_symlinks=True)
     with open(dst, "rb+") as fh:
         os.fsync(fh.fileno())
-
-
-def unique_name(parent: Path, name: str) -> Path:
-    """`name`, else `name-2`, `name-3`, ...: never an existing entry."""
-    candidate, n = parent / name, 1
-    while candidate.exists() or candidate.is_symlink():
-        n += 1
-        candidate = parent / f"{name}-{n}"
-    return candidate
 
 
 #: Bytes kept of a job name in the folder and file names nstd makes: room for "-NN", ".webp" and
@@ -243,7 +234,8 @@ def place(here: Path, dir_fd: int, name: str) -> str:
             candidate = name if n == 0 else f"{name}.restored" if n == 1 else f"{name}.restored-{n}"
             try:
                 if across:
-                    _copy_across(here, dir_fd, candidate)
+                    with open(here, "rb") as src:
+                        write_new(dir_fd, candidate, src, ".nstd-restoring")
                     os.unlink(here)
                 else:
                     rename_noreplace(src_fd, here.name, dir_fd, candidate)
@@ -259,24 +251,6 @@ def place(here: Path, dir_fd: int, name: str) -> str:
                     raise
     finally:
         os.close(src_fd)
-
-
-def _copy_across(here: Path, dir_fd: int, name: str) -> None:
-    """`here`'s bytes as `name` in another filesystem's folder: written to a hidden temporary
-    name, flushed, then linked (never replacing) and the temporary name dropped."""
-    tmp = free_name_in(dir_fd, f".nstd-restoring-{name}")
-    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
-    try:
-        with open(here, "rb") as src, os.fdopen(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        rename_noreplace(dir_fd, tmp, dir_fd, name)
-    finally:
-        try:
-            os.unlink(tmp, dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
 
 
 def _restore_to_inbox(here: Path, inbox: Path, rel: str, inode: tuple[int, int]) -> int:
@@ -307,15 +281,3 @@ def _restore_to_inbox(here: Path, inbox: Path, rel: str, inode: tuple[int, int])
         return 1
     finally:
         os.close(fd)
-
-
-def free_name_in(dir_fd: int, name: str) -> str:
-    """`name`, else `name-2`, ...: a name not taken in the folder `dir_fd`."""
-    candidate, n = name, 1
-    while True:
-        try:
-            os.stat(candidate, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return candidate
-        n += 1
-        candidate = f"{name}-{n}"

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from nstd.errors import ExitCode, NstdError
 from nstd.fsutil import atomic_write_text
 
 CLAIM_FILE = "claim.json"
@@ -35,6 +36,27 @@ class Times:
     arrived: float  # the job file's ctime: "oldest first" means this
     claimed: float
     started: list[float] = field(default_factory=list)  # one per attempt
+
+
+@dataclass
+class JobFiles:
+    """The files a job file names, as paths inside the inbox: what a claim moves into state."""
+
+    sidecar: Path
+    content: Path
+    styles: list[tuple[Path, float]]
+    init: Path | None = None
+    #: files not there yet (the job waits for them); empty when usable
+    missing: list[Path] = field(default_factory=list)
+    #: the blend weights as written add up to this (`styles` holds them normalised)
+    weight_sum: float = 1.0
+
+    def inputs(self) -> list[Path]:
+        """Every file of the job, sidecar last (it is the commit marker), without duplicates."""
+        files = [self.content, *(p for p, _ in self.styles)]
+        if self.init is not None:
+            files.append(self.init)
+        return list(dict.fromkeys(files)) + [self.sidecar]
 
 
 @dataclass
@@ -122,3 +144,50 @@ def _from_v1(r: dict) -> dict:
         "times": {"first_seen": r.get("first_seen", claimed), "arrived": r.get("arrived", claimed),
                   "claimed": claimed, "started": r.get("started_at", [])},
     }
+
+
+# ------------------------------------------------------------------ the claimed jobs, listed
+
+
+class NoSuchJob(NstdError):
+    """No claimed job has that name (exit 4)."""
+
+    exit_code = ExitCode.NO_SUCH_JOB
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: str
+    name: str
+    folder: Path
+
+
+def claimed(jobs_dir: Path) -> list[Claimed]:
+    """Every claimed job in state/jobs/, oldest first (read from claim.json, torch-free)."""
+    out = []
+    try:
+        folders = sorted(d for d in jobs_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    except OSError:
+        return out
+    for d in folders:
+        try:
+            record = json.loads((d / "claim.json").read_text())
+            out.append(Claimed(str(record["id"]), str(record["name"]), d))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return out
+
+
+def find(jobs_dir: Path, name: str, outbox: Path | None = None) -> Claimed:
+    """The claimed job called `name` (its job file's name without .yaml) or with that id."""
+    jobs = claimed(jobs_dir)
+    found = [j for j in jobs if name in (j.id, j.name)]
+    if not found and outbox is not None and "/" not in name and name not in ("", ".", "..") and (outbox / name).is_dir():
+        raise NoSuchJob(f"{name!r} is not queued or running: it has finished (see {outbox / name})")
+    if not found:
+        known = ", ".join(j.name for j in jobs) or "none"
+        raise NoSuchJob(f"no queued or running job is called {name!r} (claimed now: {known}); "
+                        "nor waiting in the inbox")
+    if len(found) > 1:
+        raise NoSuchJob(f"several jobs are called {name!r}: give the id of one ({', '.join(j.id for j in found)})")
+    return found[0]

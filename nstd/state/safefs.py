@@ -15,6 +15,9 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from nstd.state.names import free_name_in
 
 #: A file this large that takes under an eighth of its size on disk is refused as sparse.
 SPARSE_MIN_BYTES = 16 * 2**20
@@ -238,3 +241,47 @@ def open_inbox(inbox: Path) -> int:
 
 def relative(inbox: Path, path: Path) -> str:
     return str(PurePosixPath(*path.relative_to(inbox).parts))
+
+
+def write_new(dir_fd: int, name: str, content: str | BinaryIO, tmp: str = ".nstd-new") -> None:
+    """`content` (text, or a file to copy) as `name` in the folder `dir_fd`: written to a hidden
+    temporary name (`tmp`-<pid>, short: `name` may be 255 bytes already; hidden names are never
+    taken for a job), flushed, then renamed into place replacing nothing. The one way nstd makes
+    a file in a folder it does not own (the inbox) or on another filesystem."""
+
+    tmp = free_name_in(dir_fd, f"{tmp}-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if isinstance(content, str):
+                out.write(content.encode("utf-8", "surrogateescape"))
+            else:
+                while chunk := content.read(1 << 20):
+                    out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        rename_noreplace(dir_fd, tmp, dir_fd, name)
+    finally:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+
+
+def move_between(src_fd: int, name: str, dst_fd: int, new: str) -> str:
+    """Move one file between two folders by descriptor, replacing nothing; across filesystems
+    through write_new (flushed first), then the original unlinked. Returns `new`."""
+    try:
+        rename_noreplace(src_fd, name, dst_fd, new)
+        return new
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=src_fd)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{name}: no longer a regular file")
+    with os.fdopen(fd, "rb") as src:
+        write_new(dst_fd, new, src)
+    os.unlink(name, dir_fd=src_fd)
+    return new

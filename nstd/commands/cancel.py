@@ -8,6 +8,7 @@ deleted.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -15,120 +16,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nstd.daemon import safefs
-from nstd.errors import ErrorKind, ExitCode, JobError, NstdError, Stage
-from nstd.fsutil import atomic_write_text
-
-REQUESTS = "cancel"
-
-
-class NoSuchJob(NstdError):
-    """No claimed job has that name (exit 4)."""
-
-    exit_code = ExitCode.NO_SUCH_JOB
-
-
-@dataclass(frozen=True)
-class Claimed:
-    id: str
-    name: str
-    folder: Path
-
-
-def claimed(jobs_dir: Path) -> list[Claimed]:
-    """Every claimed job in state/jobs/, oldest first (read from claim.json, torch-free)."""
-    out = []
-    try:
-        folders = sorted(d for d in jobs_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    except OSError:
-        return out
-    for d in folders:
-        try:
-            record = json.loads((d / "claim.json").read_text())
-            out.append(Claimed(str(record["id"]), str(record["name"]), d))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return out
-
-
-def find(jobs_dir: Path, name: str, outbox: Path | None = None) -> Claimed:
-    """The claimed job called `name` (its job file's name without .yaml) or with that id."""
-    jobs = claimed(jobs_dir)
-    found = [j for j in jobs if name in (j.id, j.name)]
-    if not found and outbox is not None and "/" not in name and name not in ("", ".", "..") and (outbox / name).is_dir():
-        raise NoSuchJob(f"{name!r} is not queued or running: it has finished (see {outbox / name})")
-    if not found:
-        known = ", ".join(j.name for j in jobs) or "none"
-        raise NoSuchJob(f"no queued or running job is called {name!r} (claimed now: {known}); "
-                        "nor waiting in the inbox")
-    if len(found) > 1:
-        raise NoSuchJob(f"several jobs are called {name!r}: give the id of one ({', '.join(j.id for j in found)})")
-    return found[0]
-
-
-# ------------------------------------------------------------------ the request files
-
-
-def ask(state: Path, job_id: str) -> None:
-    atomic_write_text(state / REQUESTS / job_id, f"{time.time()}\n")
-
-
-#: A request for a job still in the inbox: `inbox-<digest of its job file's name>`, the name inside.
-INBOX_PREFIX = "inbox-"
-
-
-def ask_inbox(state: Path, sidecar: str) -> str:
-    """Ask the intake to quarantine the job file `sidecar` (a name in the inbox) as cancelled
-    before it is taken; the request's name."""
-    import hashlib
-
-    key = INBOX_PREFIX + hashlib.sha256(sidecar.encode("utf-8", "surrogateescape")).hexdigest()[:24]
-    atomic_write_text(state / REQUESTS / key, sidecar + "\n")
-    return key
-
-
-def inbox_request(state: Path, key: str) -> str | None:
-    """The job file's name an inbox request names (None: unreadable, or not one)."""
-    try:
-        return (state / REQUESTS / key).read_bytes()[:4096].decode("utf-8", "surrogateescape").strip() or None
-    except OSError:
-        return None
-
-
-def in_inbox(inbox: Path, name: str) -> str | None:
-    """The job file in the inbox that `name` (with or without its suffix) names, if any."""
-    from nstd.daemon.jobfile import SIDECAR_SUFFIXES
-
-    if "/" in name or name in ("", ".", ".."):
-        return None
-    candidates = [name] if name.endswith(SIDECAR_SUFFIXES) else [name + s for s in SIDECAR_SUFFIXES]
-    return next((c for c in candidates if os.path.lexists(inbox / c)), None)
-
-
-def requests(state: Path) -> list[str]:
-    """Job ids asked to be cancelled; an absent folder means none (one listdir a tick)."""
-    try:
-        return sorted(n for n in os.listdir(state / REQUESTS) if not n.startswith("."))
-    except OSError:
-        return []
-
-
-def answered(state: Path, job_id: str) -> bool:
-    """Drop a request once acted on; False when it cannot be (written by another user, say)."""
-    try:
-        os.unlink(state / REQUESTS / job_id)
-        return True
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-
-
-def cancelled_error(stage: Stage, detail: str = "") -> JobError:
-    return JobError(ErrorKind.CANCELLED, "cancelled with nstd cancel" + detail, stage)
-
-
-# ------------------------------------------------------------------ the command
+from nstd import logs
+from nstd.commands.base import config_of, one_line
+from nstd.distributed.lease import Lease, current
+from nstd.errors import ExitCode, NstdError, Stage
+from nstd.job.file import SIDECAR_SUFFIXES
+from nstd.state import safefs
+from nstd.state.claim import Claim, Claimed, NoSuchJob, find
+from nstd.state.folders import Folders
+from nstd.state.lock import AlreadyRunning, RootLock
+from nstd.state.requests import ask, ask_inbox, cancelled_error
+from nstd.state.store import Store
+from nstd.state.transfer import safe_component
 
 
 @dataclass(frozen=True)
@@ -148,9 +47,6 @@ class Said:
 
 def cancel(cfg: dict, name: str, wait_seconds: float) -> Said:
     """Cancel the claimed job `name`; returns what happened."""
-    from nstd.daemon.lock import AlreadyRunning, RootLock
-    from nstd.daemon.store import Folders
-
     folders = Folders.from_config(cfg)
     try:
         job = find(folders.jobs, name, folders.outbox)
@@ -167,8 +63,7 @@ def cancel(cfg: dict, name: str, wait_seconds: float) -> Said:
         raise NstdError(f"cannot reach the state folder {folders.state}: {exc.strerror or exc}") from None
     try:
         if cfg["queue"]["backend"] != "celery" and not (job.folder / "lease").is_dir():
-            return _quarantine_here(folders, job)
-        from nstd.distributed.lease import Lease, current
+            return _quarantine_here(cfg, folders, job)
 
         # Workers run jobs while no intake does: only the job's lease makes it ours to move.
         try:
@@ -177,10 +72,8 @@ def cancel(cfg: dict, name: str, wait_seconds: float) -> Said:
             raise NstdError(f"cannot take the lease of {job.name} ({exc.strerror or exc}); is a worker running it?") from None
         if held is not None:
             try:
-                from nstd.daemon.store import Store
-
                 Store(folders).reclaim(job.id)  # a dead worker's unfinished move, back into state first
-                return _quarantine_here(folders, job)
+                return _quarantine_here(cfg, folders, job)
             finally:
                 held.release()
         try:
@@ -196,8 +89,6 @@ def cancel(cfg: dict, name: str, wait_seconds: float) -> Said:
 def _cancel_in_inbox(folders, sidecar: str, wait_seconds: float) -> Said:
     """A job still in the inbox (waiting for an input, say): the intake, the only one that moves
     inbox files, quarantines it as cancelled at its next look, or at its next start."""
-    from nstd.daemon.lock import RootLock
-
     name = sidecar.rsplit(".", 1)[0]
     ask_inbox(folders.state, sidecar)
     if not RootLock.held(folders.state):
@@ -232,12 +123,18 @@ def _ask_the_daemon(folders, job: Claimed, wait_seconds: float, who: str = "the 
                 "or the quarantine)")
 
 
+def in_inbox(inbox: Path, name: str) -> str | None:
+    """The job file in the inbox that `name` (with or without its suffix) names, if any."""
+    if "/" in name or name in ("", ".", ".."):
+        return None
+    candidates = [name] if name.endswith(SIDECAR_SUFFIXES) else [name + s for s in SIDECAR_SUFFIXES]
+    return next((c for c in candidates if os.path.lexists(inbox / c)), None)
+
+
 def quarantined_as(quarantine: Path, job: Claimed, sidecar: str | None = None) -> Path | None:
     """The quarantine folder whose error.yaml says this very job was cancelled, if any (the
     folders named after the job are read; a name taken earlier gets a suffix). A job cancelled
     in the inbox had no id yet: its job file `sidecar` in the folder tells it."""
-    from nstd.daemon.transfer import safe_component
-
     stem = safe_component(job.name)
     for d in sorted(quarantine.glob(f"{glob.escape(stem)}*"), key=lambda d: d.name):
         try:
@@ -254,17 +151,28 @@ def quarantined_as(quarantine: Path, job: Claimed, sidecar: str | None = None) -
 MAX_ERROR_TEXT = 4096
 
 
-def _quarantine_here(folders, job: Claimed) -> Said:
-    """No daemon runs and we hold the lock: move the claimed job to quarantine ourselves."""
-    from nstd.daemon.claim import Claim
-    from nstd.daemon.outcome import error_record
-    from nstd.daemon.store import Store
+def _quarantine_here(cfg: dict, folders: Folders, job: Claimed) -> Said:
+    """No daemon runs and we hold the lock: the job ends through Outcomes as the daemon's would
+    (its line in logs/nstd.log, its hook, run here; no daemon's counts to add to)."""
+    from nstd.daemon.outcome import Outcomes  # torch: only where a job is moved here
 
     if not job.folder.exists():
         raise NoSuchJob(f"{job.name} is no longer claimed")
     claim = Claim.from_folder(job.folder)
-    error = error_record(claim.name, cancelled_error(Stage.QUEUE, " while no daemon ran"), claim.attempts,
-                         {"claimed": claim.times.claimed, "failed": time.time()}, claim.id)
-    log = claim.log_path.read_text(encoding="utf-8", errors="replace") if claim.log_path.exists() else ""
-    final = Store(folders).quarantine_claimed(claim, error, log)
+    logs.setup(cfg["logging"], folders.logs, stderr=False)  # the command says it in its own line
+    final = Outcomes(cfg, Store(folders), None, None).quarantine(
+        claim, cancelled_error(Stage.QUEUE, " while no daemon ran"))
     return Said("cancelled", claim.name, claim.id, f"cancelled {claim.name}: moved to {final}", str(final))
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        said = cancel(config_of(args, required=True), args.name, args.wait)
+    except OSError as exc:
+        raise NstdError(f"cancel {args.name}: {exc.strerror or exc} ({exc.filename or 'a folder'})") from None
+    if args.json:
+        print(json.dumps({"outcome": said.outcome, "job": said.job, "id": said.id, "where": said.where,
+                          "message": said.line}, indent=1))
+    else:
+        print(one_line(said.line))
+    return ExitCode.PENDING if said.outcome == "asked" else ExitCode.OK
