@@ -11,7 +11,8 @@ job defaults. Values are YAML (`pooling=max`, `steps=100`, `stages=1`). The engi
 device are --precision/--device for every nstd setting.
 
 Prints, per pair, a row per setting: S_held (style distance: 0 = the style's statistics, 1 = a
-flat picture of its mean colour), C_held (content distance), moiré, clipped %, E512 and seconds;
+flat picture of its mean colour), C_held (content distance), colour (the L*a*b* histogram's
+distance to the style's: 0 = the same colours, 1 = none in common), moiré, clipped %, E512 and seconds;
 then the medians over pairs. Writes into --out: each result (PAIR.SETTING.png), a side-by-side per
 pair (PAIR.side.jpg), 1:1 crops of every setting at the same place (PAIR.crops.png: the window
 whose luminance spectrum is most periodic in the first setting's picture), and results.json. A
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from nstd.engine import Engine, images
-    from nstd.engine.quality import Judge, clipped, moire
+    from nstd.engine.quality import Judge, clipped, colour_distance, moire
 
     out = Path(args.out) if args.out else Path(__import__("tempfile").mkdtemp(prefix="nstd-quality-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -157,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         content, style = images.open_image(IMAGES / content_file), images.open_image(IMAGES / style_file)
         shots = {}
         print(f"## {pair} ({content_file} + {style_file})\n")
-        print("| setting | S_held | C_held | moiré | clipped % | E512 | seconds |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print("| setting | S_held | C_held | colour | moiré | clipped % | E512 | seconds |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for name, kind, keys in settings:
             path = out / f"{pair}.{name}.{args.size}.png"
             old = previous.get(pair, {}).get(name, {})
@@ -175,23 +176,23 @@ def main(argv: list[str] | None = None) -> int:
             shots[name] = img
             row = {
                 "size": args.size, "s_held": judge.style_distance(img, style), "c_held": judge.content_distance(img, content),
-                "moire": moire(img), "clipped": clipped(img), "e512": e512, "seconds": seconds, "keys": keys, "kind": kind,
+                "colour": colour_distance(img, style), "moire": moire(img), "clipped": clipped(img), "e512": e512, "seconds": seconds, "keys": keys, "kind": kind,
             }
             table.setdefault(pair, {})[name] = row
-            print(f"| {name} | {row['s_held']:.4f} | {row['c_held']:.4f} | {row['moire']:.1f} | "
+            print(f"| {name} | {row['s_held']:.4f} | {row['c_held']:.4f} | {row['colour']:.3f} | {row['moire']:.1f} | "
                   f"{100 * row['clipped']:.2f} | {row['e512']:.0f} | {row['seconds']:.0f} |", flush=True)
         print()
         write_figures(out, pair, shots)
     print(f"## medians over {len(pairs)} pairs\n")
     names = [n for n, _, _ in settings]
     against = args.against or ("max" if "max" in names else names[0])
-    print(f"| setting | S_held | C_held | moiré | clipped % | E512 | moiré <= {against}'s on every pair |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| setting | S_held | C_held | colour | moiré | clipped % | E512 | moiré <= {against}'s on every pair |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, _, _ in settings:
         rows = [table[p][name] for p in pairs]
-        med = {k: statistics.median(r[k] for r in rows) for k in ("s_held", "c_held", "moire", "clipped", "e512")}
+        med = {k: statistics.median(r[k] for r in rows) for k in ("s_held", "c_held", "colour", "moire", "clipped", "e512")}
         every = all(table[p][name]["moire"] <= table[p][against]["moire"] for p in pairs)
-        print(f"| {name} | {med['s_held']:.4f} | {med['c_held']:.4f} | {med['moire']:.1f} | {100 * med['clipped']:.2f} | "
+        print(f"| {name} | {med['s_held']:.4f} | {med['c_held']:.4f} | {med['colour']:.3f} | {med['moire']:.1f} | {100 * med['clipped']:.2f} | "
               f"{med['e512']:.0f} | {'yes' if every else 'no'} |")
     merged = {**previous}
     for pair, rows in table.items():

@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--grain", type=float, help="rms of the grain added to each stage's start, 8-bit levels "
                                                f"(default {D['grain']:g}; 0: none; docs/quality.md)")
     s.add_argument("--optimizer", help=f"lbfgs or adam (default {D['optimizer']})")
+    s.add_argument("--style-loss", help=f"gram, w2 or sliced: how the style's statistics are matched "
+                                        f"(default {D['style_loss']}; docs/quality.md)")
     s.add_argument("--content-weight", type=float, help=f"alpha (default {D['content_weight']:g})")
     s.add_argument("--style-weight", type=float, help=f"beta (default {D['style_weight']:g})")
     s.add_argument("--tv-weight", type=float, help=f"total-variation weight (default {D['tv_weight']:g})")

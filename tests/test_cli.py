@@ -126,3 +126,20 @@ def test_without_a_terminal_stylize_says_each_stage_and_its_progress_and_writes_
     quiet = nstd("stylize", images_dir / "tubingen.jpg", images_dir / "starry_night.jpg", "-o", out, "--size", 32,
                  "--steps", 2, "--device", "cpu", "-q")
     assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+def test_each_style_loss_runs_and_sliced_over_the_budget_is_refused_in_one_line(images_dir, tmp_path):
+    """--style-loss w2 and sliced run; sliced cannot run in tiles, so a size whose untiled pass is
+    over the budget is refused with why and what can run it, not shrunk in silence."""
+    import json
+
+    for loss in ("w2", "sliced"):
+        report = tmp_path / f"{loss}.json"
+        r = nstd("stylize", images_dir / "tubingen.jpg", images_dir / "starry_night.jpg", "-o", tmp_path / f"{loss}.png",
+                 "--size", 40, "--steps", 3, "--style-loss", loss, "-q", "--report", report)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(report.read_text())["steps_total"] == 3
+    r = nstd("stylize", images_dir / "tubingen.jpg", images_dir / "starry_night.jpg", "-o", tmp_path / "big.png",
+             "--size", 2048, "--stages", 1, "--steps", 1, "--style-loss", "sliced", "--budget-mb", 64, "-q")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "sliced cannot run in tiles" in r.stderr and "gram or w2" in r.stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nstd.engine.memory import fit_size, predict_peak_bytes
-from nstd.engine.losses import Objective, gram
+from nstd.engine.losses import Objective
 
 LAYERS = ["conv4_2", "conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1"]
 
@@ -31,13 +31,19 @@ def test_fit_size_keeps_aspect_and_fits_the_budget():
     assert fit_size(1536, 2048, 1, layers=LAYERS) is None
 
 
-def test_covers_autograd_saved_tensors(engine):
-    """Measure the bytes autograd saves for one step at 96 px and check the model accounts for them."""
+@pytest.mark.parametrize("style_loss", ["gram", "w2", "sliced"])
+def test_covers_autograd_saved_tensors(engine, style_loss):
+    """Measure the bytes autograd saves for one step at 96 px and check the model accounts for them,
+    for each style loss kind (styleloss.py: W2's matrices, the sliced loss's projections and sort)."""
+    from nstd.engine.styleloss import style_kind
+
+    kind = style_kind(style_loss)
     ext = engine.network.extractor(LAYERS, "avg")
     x = torch.rand(1, 3, 72, 96, requires_grad=True)
     with torch.no_grad():
         feats = ext(torch.rand(1, 3, 72, 96))
-    obj = Objective({"conv4_2": feats["conv4_2"]}, {k: gram(feats[k]) for k in LAYERS[1:]}, 1.0, 1e4, 0.0)
+    obj = Objective({"conv4_2": feats["conv4_2"]}, {k: kind.stat(k, feats[k]) for k in LAYERS[1:]}, 1.0, 1e4, 0.0,
+                    kind)
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -49,7 +55,7 @@ def test_covers_autograd_saved_tensors(engine):
         loss = obj(ext(x), x).total
     loss.backward()
     saved = sum(seen.values())
-    predicted = predict_peak_bytes(72, 96, LAYERS, history=0)
+    predicted = predict_peak_bytes(72, 96, LAYERS, history=0, content_layers=["conv4_2"], style_loss=style_loss)
     weights = sum(p.numel() * 4 for c in ext.layers for p in c.parameters())
     assert saved + weights <= predicted <= 3 * (saved + weights), (saved, weights, predicted)
 

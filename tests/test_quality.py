@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from PIL import Image
@@ -107,3 +109,14 @@ def test_grain_is_on_the_start_picture_and_zero_turns_it_off(engine, pair):
     noise = (start - start0) * 255
     assert 7 < float(noise.std()) < 9  # 8 levels rms (a little is clamped at 0 and 255)
     assert float(noise.mean()) == pytest.approx(0.0, abs=1.0)
+
+
+def test_the_colour_measure_is_zero_for_the_same_colours_and_one_for_none_in_common():
+    from nstd.engine.quality import colour_distance, lab
+
+    red = Image.new("RGB", (16, 16), (255, 0, 0))
+    assert [round(v, 1) for v in lab(red)[0].tolist()] == [53.2, 80.1, 67.2]  # CIE L*a*b* of sRGB red
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    assert colour_distance(noise, noise) == 0.0
+    assert colour_distance(red, Image.new("RGB", (16, 16), (0, 0, 255))) == 1.0
+    assert 0.0 < colour_distance(noise, red) < 1.0

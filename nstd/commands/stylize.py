@@ -95,7 +95,8 @@ def main(args: argparse.Namespace) -> int:
 def _fit_budget(engine, content, params, budget_mb: int):
     """The size asked, unless no memory techniques make it fit `budget_mb`: then the largest that
     fits, said on stderr (the daemon does the same)."""
-    size = engine.fit(content.size, params, budget_mb * 2**20)
+    with as_bad_input():  # style_loss sliced over the budget: it cannot run in tiles (StyleLossError)
+        size = engine.fit(content.size, params, budget_mb * 2**20)
     if size < params.size:
         print(f"nstd: size {params.size} lowered to {size} to fit the memory budget of {budget_mb} MiB", file=sys.stderr)
         return params.at_size(size)
@@ -112,7 +113,7 @@ def _stages_note(result) -> str:
 #: `nstd stylize`'s options by job key: its errors name the option the user typed.
 OPTION_OF_KEY = {
     "size": "--size", "steps": "--steps", "stages": "--stages", "stage_start": "--stage-start",
-    "stage_factor": "--stage-factor", "stage_steps": "--stage-steps", "anchor_size": "--anchor-size", "grain": "--grain", "optimizer": "--optimizer", "content_weight": "--content-weight",
+    "stage_factor": "--stage-factor", "stage_steps": "--stage-steps", "anchor_size": "--anchor-size", "grain": "--grain", "optimizer": "--optimizer", "style_loss": "--style-loss", "content_weight": "--content-weight",
     "style_weight": "--style-weight", "tv_weight": "--tv-weight", "style_scale": "--style-scale",
     "preserve_color": "--preserve-color", "init": "--init", "pooling": "--pooling", "seed": "--seed",
     "gif.every": "--gif-every", "engine.device": "--device", "engine.weights": "--weights",
@@ -142,6 +143,7 @@ def _job_and_engine(args, cfg) -> tuple[dict, dict]:
             ("anchor_size", "anchor_size"),
             ("grain", "grain"),
             ("optimizer", "optimizer"),
+            ("style_loss", "style_loss"),
             ("content_weight", "content_weight"),
             ("style_weight", "style_weight"),
             ("tv_weight", "tv_weight"),

@@ -49,7 +49,7 @@ def check_one(sidecar: Path, cfg: dict) -> dict:
         lines.append(f"  style    {path.name} ({'x'.join(map(str, sizes[path]))}), weight {weight:.3g}")
     if len(files.styles) > 1 and files.weight_sum != 1.0:
         lines.append(f"  (blend weights are normalised to add up to 1: as written they add up to {files.weight_sum:g})")
-    lines.append(f"  size {spec.size}, steps {spec.steps}, {spec.optimizer}, "
+    lines.append(f"  size {spec.size}, steps {spec.steps}, {spec.optimizer}, style_loss {spec.style_loss}, "
                  f"content_weight {spec.content_weight:g}, style_weight {spec.style_weight:g}, "
                  f"tv_weight {spec.tv_weight:g}, init {spec.init}, pooling {spec.pooling}, "
                  f"preserve_color {spec.preserve_color}, seed {spec.seed}, "

@@ -24,6 +24,7 @@ from nstd.daemon.queue import RETRY_SECONDS, JobQueue
 from nstd.engine import Device, Engine, ImageError, Interrupted, StyleImage, TargetCache, images
 from nstd.engine.device import is_oom
 from nstd.engine.memory import predict_peak_bytes
+from nstd.engine.styleloss import StyleLossError
 from nstd.errors import ErrorKind, JobError, Stage
 from nstd.job.spec import Job
 from nstd.state import checkpoints, safefs
@@ -312,7 +313,10 @@ class Worker(threading.Thread):
     def _fit_budget(self, content_size: tuple[int, int], params, engine: Engine, log) -> int:
         """The result's long edge inside the device's budget (Engine.fit: memory techniques first)."""
         budget, setting = self.budget(engine)
-        size = engine.fit(content_size, params, budget, smallest=MIN_EDGE)
+        try:
+            size = engine.fit(content_size, params, budget, smallest=MIN_EDGE)
+        except StyleLossError as exc:  # style_loss sliced: no tiles, and the untiled pass is over the budget
+            raise JobError(ErrorKind.OUT_OF_MEMORY, f"{exc} ({setting})", Stage.RUN) from None
         if size < params.size:
             log.info("size {} lowered to {} to fit {}", params.size, size, setting)
         return size

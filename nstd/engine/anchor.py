@@ -7,7 +7,7 @@ from typing import Callable, ContextManager
 import torch
 
 from nstd.engine import schedule
-from nstd.engine.losses import Objective, gram
+from nstd.engine.losses import Objective
 from nstd.engine.params import StyleParams
 
 
@@ -18,7 +18,8 @@ def anchor_hw(content_size: tuple[int, int], p: StyleParams, size: int | None = 
 
 class Anchor:
     """The style term of the picture scaled down to the anchor size (antialiased), against the
-    style seen at that size: added to a big stage's loss, it keeps the strokes the size they have
+    style seen at that size, by the stage's style loss kind (its objective's): added to a big
+    stage's loss, it keeps the strokes the size they have
     at the anchor, relative to the picture, while the stage's own term adds the detail its pixels
     allow. Without it, the last stages of a 2048 px run repaint the strokes at their own scale
     (measured: the style loss at 512 px of the 2048 px result rose to 3.3x the 512 px run's)."""
@@ -31,4 +32,4 @@ class Anchor:
         small = torch.nn.functional.interpolate(seen, size=self.size, mode="bilinear", antialias=True, align_corners=False)
         with self.autocast(capturing):
             feats = self.extractor(small)
-        return self.objective.style_term({k: gram(feats[k]) for k in self.objective.style})
+        return self.objective.style_term(self.objective.style_stats(feats))

@@ -1,4 +1,5 @@
-"""Gatys et al. losses: content MSE, Gram-matrix style MSE, total variation.
+"""Gatys et al. losses: content MSE, Gram-matrix style MSE, total variation. The other style
+loss kinds (W2, sliced Wasserstein) are in styleloss.py, behind GramLoss's interface.
 
 Each term is measured relative to its target's own magnitude (MSE / mean square of the target).
 That makes the numbers independent of the weight source's activation scale (Caffe's VGG sees
@@ -19,10 +20,15 @@ STYLE_UNIT = 1e-3
 TV_UNIT = 100.0
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` in fp32 at least: bf16 and fp16 become fp32, fp64 stays (finite-difference checks)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def gram(features: torch.Tensor) -> torch.Tensor:
     """Gram matrix of (B, C, H, W) features, normalised by C*H*W, computed in fp32: (B, C, C)."""
     b, c, h, w = features.shape
-    f = features.reshape(b, c, h * w).float()
+    f = wide(features.reshape(b, c, h * w))
     return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
 
 
@@ -35,24 +41,74 @@ class Target:
 
     @classmethod
     def of(cls, value: torch.Tensor) -> "Target":
-        value = value.detach().float()
+        value = wide(value.detach())
         ms = float(value.pow(2).mean())
         return cls(value, 1.0 / ms if ms > 0 else 1.0)
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.value).pow(2).mean() * self.inv_scale
+        return (wide(x) - self.value).pow(2).mean() * self.inv_scale
 
 
-def blend_grams(grams: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Weighted mean of several style images' Gram matrices (weights normalised to sum 1)."""
-    if not grams or len(grams) != len(weights):
+def gram_sum(features: torch.Tensor) -> torch.Tensor:
+    """sum_p f_p f_p^T of (B, C, H, W) features, in fp32: (B, C, C) (a tile's part of a Gram matrix)."""
+    b, c, h, w = features.shape
+    f = wide(features.reshape(b, c, h * w))
+    return torch.bmm(f, f.transpose(1, 2))
+
+
+class GramLoss:
+    """The style loss kind `gram` (Gatys et al.): relative MSE of Gram matrices. The other kinds
+    (styleloss.py) have the same shape: a layer's statistic of a picture's features (`stat`), its
+    parts summed over positions for the tiled pass (`parts`, divided by `count`), a blend of
+    several styles' statistics (`mix`), and the loss against a target statistic (`target`)."""
+
+    name = "gram"
+    summable = True  # the statistic is a sum over map positions: exact over tiles
+
+    def key(self) -> tuple:
+        """What a cached target depends on beyond the style, its size and the network."""
+        return ()
+
+    def stat(self, layer: str, features: torch.Tensor) -> torch.Tensor:
+        return gram(features)
+
+    def parts(self, layer: str, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (gram_sum(features),)
+
+    def count(self, c: int, h: int, w: int) -> int:
+        return c * h * w
+
+    def pack(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return parts[0]
+
+    def unpack(self, stat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (stat,)
+
+    def mix(self, stats: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        """The weighted mean of the Gram matrices (weights sum to 1)."""
+        return sum(g * w for g, w in zip(stats, weights))
+
+    def target(self, layer: str, stat: torch.Tensor) -> Target:
+        return Target.of(stat)
+
+
+GRAM = GramLoss()
+
+
+def blend(stats: list[dict], weights: list[float], kind=GRAM) -> dict:
+    """Several style images' statistics blended by `kind` with weights normalised to sum 1
+    (Gram matrices: their weighted mean)."""
+    if not stats or len(stats) != len(weights):
         raise ValueError("need one weight per style image")
     total = float(sum(weights))
     if total <= 0 or any(w < 0 for w in weights):
         raise ValueError("style blend weights must be >= 0 and not all 0")
-    return {
-        layer: sum(g[layer] * (w / total) for g, w in zip(grams, weights)) for layer in grams[0]
-    }
+    return {layer: kind.mix([s[layer] for s in stats], [w / total for w in weights]) for layer in stats[0]}
+
+
+def blend_grams(grams: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Weighted mean of several style images' Gram matrices (weights normalised to sum 1)."""
+    return blend(grams, weights, GRAM)
 
 
 def tv_loss(image: torch.Tensor) -> torch.Tensor:
@@ -84,9 +140,13 @@ class Objective:
         content_weight: float,
         style_weight: float,
         tv_weight: float,
+        kind=GRAM,
     ):
+        """`style_grams`: the target statistic of each style layer, of the loss kind `kind`
+        (GramLoss here, styleloss.py's W2Loss or SlicedLoss)."""
+        self.kind = kind
         self.content = {k: Target.of(v) for k, v in content_targets.items()}
-        self.style = {k: Target.of(v) for k, v in style_grams.items()}
+        self.style = {k: kind.target(k, v) for k, v in style_grams.items()}
         self.wc = content_weight
         self.ws = style_weight * STYLE_UNIT
         self.wtv = tv_weight * TV_UNIT
@@ -100,9 +160,14 @@ class Objective:
         """The weighted content term from whole maps of the content layers."""
         return self.content_scale * sum((t.loss(features[k]) for k, t in self.content.items()), zero)
 
-    def style_term(self, grams: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The weighted style term from the picture's Gram matrices (tiles.py computes them in parts)."""
+    def style_stats(self, features: dict[str, torch.Tensor]) -> dict:
+        """The picture's statistic of each style layer, from whole maps."""
+        return {k: self.kind.stat(k, features[k]) for k in self.style}
+
+    def style_term(self, grams: dict) -> torch.Tensor:
+        """The weighted style term from the picture's statistics (tiles.py computes them in parts)."""
         first = next(iter(grams.values()), None)
+        first = self.kind.unpack(first)[0] if first is not None else None
         zero = first.new_zeros(()) if first is not None else torch.zeros(())
         return self.ws * sum((t.loss(grams[k]) for k, t in self.style.items()), zero) / max(1, len(self.style))
 
@@ -112,6 +177,6 @@ class Objective:
     def __call__(self, features: dict[str, torch.Tensor], image: torch.Tensor) -> Losses:
         zero = image.new_zeros(())
         c = self.content_term(features, zero)
-        s = self.style_term({k: gram(features[k]) for k in self.style}) if self.style else zero
+        s = self.style_term(self.style_stats(features)) if self.style else zero
         v = self.tv_term(image)
         return Losses(c, s, v, c + s + v)

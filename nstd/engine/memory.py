@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from nstd.engine.styleloss import NS_ITERS
 from nstd.engine.vgg import CHANNELS, CONV_LAYERS, CONV_SHAPES, layer_index
 
 #: On CUDA, what the allocator hands out beyond the tensors above: cuDNN's convolution workspaces
@@ -75,15 +76,37 @@ class Techniques:
         return passes / 3.0 * (1.0 + 0.01 * max(0, 20 - self.history))
 
 
+#: Bytes a style loss kind keeps per element of a style layer's map beyond Gram's (a step's saved
+#: tensors and the kind's targets): sliced, with K = C directions, the projections, the sorted
+#: values, the sort's int64 indices and the difference to the target (4 + 4 + 8 + 4) in a step,
+#: and the style's sorted projections and their resampled copy as targets (4 + 4).
+_LOSS_MAP_BYTES = {"sliced": 20}
+_LOSS_TARGET_MAP_BYTES = {"sliced": 8}
+
+
+def _loss_extra(maps: list[tuple[str, int]], style: set[str], style_loss: str, per_map: dict,
+                w2_matrices: int = 3 * NS_ITERS + 8) -> int:
+    """A style loss kind's bytes beyond Gram's: per element of the style layers' maps (`per_map`),
+    and for w2 its C x C matrices per layer (a step's: the moments, the covariance, the product,
+    and Newton-Schulz's three iterates a round, styleloss.NS_ITERS rounds, saved for the backward;
+    a target's: its square root beside the second moment)."""
+    extra = sum(n for name, n in maps if name in style) * per_map.get(style_loss, 0)
+    if style_loss == "w2":
+        extra += sum(CONV_SHAPES[n][0] ** 2 for n in style if n in CONV_SHAPES) * _FP32 * w2_matrices
+    return extra
+
+
 def _activations(height: int, width: int, layers: Sequence[str], precision: str, pooling: str,
-                 checkpoint: bool, content_layers: Sequence[str] | None = None) -> tuple[int, int]:
+                 checkpoint: bool, content_layers: Sequence[str] | None = None,
+                 style_loss: str = "gram") -> tuple[int, int]:
     """(bytes autograd keeps through one forward+backward at its peak, the largest map's elements).
 
     Autograd saves each ReLU's output (which is also the next conv's or pool's input); max pooling
     also saves int64 indices. The losses save fp32 maps of their own: a Gram matrix the fp32 copy
     of a bf16 map (in fp32, the map itself), the content loss its difference to the target.
     Checkpointed, each block (ending at its pool) keeps only its pooled output and the maps the
-    losses use, and in the backward one block at a time is recomputed with all it saves."""
+    losses use, and in the backward one block at a time is recomputed with all it saves. The
+    style loss kind's own (`_loss_extra`) come on top."""
     deepest = max(layers, key=layer_index)
     act = 2 if precision == "bf16" else _FP32
     maps = feature_maps(height, width, deepest)
@@ -97,7 +120,8 @@ def _activations(height: int, width: int, layers: Sequence[str], precision: str,
         return total
 
     largest = max(n for _, n in maps)
-    content_saved = sum(n for name, n in maps if name in content) * _FP32
+    content_saved = sum(n for name, n in maps if name in content) * _FP32 + _loss_extra(maps, style, style_loss,
+                                                                                       _LOSS_MAP_BYTES)
     if not checkpoint:
         style_copies = sum(n for name, n in maps if name in style) * _FP32 if act != _FP32 else 0
         return kept(maps) + style_copies + content_saved, largest
@@ -141,19 +165,21 @@ def predict_peak_bytes(
     tile: int | None = None,
     content_layers: Sequence[str] | None = None,
     anchor: tuple[int, int] | None = None,
+    style_loss: str = "gram",
 ) -> int:
     """Predicted peak bytes of one stylization at `height` x `width` on `device` ("cpu" or "cuda"),
     with the given techniques: the allocator's view (torch.cuda.max_memory_allocated), without
     the CUDA context itself. `layers`: every layer the losses use; `content_layers`: those whose
     whole maps are kept as targets (all of `layers` when not given: an upper bound); `anchor`:
-    (h, w) of the anchor's pass (anchor.Anchor), which runs after the main one, alone."""
+    (h, w) of the anchor's pass (anchor.Anchor), which runs after the main one, alone; `style_loss`:
+    the style loss kind (styleloss.py), whose own tensors are counted."""
     deepest = max(layers, key=layer_index)
     # tiled, autograd holds one tile's window at a time (core + halo on each side, cut at the edge)
     saved, largest = _activations(*_window(height, width, tile, deepest), layers, precision, pooling, checkpoint,
-                                  content_layers)
+                                  content_layers, style_loss)
     if anchor:
         style_only = [n for n in layers if content_layers is None or n not in content_layers] or list(layers)
-        a_saved, a_largest = _activations(*anchor, style_only, precision, pooling, False, [])
+        a_saved, a_largest = _activations(*anchor, style_only, precision, pooling, False, [], style_loss)
         saved, largest = max(saved, a_saved), max(largest, a_largest)
     transient = _TRANSIENT_MAPS * largest * _FP32
     weights = _weights(deepest, precision)
@@ -167,6 +193,11 @@ def predict_peak_bytes(
     kept = content_layers if content_layers is not None else layers
     targets = sum(n for name, n in full_maps if name in kept) * _FP32  # the content features
     targets += sum(CONV_SHAPES[n][0] ** 2 for n in layers if n in CONV_SHAPES) * _FP32 * 2
+    style = set(layers) - set(content_layers or ())
+    targets += _loss_extra(full_maps, style or set(layers), style_loss, _LOSS_TARGET_MAP_BYTES, 2)
+    if anchor:
+        targets += _loss_extra(feature_maps(*anchor, deepest), style or set(layers), style_loss,
+                               _LOSS_TARGET_MAP_BYTES, 2)
     reserve = CUDA_RESERVE_BYTES if device.startswith("cuda") else 0
     return int(saved + transient + weights + image + targets + reserve)
 
@@ -179,19 +210,22 @@ MIN_HISTORY = 5
 
 def choose(height: int, width: int, budget_bytes: int | None, layers: Sequence[str], optimizer: str = "lbfgs",
            history: int = 20, precision: str = "fp32", pooling: str = "avg", device: str = "cpu",
-           content_layers: Sequence[str] | None = None, anchor: tuple[int, int] | None = None) -> Techniques | None:
+           content_layers: Sequence[str] | None = None, anchor: tuple[int, int] | None = None,
+           style_loss: str = "gram", tiles: bool = True) -> Techniques | None:
     """The cheapest techniques (Techniques.cost) whose predicted peak fits `budget_bytes` at this
-    size; plain with the full history when there is no budget; None when nothing fits."""
+    size; plain with the full history when there is no budget; None when nothing fits. `tiles`:
+    whether a tiled pass may be chosen (not for style_loss sliced, whose sort is not a sum)."""
     plain = Techniques(history=history)
     if budget_bytes is None:
         return plain
     deepest = max(layers, key=layer_index)
     histories = sorted({history, *[h for h in (20, 10, MIN_HISTORY) if h < history]}, reverse=True)
     options = [Techniques(h, c, t) for h in histories for c in (False, True)
-               for t in (None, *[t for t in TILE_SIZES if t < max(height, width)])]
+               for t in (None, *[t for t in TILE_SIZES if tiles and t < max(height, width)])]
     fits = [o for o in options
             if predict_peak_bytes(height, width, layers, optimizer, o.history if optimizer == "lbfgs" else 0,
-                                  precision, pooling, device, o.checkpoint, o.tile, content_layers, anchor) <= budget_bytes]
+                                  precision, pooling, device, o.checkpoint, o.tile, content_layers, anchor,
+                                  style_loss) <= budget_bytes]
     return min(fits, key=lambda o: (o.cost(height, width, deepest), -o.history)) if fits else None
 
 
@@ -200,7 +234,8 @@ _TARGET_MAPS = 8
 
 
 def predict_target_bytes(height: int, width: int, layers: Sequence[str], precision: str = "fp32",
-                         pooling: str = "avg", device: str = "cpu", tile: int | None = None) -> int:
+                         pooling: str = "avg", device: str = "cpu", tile: int | None = None,
+                         style_loss: str = "gram") -> int:
     """Predicted peak bytes of one style target pass (no gradient) over a `height` x `width`
     picture, in tiles of `tile` px when set: the picture, the network, the largest maps alive at
     once and the Gram sums. A style is sized by the result's long edge, not by the content's
@@ -217,6 +252,9 @@ def predict_target_bytes(height: int, width: int, layers: Sequence[str], precisi
     # style at 256 MiB grew 263 MiB before these were counted)
     pixels = 3 * height * width * _FP32 * 3 + height * width * (4 + 3)
     grams = sum(CONV_SHAPES[n][0] ** 2 for n in layers if n in CONV_SHAPES) * _FP32 * 2
+    # sliced: the projections of the whole picture (gathered over tiles too), their sorted copy and
+    # the sort's indices; w2: its second moments, as Gram's
+    grams += _loss_extra(feature_maps(height, width, deepest), set(layers), style_loss, {"sliced": 16}, 2)
     reserve = CUDA_RESERVE_BYTES if device.startswith("cuda") else 0
     return int(transient + weights + pixels + grams + reserve)
 

@@ -14,5 +14,8 @@ DEFAULT_CONTENT_LAYERS = ("conv4_2",)
 WEIGHT_SOURCES = ("vgg19-caffe", "torchvision")
 #: preserve_color: keep the result's colours, its luminance only on the content's, or match histograms.
 COLOR_MODES = ("none", "luminance", "histogram")
+#: style_loss: how a picture's style statistics are matched to the style's (nstd/engine/styleloss.py):
+#: Gram matrices (Gatys), the Wasserstein-2 distance of Gaussian fits, or the sliced Wasserstein distance.
+STYLE_LOSSES = ("gram", "w2", "sliced")
 #: The largest input image, in pixels, unless limits.max_pixels says otherwise.
 DEFAULT_MAX_PIXELS = 50_000_000

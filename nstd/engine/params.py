@@ -45,6 +45,8 @@ class StyleParams:
     stage_steps: float = schedule.DEFAULT_STEP_RATIO
     #: a stage larger than this also matches the style at this long edge (0: off); see anchor.Anchor
     anchor_size: int = 512
+    #: how style statistics are matched: gram | w2 | sliced (options.STYLE_LOSSES)
+    style_loss: str = "gram"
     #: rms of the fixed-seed grain added to each stage's start picture, in 8-bit levels (see start.grain)
     grain: float = 8.0
 

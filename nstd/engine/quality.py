@@ -15,6 +15,7 @@ from PIL import Image
 from nstd.engine import images
 from nstd.engine.color import luma
 from nstd.engine.options import CONV_LAYERS
+from nstd.engine.styleloss import quantiles as _quantiles
 
 #: C_held's layers: below conv2_1 a feature is little more than the pixels; conv4_2, the engine's
 #: content layer, is one of five here.
@@ -36,18 +37,6 @@ def sliced_w2(a: torch.Tensor, b: torch.Tensor, directions: torch.Tensor) -> flo
     n = min(pa.shape[1], pb.shape[1])
     pa, pb = _quantiles(pa, n), _quantiles(pb, n)
     return float((pa - pb).pow(2).mean())
-
-
-def _quantiles(sorted_rows: torch.Tensor, n: int) -> torch.Tensor:
-    """n evenly spaced quantiles of each sorted row (linear interpolation)."""
-    m = sorted_rows.shape[1]
-    if m == n:
-        return sorted_rows
-    pos = (torch.arange(n, dtype=torch.float32) + 0.5) * m / n - 0.5
-    lo = pos.floor().clamp(0, m - 1).long()
-    hi = (lo + 1).clamp(max=m - 1)
-    frac = (pos - lo.float()).clamp(0, 1)
-    return sorted_rows[:, lo] * (1 - frac) + sorted_rows[:, hi] * frac
 
 
 class Judge:
@@ -140,3 +129,36 @@ def clipped(img: Image.Image) -> float:
     """The fraction of pixel channels at 0 or 255."""
     t = torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8)
     return float(((t == 0) | (t == 255)).float().mean())
+
+
+#: The colour measure's bins along L*, a*, b* (and their ranges): a 3-D histogram of 8 x 8 x 8.
+LAB_BINS = 8
+LAB_RANGES = ((0.0, 100.0), (-90.0, 90.0), (-90.0, 90.0))
+
+
+def lab(img: Image.Image) -> torch.Tensor:
+    """(N, 3) CIE L*a*b* (D65) of every pixel, from sRGB."""
+    rgb = images.to_tensor(img.convert("RGB"))[0].double().reshape(3, -1).T
+    lin = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055).pow(2.4))
+    m = torch.tensor([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+                      [0.0193339, 0.1191920, 0.9503041]], dtype=torch.float64)
+    xyz = lin @ m.T / torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
+    f = torch.where(xyz > (6 / 29) ** 3, xyz.pow(1 / 3), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
+
+
+def lab_histogram(img: Image.Image) -> torch.Tensor:
+    """The picture's colours as a normalised LAB_BINS^3 histogram over L*a*b* (values out of
+    range count in the edge bins)."""
+    values = lab(img)
+    idx = [((values[:, c] - lo) / (hi - lo) * LAB_BINS).long().clamp(0, LAB_BINS - 1)
+           for c, (lo, hi) in enumerate(LAB_RANGES)]
+    flat = (idx[0] * LAB_BINS + idx[1]) * LAB_BINS + idx[2]
+    hist = torch.bincount(flat, minlength=LAB_BINS ** 3).double()
+    return hist / hist.sum()
+
+
+def colour_distance(result: Image.Image, style: Image.Image) -> float:
+    """How far the result's colours are from the style's: the total variation distance between
+    their L*a*b* histograms (0 = the same colour distribution, 1 = no colour in common)."""
+    return float(0.5 * (lab_histogram(result) - lab_histogram(style)).abs().sum())

@@ -16,7 +16,7 @@ from nstd.engine.device import Device
 from nstd.engine.graph import StepGraphs
 from nstd.engine.guard import Guard
 from nstd.engine.lbfgs import LBFGS
-from nstd.engine.losses import Losses, Objective, blend_grams
+from nstd.engine.losses import Losses, Objective, blend
 from nstd.engine.memory import Techniques
 from nstd.engine.params import E512_PIXELS, FORWARD_SHARE, StyleParams
 from nstd.engine.progress import Checkpoint, Interrupted, Progress, StepInfo
@@ -24,6 +24,7 @@ from nstd.engine.readbehind import frame_of
 from nstd.engine.run import Run
 from nstd.engine.schedule import style_edge
 from nstd.engine.start import start_picture
+from nstd.engine.styleloss import style_kind
 from nstd.engine.targets import StyleImage, TargetCache
 from nstd.engine.tiles import Tiler
 from nstd.engine.vgg import Network
@@ -46,8 +47,8 @@ class Host(Protocol):
 
     def style_targets(self, styles: Sequence[StyleImage], content_size: tuple[int, int], p: StyleParams,
                       cache: TargetCache | None = None, palette: Palette | None = None, size: int | None = None,
-                      tile: int | None = None,
-                      tick: Callable[[], None] | None = None) -> list[dict[str, torch.Tensor]]: ...
+                      tile: int | None = None, tick: Callable[[], None] | None = None,
+                      kind=None) -> list[dict]: ...
 
 
 class StopNow(Exception):
@@ -116,6 +117,7 @@ class StageLoop:
         content_t = self.palette.content()
         layers = tuple(dict.fromkeys((*p.content_layers, *p.style_layers)))
         self.extractor = engine.network.extractor(layers, p.pooling)
+        self.kind = style_kind(p.style_loss, p.seed, self.index, tiled=bool(self.tech.tile))
         self.tiler = (Tiler(self.extractor, self.tech.tile, self.tech.checkpoint, engine.autocast, self.gate.tick)
                       if self.tech.tile else None)
         self.objective = self.build_objective(content_t)
@@ -126,7 +128,7 @@ class StageLoop:
         self.gate.open = False  # from here on, between steps only
 
     def build_objective(self, content_t: torch.Tensor) -> Objective:
-        """The stage's losses: content features of `content_t` and the styles' blended Grams.
+        """The stage's losses: content features of `content_t` and the styles' blended statistics.
 
         The style passes are sized by the result's long edge, not by the content's area (a thin
         content's stage is small, its style's pass need not be): each is read in tiles when the
@@ -136,22 +138,16 @@ class StageLoop:
         edge = style_edge(run.content.size, stage.size, p.style_scale)
         style_tile = self.tech.tile or engine.target_tile(run.styles, edge, p, run.budget_bytes) or \
             (1024 if edge > stage.size else None)
-        grams = engine.style_targets(run.styles, run.content.size, p, run.cache, self.palette, size=stage.size,
-                                     tile=style_tile, tick=self.gate.tick)
-        target_grams = blend_grams(grams, [s.weight for s in run.styles])
-        del grams
+        target_grams = blend(engine.style_targets(run.styles, run.content.size, p, run.cache, self.palette,
+                                                  size=stage.size, tile=style_tile, tick=self.gate.tick, kind=self.kind),
+                             [s.weight for s in run.styles], self.kind)
         if self.tiler is not None:
             content_feats = self.tiler.features(content_t, p.content_layers)
         else:
             with torch.no_grad(), engine.autocast():
                 content_feats = self.extractor(content_t, tick=self.gate.tick)
-        return Objective(
-            {k: content_feats[k] for k in p.content_layers},
-            {k: target_grams[k] for k in p.style_layers},
-            p.content_weight,
-            p.style_weight,
-            p.tv_weight,
-        )
+        return Objective({k: content_feats[k] for k in p.content_layers}, {k: target_grams[k] for k in p.style_layers},
+                         p.content_weight, p.style_weight, p.tv_weight, self.kind)
 
     def build_anchor(self) -> Anchor | None:
         """The style at the anchor size, for a stage larger than it (anchor.py); else None."""
@@ -162,10 +158,10 @@ class StageLoop:
         tile = engine.target_tile(run.styles, style_edge(run.content.size, p.anchor_size, p.style_scale), p,
                                   run.budget_bytes)
         grams = engine.style_targets(run.styles, run.content.size, p, run.cache, self.palette, size=p.anchor_size,
-                                     tick=self.gate.tick, tile=tile)
+                                     tick=self.gate.tick, tile=tile, kind=self.kind)
         return Anchor(hw, engine.network.extractor(p.style_layers, p.pooling),
-                      Objective({}, blend_grams(grams, [s.weight for s in run.styles]), 0.0, p.style_weight, 0.0),
-                      engine.autocast)
+                      Objective({}, blend(grams, [s.weight for s in run.styles], self.kind), 0.0, p.style_weight, 0.0,
+                                self.kind), engine.autocast)
 
     def set_up_optimiser(self) -> None:
         """The first frame, the guard, the optimiser, and whether a step may be captured."""
@@ -309,7 +305,7 @@ class StageLoop:
                     losses = objective(self.extractor(palette.view(x)), palette.view(x))
             else:
                 seen = palette.view(x)
-                grams = tiler.grams(seen, list(objective.style))
+                grams = tiler.stats(seen, list(objective.style), objective.kind)
                 feats = tiler.features(seen, list(objective.content))
                 c = objective.content_term(feats, seen.new_zeros(()))
                 s_, v = objective.style_term(grams), objective.tv_term(seen)

@@ -20,7 +20,7 @@ from nstd.engine.color import Palette
 from nstd.engine.device import Device, pick_precision
 from nstd.engine.device import resolve as resolve_device
 from nstd.engine.graph import StepGraphs
-from nstd.engine.losses import gram
+from nstd.engine.losses import GRAM
 from nstd.engine.memory import Techniques, choose, fit_size, predict_peak_bytes, target_tile
 from nstd.engine.params import Result, StyleParams
 from nstd.engine.progress import Checkpoint, OnStep, Progress, StepInfo
@@ -28,6 +28,7 @@ from nstd.engine.readbehind import FRAME_BYTES_MAX, Frames, LossTap, _frame_size
 from nstd.engine.run import Run
 from nstd.engine.schedule import Stage, style_edge
 from nstd.engine.stageloop import StageLoop
+from nstd.engine.styleloss import refuse_tiles, style_kind
 from nstd.engine.targets import StyleImage, TargetCache
 from nstd.engine.tiles import Tiler
 from nstd.engine.vgg import Network, layer_index
@@ -76,35 +77,37 @@ class Engine:
     def style_grams(
         self, style: Image.Image, long_edge: int, layers: Sequence[str], pooling: str,
         palette: Palette | None = None, tile: int | None = None, tick: Callable[[], None] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Gram targets of one style image resized so its long edge is `long_edge` (its colours
-        adjusted by `palette` when the run keeps the content's), over tiles of `tile` px when set
-        (the same numbers, in a tile's memory)."""
+        kind=GRAM,
+    ) -> dict:
+        """The style loss `kind`'s targets (Gram matrices by default) of one style image resized so
+        its long edge is `long_edge` (its colours adjusted by `palette` when the run keeps the
+        content's), over tiles of `tile` px when set (the same numbers, in a tile's memory)."""
         x = images.to_tensor(images.resize_long_edge(style, long_edge)).to(self.device.place)
         if palette is not None:
             x = palette.style(x)
         extractor = self.network.extractor(layers, pooling)
         if tile:
-            return Tiler(extractor, tile, autocast=self.autocast, tick=tick).grams(x, list(layers))
+            return Tiler(extractor, tile, autocast=self.autocast, tick=tick).stats(x, list(layers), kind)
         with self.autocast():
             feats = extractor(x, tick=tick)
-        return {k: gram(v).detach() for k, v in feats.items()}
+        return {k: kind.stat(k, v) for k, v in feats.items()}
 
     def style_targets(self, styles: Sequence[StyleImage], content_size: tuple[int, int], p: StyleParams,
                       cache: TargetCache | None = None, palette: Palette | None = None,
                       size: int | None = None, tile: int | None = None,
-                      tick: Callable[[], None] | None = None) -> list[dict[str, torch.Tensor]]:
-        """Each style's Gram targets at the size rule's edge for a result of long edge `size`
-        (default `p.size`), from `cache` where it has them."""
+                      tick: Callable[[], None] | None = None, kind=GRAM) -> list[dict]:
+        """Each style's targets of the loss `kind` at the size rule's edge for a result of long
+        edge `size` (default `p.size`), from `cache` where it has them."""
         edge = style_edge(content_size, size or p.size, p.style_scale)
         out = []
         for s in styles:
-            compute = lambda img=s.image: self.style_grams(img, edge, p.style_layers, p.pooling, palette, tile, tick)  # noqa: E731
+            compute = lambda img=s.image: self.style_grams(img, edge, p.style_layers, p.pooling, palette, tile, tick,  # noqa: E731
+                                                           kind)
             if cache is None or s.digest is None:
                 out.append(compute())
             else:
                 key = cache.key(s.digest, edge, p.style_layers, p.pooling, str(self.device))
-                out.append(cache.get(key + (palette.key() if palette else ()), compute))
+                out.append(cache.get(key + (palette.key() if palette else ()) + kind.key(), compute))
         return out
 
     def fit(self, content_size: tuple[int, int], p: StyleParams, budget_bytes: int, smallest: int = 64) -> int:
@@ -113,11 +116,15 @@ class Engine:
         where none does, never under `smallest` (nothing fits even there: the smallest, and the
         caller's out-of-memory handling)."""
         w, h = images.fit_long_edge(content_size, p.size)
-        budget_bytes = self._pass_budget(budget_bytes, p, _frame_size((w, h), p.frame_max_size))
+        asked, budget_bytes = budget_bytes, self._pass_budget(budget_bytes, p, _frame_size((w, h), p.frame_max_size))
         layers = list(dict.fromkeys((*p.content_layers, *p.style_layers)))
-        fit = fit_size(h, w, budget_bytes, min_long_edge=min(smallest, p.size), layers=layers, optimizer=p.optimizer,
-                       history=self.lbfgs_history, precision=self.precision, pooling=p.pooling,
-                       device=self.device.type, content_layers=p.content_layers, anchor=anchor_hw(content_size, p))
+        kw = dict(layers=layers, optimizer=p.optimizer, history=self.lbfgs_history, precision=self.precision,
+                  pooling=p.pooling, device=self.device.type, content_layers=p.content_layers,
+                  anchor=anchor_hw(content_size, p), style_loss=p.style_loss)
+        fit = fit_size(h, w, budget_bytes, min_long_edge=min(smallest, p.size), tiles=p.style_loss != "sliced", **kw)
+        if p.style_loss == "sliced" and (fit is None or max(fit) < max(w, h)):  # no tiles: refused, not shrunk
+            raise refuse_tiles((w, h), _mib(asked), _mib(predict_peak_bytes(h, w, **kw)),
+                               choose(h, w, budget_bytes, **{**kw, "style_loss": "w2"}) is not None)
         return max(fit) if fit else min(smallest, p.size)
 
     def _pass_budget(self, budget_bytes: int | None, p: StyleParams, frame_size: tuple[int, int]) -> int | None:
@@ -135,7 +142,7 @@ class Engine:
             return None
         w, h = max((images.fit_long_edge(s.image.size, edge) for s in styles), key=lambda s: s[0] * s[1])
         return target_tile(h, w, budget_bytes, p.style_layers, precision=self.precision, pooling=p.pooling,
-                           device=self.device.type)
+                           device=self.device.type, style_loss=p.style_loss)
 
     def techniques(self, height: int, width: int, p: StyleParams, budget_bytes: int | None) -> tuple[Techniques, str]:
         """The cheapest memory techniques for one stage inside `budget_bytes` (memory.choose), and
@@ -143,12 +150,16 @@ class Engine:
         layers = list(dict.fromkeys((*p.content_layers, *p.style_layers)))
         kw = dict(layers=layers, optimizer=p.optimizer, precision=self.precision, pooling=p.pooling,
                   device=self.device.type, content_layers=p.content_layers,
-                  anchor=anchor_hw((width, height), p, max(width, height)))
+                  anchor=anchor_hw((width, height), p, max(width, height)), style_loss=p.style_loss)
         plain = predict_peak_bytes(height, width, history=self.lbfgs_history, **kw)
         if budget_bytes is None:
             return Techniques(self.lbfgs_history), "no memory budget"
-        mib = lambda n: f"{n / 2**20:.0f} MiB" if n >= 100 * 2**20 else f"{n / 2**20:.1f} MiB"  # noqa: E731
-        chosen = choose(height, width, budget_bytes, history=self.lbfgs_history, **kw)
+        mib, sliced = _mib, p.style_loss == "sliced"
+        chosen = choose(height, width, budget_bytes, history=self.lbfgs_history, tiles=not sliced, **kw)
+        if chosen is None and sliced:
+            raise refuse_tiles((width, height), mib(budget_bytes), mib(plain),
+                               choose(height, width, budget_bytes, history=self.lbfgs_history,
+                                      **{**kw, "style_loss": "w2"}) is not None)
         if chosen is None:
             chosen = Techniques(min(5, self.lbfgs_history), True, 128)
             return chosen, f"nothing is predicted to fit {mib(budget_bytes)} (the plain pass needs {mib(plain)}); the most frugal"
@@ -193,6 +204,7 @@ class Engine:
             raise ValueError("at least one style image is needed")
         if p.optimizer not in ("lbfgs", "adam"):
             raise ValueError(f"unknown optimizer {p.optimizer!r} (expected lbfgs or adam)")
+        style_kind(p.style_loss, tiled=bool(techniques and techniques.tile))  # an unknown one, or sliced forced tiled
         torch.manual_seed(p.seed)
         stages = self.plan(content, styles, p)
         frame_size = _frame_size(images.fit_long_edge(content.size, stages[-1].size), p.frame_max_size)
@@ -218,3 +230,7 @@ class Engine:
         small style_scale). A run whose last stage, a style or the anchor would still be too
         small is refused here with the reason (ValueError), as `nstd validate` refuses its job."""
         return p.plan(content.size, [s.image.size for s in styles])
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 100 * 2**20 else f"{n / 2**20:.1f} MiB"

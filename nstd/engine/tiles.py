@@ -1,16 +1,18 @@
 """The VGG pass over overlapping tiles: a picture of any size in the memory of one tile.
 
 Why: at 4096 x 3072 one conv1_1 map alone is 3.2 GB in fp32, so no budget of a few GiB holds an
-untiled pass. Every loss nstd uses is a sum over map positions (a Gram matrix is sum_p f_p f_p^T,
-the content loss a sum of squares), so a pass can be split into tiles exactly:
+untiled pass. The losses are sums over map positions (a Gram matrix is sum_p f_p f_p^T, W2's
+moments sums of f and f f^T, the content loss a sum of squares), so a pass can be split into tiles
+exactly (the sliced loss's sort is not: styleloss.py; it is refused here):
 
 - each tile is a core (the positions it answers for; the cores partition the picture) plus a halo
   at least `Extractor.reach` wide, so that no zero padding at the tile's edge reaches a core
   feature; tiles start on the deepest map's grid (16 px for conv5_x), so every pooling window
   falls where it falls in the whole picture;
-- pass 1, without autograd: the Gram matrices, summed over the tiles' cores;
-- the style loss and its gradient with respect to each Gram matrix, dL/dG, from those;
-- pass 2, per tile: features with autograd, the surrogate sum(dL/dG * G_tile) plus the tile's
+- pass 1, without autograd: the loss kind's statistics (Gram matrices; W2's mean and second
+  moment), summed over the tiles' cores;
+- the style loss and its gradient with respect to each statistic, dL/dS, from those;
+- pass 2, per tile: features with autograd, the surrogate sum(dL/dS * S_tile) plus the tile's
   content loss, backward; the tile's input gradient (halo included) is added into the picture's.
 
 The result equals the untiled pass's loss and gradient up to rounding (a test checks 1e-4). It
@@ -24,6 +26,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from nstd.engine.losses import GRAM
+from nstd.engine.styleloss import StyleLossError
 from nstd.engine.vgg import CONV_SHAPES, Extractor
 
 
@@ -115,28 +119,50 @@ class Tiler:
     @torch.no_grad()
     def grams(self, image: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
         """Gram matrices of whole maps (normalised by the whole map's C*H*W), summed over cores."""
-        size = tuple(image.shape[-2:])
-        out: dict[str, torch.Tensor] = {}
-        for layer, core, _ in self._cores(image, layers):
-            part = _gram_sum(core)
-            out[layer] = part if layer not in out else out[layer].add_(part)
-        for layer in layers:
-            out[layer].div_(self._norm(layer, size))
-        return out
+        return self.stats(image, layers, GRAM)
 
-    def _norm(self, layer: str, size: tuple[int, int]) -> int:
+    @torch.no_grad()
+    def stats(self, image: torch.Tensor, layers: Sequence[str], kind=GRAM) -> dict:
+        """The loss kind's statistics of whole maps: a summable kind's parts summed over the cores
+        and divided by the whole map's count; the sliced kind's projections gathered over the
+        cores, then sorted (exact: what is not exact over tiles is the gradient of the sort)."""
+        size = tuple(image.shape[-2:])
+        out: dict[str, list] = {}
+        for layer, core, _ in self._cores(image, layers):
+            parts = kind.parts(layer, core)
+            if layer not in out:
+                out[layer] = [[p] for p in parts]
+            elif kind.summable:
+                for acc, p in zip(out[layer], parts):
+                    acc[0].add_(p)
+            else:
+                for acc, p in zip(out[layer], parts):
+                    acc.append(p)
+        if kind.summable:
+            return {layer: kind.pack(tuple(acc[0].div_(self._norm(layer, size, kind)) for acc in out[layer]))
+                    for layer in layers}
+        return {layer: kind.pack(tuple(torch.cat(acc, dim=-1) for acc in out[layer])) for layer in layers}
+
+    def _norm(self, layer: str, size: tuple[int, int], kind=GRAM) -> int:
         d = self.ext.scale_of(layer)
-        return CONV_SHAPES[layer][0] * (size[0] // d) * (size[1] // d)
+        return kind.count(CONV_SHAPES[layer][0], size[0] // d, size[1] // d)
 
     def loss_and_grad(self, seen: torch.Tensor, objective) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weighted content loss, weighted style loss, d(content + style)/d seen) at `seen`,
         exactly as the untiled pass gives them (`objective` is losses.Objective)."""
+        kind = objective.kind
+        if not kind.summable:
+            raise StyleLossError(f"style_loss: {kind.name} cannot run in tiles: its statistic is not a sum over "
+                                 "positions (style_loss gram or w2 can)")
         seen = seen.detach()
         size = tuple(seen.shape[-2:])
-        grams = {k: g.requires_grad_(True) for k, g in self.grams(seen, list(objective.style)).items()}
+        parts = {k: tuple(t.requires_grad_(True) for t in kind.unpack(s))
+                 for k, s in self.stats(seen, list(objective.style), kind).items()}
         with torch.enable_grad():
-            style = objective.style_term(grams)
-            d_grams = dict(zip(grams, torch.autograd.grad(style, list(grams.values())))) if grams else {}
+            style = objective.style_term({k: kind.pack(v) for k, v in parts.items()})
+            leaves = [t for v in parts.values() for t in v]
+            grads = iter(torch.autograd.grad(style, leaves) if leaves else ())
+            d_stats = {k: tuple(next(grads) for _ in v) for k, v in parts.items()}
         grad = torch.zeros_like(seen)
         content = seen.new_zeros(())
         for t in self.tiles(*size):
@@ -146,8 +172,11 @@ class Tiler:
                 with self.autocast():
                     feats = self.ext(window, checkpoint=self.checkpoint)
                 surrogate = seen.new_zeros(())
-                for layer, dg in d_grams.items():
-                    surrogate = surrogate + (dg * _gram_sum(self._core(layer, feats[layer], t, size))).sum() / self._norm(layer, size)
+                for layer, ds in d_stats.items():
+                    tile_parts = kind.parts(layer, self._core(layer, feats[layer], t, size))
+                    norm = self._norm(layer, size, kind)
+                    for d, part in zip(ds, tile_parts):
+                        surrogate = surrogate + (d * part).sum() / norm
                 part = seen.new_zeros(())
                 for layer, target in objective.content.items():
                     core = self._core(layer, feats[layer], t, size)
@@ -161,9 +190,3 @@ class Tiler:
             content = content + part.detach()
         return content, style.detach(), grad
 
-
-def _gram_sum(features: torch.Tensor) -> torch.Tensor:
-    """sum_p f_p f_p^T of (B, C, H, W) features, in fp32: (B, C, C)."""
-    b, c, h, w = features.shape
-    f = features.reshape(b, c, h * w).float()
-    return torch.bmm(f, f.transpose(1, 2))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from nstd.engine.options import COLOR_MODES, CONV_LAYERS
+from nstd.engine.options import COLOR_MODES, CONV_LAYERS, STYLE_LOSSES
 from nstd.engine.params import StyleParams
 from nstd.engine.schedule import MAX_STAGES
 from nstd.schema import Field, SchemaError, choice, integer, list_of, number, string, validate
@@ -98,6 +98,9 @@ JOB_FIELDS: dict[str, Any] = {
     "grain": Field(_E["grain"], "rms of the fixed-seed grain added to each stage's start picture, in 8-bit levels, so "
                    "that flat regions grow strokes instead of a periodic grid (docs/quality.md); 0 = none",
                    number(0, 64)),
+    "style_loss": Field(_E["style_loss"], "gram | w2 | sliced: match Gram matrices (Gatys), Gaussian fits "
+                        "(Wasserstein-2) or whole distributions (sliced Wasserstein) of the style's features "
+                        "(docs/quality.md)", choice(*STYLE_LOSSES)),
     "optimizer": Field(_E["optimizer"], "lbfgs | adam", choice("lbfgs", "adam")),
     "content_weight": Field(_E["content_weight"], "alpha: weight of the content term", number(0, 1e12)),
     "style_weight": Field(_E["style_weight"], "beta: weight of the style term", number(0, 1e12)),

@@ -49,6 +49,7 @@ class Job:
     anchor_size: int
     grain: float
     optimizer: str
+    style_loss: str
     content_weight: float
     style_weight: float
     tv_weight: float
@@ -83,6 +84,7 @@ class Job:
             anchor_size=s.get("anchor_size", 0),  # a claim from before the key: as it was taken
             grain=s.get("grain", 0.0),  # likewise
             optimizer=s["optimizer"],
+            style_loss=s.get("style_loss", "gram"),  # a claim from before the key: as it was taken
             content_weight=s["content_weight"],
             style_weight=s["style_weight"],
             tv_weight=s["tv_weight"],
@@ -121,7 +123,7 @@ class Job:
         return StyleParams(
             size=self.size, steps=self.steps, stages=self.stages_key, stage_start=self.stage_start,
             stage_factor=self.stage_factor, stage_steps=self.stage_steps, anchor_size=self.anchor_size,
-            grain=self.grain, optimizer=self.optimizer, content_weight=self.content_weight,
+            grain=self.grain, optimizer=self.optimizer, style_loss=self.style_loss, content_weight=self.content_weight,
             style_weight=self.style_weight, tv_weight=self.tv_weight,
             init=self.init if self.init in ("content", "noise") else "image", pooling=self.pooling,
             content_layers=self.content_layers, style_layers=self.style_layers, seed=self.seed,
