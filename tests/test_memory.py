@@ -31,10 +31,13 @@ def test_fit_size_keeps_aspect_and_fits_the_budget():
     assert fit_size(1536, 2048, 1, layers=LAYERS) is None
 
 
+@pytest.mark.parametrize("regions", [0, 3])
 @pytest.mark.parametrize("style_loss", ["gram", "w2", "sliced"])
-def test_covers_autograd_saved_tensors(engine, style_loss):
+def test_covers_autograd_saved_tensors(engine, style_loss, regions):
     """Measure the bytes autograd saves for one step at 96 px and check the model accounts for them,
-    for each style loss kind (styleloss.py: W2's matrices, the sliced loss's projections and sort)."""
+    for each style loss kind (styleloss.py: W2's matrices, the sliced loss's projections and sort),
+    without masks and with three masked regions (regions.py: each its weighted copies)."""
+    from nstd.engine.regions import Weights
     from nstd.engine.styleloss import style_kind
 
     kind = style_kind(style_loss)
@@ -42,8 +45,10 @@ def test_covers_autograd_saved_tensors(engine, style_loss):
     x = torch.rand(1, 3, 72, 96, requires_grad=True)
     with torch.no_grad():
         feats = ext(torch.rand(1, 3, 72, 96))
-    obj = Objective({"conv4_2": feats["conv4_2"]}, {k: kind.stat(k, feats[k]) for k in LAYERS[1:]}, 1.0, 1e4, 0.0,
-                    kind)
+    stats = {k: kind.stat(k, feats[k]) for k in LAYERS[1:]}
+    masks = [torch.rand(1, 1, 72, 96) for _ in range(regions)]
+    obj = Objective({"conv4_2": feats["conv4_2"]}, stats if not regions else {}, 1.0, 1e4, 0.0, kind,
+                    [(stats, Weights(m), 1 / regions) for m in masks] if regions else None)
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -55,7 +60,8 @@ def test_covers_autograd_saved_tensors(engine, style_loss):
         loss = obj(ext(x), x).total
     loss.backward()
     saved = sum(seen.values())
-    predicted = predict_peak_bytes(72, 96, LAYERS, history=0, content_layers=["conv4_2"], style_loss=style_loss)
+    predicted = predict_peak_bytes(72, 96, LAYERS, history=0, content_layers=["conv4_2"], style_loss=style_loss,
+                                   regions=regions)
     weights = sum(p.numel() * 4 for c in ext.layers for p in c.parameters())
     assert saved + weights <= predicted <= 3 * (saved + weights), (saved, weights, predicted)
 

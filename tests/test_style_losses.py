@@ -114,8 +114,17 @@ def test_the_tiled_pass_equals_the_whole_pass(engine, name, dtype, tol):
         cf, sf = ext(content), ext(style)
     obj = Objective({k: cf[k] for k in content_layers}, {k: kind.stat(k, sf[k]) for k in style_layers}, 1.0, 1e4, 0.0,
                     kind)
+    tiler = tiled_against_whole(ext, obj, x, tol)
+    for k, v in tiler.stats(style, style_layers, kind).items():
+        for a, b in zip(kind.unpack(v), kind.unpack(kind.stat(k, sf[k]))):
+            assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+
+
+def tiled_against_whole(ext, obj, x, tol):
+    """The tiled pass (32 px tiles, at least 4) against the whole one at `x`: the content and
+    style losses and the gradient agree within `tol`. The tiler."""
     tiler = Tiler(ext, 32)
-    assert len(tiler.tiles(*size)) >= 4
+    assert len(tiler.tiles(*x.shape[-2:])) >= 4
     whole = x.clone().requires_grad_(True)
     losses = obj(ext(whole), whole)
     losses.total.backward()
@@ -123,9 +132,7 @@ def test_the_tiled_pass_equals_the_whole_pass(engine, name, dtype, tol):
     assert float(c) == pytest.approx(float(losses.content.detach()), rel=tol)
     assert float(s) == pytest.approx(float(losses.style.detach()), rel=tol)
     assert float((grad - whole.grad).norm() / whole.grad.norm()) < tol
-    for k, v in tiler.stats(style, style_layers, kind).items():
-        for a, b in zip(kind.unpack(v), kind.unpack(kind.stat(k, sf[k]))):
-            assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+    return tiler
 
 
 def test_a_sliced_target_pass_in_tiles_gathers_the_same_projections(engine):
@@ -254,13 +261,21 @@ class _FakeGraph:
 def test_the_capture_path_gives_the_eager_result(engine, pair, monkeypatch, name):
     """The step loop's graph branch with a stand-in graph (as test_lbfgs.py does for Gram): a w2 or
     sliced step captured after the warm-up and replayed gives the eager run's picture exactly."""
-    from nstd.engine import graph
-
     content, style = pair
     p = StyleParams(size=32, steps=7, frame_every=0, style_loss=name)
+    eager, got, graphs = eager_and_captured(engine, monkeypatch, lambda: engine.stylize(content, [(style, 1.0)], p))
+    assert got.cuda_graph and [g.replays for g in graphs] == [p.steps - 3]
+    assert np.array_equal(np.asarray(got.image), np.asarray(eager.image))
+
+
+def eager_and_captured(engine, monkeypatch, run):
+    """`run()` eager (never captured), then with a stand-in graph recorded after 3 warm-up steps:
+    (the eager result, the captured one, the graphs)."""
+    from nstd.engine import graph
+
     monkeypatch.setattr(engine.graphs, "possible", lambda: engine.cuda_graphs)
     monkeypatch.setattr(graph, "WARMUP_STEPS", 10**6)  # the masked L-BFGS, never captured
-    eager = engine.stylize(content, [(style, 1.0)], p)
+    eager = run()
     monkeypatch.setattr(graph, "WARMUP_STEPS", 3)
     graphs = []
 
@@ -272,11 +287,10 @@ def test_the_capture_path_gives_the_eager_result(engine, pair, monkeypatch, name
     monkeypatch.setattr(graph, "record_graph", record)
     monkeypatch.setattr(engine.graphs, "side_stream", lambda: None)
     try:
-        got = engine.stylize(content, [(style, 1.0)], p)
+        got = run()
     finally:
         engine.graphs.refused.clear()
-    assert got.cuda_graph and [g.replays for g in graphs] == [p.steps - 3]
-    assert np.array_equal(np.asarray(got.image), np.asarray(eager.image))
+    return eager, got, graphs
 
 
 def test_an_unknown_style_loss_is_refused(engine, pair):

@@ -121,11 +121,21 @@ class Palette:
     """What a run's colour mode does to its pictures: the content and style VGG sees, the start
     picture, and what is shown (the result and the GIF frames)."""
 
-    def __init__(self, mode: str, content_rgb: torch.Tensor):
+    def __init__(self, mode: str, content_rgb: torch.Tensor, keep: torch.Tensor | None = None,
+                 held: torch.Tensor | None = None):
+        """`keep`: (1, 1, H, W) how much of each pixel stays the content (regions.py), blended
+        into what is shown; `held`: the pixels kept whole (keep 1), also in what VGG sees."""
         if mode not in MODES:
             raise ValueError(f"unknown preserve_color {mode!r} (expected {', '.join(MODES)})")
-        self.mode, self.content_rgb = mode, content_rgb
+        self.mode, self.content_rgb, self.keep, self.held = mode, content_rgb, keep, held
         self.content_y = luma(content_rgb) if mode == "luminance" else None
+
+    def kept(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """`x` with the content's pixels blended in by `mask`'s grey."""
+        if mask is None:
+            return x
+        c = self.content_y if x.shape[1] == 1 and self.content_y is not None else self.content_rgb
+        return torch.lerp(x, c.to(x.dtype), mask.to(x.dtype))
 
     def content(self) -> torch.Tensor:
         return grey(self.content_y) if self.content_y is not None else self.content_rgb
@@ -133,6 +143,7 @@ class Palette:
     def view(self, x: torch.Tensor) -> torch.Tensor:
         """What VGG sees of the optimised picture: in luminance mode that is a 1-channel luma,
         seen as grey, so it stays grey however the gradients differ between channels."""
+        x = self.kept(x, self.held)  # no gradient reaches a pixel kept whole; its neighbours see it
         return grey(x) if x.shape[1] == 1 else x
 
     def style(self, style_rgb: torch.Tensor) -> torch.Tensor:
@@ -148,6 +159,7 @@ class Palette:
 
     def show(self, x: torch.Tensor) -> torch.Tensor:
         """The optimised picture as the user sees it: with the content's chroma in luminance mode."""
+        x = self.kept(x, self.keep)  # a grey keep: the painted picture and the content, blended
         if self.content_y is None:
             return x
         return with_content_chroma(x if x.shape[1] == 1 else luma(x), self.content_rgb)

@@ -49,11 +49,22 @@ class Target:
         return (wide(x) - self.value).pow(2).mean() * self.inv_scale
 
 
-def gram_sum(features: torch.Tensor) -> torch.Tensor:
-    """sum_p f_p f_p^T of (B, C, H, W) features, in fp32: (B, C, C) (a tile's part of a Gram matrix)."""
+def gram_sum(features: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_p w_p f_p f_p^T of (B, C, H, W) features, in fp32: (B, C, C) (a tile's part of a Gram
+    matrix); `weight` (1, 1, H, W): a region's mask at this layer (regions.py), None: all 1."""
     b, c, h, w = features.shape
     f = wide(features.reshape(b, c, h * w))
-    return torch.bmm(f, f.transpose(1, 2))
+    return torch.bmm(weighted(f, weight), f.transpose(1, 2))
+
+
+def weighted(f: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """(B, C, N) flattened features times a (1, 1, H, W) weight map (N = H * W), or as they are."""
+    return f if weight is None else f * weight.reshape(1, 1, -1).to(f.dtype)
+
+
+def positions(features: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor | int:
+    """How many map positions a statistic counts: H * W, or the weights' sum."""
+    return features.shape[-2] * features.shape[-1] if weight is None else wide(weight).sum()
 
 
 class GramLoss:
@@ -69,14 +80,19 @@ class GramLoss:
         """What a cached target depends on beyond the style, its size and the network."""
         return ()
 
-    def stat(self, layer: str, features: torch.Tensor) -> torch.Tensor:
-        return gram(features)
+    def stat(self, layer: str, features: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The Gram matrix; with `weight`, over the region it weighs (each position by its weight,
+        over the weights' sum: Gatys et al. 2017's guided Gram matrix)."""
+        if weight is None:
+            return gram(features)
+        return gram_sum(features, weight) / self.count(features.shape[1], positions(features, weight))
 
-    def parts(self, layer: str, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (gram_sum(features),)
+    def parts(self, layer: str, features: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        return (gram_sum(features, weight),)
 
-    def count(self, c: int, h: int, w: int) -> int:
-        return c * h * w
+    def count(self, c: int, n):
+        """What the parts' sum is divided by for `n` positions (the weights' sum, for a region)."""
+        return c * n
 
     def pack(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return parts[0]
@@ -130,8 +146,25 @@ class Losses:
         return {k: float(getattr(self, k)) for k in ("content", "style", "tv", "total")}
 
 
+@dataclass
+class StyleRegion:
+    """One region's style targets (layer -> the kind's target), where they apply (regions.Weights:
+    `at((h, w))` gives a layer's weights; None: everywhere) and the share of the style term its
+    loss counts (the region's mean weight; 1 without masks)."""
+
+    targets: dict
+    weights: object = None
+    share: float = 1.0
+
+    def weight(self, layer_hw: tuple[int, int]) -> torch.Tensor | None:
+        return self.weights.at(layer_hw) if self.weights is not None else None
+
+
 class Objective:
-    """content_weight * content + style_weight * STYLE_UNIT * style + tv_weight * TV_UNIT * tv."""
+    """content_weight * content + style_weight * STYLE_UNIT * style + tv_weight * TV_UNIT * tv.
+
+    The style term is a sum over regions (regions.py), each its layers' mean loss times its share;
+    without masks one region, everywhere, share 1."""
 
     def __init__(
         self,
@@ -141,12 +174,18 @@ class Objective:
         style_weight: float,
         tv_weight: float,
         kind=GRAM,
+        regions: list[tuple[dict, object, float]] | None = None,
     ):
         """`style_grams`: the target statistic of each style layer, of the loss kind `kind`
-        (GramLoss here, styleloss.py's W2Loss or SlicedLoss)."""
+        (GramLoss here, styleloss.py's W2Loss or SlicedLoss). `regions` instead: (statistics,
+        weights, share) per region (regions.py)."""
         self.kind = kind
         self.content = {k: Target.of(v) for k, v in content_targets.items()}
-        self.style = {k: kind.target(k, v) for k, v in style_grams.items()}
+        if regions is None:
+            regions = [(style_grams, None, 1.0)]
+        self.regions = [StyleRegion({k: kind.target(k, v) for k, v in stats.items()}, weights, share)
+                        for stats, weights, share in regions]
+        self.style_layers: list[str] = list(dict.fromkeys(k for r in self.regions for k in r.targets))
         self.wc = content_weight
         self.ws = style_weight * STYLE_UNIT
         self.wtv = tv_weight * TV_UNIT
@@ -160,16 +199,28 @@ class Objective:
         """The weighted content term from whole maps of the content layers."""
         return self.content_scale * sum((t.loss(features[k]) for k, t in self.content.items()), zero)
 
-    def style_stats(self, features: dict[str, torch.Tensor]) -> dict:
-        """The picture's statistic of each style layer, from whole maps."""
-        return {k: self.kind.stat(k, features[k]) for k in self.style}
+    @property
+    def style(self) -> dict:
+        """The first region's targets by layer (without masks, the only region's)."""
+        return self.regions[0].targets if self.regions else {}
 
-    def style_term(self, grams: dict) -> torch.Tensor:
-        """The weighted style term from the picture's statistics (tiles.py computes them in parts)."""
-        first = next(iter(grams.values()), None)
-        first = self.kind.unpack(first)[0] if first is not None else None
+    def style_stats(self, features: dict[str, torch.Tensor]) -> list[dict]:
+        """Each region's statistic of each of its layers, from whole maps."""
+        return [{k: self.kind.stat(k, features[k], r.weight(features[k].shape[-2:])) for k in r.targets}
+                for r in self.regions]
+
+    def style_term(self, stats: list[dict] | dict) -> torch.Tensor:
+        """The weighted style term from each region's statistics (tiles.py computes them in
+        parts); a dict alone: the only region's."""
+        stats = [stats] if isinstance(stats, dict) else stats
+        first = next((v for d in stats for v in d.values()), None)
+        while isinstance(first, (tuple, list)):  # a kind's parts, or a region's sliced (values, weights, places)
+            first = first[0]
         zero = first.new_zeros(()) if first is not None else torch.zeros(())
-        return self.ws * sum((t.loss(grams[k]) for k, t in self.style.items()), zero) / max(1, len(self.style))
+        total = zero
+        for r, got in zip(self.regions, stats):
+            total = total + r.share * sum((t.loss(got[k]) for k, t in r.targets.items()), zero) / max(1, len(r.targets))
+        return self.ws * total
 
     def tv_term(self, image: torch.Tensor) -> torch.Tensor:
         return self.wtv * tv_loss(image) if self.wtv else image.new_zeros(())
@@ -177,6 +228,6 @@ class Objective:
     def __call__(self, features: dict[str, torch.Tensor], image: torch.Tensor) -> Losses:
         zero = image.new_zeros(())
         c = self.content_term(features, zero)
-        s = self.style_term(self.style_stats(features)) if self.style else zero
+        s = self.style_term(self.style_stats(features)) if self.style_layers else zero
         v = self.tv_term(image)
         return Losses(c, s, v, c + s + v)

@@ -98,7 +98,7 @@ def _loss_extra(maps: list[tuple[str, int]], style: set[str], style_loss: str, p
 
 def _activations(height: int, width: int, layers: Sequence[str], precision: str, pooling: str,
                  checkpoint: bool, content_layers: Sequence[str] | None = None,
-                 style_loss: str = "gram") -> tuple[int, int]:
+                 style_loss: str = "gram", regions: int = 0) -> tuple[int, int]:
     """(bytes autograd keeps through one forward+backward at its peak, the largest map's elements).
 
     Autograd saves each ReLU's output (which is also the next conv's or pool's input); max pooling
@@ -106,7 +106,9 @@ def _activations(height: int, width: int, layers: Sequence[str], precision: str,
     of a bf16 map (in fp32, the map itself), the content loss its difference to the target.
     Checkpointed, each block (ending at its pool) keeps only its pooled output and the maps the
     losses use, and in the backward one block at a time is recomputed with all it saves. The
-    style loss kind's own (`_loss_extra`) come on top."""
+    style loss kind's own (`_loss_extra`) come on top, once per masked region (regions.py: each
+    has its own loss), and each of `regions` its fp32 copy of each style map times its weights
+    (the sliced kind: its weights, their running sum and places, per projection)."""
     deepest = max(layers, key=layer_index)
     act = 2 if precision == "bf16" else _FP32
     maps = feature_maps(height, width, deepest)
@@ -120,8 +122,9 @@ def _activations(height: int, width: int, layers: Sequence[str], precision: str,
         return total
 
     largest = max(n for _, n in maps)
-    content_saved = sum(n for name, n in maps if name in content) * _FP32 + _loss_extra(maps, style, style_loss,
-                                                                                       _LOSS_MAP_BYTES)
+    content_saved = sum(n for name, n in maps if name in content) * _FP32 + max(1, regions) * _loss_extra(
+        maps, style, style_loss, _LOSS_MAP_BYTES)
+    content_saved += regions * sum(n for name, n in maps if name in style) * _FP32 * (3 if style_loss == "sliced" else 1)
     if not checkpoint:
         style_copies = sum(n for name, n in maps if name in style) * _FP32 if act != _FP32 else 0
         return kept(maps) + style_copies + content_saved, largest
@@ -166,20 +169,22 @@ def predict_peak_bytes(
     content_layers: Sequence[str] | None = None,
     anchor: tuple[int, int] | None = None,
     style_loss: str = "gram",
+    regions: int = 0,
 ) -> int:
     """Predicted peak bytes of one stylization at `height` x `width` on `device` ("cpu" or "cuda"),
     with the given techniques: the allocator's view (torch.cuda.max_memory_allocated), without
     the CUDA context itself. `layers`: every layer the losses use; `content_layers`: those whose
     whole maps are kept as targets (all of `layers` when not given: an upper bound); `anchor`:
     (h, w) of the anchor's pass (anchor.Anchor), which runs after the main one, alone; `style_loss`:
-    the style loss kind (styleloss.py), whose own tensors are counted."""
+    the style loss kind (styleloss.py), whose own tensors are counted; `regions`: how many masked
+    regions the style term has (regions.count; 0 without masks)."""
     deepest = max(layers, key=layer_index)
     # tiled, autograd holds one tile's window at a time (core + halo on each side, cut at the edge)
     saved, largest = _activations(*_window(height, width, tile, deepest), layers, precision, pooling, checkpoint,
-                                  content_layers, style_loss)
+                                  content_layers, style_loss, regions)
     if anchor:
         style_only = [n for n in layers if content_layers is None or n not in content_layers] or list(layers)
-        a_saved, a_largest = _activations(*anchor, style_only, precision, pooling, False, [], style_loss)
+        a_saved, a_largest = _activations(*anchor, style_only, precision, pooling, False, [], style_loss, regions)
         saved, largest = max(saved, a_saved), max(largest, a_largest)
     transient = _TRANSIENT_MAPS * largest * _FP32
     weights = _weights(deepest, precision)
@@ -192,12 +197,13 @@ def predict_peak_bytes(
     full_maps = feature_maps(height, width, deepest)
     kept = content_layers if content_layers is not None else layers
     targets = sum(n for name, n in full_maps if name in kept) * _FP32  # the content features
-    targets += sum(CONV_SHAPES[n][0] ** 2 for n in layers if n in CONV_SHAPES) * _FP32 * 2
+    per_region = sum(CONV_SHAPES[n][0] ** 2 for n in layers if n in CONV_SHAPES) * _FP32 * 2
     style = set(layers) - set(content_layers or ())
-    targets += _loss_extra(full_maps, style or set(layers), style_loss, _LOSS_TARGET_MAP_BYTES, 2)
+    per_region += _loss_extra(full_maps, style or set(layers), style_loss, _LOSS_TARGET_MAP_BYTES, 2)
     if anchor:
-        targets += _loss_extra(feature_maps(*anchor, deepest), style or set(layers), style_loss,
-                               _LOSS_TARGET_MAP_BYTES, 2)
+        per_region += _loss_extra(feature_maps(*anchor, deepest), style or set(layers), style_loss,
+                                  _LOSS_TARGET_MAP_BYTES, 2)
+    targets += max(1, regions) * per_region  # each region has its targets (its styles' blend)
     reserve = CUDA_RESERVE_BYTES if device.startswith("cuda") else 0
     return int(saved + transient + weights + image + targets + reserve)
 
@@ -211,7 +217,7 @@ MIN_HISTORY = 5
 def choose(height: int, width: int, budget_bytes: int | None, layers: Sequence[str], optimizer: str = "lbfgs",
            history: int = 20, precision: str = "fp32", pooling: str = "avg", device: str = "cpu",
            content_layers: Sequence[str] | None = None, anchor: tuple[int, int] | None = None,
-           style_loss: str = "gram", tiles: bool = True) -> Techniques | None:
+           style_loss: str = "gram", tiles: bool = True, regions: int = 0) -> Techniques | None:
     """The cheapest techniques (Techniques.cost) whose predicted peak fits `budget_bytes` at this
     size; plain with the full history when there is no budget; None when nothing fits. `tiles`:
     whether a tiled pass may be chosen (not for style_loss sliced, whose sort is not a sum)."""
@@ -225,7 +231,7 @@ def choose(height: int, width: int, budget_bytes: int | None, layers: Sequence[s
     fits = [o for o in options
             if predict_peak_bytes(height, width, layers, optimizer, o.history if optimizer == "lbfgs" else 0,
                                   precision, pooling, device, o.checkpoint, o.tile, content_layers, anchor,
-                                  style_loss) <= budget_bytes]
+                                  style_loss, regions) <= budget_bytes]
     return min(fits, key=lambda o: (o.cost(height, width, deepest), -o.history)) if fits else None
 
 

@@ -19,3 +19,14 @@ COLOR_MODES = ("none", "luminance", "histogram")
 STYLE_LOSSES = ("gram", "w2", "sliced")
 #: The largest input image, in pixels, unless limits.max_pixels says otherwise.
 DEFAULT_MAX_PIXELS = 50_000_000
+#: A mask (job key `mask` of a style, or `keep`) whose aspect ratio differs from the content's by more
+#: than this fraction is refused: it was drawn for another picture (nstd/engine/regions.py).
+MASK_RATIO_TOLERANCE = 0.01
+
+
+def mask_ratio_off(content_size: tuple[int, int], mask_size: tuple[int, int]) -> float:
+    """How far a mask's aspect ratio (width / height) is from the content's, as a fraction of the
+    smaller (the same either way round), rounded so that exactly 1 % reads as 0.01."""
+    (cw, ch), (mw, mh) = content_size, mask_size
+    a, b = mw * ch, cw * mh  # the two ratios, cross-multiplied: integers, no rounding
+    return round(max(a, b) / min(a, b) - 1.0, 9)

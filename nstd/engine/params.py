@@ -100,3 +100,7 @@ class Result:
     stages: list[dict] = field(default_factory=list)
     #: (H, W, 3) uint16 numpy array of the result, when StyleParams.bits is 16 (else None)
     image16: object = None
+    #: with masks or a keep mask (regions.py): the share of the picture each style covers
+    #: ("styles", in the styles' order), "keep" (kept as the content) and "no_style" (no mask
+    #: covers it: those pixels keep the content too); None for a run without masks
+    regions: dict | None = None

@@ -35,6 +35,8 @@ class Run:
     cache: TargetCache | None
     budget_bytes: int | None  # what each stage's passes may use (memory.choose)
     forced: Techniques | None  # the same techniques for every stage, instead of the budget's
+    keep: Image.Image | None = None  # what stays the content (regions.py)
+    regions: dict | None = None  # the last stage's regions, for the Result
     frames: "Frames | None" = None
     tap: "LossTap | None" = None  # on CUDA: the losses progress shows, read behind the GPU
     t_opt: float | None = None  # when the first step began
@@ -83,4 +85,5 @@ class Run:
             resumed_from=self.start,
             peak_memory_bytes=self.peak,
             stages=self.records,
+            regions=self.regions,
         )

@@ -8,7 +8,7 @@ from typing import Callable, ContextManager, Protocol, Sequence
 import torch
 from PIL import Image
 
-from nstd.engine import graph, images
+from nstd.engine import graph, images, regions
 from nstd.engine.adam import Adam
 from nstd.engine.anchor import Anchor, anchor_hw
 from nstd.engine.color import Palette
@@ -92,8 +92,8 @@ class StageLoop:
         content_img = images.resize_long_edge(self.run.content, self.stage.size)
         self.w, self.h = content_img.size
         self.tech: Techniques
-        self.tech, self.why = ((self.run.forced, "forced by the caller") if self.run.forced
-                               else self.engine.techniques(self.h, self.w, self.p, self.run.budget_bytes))
+        self.tech, self.why = ((self.run.forced, "forced by the caller") if self.run.forced else self.engine.techniques(
+            self.h, self.w, self.p, self.run.budget_bytes, regions.count(self.run.styles, self.run.keep)))
         held = [previous]  # let go of once the stage's start picture is made
         del previous
         try:
@@ -113,7 +113,8 @@ class StageLoop:
         """Targets, the objective, the anchor and the start picture; `held` holds the picture
         the stage starts from, emptied once the start picture is made."""
         p, engine = self.p, self.engine
-        self.palette = Palette(p.preserve_color, images.to_tensor(content_img).to(self.place))
+        lay = self.layout = regions.layout(self.run.styles, self.run.keep, self.run.content.size, (self.w, self.h), self.place)
+        self.palette = Palette(p.preserve_color, images.to_tensor(content_img).to(self.place), lay.keep, lay.held)
         content_t = self.palette.content()
         layers = tuple(dict.fromkeys((*p.content_layers, *p.style_layers)))
         self.extractor = engine.network.extractor(layers, p.pooling)
@@ -138,16 +139,25 @@ class StageLoop:
         edge = style_edge(run.content.size, stage.size, p.style_scale)
         style_tile = self.tech.tile or engine.target_tile(run.styles, edge, p, run.budget_bytes) or \
             (1024 if edge > stage.size else None)
-        target_grams = blend(engine.style_targets(run.styles, run.content.size, p, run.cache, self.palette,
-                                                  size=stage.size, tile=style_tile, tick=self.gate.tick, kind=self.kind),
-                             [s.weight for s in run.styles], self.kind)
+        targets = engine.style_targets(run.styles, run.content.size, p, run.cache, self.palette, size=stage.size,
+                                       tile=style_tile, tick=self.gate.tick, kind=self.kind)
         if self.tiler is not None:
             content_feats = self.tiler.features(content_t, p.content_layers)
         else:
             with torch.no_grad(), engine.autocast():
                 content_feats = self.extractor(content_t, tick=self.gate.tick)
-        return Objective({k: content_feats[k] for k in p.content_layers}, {k: target_grams[k] for k in p.style_layers},
-                         p.content_weight, p.style_weight, p.tv_weight, self.kind)
+        return Objective({k: content_feats[k] for k in p.content_layers}, {}, p.content_weight, p.style_weight,
+                         p.tv_weight, self.kind, self.region_targets(targets, self.layout.regions))
+
+    def region_targets(self, targets: list[dict], where: list) -> list[tuple[dict, object, float]]:
+        """Each region's target: its styles' statistics blended (as without masks), its weights
+        and share (regions.py)."""
+        styles, layers = self.run.styles, self.p.style_layers
+        out = []
+        for r in where:
+            mixed = blend([targets[i] for i in r.styles], [styles[i].weight for i in r.styles], self.kind)
+            out.append(({k: mixed[k] for k in layers}, r.weights, r.share))
+        return out
 
     def build_anchor(self) -> Anchor | None:
         """The style at the anchor size, for a stage larger than it (anchor.py); else None."""
@@ -160,8 +170,8 @@ class StageLoop:
         grams = engine.style_targets(run.styles, run.content.size, p, run.cache, self.palette, size=p.anchor_size,
                                      tick=self.gate.tick, tile=tile, kind=self.kind)
         return Anchor(hw, engine.network.extractor(p.style_layers, p.pooling),
-                      Objective({}, blend(grams, [s.weight for s in run.styles], self.kind), 0.0, p.style_weight, 0.0,
-                                self.kind), engine.autocast)
+                      Objective({}, {}, 0.0, p.style_weight, 0.0, self.kind,
+                                self.region_targets(grams, self.layout.for_anchor(hw))), engine.autocast)
 
     def set_up_optimiser(self) -> None:
         """The first frame, the guard, the optimiser, and whether a step may be captured."""
@@ -305,7 +315,7 @@ class StageLoop:
                     losses = objective(self.extractor(palette.view(x)), palette.view(x))
             else:
                 seen = palette.view(x)
-                grams = tiler.stats(seen, list(objective.style), objective.kind)
+                grams = tiler.region_stats(seen, objective.regions, objective.kind)
                 feats = tiler.features(seen, list(objective.content))
                 c = objective.content_term(feats, seen.new_zeros(()))
                 s_, v = objective.style_term(grams), objective.tv_term(seen)
@@ -329,6 +339,7 @@ class StageLoop:
         run.t_end = time.perf_counter()
         run.optimise += run.t_end - self.t_loop
         run.losses, run.palette, run.size = final_losses, self.palette, (self.w, self.h)
+        run.regions = self.layout.report
         run.restarts += int(guard.restarts)
         run.cuda_graph = run.cuda_graph or self.captured is not None
         peak = self.engine.device.peak_bytes()

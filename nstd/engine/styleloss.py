@@ -32,7 +32,7 @@ import zlib
 
 import torch
 
-from nstd.engine.losses import GRAM
+from nstd.engine.losses import GRAM, positions, weighted
 from nstd.engine.losses import wide as _wide
 from nstd.engine.options import STYLE_LOSSES
 
@@ -109,16 +109,20 @@ class W2Loss:
     def key(self) -> tuple:
         return ("w2",)
 
-    def parts(self, layer: str, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def parts(self, layer: str, features: torch.Tensor,
+              weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums over positions of f and f f^T (each position by its region's `weight`)."""
         f = _flat(features)
-        return f.sum(-1), torch.bmm(f, f.transpose(1, 2))
+        fw = weighted(f, weight)
+        return fw.sum(-1), torch.bmm(fw, f.transpose(1, 2))
 
-    def count(self, c: int, h: int, w: int) -> int:
-        return h * w
+    def count(self, c: int, n):
+        return n
 
-    def stat(self, layer: str, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = features.shape[-2] * features.shape[-1]
-        return tuple(t / n for t in self.parts(layer, features))
+    def stat(self, layer: str, features: torch.Tensor,
+             weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        n = positions(features, weight)
+        return tuple(t / n for t in self.parts(layer, features, weight))
 
     def pack(self, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return tuple(parts)
@@ -147,6 +151,19 @@ def quantiles(sorted_rows: torch.Tensor, n: int) -> torch.Tensor:
     return sorted_rows[..., lo] * (1 - frac) + sorted_rows[..., hi] * frac
 
 
+def at_fractions(sorted_rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Each sorted row's quantile function at fractions `u` (B, K, n) in (0, 1), linearly
+    interpolated as `quantiles` does (u = (i + 0.5) / n gives its values)."""
+    m = sorted_rows.shape[-1]
+    pos = u * m - 0.5
+    lo_f = pos.floor().clamp(0, m - 1)
+    lo = lo_f.long()
+    hi = (lo + 1).clamp(max=m - 1)
+    frac = (pos - lo_f).clamp(0, 1).to(sorted_rows.dtype)
+    rows = sorted_rows.expand(u.shape[0], -1, -1)
+    return torch.gather(rows, -1, lo) * (1 - frac) + torch.gather(rows, -1, hi) * frac
+
+
 class SlicedTarget:
     """Mean squared difference of sorted projections, relative to the target's mean square."""
 
@@ -163,8 +180,15 @@ class SlicedTarget:
             self._at[n] = quantiles(self.value, n)
         return self._at[n]
 
-    def loss(self, stat: torch.Tensor) -> torch.Tensor:
-        return (_wide(stat) - self.at(stat.shape[-1])).pow(2).mean() * self.inv_scale
+    def loss(self, stat) -> torch.Tensor:
+        """Against the picture's sorted projections; a region's (sorted projections, their weights,
+        where each sits in the weighted distribution) is matched at those quantiles, weighted."""
+        if not isinstance(stat, tuple):
+            return (_wide(stat) - self.at(stat.shape[-1])).pow(2).mean() * self.inv_scale
+        values, w, mid = stat
+        goal = at_fractions(self.value, mid)
+        per_row = (w * (_wide(values) - goal).pow(2)).sum(-1) / w.sum(-1).clamp_min(1e-12)
+        return per_row.mean() * self.inv_scale
 
 
 class SlicedLoss:
@@ -195,8 +219,18 @@ class SlicedLoss:
         f = _flat(features)
         return (self.directions(layer, f.shape[1], f.device, f.dtype).T @ f,)
 
-    def stat(self, layer: str, features: torch.Tensor) -> torch.Tensor:
-        return self.parts(layer, features)[0].sort(dim=-1).values
+    def stat(self, layer: str, features: torch.Tensor, weight: torch.Tensor | None = None):
+        """The sorted projections; with a region's `weight`, also each one's weight and its place
+        in the weighted distribution (the midpoint of its step of the cumulative weights), so the
+        target's quantile function is read where the region's distribution puts it."""
+        proj = self.parts(layer, features)[0]
+        if weight is None:
+            return proj.sort(dim=-1).values
+        values, order = proj.sort(dim=-1)
+        w = torch.gather(_wide(weight).reshape(1, 1, -1).expand(proj.shape[0], proj.shape[1], -1), -1, order)
+        cum = w.cumsum(-1)
+        mid = (cum - w / 2) / cum[..., -1:].clamp_min(1e-12)
+        return values, w, mid
 
     def pack(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The gathered projections, sorted."""

@@ -110,17 +110,18 @@ class Engine:
                 out.append(cache.get(key + (palette.key() if palette else ()) + kind.key(), compute))
         return out
 
-    def fit(self, content_size: tuple[int, int], p: StyleParams, budget_bytes: int, smallest: int = 64) -> int:
+    def fit(self, content_size: tuple[int, int], p: StyleParams, budget_bytes: int, smallest: int = 64,
+            regions: int = 0) -> int:
         """The result's long edge this engine can make inside `budget_bytes`: the size asked
         wherever some memory techniques make it fit (each stage then picks its own), smaller only
         where none does, never under `smallest` (nothing fits even there: the smallest, and the
-        caller's out-of-memory handling)."""
+        caller's out-of-memory handling). `regions`: the run's masked regions (regions.count)."""
         w, h = images.fit_long_edge(content_size, p.size)
         asked, budget_bytes = budget_bytes, self._pass_budget(budget_bytes, p, _frame_size((w, h), p.frame_max_size))
         layers = list(dict.fromkeys((*p.content_layers, *p.style_layers)))
         kw = dict(layers=layers, optimizer=p.optimizer, history=self.lbfgs_history, precision=self.precision,
                   pooling=p.pooling, device=self.device.type, content_layers=p.content_layers,
-                  anchor=anchor_hw(content_size, p), style_loss=p.style_loss)
+                  anchor=anchor_hw(content_size, p), style_loss=p.style_loss, regions=regions)
         fit = fit_size(h, w, budget_bytes, min_long_edge=min(smallest, p.size), tiles=p.style_loss != "sliced", **kw)
         if p.style_loss == "sliced" and (fit is None or max(fit) < max(w, h)):  # no tiles: refused, not shrunk
             raise refuse_tiles((w, h), _mib(asked), _mib(predict_peak_bytes(h, w, **kw)),
@@ -144,13 +145,16 @@ class Engine:
         return target_tile(h, w, budget_bytes, p.style_layers, precision=self.precision, pooling=p.pooling,
                            device=self.device.type, style_loss=p.style_loss)
 
-    def techniques(self, height: int, width: int, p: StyleParams, budget_bytes: int | None) -> tuple[Techniques, str]:
+    def techniques(self, height: int, width: int, p: StyleParams, budget_bytes: int | None,
+                   regions: int = 0) -> tuple[Techniques, str]:
         """The cheapest memory techniques for one stage inside `budget_bytes` (memory.choose), and
-        why, in words for report.json. None fits: the most frugal, and the allocator's cap decides."""
+        why, in words for report.json. None fits: the most frugal, and the allocator's cap decides.
+        `regions`: the run's masked regions (regions.count)."""
         layers = list(dict.fromkeys((*p.content_layers, *p.style_layers)))
         kw = dict(layers=layers, optimizer=p.optimizer, precision=self.precision, pooling=p.pooling,
                   device=self.device.type, content_layers=p.content_layers,
-                  anchor=anchor_hw((width, height), p, max(width, height)), style_loss=p.style_loss)
+                  anchor=anchor_hw((width, height), p, max(width, height)), style_loss=p.style_loss,
+                  regions=regions)
         plain = predict_peak_bytes(height, width, history=self.lbfgs_history, **kw)
         if budget_bytes is None:
             return Techniques(self.lbfgs_history), "no memory budget"
@@ -180,6 +184,7 @@ class Engine:
         resume: Checkpoint | None = None,
         budget_bytes: int | None = None,
         techniques: Techniques | None = None,
+        keep: Image.Image | None = None,
     ) -> Result:
         """Stylize `content` with the weighted blend of `styles` ((image, weight) pairs or StyleImages).
 
@@ -189,7 +194,9 @@ class Engine:
         checkpoints, and may stop the run with `Interrupted`; steps are counted across stages.
         `resume` continues from a checkpoint, in the stage it was taken in. `budget_bytes` is the
         peak memory each stage must fit: each picks the cheapest memory techniques that do;
-        `techniques` forces the same ones on every stage instead (tests and benchmarks).
+        `techniques` forces the same ones on every stage instead (tests and benchmarks). A style's
+        `mask` puts it where the mask is white (regions.py); `keep` is a mask of what stays the
+        content.
         """
         styles = [s if isinstance(s, StyleImage) else StyleImage(*s) for s in styles]
         if progress is None:
@@ -211,7 +218,7 @@ class Engine:
         run = Run(p=p, stages=stages, total=schedule.total_steps(stages), progress=progress, frame_size=frame_size,
                   start=resume.step if resume is not None else 0, t0=t0, content=content, styles=styles,
                   init_image=init_image, cache=cache, budget_bytes=self._pass_budget(budget_bytes, p, frame_size),
-                  forced=techniques)
+                  forced=techniques, keep=keep)
         run.tap = LossTap() if self.device.place.type == "cuda" else None  # one ring for every stage
         run.frames = Frames(lambda t: frame_of(t, run.frame_size, None, shown=True),
                             list(resume.frames) if resume is not None else [],

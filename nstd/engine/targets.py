@@ -19,11 +19,14 @@ Grams = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class StyleImage:
-    """One style of a blend. `digest` (the file's sha256) makes its targets cacheable."""
+    """One style of a blend. `digest` (the file's sha256) makes its targets cacheable. `mask`: where
+    in the picture this style goes (greyscale = weight, white = this style; regions.py); None:
+    everywhere."""
 
     image: Image.Image
     weight: float = 1.0
     digest: str | None = None
+    mask: Image.Image | None = None
 
 
 class TargetCache:

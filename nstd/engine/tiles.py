@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from nstd.engine.losses import GRAM
+from nstd.engine.losses import GRAM, StyleRegion
 from nstd.engine.styleloss import StyleLossError
 from nstd.engine.vgg import CONV_SHAPES, Extractor
 
@@ -126,26 +126,51 @@ class Tiler:
         """The loss kind's statistics of whole maps: a summable kind's parts summed over the cores
         and divided by the whole map's count; the sliced kind's projections gathered over the
         cores, then sorted (exact: what is not exact over tiles is the gradient of the sort)."""
-        size = tuple(image.shape[-2:])
-        out: dict[str, list] = {}
-        for layer, core, _ in self._cores(image, layers):
-            parts = kind.parts(layer, core)
-            if layer not in out:
-                out[layer] = [[p] for p in parts]
-            elif kind.summable:
-                for acc, p in zip(out[layer], parts):
-                    acc[0].add_(p)
-            else:
-                for acc, p in zip(out[layer], parts):
-                    acc.append(p)
-        if kind.summable:
-            return {layer: kind.pack(tuple(acc[0].div_(self._norm(layer, size, kind)) for acc in out[layer]))
-                    for layer in layers}
-        return {layer: kind.pack(tuple(torch.cat(acc, dim=-1) for acc in out[layer])) for layer in layers}
+        if not kind.summable:
+            out: dict[str, list] = {}
+            for layer, core, _ in self._cores(image, layers):
+                out.setdefault(layer, []).append(kind.parts(layer, core)[0])
+            return {layer: kind.pack((torch.cat(out[layer], dim=-1),)) for layer in layers}
+        return self.region_stats(image, [StyleRegion(dict.fromkeys(layers))], kind)[0]
 
-    def _norm(self, layer: str, size: tuple[int, int], kind=GRAM) -> int:
+    @torch.no_grad()
+    def region_stats(self, image: torch.Tensor, regions: Sequence[StyleRegion], kind=GRAM) -> list[dict]:
+        """Each region's statistics of its layers over whole maps (losses.StyleRegion: its
+        weights sliced to each core), its parts summed over the cores: one pass for all."""
+        if not kind.summable:
+            raise StyleLossError(f"style_loss {kind.name}: a region's statistic cannot be summed over tiles")
+        size = tuple(image.shape[-2:])
+        layers = list(dict.fromkeys(k for r in regions for k in r.targets))
+        sums: list[dict[str, list]] = [{} for _ in regions]
+        for layer, core, origin in self._cores(image, layers):
+            for r, acc in zip(regions, sums):
+                if layer not in r.targets:
+                    continue
+                parts = kind.parts(layer, core, self._weight(r, layer, size, core, origin))
+                if layer not in acc:
+                    acc[layer] = list(parts)
+                else:
+                    for a, p in zip(acc[layer], parts):
+                        a.add_(p)
+        return [{layer: kind.pack(tuple(a.div_(self._norm(layer, size, kind, r)) for a in acc[layer]))
+                 for layer in r.targets} for r, acc in zip(regions, sums)]
+
+    def _weight(self, region: StyleRegion, layer: str, size: tuple[int, int], core: torch.Tensor,
+                origin: tuple[int, int]) -> torch.Tensor | None:
+        """The region's weights over a core of `layer` (sliced from the whole map's)."""
         d = self.ext.scale_of(layer)
-        return kind.count(CONV_SHAPES[layer][0], size[0] // d, size[1] // d)
+        whole = region.weight((size[0] // d, size[1] // d))
+        if whole is None:
+            return None
+        y, x = origin
+        return whole[..., y:y + core.shape[-2], x:x + core.shape[-1]]
+
+    def _norm(self, layer: str, size: tuple[int, int], kind=GRAM, region: StyleRegion | None = None):
+        d = self.ext.scale_of(layer)
+        hw = (size[0] // d, size[1] // d)
+        weight = region.weight(hw) if region is not None else None
+        n = hw[0] * hw[1] if weight is None else weight.sum()
+        return kind.count(CONV_SHAPES[layer][0], n)
 
     def loss_and_grad(self, seen: torch.Tensor, objective) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weighted content loss, weighted style loss, d(content + style)/d seen) at `seen`,
@@ -156,13 +181,15 @@ class Tiler:
                                  "positions (style_loss gram or w2 can)")
         seen = seen.detach()
         size = tuple(seen.shape[-2:])
-        parts = {k: tuple(t.requires_grad_(True) for t in kind.unpack(s))
-                 for k, s in self.stats(seen, list(objective.style), kind).items()}
+        regions = objective.regions
+        parts = [{k: tuple(t.requires_grad_(True) for t in kind.unpack(s)) for k, s in got.items()}
+                 for got in self.region_stats(seen, regions, kind)]
         with torch.enable_grad():
-            style = objective.style_term({k: kind.pack(v) for k, v in parts.items()})
-            leaves = [t for v in parts.values() for t in v]
-            grads = iter(torch.autograd.grad(style, leaves) if leaves else ())
-            d_stats = {k: tuple(next(grads) for _ in v) for k, v in parts.items()}
+            style = objective.style_term([{k: kind.pack(v) for k, v in got.items()} for got in parts])
+            leaves = [t for got in parts for v in got.values() for t in v]
+            grads = iter(torch.autograd.grad(style, leaves) if leaves and style.requires_grad else ())
+            d_stats = [{k: tuple(next(grads) for _ in v) for k, v in got.items()} for got in parts] if leaves and \
+                style.requires_grad else [{} for _ in parts]
         grad = torch.zeros_like(seen)
         content = seen.new_zeros(())
         for t in self.tiles(*size):
@@ -172,11 +199,13 @@ class Tiler:
                 with self.autocast():
                     feats = self.ext(window, checkpoint=self.checkpoint)
                 surrogate = seen.new_zeros(())
-                for layer, ds in d_stats.items():
-                    tile_parts = kind.parts(layer, self._core(layer, feats[layer], t, size))
-                    norm = self._norm(layer, size, kind)
-                    for d, part in zip(ds, tile_parts):
-                        surrogate = surrogate + (d * part).sum() / norm
+                for r, d_region in zip(regions, d_stats):
+                    for layer, ds in d_region.items():
+                        core = self._core(layer, feats[layer], t, size)
+                        weight = self._weight(r, layer, size, core, self._origin(layer, t))
+                        norm = self._norm(layer, size, kind, r)
+                        for d, part in zip(ds, kind.parts(layer, core, weight)):
+                            surrogate = surrogate + (d * part).sum() / norm
                 part = seen.new_zeros(())
                 for layer, target in objective.content.items():
                     core = self._core(layer, feats[layer], t, size)
@@ -184,9 +213,11 @@ class Tiler:
                     goal = target.value[..., y:y + core.shape[-2], x:x + core.shape[-1]]
                     part = part + (core.float() - goal).pow(2).sum() * (target.inv_scale / target.value.numel())
                 part = part * objective.content_scale
-                (surrogate + part).backward()
+                if surrogate.requires_grad or part.requires_grad:
+                    (surrogate + part).backward()
             wy0, wy1, wx0, wx1 = t.window
-            grad[..., wy0:wy1, wx0:wx1] += window.grad
+            if window.grad is not None:
+                grad[..., wy0:wy1, wx0:wx1] += window.grad
             content = content + part.detach()
         return content, style.detach(), grad
 
