@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--style-weight", type=float, help=f"beta (default {D['style_weight']:g})")
     s.add_argument("--tv-weight", type=float, help=f"total-variation weight (default {D['tv_weight']:g})")
     s.add_argument("--style-blend", type=float, nargs="+", metavar="W", help="one weight per style (normalised)")
+    s.add_argument("--mask", nargs="+", metavar="FILE",
+                   help="one mask per style, in the styles' order: where that style goes (white: this style, grey: a "
+                        "weight; where no mask reaches stays the content); - for a style without one")
+    s.add_argument("--keep", metavar="FILE", help="a mask of what stays the content (white: kept)")
     s.add_argument("--style-scale", type=float, help=f"style size relative to the result (default {D['style_scale']:g})")
     s.add_argument("--init", help=f"content, noise, or an image file (default {D['init']})")
     s.add_argument("--preserve-color", help=f"none, luminance or histogram: keep the content's colours (default {D['preserve_color']})")

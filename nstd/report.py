@@ -31,5 +31,8 @@ def run_fields(result, steps: int) -> dict:
         # coarse to fine: each stage's size, steps, seconds, peak memory (CUDA), and the memory
         # techniques it used (activation checkpointing, tiles, a shorter L-BFGS history) and why
         "stages": result.stages,
+        # with masks (job keys style[i].mask, keep): the share of the picture each style covers, kept,
+        # and covered by no mask (kept too)
+        **({"regions": result.regions} if getattr(result, "regions", None) is not None else {}),
         "versions": {"nstd": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }

@@ -282,11 +282,14 @@ def _renamed(data: dict, new_names: dict[str, str], old_job: str) -> dict:
         out["content"] = new(data["content"])
     style = data.get("style")
     if isinstance(style, list):
-        out["style"] = [{**s, "path": new(s.get("path"))} if isinstance(s, dict) else new(s) for s in style]
+        out["style"] = [{**s, "path": new(s.get("path")), **({"mask": new(s["mask"])} if "mask" in s else {})}
+                        if isinstance(s, dict) else new(s) for s in style]
     elif style is not None:
         out["style"] = new(style)
     if isinstance(data.get("init"), str) and data["init"] not in ("content", "noise"):
         out["init"] = new(data["init"])
+    if "keep" in data:
+        out["keep"] = new(data["keep"])
     return out
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from nstd.config import CONFIG_FIELDS, memory_budget
 from nstd.engine.images import format_for_suffix
 from nstd.errors import ExitCode
 from nstd.fsutil import atomic_write_text
+from nstd.job.check import mask_ratio_problem
 from nstd.job.keys import GIF_FIELDS, merge
 from nstd.job.spec import Job
 from nstd.report import run_fields
@@ -21,7 +23,7 @@ from nstd.terminal import Bar, peak_rss, reporter
 
 def main(args: argparse.Namespace) -> int:
     # Imports here keep `nstd --help` fast.
-    from nstd.engine import Engine, StyleImage, images
+    from nstd.engine import Engine, StyleImage, images, regions
 
     with as_bad_input():
         cfg = config_of(args, required=False)
@@ -35,10 +37,21 @@ def main(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--style-blend has {len(args.style_blend)} weights for {len(args.styles)} style images"
             )
+        inputs = [args.content, *args.styles, *(m for m in args.mask or [] if m != "-"),
+                  *([args.keep] if args.keep else []), *([job.init] if job.init not in ("content", "noise") else [])]
+        for written in [args.output, *(w for w in (args.gif, args.report) if w)]:
+            if any(_same_file(written, given) for given in inputs):
+                raise UsageError(f"{written}: that is one of the inputs; nstd never writes over what it reads")
+        if args.mask and len(args.mask) != len(args.styles):
+            raise UsageError(f"--mask has {len(args.mask)} file(s) for {len(args.styles)} style image(s): give one "
+                             "per style, in the styles' order ('-' for a style without a mask)")
         max_pixels = cfg["limits"]["max_pixels"]
         content = images.open_image(args.content, max_pixels)
         blend = args.style_blend or [1.0] * len(args.styles)
-        styles = [(images.open_image(path, max_pixels), w) for path, w in zip(args.styles, blend)]
+        masks = [_mask(m, "--mask", content.size, max_pixels) for m in args.mask or ["-"] * len(args.styles)]
+        keep = _mask(args.keep, "--keep", content.size, max_pixels)
+        styles = [StyleImage(images.open_image(path, max_pixels), w, mask=m)
+                  for path, w, m in zip(args.styles, blend, masks)]
         init_image = None
         if job.init not in ("content", "noise"):
             init_image = images.open_image(job.init, max_pixels)
@@ -55,16 +68,16 @@ def main(args: argparse.Namespace) -> int:
     else:
         budget_mb = memory_budget(cfg, False)[0] >> 20
     size_requested = params.size
-    params = _fit_budget(engine, content, params, budget_mb)
+    params = _fit_budget(engine, content, params, budget_mb, regions.count(styles, keep))
     t0 = time.perf_counter()
     with as_bad_input():
-        stages = engine.plan(content, [StyleImage(*s) for s in styles], params)
+        stages = engine.plan(content, styles, params)
     bar = reporter(sum(st.steps for st in stages), stages, args.quiet, args.progress_every,
                    peak=engine.device.peak_bytes if engine.device.is_cuda else peak_rss,
                    peak_name="peak GPU memory" if engine.device.is_cuda else "peak RSS")
     try:
         with as_bad_input():
-            result = engine.stylize(content, styles, params, init_image=init_image, progress=bar,
+            result = engine.stylize(content, styles, params, init_image=init_image, progress=bar, keep=keep,
                                     budget_bytes=budget_mb * 2**20 if budget_mb else None)
     finally:
         bar.close()
@@ -92,11 +105,32 @@ def main(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _fit_budget(engine, content, params, budget_mb: int):
+def _same_file(a: str, b: str) -> bool:
+    """Whether paths `a` and `b` name one file (through links too), or would once `a` is written."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there (yet): the same path, written two ways?
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def _mask(path: str | None, option: str, content_size: tuple[int, int], max_pixels: int):
+    """A --mask or --keep image, its aspect ratio checked against the content's; None for none ('-')."""
+    from nstd.engine import images
+
+    if path is None or path == "-":
+        return None
+    mask = images.open_image(path, max_pixels)
+    why = mask_ratio_problem(option, Path(path).name, mask.size, content_size)
+    if why:
+        raise UsageError(why)
+    return mask
+
+
+def _fit_budget(engine, content, params, budget_mb: int, masked: int = 0):
     """The size asked, unless no memory techniques make it fit `budget_mb`: then the largest that
-    fits, said on stderr (the daemon does the same)."""
+    fits, said on stderr (the daemon does the same); `masked`: the run's masked regions."""
     with as_bad_input():  # style_loss sliced over the budget: it cannot run in tiles (StyleLossError)
-        size = engine.fit(content.size, params, budget_mb * 2**20)
+        size = engine.fit(content.size, params, budget_mb * 2**20, regions=masked)
     if size < params.size:
         print(f"nstd: size {params.size} lowered to {size} to fit the memory budget of {budget_mb} MiB", file=sys.stderr)
         return params.at_size(size)

@@ -45,8 +45,15 @@ def check_one(sidecar: Path, cfg: dict) -> dict:
     style_sizes = [sizes[path] for path, _ in files.styles]
     stages = schedule.runnable(sizes[files.content], style_sizes, spec.stages, spec.style_scale, spec.layers)
     lines = [f"{sidecar.name}: ok", f"  content  {files.content.name} ({'x'.join(map(str, sizes[files.content]))})"]
-    for path, weight in files.styles:
-        lines.append(f"  style    {path.name} ({'x'.join(map(str, sizes[path]))}), weight {weight:.3g}")
+    dims = lambda path: 'x'.join(map(str, sizes[path]))  # noqa: E731
+    for i, (path, weight) in enumerate(files.styles):
+        mask = files.mask(i)
+        lines.append(f"  style    {path.name} ({dims(path)}), weight {weight:.3g}"
+                     + (f", mask {mask.name} ({dims(mask)})" if mask else ""))
+    if files.keep is not None:
+        lines.append(f"  keep     {files.keep.name} ({dims(files.keep)}): its white stays the content")
+    if all(files.mask(i) for i in range(len(files.styles))):
+        lines.append("  (where no style's mask reaches, the picture stays the content)")
     if len(files.styles) > 1 and files.weight_sum != 1.0:
         lines.append(f"  (blend weights are normalised to add up to 1: as written they add up to {files.weight_sum:g})")
     lines.append(f"  size {spec.size}, steps {spec.steps}, {spec.optimizer}, style_loss {spec.style_loss}, "
@@ -60,8 +67,15 @@ def check_one(sidecar: Path, cfg: dict) -> dict:
                      f"({schedule.total_steps(stages)} steps in all)")
     return {"job": str(sidecar), "ok": True, "kind": None, "problems": [], "exit_code": int(ExitCode.OK),
             "content": {"file": files.content.name, "size": list(sizes[files.content])},
-            "styles": [{"file": path.name, "size": list(sizes[path]), "weight": weight} for path, weight in files.styles],
+            "styles": [{"file": path.name, "size": list(sizes[path]), "weight": weight, "mask": _file(files.mask(i), sizes)}
+                       for i, (path, weight) in enumerate(files.styles)],
+            "keep": _file(files.keep, sizes),
             "stages": [{"size": st.size, "steps": st.steps} for st in stages],
             "settings": settings, "_lines": lines}
 
 
+
+
+def _file(path, sizes: dict) -> dict | None:
+    """A mask in --json: its file name and size; None when there is none."""
+    return None if path is None else {"file": path.name, "size": list(sizes[path])}

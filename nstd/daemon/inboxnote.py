@@ -13,7 +13,8 @@ import os
 import stat
 import uuid
 
-SUFFIX = ".waiting.txt"
+from nstd.job.file import WAITING_NOTE as SUFFIX
+
 HEAD = b"nstd: "
 
 

@@ -169,7 +169,9 @@ class Outcomes:
             outputs[f"{stem}.gif"] = buf.getvalue()
         encoded = time.time() - t_start
         effective = {"content": job.content.origin,
-                     "style": [{"path": s.origin, "weight": s.weight} for s in job.styles], **spec.settings}
+                     "style": [{"path": s.origin, "weight": s.weight, **({"mask": s.mask.origin} if s.mask else {})}
+                               for s in job.styles],
+                     **({"keep": job.keep.origin} if job.keep else {}), **spec.settings}
         outputs["job.yaml"] = yamltext.dump(effective).encode()
         outputs["report.json"] = json.dumps(self.report(done, encoded), indent=1).encode()
         return outputs

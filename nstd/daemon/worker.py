@@ -21,11 +21,12 @@ from nstd.daemon import diskroom
 from nstd.daemon.outcome import Finisher, Optimised, Outcomes
 from nstd.daemon.jobprogress import JobProgress
 from nstd.daemon.queue import RETRY_SECONDS, JobQueue
-from nstd.engine import Device, Engine, ImageError, Interrupted, StyleImage, TargetCache, images
+from nstd.engine import Device, Engine, ImageError, Interrupted, StyleImage, TargetCache, images, regions
 from nstd.engine.device import is_oom
 from nstd.engine.memory import predict_peak_bytes
 from nstd.engine.styleloss import StyleLossError
 from nstd.errors import ErrorKind, JobError, Stage
+from nstd.job.check import mask_ratio_problem
 from nstd.job.spec import Job
 from nstd.state import checkpoints, safefs
 from nstd.state.claim import Claim
@@ -227,18 +228,24 @@ class Worker(threading.Thread):
 
         try:  # intake decoded these; a failure now means the file changed since
             content = image(job.content)[0]
-            styles = []
-            for s in job.styles:
-                picture, digest = image(s)
-                styles.append(StyleImage(picture, s.weight, digest))
+            styles = [StyleImage(image(s)[0], s.weight, image(s)[1], mask=image(s.mask)[0] if s.mask else None)
+                      for s in job.styles]
             init = image(job.init)[0] if job.init else None
+            keep = image(job.keep)[0] if job.keep else None  # regions that stay the content
         except ImageError as exc:
             raise JobError(ErrorKind.INPUT_CHANGED, f"{exc} (it was readable when the job was taken)", Stage.RUN) from None
+        masks = [*((f"style[{i}].mask", f.mask, s.mask) for i, (f, s) in enumerate(zip(job.styles, styles))),
+                 ("keep", job.keep, keep)]
+        for key, source, mask in masks:
+            if mask is not None and (why := mask_ratio_problem(key, source.origin, mask.size, content.size)):
+                raise JobError(ErrorKind.INPUT_CHANGED, f"{why} (it fitted when the job was taken)", Stage.RUN)
         params = spec.params()
         t_loaded = time.time()
 
-        roles = [f"content {image(job.content)[1]}", *(f"style {s.weight} {image(s)[1]}" for s in job.styles),
-                 *([f"init {image(job.init)[1]}"] if job.init else [])]
+        roles = [f"content {image(job.content)[1]}", *(f"style {s.weight} {image(s)[1]}" + (
+                     f" mask {image(s.mask)[1]}" if s.mask else "") for s in job.styles),
+                 *([f"init {image(job.init)[1]}"] if job.init else []),
+                 *([f"keep {image(job.keep)[1]}"] if job.keep else [])]
         self.job_key = checkpoints.job_key(job.settings, roles)
         resume = checkpoints.load(self.store.checkpoint_dir(job), log)
         if resume is None and checkpoints.adopt(self.store.kept, self.job_key, self.store.checkpoint_dir(job)):
@@ -246,7 +253,8 @@ class Worker(threading.Thread):
             if resume is not None:
                 log.info("this job went over limits.max_job_seconds before; its checkpoint was kept")
         engine, oom_retries, fallback = self.engine, 0, False
-        size = self._fit_budget(content.size, params, engine, log)
+        masked = regions.count(styles, keep)  # the memory model counts a masked region's copies
+        size = self._fit_budget(content.size, params, engine, log, masked)
         self._runnable(engine, content, styles, params, size)
         sizes = (content.size, [s.image.size for s in styles])  # the stages that run count (Engine.plan)
         if resume is not None:
@@ -256,7 +264,7 @@ class Worker(threading.Thread):
         while True:
             p = params.at_size(size)
             try:
-                result = engine.stylize(content, styles, p, init_image=init, cache=self.cache, resume=resume,
+                result = engine.stylize(content, styles, p, init_image=init, cache=self.cache, resume=resume, keep=keep,
                                         progress=JobProgress(self, job, engine.device, p.total_steps(*sizes)),
                                         budget_bytes=self.budget(engine)[0])
                 break
@@ -275,7 +283,7 @@ class Worker(threading.Thread):
                 size = smaller
             elif self.cfg["gpu"]["cpu_fallback"] and engine.device.is_cuda:
                 failed_at, engine, fallback = size, self._cpu(), True
-                size = self._fit_budget(content.size, params, engine, log)
+                size = self._fit_budget(content.size, params, engine, log, masked)
                 self._runnable(engine, content, styles, params, size)
                 log.warning("out of memory at {} px; finishing on the CPU at {} px", failed_at, size)
             else:
@@ -310,11 +318,11 @@ class Worker(threading.Thread):
         """(bytes a job may peak at on `engine`'s device, the setting that says so)."""
         return memory_budget(self.cfg, engine.device.is_cuda)
 
-    def _fit_budget(self, content_size: tuple[int, int], params, engine: Engine, log) -> int:
+    def _fit_budget(self, content_size: tuple[int, int], params, engine: Engine, log, masked: int = 0) -> int:
         """The result's long edge inside the device's budget (Engine.fit: memory techniques first)."""
         budget, setting = self.budget(engine)
         try:
-            size = engine.fit(content_size, params, budget, smallest=MIN_EDGE)
+            size = engine.fit(content_size, params, budget, smallest=MIN_EDGE, regions=masked)
         except StyleLossError as exc:  # style_loss sliced: no tiles, and the untiled pass is over the budget
             raise JobError(ErrorKind.OUT_OF_MEMORY, f"{exc} ({setting})", Stage.RUN) from None
         if size < params.size:

@@ -111,9 +111,15 @@ def _to_rgb(path: Path, img: Image.Image) -> Image.Image:
             img = img.point(lambda v: v * (255.0 / 65535.0))
         img = img.convert("L")
     elif mode == "F":
+        # 32-bit float grey: 0..1 as floats mean it (1.0 is white, a mask's full weight), 0..255 as
+        # 8-bit levels; any other range is stretched from its least to its most.
         lo, hi = img.getextrema()
-        span = (hi - lo) or 1.0
-        img = img.point(lambda v: (v - lo) * 255.0 / span).convert("L")
+        if lo >= 0 and hi <= 1:
+            img = img.point(lambda v: v * 255.0).convert("L")
+        elif lo >= 0 and hi <= 255:
+            img = img.convert("L")
+        else:
+            img = img.point(lambda v: (v - lo) * 255.0 / ((hi - lo) or 1.0)).convert("L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

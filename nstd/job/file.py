@@ -21,6 +21,8 @@ from nstd.state import safefs
 from nstd.state.claim import JobFiles
 
 SIDECAR_SUFFIXES = (".yaml", ".yml")
+#: The note nstd leaves beside a waiting job file (nstd/daemon/inboxnote.py SUFFIX).
+WAITING_NOTE = ".waiting.txt"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 #: How deep lists and mappings may nest in a job file (a real one needs 3).
 #: The most style images one job may blend.
@@ -86,6 +88,9 @@ def resolve_path(value: Any, key: str, sidecar: Path, inbox_fd: int) -> Path:
         raise JobError(ErrorKind.PATH_OUTSIDE_INBOX, f"{key}: {value!r} is an absolute path; name a file beside the job file")
     if ".." in Path(value).parts:
         raise JobError(ErrorKind.PATH_OUTSIDE_INBOX, f"{key}: {value!r} leads out of the inbox ('..' is not allowed)")
+    if value.lower().endswith((*SIDECAR_SUFFIXES, WAITING_NOTE)):  # it would go with this job: never another's
+        raise JobError(ErrorKind.INVALID_JOB_FILE, f"{key}: {value!r} is a job file or nstd's note, not an image; "
+                       "an input is never another job's file")
     check_input(inbox_fd, value, key)
     return sidecar.parent / value
 
@@ -149,6 +154,7 @@ def _resolve_files(data: dict, sidecar: Path, inbox_fd: int) -> JobFiles:
         else by_convention("content")
     style = data.get("style")
     styles: list[tuple[Path, float]] = []
+    masks: list[Path | None] = []
     total = 1.0
     if style is None:
         styles = [(by_convention("style"), 1.0)]
@@ -162,24 +168,31 @@ def _resolve_files(data: dict, sidecar: Path, inbox_fd: int) -> JobFiles:
             if isinstance(item, str):
                 styles.append((resolve_path(item, key, sidecar, inbox_fd), 1.0))
                 continue
-            if not isinstance(item, dict) or "path" not in item or set(item) - {"path", "weight"}:
-                raise JobError(ErrorKind.INVALID_JOB_FILE, f"{key}: expected a file name or {{path: FILE, weight: NUMBER}}, got {item!r}")
+            if not isinstance(item, dict) or "path" not in item or set(item) - {"path", "weight", "mask"}:
+                raise JobError(ErrorKind.INVALID_JOB_FILE, f"{key}: expected a file name or "
+                               f"{{path: FILE, weight: NUMBER, mask: FILE}} (weight and mask optional), got {item!r}")
             try:
                 weight = number(0, 1e6)(item.get("weight", 1.0), f"{key}.weight")
             except SchemaError as exc:
                 raise JobError(ErrorKind.INVALID_JOB_FILE, str(exc)) from None
             styles.append((resolve_path(item["path"], f"{key}.path", sidecar, inbox_fd), weight))
+            if "mask" in item:
+                masks += [None] * (len(styles) - 1 - len(masks))
+                masks.append(resolve_path(item["mask"], f"{key}.mask", sidecar, inbox_fd))
         total = sum(w for _, w in styles)
         if total <= 0:
             raise JobError(ErrorKind.INVALID_JOB_FILE, "style: the blend weights add up to 0")
         styles = [(p, w / total) for p, w in styles]  # what runs is what job.yaml records
     else:
-        raise JobError(ErrorKind.INVALID_JOB_FILE, f"style: expected a file name or a list of them, got {style!r}")
+        raise JobError(ErrorKind.INVALID_JOB_FILE, "style: expected a file name or a list of them (a style with a "
+                       f"mask too: [{{path: a.jpg, mask: sky.png}}]), got {style!r}")
     init = None
     init_value = data.get("init")
     if isinstance(init_value, str) and init_value not in ("content", "noise"):
         init = resolve_path(init_value, "init", sidecar, inbox_fd)
-    files = JobFiles(sidecar=sidecar, content=content, styles=styles, init=init, weight_sum=total)
+    keep = resolve_path(data["keep"], "keep", sidecar, inbox_fd) if "keep" in data else None
+    files = JobFiles(sidecar=sidecar, content=content, styles=styles, init=init, weight_sum=total, masks=masks,
+                     keep=keep)
     files.missing = [p for p in files.inputs() if not _present(inbox_fd, sidecar.parent, p)]
     return files
 
@@ -194,9 +207,11 @@ def named_files(sidecar: Path, inbox: Path, max_bytes: int) -> list[Path]:
     except (JobError, OSError):
         return []
     style = data.get("style")
-    named = [("content", data.get("content")), ("init", data.get("init"))]
+    named = [("content", data.get("content")), ("init", data.get("init")), ("keep", data.get("keep"))]
     for i, item in enumerate(style if isinstance(style, list) else [style]):
         named.append((f"style[{i}]", item.get("path") if isinstance(item, dict) else item))
+        if isinstance(item, dict):
+            named.append((f"style[{i}].mask", item.get("mask")))
     out = []
     try:
         for key, value in named:
@@ -222,7 +237,7 @@ def _present(inbox_fd: int, inbox: Path, path: Path) -> bool:
 
 
 #: Keys a sidecar may hold besides the job keys.
-FILE_KEYS = ("content", "style")
+FILE_KEYS = ("content", "style", "keep")
 
 
 def job_settings(data: dict, defaults: dict) -> dict:

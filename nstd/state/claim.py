@@ -26,6 +26,14 @@ class Input:
 @dataclass
 class StyleInput(Input):
     weight: float = 1.0
+    #: where in the picture this style goes (job key `style[i].mask`); None: everywhere
+    mask: Input | None = None
+
+    @classmethod
+    def of(cls, record: dict) -> "StyleInput":
+        """From claim.json (one written before masks has none)."""
+        mask = record.get("mask")
+        return cls(**{**record, "mask": Input(**mask) if mask else None})
 
 
 @dataclass
@@ -46,14 +54,27 @@ class JobFiles:
     content: Path
     styles: list[tuple[Path, float]]
     init: Path | None = None
+    #: each style's mask (`style[i].mask`), parallel to `styles`; empty: no style has one
+    masks: list[Path | None] = field(default_factory=list)
+    #: the `keep` mask: regions that stay the content
+    keep: Path | None = None
     #: files not there yet (the job waits for them); empty when usable
     missing: list[Path] = field(default_factory=list)
     #: the blend weights as written add up to this (`styles` holds them normalised)
     weight_sum: float = 1.0
 
+    def mask(self, i: int) -> Path | None:
+        """Style `i`'s mask, or None."""
+        return self.masks[i] if i < len(self.masks) else None
+
+    def mask_keys(self) -> list[tuple[str, Path]]:
+        """(job key, file) of every mask: `style[i].mask` and `keep`."""
+        out = [(f"style[{i}].mask", m) for i, m in enumerate(self.masks) if m is not None]
+        return out + ([("keep", self.keep)] if self.keep is not None else [])
+
     def inputs(self) -> list[Path]:
         """Every file of the job, sidecar last (it is the commit marker), without duplicates."""
-        files = [self.content, *(p for p, _ in self.styles)]
+        files = [self.content, *(p for p, _ in self.styles), *(m for _, m in self.mask_keys())]
         if self.init is not None:
             files.append(self.init)
         return list(dict.fromkeys(files)) + [self.sidecar]
@@ -69,6 +90,8 @@ class Claim:
     settings: dict
     times: Times
     init: Input | None = None
+    #: the `keep` mask (regions that stay the content)
+    keep: Input | None = None
     attempts: int = 0
     #: the state folder; not part of the record
     folder: Path = field(default=Path("."), compare=False)
@@ -88,6 +111,11 @@ class Claim:
 
     def path(self, inp: Input) -> Path:
         return self.inputs_dir / inp.file
+
+    def records(self) -> list[Input]:
+        """Every input's record: content, styles, their masks, keep, init and the sidecar."""
+        found = [self.content, *self.styles, *(s.mask for s in self.styles), self.keep, self.init, self.sidecar]
+        return [i for i in found if i is not None]
 
     def sort_key(self) -> tuple:
         """Highest priority first, then the job file that arrived first."""
@@ -121,9 +149,9 @@ class Claim:
             r = _from_v1(r)
         return cls(
             id=r["id"], name=r["name"], content=Input(**r["content"]),
-            styles=[StyleInput(**s) for s in r["styles"]], sidecar=Input(**r["sidecar"]),
-            settings=r["settings"], times=Times(**r["times"]),
-            init=Input(**r["init"]) if r.get("init") else None, attempts=int(r.get("attempts", 0)), folder=folder,
+            styles=[StyleInput.of(s) for s in r["styles"]], sidecar=Input(**r["sidecar"]),
+            settings=r["settings"], times=Times(**r["times"]), init=Input(**r["init"]) if r.get("init") else None,
+            keep=Input(**r["keep"]) if r.get("keep") else None, attempts=int(r.get("attempts", 0)), folder=folder,
         )
 
     @classmethod

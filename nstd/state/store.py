@@ -157,8 +157,10 @@ class Store:
 
             claim = Claim(
                 id=job_id, name=name, content=inp(files.content),
-                styles=[StyleInput(**vars(inp(p)), weight=w) for p, w in files.styles],
-                sidecar=inp(files.sidecar), init=inp(files.init) if files.init else None, settings=settings,
+                styles=[StyleInput(**vars(inp(p)), weight=w, mask=inp(m) if (m := files.mask(i)) else None)
+                        for i, (p, w) in enumerate(files.styles)],
+                sidecar=inp(files.sidecar), init=inp(files.init) if files.init else None,
+                keep=inp(files.keep) if files.keep else None, settings=settings,
                 times=Times(first_seen=first_seen or now, arrived=arrived or now, claimed=now), folder=t.dir,
             )
             claim.save()  # into the transfer folder: claim.folder is it until the commit
@@ -209,7 +211,7 @@ class Store:
             os.close(fd)
 
     def quarantine_claimed(self, job: Claim, error: dict, log: str) -> Path:
-        origins = {i.file: i.origin for i in (job.content, *job.styles, job.sidecar, job.init) if i is not None}
+        origins = {i.file: i.origin for i in job.records()}
         with self._transfer(self.f.quarantine, self.move_tag(job), self.fence) as t:
             used = set(NSTD_FILES)  # a user file never takes these names
             where_from: dict[str, str] = {}
