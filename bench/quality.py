@@ -17,6 +17,8 @@ then the medians over pairs. Writes into --out: each result (PAIR.SETTING.png), 
 pair (PAIR.side.jpg), 1:1 crops of every setting at the same place (PAIR.crops.png: the window
 whose luminance spectrum is most periodic in the first setting's picture), and results.json. A
 result already in --out is judged again, not re-run (--fresh to re-run).
+
+--regions measures masks and a kept part instead (bench/quality_regions.py, docs/quality.md#regions).
 """
 from __future__ import annotations
 
@@ -131,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--fresh", action="store_true", help="re-run results already in --out")
+    ap.add_argument("--regions", action="store_true",
+                    help="measure regions instead (masks and a kept part: bench/quality_regions.py)")
     ap.add_argument("--against", default=None,
                     help="the setting whose moiré the others must not exceed on any pair (default: max if given, else the first)")
     args = ap.parse_args(argv)
@@ -149,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown pair(s) {unknown}; the set is {', '.join(PAIRS)}")
     engine = Engine(device=args.device, precision=args.precision)
     judge = Judge(engine.network)
+    if args.regions:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from quality_regions import run as run_regions
+
+        return run_regions(args, engine, judge, IMAGES, out, settings[0][2] if settings[0][1] == "nstd" else {})
     print(f"# bench/quality.py: {args.size} px, {engine.device} ({engine.device.name}), {engine.precision}; "
           f"results in {out}\n")
     previous = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}

@@ -7,7 +7,9 @@ content init, seed 0, no GIF) after a warm-up job, and reports the optimisation'
 step (`timings.optimise`: eager steps on the CPU, a replayed CUDA graph on a GPU), its ratio to
 Gram's, the final style loss (each kind's own: not comparable across kinds) and, with --judge,
 S_held (docs/quality.md), the held-out style distance, which is. `sliced K=C/2` draws half as many
-directions as channels (styleloss.SLICED_RATIO).
+directions as channels (styleloss.SLICED_RATIO). --regions N also runs each setting with N masked
+regions (soft vertical bands, the same style in each; engine/regions.py) and prints its ratio to
+the same setting unmasked.
 """
 from __future__ import annotations
 
@@ -29,11 +31,12 @@ def main() -> int:
     p.add_argument("--precision", default="fp32")
     p.add_argument("--repeat", type=int, default=1, help="runs per setting, the fastest counts")
     p.add_argument("--judge", action="store_true", help="also S_held of each result")
+    p.add_argument("--regions", type=int, default=0, help="also each setting with this many masked regions")
     a = p.parse_args()
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from nstd.engine import Engine, StyleParams, open_image
+    from nstd.engine import Engine, StyleImage, StyleParams, open_image
     from nstd.engine import styleloss
 
     if a.device == "cpu":
@@ -48,21 +51,47 @@ def main() -> int:
     print(f"device {engine.device} ({engine.precision}), {a.size} px, {a.steps} steps, one stage")
     print(f"{'style_loss':<14} {'ms/step':>9} {'x gram':>7} {'style':>8}" + (f" {'S_held':>7}" if judge else ""))
     base = None
+    plain = [(style, 1.0)]
+    masked = [StyleImage(style, 1.0, mask=m) for m in bands(content.size, a.regions)] if a.regions else None
     for name, kind, ratio in SETTINGS:
         styleloss.SLICED_RATIO = ratio
-        best = None
-        for _ in range(a.repeat):
-            params = StyleParams(size=a.size, steps=a.steps, stages=1, frame_every=0, style_loss=kind)
-            r = engine.stylize(content, [(style, 1.0)], params)
-            ms = r.timings["optimise"] / a.steps * 1000
-            best = ms if best is None else min(best, ms)
-        base = base or best
-        line = f"{name:<14} {best:9.1f} {best / base:7.2f} {r.losses['style']:8.4f}"
-        if judge:
-            line += f" {judge.style_distance(r.image, style):7.4f}"
-        print(line, flush=True)
+        unmasked = None
+        for label, styles in ((name, plain), *(((f"  {a.regions} regions", masked),) if masked else ())):
+            best = None
+            for _ in range(a.repeat):
+                params = StyleParams(size=a.size, steps=a.steps, stages=1, frame_every=0, style_loss=kind)
+                r = engine.stylize(content, styles, params)
+                ms = r.timings["optimise"] / a.steps * 1000
+                best = ms if best is None else min(best, ms)
+            base, unmasked = base or best, unmasked or best
+            line = f"{label:<14} {best:9.1f} {best / base:7.2f} {r.losses['style']:8.4f}"
+            if judge:
+                line += f" {judge.style_distance(r.image, style):7.4f}"
+            if styles is masked:
+                line += f"   x {best / unmasked:.2f} the same setting unmasked"
+            print(line, flush=True)
     styleloss.SLICED_RATIO = 1.0
     return 0
+
+
+def bands(size: tuple[int, int], n: int) -> list:
+    """`n` soft vertical bands that add up to white everywhere (masks of `size`)."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    x = (np.arange(w) + 0.5) / w * n
+    out = []
+    for i in range(n):
+        grey = np.clip((0.5 - np.abs(x - (i + 0.5))) / 0.25 + 0.5, 0, 1)  # linear ramps a quarter band wide
+        if i == 0:
+            grey[x < 0.5] = 1
+        if i == n - 1:
+            grey[x > n - 0.5] = 1
+        out.append(grey)
+    total = sum(out)
+    return [Image.fromarray(np.tile((g / total * 255).round().astype(np.uint8), (h, 1)), "L").convert("RGB")
+            for g in out]
 
 
 if __name__ == "__main__":

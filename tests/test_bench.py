@@ -55,6 +55,18 @@ def test_quality_bench_runs_settings_side_by_side_and_reuses_what_it_made(tmp_pa
     assert "| old |" in again
 
 
+def test_quality_bench_measures_regions(tmp_path):
+    import json
+
+    out = bench("quality.py", "--regions", "--size", "48", "--out", str(tmp_path), "--precision", "fp32",
+                "default:steps=2")
+    assert "| setup | S_held A: masked / alone |" in out and "| kept in the run |" in out, out
+    measures = json.loads((tmp_path / "regions.measures.json").read_text())
+    assert len(measures["setups"]) == 3 and all(r["a"]["ratio"] > 0 and r["seam"]["masked"] > 0
+                                                for r in measures["setups"])
+    assert (tmp_path / "regions.jpg").is_file() and (tmp_path / "keep.48.png").is_file()
+
+
 def test_page_load_prints_a_row_per_count_of_hostile_clients():
     out = bench("page_load.py", "--seconds", "2", "--browsers", "1", "--hostile", "0", "3")
     rows = [x for x in out.splitlines() if x.startswith("| 0 |") or x.startswith("| 3 |")]

@@ -120,3 +120,42 @@ def test_the_colour_measure_is_zero_for_the_same_colours_and_one_for_none_in_com
     assert colour_distance(noise, noise) == 0.0
     assert colour_distance(red, Image.new("RGB", (16, 16), (0, 0, 255))) == 1.0
     assert 0.0 < colour_distance(noise, red) < 1.0
+
+
+def _split(h: int, w: int, ramp: int = 8) -> Image.Image:
+    """A mask white on the left, a linear ramp `ramp` px wide at the middle."""
+    x = torch.arange(w, dtype=torch.float64) + 0.5
+    row = ((w / 2 - x) / ramp + 0.5).clamp(0, 1) * 255
+    return _grey(row.expand(h, w).clone())
+
+
+def test_seam_is_one_for_an_even_texture_and_high_for_a_line_along_the_edge():
+    from nstd.engine.quality import seam
+
+    h, w = 64, 96
+    mask = _split(h, w)
+    even = _noise(h, w)
+    assert 0.8 < seam(_grey(even), mask) < 1.25
+    lined = even.clone()
+    lined[:, w // 2 - 1] = 255  # a drawn line on the edge
+    assert seam(_grey(lined), mask) > 2
+    other = _noise(h, w, seed=1)  # two textures cross-faded: the band is smoother than either side
+    m = images.to_tensor(mask)[0, 0].double()
+    faded = m * even + (1 - m) * other
+    assert seam(_grey(faded), mask) < 0.9
+    with pytest.raises(ValueError, match="edge band"):
+        seam(_grey(even), _grey(torch.full((h, w), 255.0)))
+
+
+def test_inside_keeps_the_positions_a_mask_covers_whole(engine, pair):
+    from nstd.engine.quality import inside
+
+    mask = _split(64, 96)
+    got = inside(mask, (8, 12))  # a map of 8 x 12: each position 8 px of the picture
+    assert got[:, :5].all() and not got[:, 6:].any()  # the ramp (px 44-52) greys position 5
+    assert inside(_grey(torch.zeros(16, 16)), (4, 4)).all()  # all black: the heaviest, everywhere
+    content, style = pair
+    judge = Judge(engine.network)
+    whole = judge.style_distance(content, style)
+    left = judge.style_distance(content, style, where=mask.resize(content.size))
+    assert left > 0 and abs(left - whole) > 1e-4  # another set of positions, another distance

@@ -60,15 +60,24 @@ class Judge:
         feats = self.extractor(x)
         return {k: feats[k][0].flatten(1).float() for k in layers}
 
-    def style_distance(self, result: Image.Image, style: Image.Image, style_scale: float = 1.0) -> float:
+    def style_distance(self, result: Image.Image, style: Image.Image, style_scale: float = 1.0,
+                       where: Image.Image | None = None) -> float:
         """S_held: per layer the sliced W2 from the result's features to the style's, over the
         same distance from a flat picture of the style's mean colour; the mean over layers. The
         style is seen at the engine's size rule (its long edge = the result's x style_scale), both
-        at STYLE_VIEW of that."""
+        at STYLE_VIEW of that. `where` (a mask of the result's aspect ratio): only the map
+        positions inside it count (`inside`), the result still seen whole."""
         edge = max(16, round(max(result.size) * STYLE_VIEW))
         s_edge = max(16, round(max(result.size) * style_scale * STYLE_VIEW))
         ref = self._style_reference(style, s_edge, result.size, edge)
-        got = self.features(images.resize_long_edge(result, edge))
+        seen = images.resize_long_edge(result, edge)
+        if where is None:
+            got = self.features(seen)
+        else:
+            with torch.no_grad():
+                maps = self.extractor(images.to_tensor(seen).to(self.device))
+            got = {k: v[0].flatten(1)[:, inside(where, v.shape[-2:]).flatten().to(v.device)].float()
+                   for k, v in maps.items()}
         ratios = [sliced_w2(got[k], ref["style"][k], self.directions[k]) / ref["flat"][k] for k in CONV_LAYERS]
         return sum(ratios) / len(ratios)
 
@@ -91,6 +100,41 @@ class Judge:
         got = self.features(result, CONTENT_LAYERS)
         vals = [float((got[k] - ref[k]).pow(2).sum() / ref[k].pow(2).sum().clamp_min(1e-12)) for k in CONTENT_LAYERS]
         return sum(vals) / len(vals)
+
+
+#: A map position is inside a region when the mask, area-averaged to the map's grid, is at least this.
+INSIDE = 0.99
+
+
+def inside(mask: Image.Image, hw) -> torch.Tensor:
+    """(h, w) bool: the positions of an h x w map that the mask covers whole (its grey area-averaged
+    to the grid at least INSIDE); at least one, the mask's heaviest, whatever the mask."""
+    m = images.to_tensor(mask.convert("L").convert("RGB"))[:, :1]
+    m = torch.nn.functional.adaptive_avg_pool2d(m, tuple(int(v) for v in hw))[0, 0]
+    out = m >= INSIDE
+    if not bool(out.any()):
+        out = m >= m.max()
+    return out
+
+
+def seam(img: Image.Image, mask: Image.Image, border: int = 4) -> float:
+    """A seam along a soft mask's edge: the luminance's gradient energy (squared differences to the
+    right and below) in the band where the mask is between a quarter and three quarters, over the
+    same on both sides' interiors (grey under 0.01 or over 0.99), each side weighing the same. 1:
+    the edge is as busy as the regions; a drawn line or a hard cut is more."""
+    y = luminance(img).double()
+    gx = torch.zeros_like(y)
+    gy = torch.zeros_like(y)
+    gx[:, :-1] = (y[:, 1:] - y[:, :-1]).pow(2)
+    gy[:-1, :] = (y[1:, :] - y[:-1, :]).pow(2)
+    energy = (gx + gy)[border:-border - 1, border:-border - 1]
+    m = images.to_tensor(mask.convert("L").resize(img.size, Image.Resampling.BILINEAR).convert("RGB"))[0, 0].double()
+    m = m[border:-border - 1, border:-border - 1]
+    band, ones, zeros = (m >= 0.25) & (m <= 0.75), m >= 0.99, m <= 0.01
+    if not (bool(band.any()) and bool(ones.any()) and bool(zeros.any())):
+        raise ValueError("seam: the mask needs an edge band and both interiors")
+    interiors = 0.5 * (float(energy[ones].mean()) + float(energy[zeros].mean()))
+    return float(energy[band].mean()) / max(interiors, 1e-12)
 
 
 def luminance(img: Image.Image) -> torch.Tensor:
