@@ -301,3 +301,48 @@ def test_the_capture_path_gives_the_eager_result_with_masks(engine, pair, scream
     eager, got, graphs = eager_and_captured(engine, monkeypatch, lambda: engine.stylize(content, styles, p, keep=keep))
     assert got.cuda_graph and [g.replays for g in graphs] == [p.steps - 3]
     assert np.array_equal(np.asarray(got.image), np.asarray(eager.image))
+
+
+def test_nothing_left_to_paint_runs_with_the_anchor_and_gives_the_content(engine, pair):
+    """All kept (or every mask black): no region is left, the anchor's stage too; the content."""
+    content, style = pair
+    p = StyleParams(size=96, steps=2, stages=1, anchor_size=48, frame_every=0)
+    result = engine.stylize(content, [(style, 1.0)], p, keep=_white(content.size))
+    start = _pixels(images.resize_long_edge(content, 96))
+    assert np.abs(_pixels(result.image) - start).max() <= 1
+    assert result.stages[0]["anchor"] is None and result.regions["styles"] == [0.0]
+
+
+def test_overlapping_masks_share_a_pixel_and_a_grey_mask_alone_is_a_blend(engine, pair, scream):
+    content, starry = pair
+    lay = layout([StyleImage(starry, 0.5), StyleImage(scream, 0.5, mask=_white(content.size))], None, content.size,
+                 (64, 48), torch.device("cpu"))
+    assert [r.share for r in lay.regions] == [pytest.approx(0.5), pytest.approx(0.5)]  # not 1 + 1
+    assert lay.report["styles"] == [0.5, 0.5] and lay.keep is None
+    p = StyleParams(size=48, steps=6, stages=1, frame_every=0)
+    grey = Image.new("RGB", content.size, (128, 128, 128))
+    start = _pixels(images.resize_long_edge(content, 48))
+    moved = np.abs(_pixels(engine.stylize(content, [StyleImage(starry, 1.0, mask=grey)], p).image) - start).mean()
+    free = np.abs(_pixels(engine.stylize(content, [(starry, 1.0)], p).image) - start).mean()
+    assert 0.45 * free < moved < 0.55 * free, (moved, free)  # painted in full, blended half way
+
+
+def test_a_layers_weights_are_the_means_of_the_pixels_its_map_covers():
+    """VGG's pooling drops the last H mod d rows: a map of 12 rows covers 96 of 100."""
+    full = torch.rand(1, 1, 100, 141)
+    got = Weights(full).at((12, 17))
+    assert torch.allclose(got, torch.nn.functional.avg_pool2d(full[..., :96, :136], 8))
+    assert Weights(full).at((100, 141)) is not None and Weights(full).at((7, 9)).shape[-2:] == (7, 9)
+
+
+def test_the_next_stage_starts_from_the_content_where_it_is_kept_whole(engine, pair):
+    from test_stages import StopAt
+
+    content, style = pair
+    p = StyleParams(size=64, steps=3, stages=(Stage(32, 3), Stage(64, 2)), init="noise", frame_every=0)
+    with pytest.raises(Interrupted) as stop:
+        engine.stylize(content, [(style, 1.0)], p, keep=_half(content.size, True), progress=StopAt(3))
+    handed = stop.value.checkpoint.image
+    small = images.to_tensor(images.resize_long_edge(content, 32))
+    w = handed.shape[-1]
+    assert torch.allclose(handed[..., : w // 2 - 2], small[..., : w // 2 - 2], atol=1e-5)  # not the noise it started as

@@ -35,7 +35,7 @@ class FakeEngine:
         self.lbfgs_history = 50
         self.oom_above = oom_above
 
-    def fit(self, content_size, params, budget_bytes, smallest=64):
+    def fit(self, content_size, params, budget_bytes, smallest=64, regions=0):
         return params.size  # the budget is not what these tests are about
 
     def style_grams(self, img, edge, layers, pooling):

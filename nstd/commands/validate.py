@@ -56,7 +56,7 @@ def check_one(sidecar: Path, cfg: dict) -> dict:
         lines.append("  (where no style's mask reaches, the picture stays the content)")
     masked = any(files.mask(i) for i in range(len(files.styles)))
     if masked and len(files.styles) > 1:
-        lines.append("  (each mask's region takes its style at full strength; weights blend the styles that share a mask)")
+        lines.append("  (each mask's region takes its style at full strength; weights blend styles given the same mask file)")
     elif len(files.styles) > 1 and files.weight_sum != 1.0:
         lines.append(f"  (blend weights are normalised to add up to 1: as written they add up to {files.weight_sum:g})")
     lines.append(f"  size {spec.size}, steps {spec.steps}, {spec.optimizer}, style_loss {spec.style_loss}, "

@@ -209,11 +209,11 @@ class Objective:
         return [{k: self.kind.stat(k, features[k], r.weight(features[k].shape[-2:])) for k in r.targets}
                 for r in self.regions]
 
-    def style_term(self, stats: list[dict] | dict) -> torch.Tensor:
+    def style_term(self, stats: list[dict] | dict, like: torch.Tensor | None = None) -> torch.Tensor:
         """The weighted style term from each region's statistics (tiles.py computes them in
-        parts); a dict alone: the only region's."""
+        parts); a dict alone: the only region's. No region at all: 0 on `like`'s device."""
         stats = [stats] if isinstance(stats, dict) else stats
-        first = next((v for d in stats for v in d.values()), None)
+        first = next((v for d in stats for v in d.values()), like)
         while isinstance(first, (tuple, list)):  # a kind's parts, or a region's sliced (values, weights, places)
             first = first[0]
         zero = first.new_zeros(()) if first is not None else torch.zeros(())

@@ -194,6 +194,8 @@ def predict_peak_bytes(
     # two averages and two temporaries).
     state = 2 * history + 5 if optimizer == "lbfgs" else 4
     image = pixels * (4 + state)
+    if regions:  # one-channel maps: each region's weights (and their pooled copies, a third more), keep, held
+        image += pixels // 3 * (2 * regions + 2)
     full_maps = feature_maps(height, width, deepest)
     kept = content_layers if content_layers is not None else layers
     targets = sum(n for name, n in full_maps if name in kept) * _FP32  # the content features

@@ -8,7 +8,10 @@ position weighted by the mask at that layer (the mask area-averaged to the layer
 normalised by the mask's mass, so it is comparable with the style's statistic of the whole style
 image (losses.py, styleloss.py: a weighted Gram matrix, weighted moments, a weighted sort). Each
 region's loss counts by its share of the picture (the mask's mean), so a pixel feels the style as
-strongly as in an unmasked run, and a mask of all white is no mask.
+strongly as in an unmasked run, and a mask of all white is no mask. Where masks overlap (a style
+without a mask beside masked ones, too), a pixel's style is shared among them, each mask over
+their sum; a pixel they cover only in part (a grey mask alone) is painted in full and that part
+of it blended back to the content at the end, as a grey keep is.
 
 What stays the content (the `keep` mask, and wherever no style's mask reaches: 1 - the masks'
 sum) is kept two ways at once (color.Palette). A pixel kept whole (keep 1) is the content's in
@@ -22,6 +25,7 @@ for the mix, and a keep of 50 % grey ends 86 % as far from the content as no kee
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -74,11 +78,19 @@ class Weights:
         self._at: dict[tuple[int, int], torch.Tensor] = {}
 
     def at(self, hw: tuple[int, int]) -> torch.Tensor:
-        """(1, 1, h, w) weights on a map of h x w (the whole map: a tile slices it)."""
+        """(1, 1, h, w) weights on a map of h x w (the whole map: a tile slices it). A map the
+        network pooled d times from the picture (h = H // d) covers its first h * d rows and
+        columns, so the weights are those pixels' means, d x d each."""
         hw = (int(hw[0]), int(hw[1]))
         if hw not in self._at:
-            self._at[hw] = self.full if tuple(self.full.shape[-2:]) == hw else \
-                F.adaptive_avg_pool2d(self.full, hw)
+            (big_h, big_w), (h, w) = self.full.shape[-2:], hw
+            d = 2 ** int(math.log2(big_h / h)) if h <= big_h else 0
+            if (big_h, big_w) == hw:
+                self._at[hw] = self.full
+            elif d and big_h // d == h and big_w // d == w:
+                self._at[hw] = F.avg_pool2d(self.full[..., :h * d, :w * d], d)
+            else:
+                self._at[hw] = F.adaptive_avg_pool2d(self.full, hw)
         return self._at[hw]
 
     def scaled(self, hw: tuple[int, int]) -> "Weights":
@@ -146,17 +158,21 @@ def layout(styles: Sequence[StyleImage], keep: Image.Image | None, content_size:
     w, h = size
     ones = torch.ones((1, 1, h, w), device=place)
     masks = [mask_tensor(styles[idx[0]].mask, size, place) if k is not None else ones for k, idx in groups.items()]
-    covered = torch.stack(masks).sum(0).clamp(max=1.0)
+    total = torch.stack(masks).sum(0)
+    covered = total.clamp(max=1.0)
     keep_all = 1 - (covered if kept is None else covered * (1 - kept))  # kept, and what no mask covers
     held = (keep_all >= HELD).to(keep_all.dtype)
-    regions = []
+    regions, shown = [], []
     for (k, idx), m in zip(groups.items(), masks):
-        weights = m * (1 - held)  # painted wherever not kept whole (a grey keep is blended at the end)
+        # A painted pixel takes its whole style, shared by the masks that reach it (overlaps split
+        # it, a grey mask alone does not weaken it: what no mask covers is blended at the end).
+        part = m / total.clamp(min=1e-6)
+        weights = part * (1 - held)
         share = float(weights.mean())
         if share >= MIN_SHARE:
-            everywhere = k is None and not bool(held.any())
+            everywhere = k is None and len(groups) == 1 and not bool(held.any())
             regions.append(Region(idx, None if everywhere else Weights(weights), share))
-    shown = [float((m if kept is None else m * (1 - kept)).mean()) for m in masks]  # after the blend
+        shown.append(float((part * (1 - keep_all)).mean()) if share >= MIN_SHARE else 0.0)  # after the blend
     report = {
         "styles": [round(next((sh for sh, idx in zip(shown, groups.values()) if i in idx), 0.0), 4)
                    for i in range(len(styles))],

@@ -163,7 +163,7 @@ class StageLoop:
         """The style at the anchor size, for a stage larger than it (anchor.py); else None."""
         p, run, engine = self.p, self.run, self.engine
         hw = anchor_hw(run.content.size, p, self.stage.size)
-        if not hw:
+        if not hw or not self.layout.regions:  # no region left to match (every mask black, all kept)
             return None
         tile = engine.target_tile(run.styles, style_edge(run.content.size, p.anchor_size, p.style_scale), p,
                                   run.budget_bytes)
@@ -318,7 +318,7 @@ class StageLoop:
                 grams = tiler.region_stats(seen, objective.regions, objective.kind)
                 feats = tiler.features(seen, list(objective.content))
                 c = objective.content_term(feats, seen.new_zeros(()))
-                s_, v = objective.style_term(grams), objective.tv_term(seen)
+                s_, v = objective.style_term(grams, seen), objective.tv_term(seen)
                 losses = Losses(c, s_, v, c + s_ + v)
                 del grams, feats
             if self.anchor is not None:
@@ -336,10 +336,10 @@ class StageLoop:
         if not float(final_losses.total) <= float(guard.best_total):
             guard.restore(x)
             final_losses = guard.best
+        x = self.x = self.palette.kept(x, self.palette.held)  # held pixels, never painted: the content's, passed on
         run.t_end = time.perf_counter()
         run.optimise += run.t_end - self.t_loop
-        run.losses, run.palette, run.size = final_losses, self.palette, (self.w, self.h)
-        run.regions = self.layout.report
+        run.losses, run.palette, run.size, run.regions = final_losses, self.palette, (self.w, self.h), self.layout.report
         run.restarts += int(guard.restarts)
         run.cuda_graph = run.cuda_graph or self.captured is not None
         peak = self.engine.device.peak_bytes()

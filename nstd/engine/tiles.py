@@ -185,7 +185,7 @@ class Tiler:
         parts = [{k: tuple(t.requires_grad_(True) for t in kind.unpack(s)) for k, s in got.items()}
                  for got in self.region_stats(seen, regions, kind)]
         with torch.enable_grad():
-            style = objective.style_term([{k: kind.pack(v) for k, v in got.items()} for got in parts])
+            style = objective.style_term([{k: kind.pack(v) for k, v in got.items()} for got in parts], seen)
             leaves = [t for got in parts for v in got.values() for t in v]
             grads = iter(torch.autograd.grad(style, leaves) if leaves and style.requires_grad else ())
             d_stats = [{k: tuple(next(grads) for _ in v) for k, v in got.items()} for got in parts] if leaves and \
