@@ -225,3 +225,14 @@ def test_stylize_never_writes_over_one_of_its_inputs(tmp_path, written):
                        capture_output=True, text=True, cwd=tmp_path, timeout=240)
     assert r.returncode == 2 and "that is one of the inputs" in r.stderr, r.stderr
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.png")} == before
+
+
+def test_validate_warns_of_a_mask_with_transparency(tmp_path):
+    """A cut-out drawn only in the alpha channel reads as all white (transparent counts as white,
+    like every input): nstd validate says so beside the mask."""
+    base(tmp_path)
+    Image.new("RGBA", MASK, (0, 0, 0, 0)).save(tmp_path / "cut.png")
+    v = verdict(tmp_path, "style: [{path: s.png, mask: cut.png}]\nkeep: cut.png\n")
+    assert v["ok"] and sum("transparent parts count as white" in line for line in v["_lines"]) == 2, v["_lines"]
+    v = verdict(tmp_path, "style: [{path: s.png, mask: m.png}]\n")
+    assert not any("transparen" in line for line in v["_lines"]), v["_lines"]

@@ -27,6 +27,19 @@ def main(args: argparse.Namespace) -> int:
     return max(v["exit_code"] for v in verdicts)
 
 
+def _see_through(mask: Path) -> str:
+    """A warning for a mask with transparency (it counts as white: a shape drawn only in the alpha
+    channel would be a mask of all white), else ''."""
+    from PIL import Image
+
+    try:
+        with Image.open(mask) as img:
+            alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
+    except Exception:  # judged already: a file that changed since says so when the job runs
+        return ""
+    return "; it has transparency: transparent parts count as white" if alpha else ""
+
+
 def check_one(sidecar: Path, cfg: dict) -> dict:
     """One job file's verdict: the keys of --json, and its text in "_lines"."""
 
@@ -49,9 +62,10 @@ def check_one(sidecar: Path, cfg: dict) -> dict:
     for i, (path, weight) in enumerate(files.styles):
         mask = files.mask(i)
         lines.append(f"  style    {path.name} ({dims(path)}), weight {weight:.3g}"
-                     + (f", mask {mask.name} ({dims(mask)})" if mask else ""))
+                     + (f", mask {mask.name} ({dims(mask)}){_see_through(mask)}" if mask else ""))
     if files.keep is not None:
-        lines.append(f"  keep     {files.keep.name} ({dims(files.keep)}): its white stays the content")
+        lines.append(f"  keep     {files.keep.name} ({dims(files.keep)}): its white stays the content"
+                     + _see_through(files.keep))
     if all(files.mask(i) for i in range(len(files.styles))):
         lines.append("  (where no style's mask reaches, the picture stays the content)")
     masked = any(files.mask(i) for i in range(len(files.styles)))
