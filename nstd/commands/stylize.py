@@ -11,9 +11,9 @@ from pathlib import Path
 from nstd.commands.base import UsageError, as_bad_input, config_of
 from nstd.config import CONFIG_FIELDS, memory_budget
 from nstd.engine.images import format_for_suffix
+from nstd.engine.options import mask_ratio_problem
 from nstd.errors import ExitCode
 from nstd.fsutil import atomic_write_text
-from nstd.job.check import mask_ratio_problem
 from nstd.job.keys import GIF_FIELDS, merge
 from nstd.job.spec import Job
 from nstd.report import run_fields

@@ -24,9 +24,9 @@ from nstd.daemon.queue import RETRY_SECONDS, JobQueue
 from nstd.engine import Device, Engine, ImageError, Interrupted, StyleImage, TargetCache, images, regions
 from nstd.engine.device import is_oom
 from nstd.engine.memory import predict_peak_bytes
+from nstd.engine.options import mask_ratio_problem
 from nstd.engine.styleloss import StyleLossError
 from nstd.errors import ErrorKind, JobError, Stage
-from nstd.job.check import mask_ratio_problem
 from nstd.job.spec import Job
 from nstd.state import checkpoints, safefs
 from nstd.state.claim import Claim

@@ -30,3 +30,13 @@ def mask_ratio_off(content_size: tuple[int, int], mask_size: tuple[int, int]) ->
     (cw, ch), (mw, mh) = content_size, mask_size
     a, b = mw * ch, cw * mh  # the two ratios, cross-multiplied: integers, no rounding
     return round(max(a, b) / min(a, b) - 1.0, 9)
+
+
+def mask_ratio_problem(key: str, name: str | None, mask: tuple[int, int], content: tuple[int, int]) -> str | None:
+    """Why a mask (`key`: style[i].mask, keep, --mask; `name`: its file, if known) cannot go with
+    the content: its aspect ratio is not the content's (within MASK_RATIO_TOLERANCE); None when it can."""
+    if mask_ratio_off(content, mask) <= MASK_RATIO_TOLERANCE:
+        return None
+    (mw, mh), (cw, ch) = mask, content
+    return (f"{key}: {f'{name} is ' if name else ''}{mw}x{mh} (ratio {mw / mh:.3f}) but the content is {cw}x{ch} "
+            f"({cw / ch:.3f}); a mask must have the content's aspect ratio (within {MASK_RATIO_TOLERANCE:.0%})")

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from nstd.engine.options import MASK_RATIO_TOLERANCE, mask_ratio_off
+from nstd.engine.options import mask_ratio_problem
 from nstd.engine.targets import StyleImage
 
 #: A region whose mask covers less than this share of the picture is left out (its statistic
@@ -47,11 +47,9 @@ HELD = 1 - 0.5 / 255
 
 def check_ratio(content_size: tuple[int, int], mask: Image.Image, name: str) -> None:
     """ValueError naming the mask `name` when its aspect ratio is not the content's (within 1 %)."""
-    off = mask_ratio_off(content_size, mask.size)
-    if off > MASK_RATIO_TOLERANCE:
-        (cw, ch), (mw, mh) = content_size, mask.size
-        raise ValueError(f"{name}: {mw}x{mh} (ratio {mw / mh:.3f}) but the content is {cw}x{ch} ({cw / ch:.3f}); "
-                         f"a mask must have the content's aspect ratio (within {MASK_RATIO_TOLERANCE:.0%})")
+    why = mask_ratio_problem(name, None, mask.size, content_size)
+    if why:
+        raise ValueError(why)
 
 
 def mask_tensor(mask: Image.Image, size: tuple[int, int], place: torch.device) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from nstd.engine import schedule
 from nstd.engine.images import fit_long_edge
-from nstd.engine.options import MASK_RATIO_TOLERANCE, mask_ratio_off
+from nstd.engine.options import mask_ratio_problem
 from nstd.errors import ErrorKind, JobError
 from nstd.job.file import ParsedJob, waiting_for
 from nstd.job.spec import Job
@@ -92,16 +92,6 @@ def check_job(job: ParsedJob, limits: dict, pins: dict[Path, safefs.Pinned] | No
         messages = [p.message for p in problems]
         raise JobError(problems[0].kind, "; ".join(messages), problems=messages)
     return CheckedJob(files, job.settings, spec, sizes)
-
-
-def mask_ratio_problem(key: str, name: str, mask: tuple[int, int], content: tuple[int, int]) -> str | None:
-    """Why a mask (`key`: style[i].mask, keep, --mask) cannot go with the content: its aspect ratio
-    is not the content's (within MASK_RATIO_TOLERANCE); None when it can."""
-    if mask_ratio_off(content, mask) <= MASK_RATIO_TOLERANCE:
-        return None
-    (mw, mh), (cw, ch) = mask, content
-    return (f"{key}: {name} is {mw}x{mh} (ratio {mw / mh:.3f}) but the content is {cw}x{ch} ({cw / ch:.3f}); "
-            f"a mask must have the content's aspect ratio (within {MASK_RATIO_TOLERANCE:.0%})")
 
 
 def _too_small(job: Job, content: tuple[int, int], styles: list[tuple[int, int]]) -> str | None:
