@@ -75,7 +75,9 @@ def test_a_mask_of_all_white_is_no_mask(engine, pair, name):
     plain = engine.stylize(content, [(style, 1.0)], p)
     white = engine.stylize(content, [StyleImage(style, 1.0, mask=_white(content.size))], p)
     diff = np.abs(_pixels(plain.image) - _pixels(white.image))
-    assert diff.mean() < 0.05 and diff.max() <= 2, (diff.mean(), diff.max())  # 8-bit rounding of a 1e-6 difference
+    # 8-bit rounding of a 1e-6 difference (the weighted sums' order), which four L-BFGS steps grow
+    # by a CPU's kernels: 0.09 of a level on average for w2 on one machine, under 0.05 on another
+    assert diff.mean() < 0.15 and diff.max() <= 2, (diff.mean(), diff.max())  # the loss itself: the test above
     assert plain.regions is None and white.regions == {"styles": [1.0], "keep": 0.0, "no_style": 0.0}
 
 
