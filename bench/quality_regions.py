@@ -104,12 +104,13 @@ def run(args, engine, judge, images_dir: Path, out: Path, keys: dict | None = No
 
     def result(name: str, content: str, styles: list, keep: Image.Image | None = None) -> Image.Image:
         path = out / f"{name}.{args.size}.png"
-        if path.exists() and not args.fresh and name in record:
-            return images.open_image(path)
+        if path.exists() and not args.fresh and record.get(name, {}).get("keys") == (keys or {}):
+            return images.open_image(path)  # run before with the same keys (a seed, a loss...)
         t0 = time.perf_counter()
         r = engine.stylize(open_(content), styles, p, keep=keep)
         images.save(r.image, path)
-        record[name] = {"seconds": round(time.perf_counter() - t0, 1), "e512": r.e512, "regions": r.regions}
+        record[name] = {"seconds": round(time.perf_counter() - t0, 1), "e512": r.e512, "regions": r.regions,
+                        "keys": keys or {}}
         record_path.write_text(json.dumps(record, indent=1, sort_keys=True))
         return r.image
 

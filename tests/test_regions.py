@@ -330,11 +330,37 @@ def test_overlapping_masks_share_a_pixel_and_a_grey_mask_alone_is_a_blend(engine
 
 
 def test_a_layers_weights_are_the_means_of_the_pixels_its_map_covers():
-    """VGG's pooling drops the last H mod d rows: a map of 12 rows covers 96 of 100."""
+    """VGG's pooling drops the last H mod d rows: a map of 12 rows covers 96 of 100 (a map pooled
+    twice is not eroded, so its weights are those means as they are)."""
     full = torch.rand(1, 1, 100, 141)
-    got = Weights(full).at((12, 17))
-    assert torch.allclose(got, torch.nn.functional.avg_pool2d(full[..., :96, :136], 8))
+    got = Weights(full).at((50, 70))
+    assert torch.allclose(got, torch.nn.functional.avg_pool2d(full, 2))
+    means = torch.nn.functional.avg_pool2d(full[..., :96, :136], 8)
+    got = Weights(full).at((12, 17))  # pooled 8 times: the means, then eroded
+    assert torch.allclose(got, -torch.nn.functional.max_pool2d(-means, 3, stride=1, padding=1))
     assert Weights(full).at((100, 141)) is not None and Weights(full).at((7, 9)).shape[-2:] == (7, 9)
+
+
+def test_deep_maps_take_a_region_away_from_its_edge_but_never_most_of_it():
+    """From conv3_1's map on (4x smaller than the picture), a position's weight is the least of its
+    3 x 3 neighbourhood: the cells next to the edge (whose receptive fields see across it) count
+    less; conv2_1's map is as it was. A region that erosion would leave with under half its
+    weight on a map is not eroded there. The picture's border is not an edge."""
+    avg = torch.nn.functional.avg_pool2d
+    top = torch.zeros(1, 1, 128, 128)
+    top[..., :64, :] = 1.0
+    halves = Weights(top)
+    assert torch.equal(halves.at((64, 64)), avg(top, 2))  # conv2_1: as is
+    for d in (4, 8, 16):  # conv3_1, conv4_1, conv5_1: one cell off the edge, none off the border
+        n = 128 // d
+        assert torch.equal(halves.at((n, n))[0, 0, :, 0], (torch.arange(n) < n // 2 - 1).float()), d
+    assert torch.equal(Weights(torch.ones(1, 1, 128, 128)).at((8, 8)), torch.ones(1, 1, 8, 8))  # white stays white
+    edge = torch.zeros(1, 1, 128, 128)
+    edge[..., :48, :] = 1.0  # three rows of an 8 x 8 map on the border: eroded, two of three left
+    assert torch.equal(Weights(edge).at((8, 8))[0, 0, :, 0], (torch.arange(8) < 2).float())
+    middle = torch.zeros(1, 1, 128, 128)
+    middle[..., 32:80, :] = 1.0  # three rows inside: eroded, one of three would be left
+    assert torch.equal(Weights(middle).at((8, 8)), avg(middle, 16))
 
 
 def test_the_next_stage_starts_from_the_content_where_it_is_kept_whole(engine, pair):

@@ -4,7 +4,8 @@
 Each style may carry a mask (greyscale = weight, white = this style). The styles that share a
 mask (all of them when none has one) form a region, matched by one target: their statistics
 blended as without masks. A region's statistic of the picture is taken over its mask: each map
-position weighted by the mask at that layer (the mask area-averaged to the layer's grid), and
+position weighted by the mask at that layer (the mask area-averaged to the layer's grid; on deep
+maps eroded by one cell, so the positions next to an edge count less: ERODE_FROM), and
 normalised by the mask's mass, so it is comparable with the style's statistic of the whole style
 image (losses.py, styleloss.py: a weighted Gram matrix, weighted moments, a weighted sort). Each
 region's loss counts by its share of the picture (the mask's mean), so a pixel feels the style as
@@ -43,6 +44,17 @@ MIN_SHARE = 1e-4
 NO_STYLE = 0.01
 #: A pixel kept at least this much (within half an 8-bit level of white) is kept whole.
 HELD = 1 - 0.5 / 255
+#: On maps this many times smaller than the picture or more (conv3_1 and deeper), a position's
+#: weight is the least of its 3 x 3 neighbourhood. A deep position sees well beyond its cell; the
+#: ones next to the other region, seeing it across the edge and matched to this region's style
+#: all the same, made the edge busier than either side (bench/quality.py --regions: seam 1.04 and
+#: 1.10 on two seeds, 0.90 and 0.91 eroded). One cell is less than a deep receptive field: it
+#: calms the edge, it does not fence it. Every edge of a region's weights is eroded (around a kept
+#: hole too); the picture's border is not. A region that erosion would leave with less than
+#: ERODE_KEEPS of its weight on a map (a thin one, a small picture) keeps its means there: its
+#: statistic would stand on a few positions.
+ERODE_FROM = 4
+ERODE_KEEPS = 0.5
 
 
 def check_ratio(content_size: tuple[int, int], mask: Image.Image, name: str) -> None:
@@ -69,7 +81,8 @@ def _key(mask: Image.Image | None) -> tuple | None:
 
 
 class Weights:
-    """A region's weights at the picture's size, area-averaged to each layer's grid on demand."""
+    """A region's weights at the picture's size, area-averaged to each layer's grid on demand
+    (and on deep maps eroded: ERODE_FROM)."""
 
     def __init__(self, full: torch.Tensor):
         self.full = full  # (1, 1, H, W)
@@ -78,17 +91,22 @@ class Weights:
     def at(self, hw: tuple[int, int]) -> torch.Tensor:
         """(1, 1, h, w) weights on a map of h x w (the whole map: a tile slices it). A map the
         network pooled d times from the picture (h = H // d) covers its first h * d rows and
-        columns, so the weights are those pixels' means, d x d each."""
+        columns, so the weights are those pixels' means, d x d each; from ERODE_FROM on, eroded."""
         hw = (int(hw[0]), int(hw[1]))
         if hw not in self._at:
             (big_h, big_w), (h, w) = self.full.shape[-2:], hw
             d = 2 ** int(math.log2(big_h / h)) if h <= big_h else 0
             if (big_h, big_w) == hw:
-                self._at[hw] = self.full
+                at = self.full
             elif d and big_h // d == h and big_w // d == w:
-                self._at[hw] = F.avg_pool2d(self.full[..., :h * d, :w * d], d)
+                at = F.avg_pool2d(self.full[..., :h * d, :w * d], d)
             else:
-                self._at[hw] = F.adaptive_avg_pool2d(self.full, hw)
+                at = F.adaptive_avg_pool2d(self.full, hw)
+            if d >= ERODE_FROM:
+                eroded = -F.max_pool2d(-at, 3, stride=1, padding=1)  # the least of 3 x 3 (the border: of what is there)
+                if float(eroded.sum()) >= ERODE_KEEPS * float(at.sum()):
+                    at = eroded
+            self._at[hw] = at
         return self._at[hw]
 
     def scaled(self, hw: tuple[int, int]) -> "Weights":
