@@ -22,7 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from harness import Daemon
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-#: One flooding client: page, JSON, picture and metrics in a loop until SIGINT; prints the codes.
+#: One flooding client: page, JSON, picture and metrics in a loop until SIGINT; prints the codes,
+#: 0 for a connection the page cut (its slow-reader defence cuts one that takes none of its output
+#: for web.server.STALL_SECONDS: a client at nice 19 beside a job on two busy cores can be that slow).
 FLOOD = """
 import os, sys, urllib.request, urllib.error
 os.nice(19)
@@ -35,6 +37,8 @@ try:
                     r.read(); codes.append(r.status)
             except urllib.error.HTTPError as e:
                 codes.append(e.code)
+            except (ConnectionError, TimeoutError, urllib.error.URLError):
+                codes.append(0)
 except KeyboardInterrupt:
     pass
 print(" ".join(map(str, codes)))
@@ -198,12 +202,14 @@ def test_a_flood_of_requests_leaves_the_worker_at_its_pace(tmp_path):
         finally:
             for f in flood:
                 f.send_signal(signal.SIGINT)
-            codes = [int(c) for f in flood for c in f.communicate(timeout=30)[0].split()]
-        assert len(codes) > 20 and set(codes) <= {200, 404}  # 404: the picture between jobs
+            codes = [int(c) for f in flood for c in f.communicate(timeout=60)[0].split()]
+        answered = [c for c in codes if c]
+        # 404: the picture between jobs; 0: cut as a stalled reader (above), never most of them
+        assert len(answered) > 20 and set(codes) <= {0, 200, 404} and len(answered) > 0.9 * len(codes), codes
         per_step = {n: json.loads((d.outbox / n / "report.json").read_text())["timings"]["optimised"] / 150
                     for n in ("quiet", "flooded")}
         print(f"step time: quiet {per_step['quiet'] * 1000:.1f} ms, flooded {per_step['flooded'] * 1000:.1f} ms "
-              f"({per_step['flooded'] / per_step['quiet']:.2f}x) over {len(codes)} requests")
+              f"({per_step['flooded'] / per_step['quiet']:.2f}x) over {len(codes)} requests, {codes.count(0)} cut")
     finally:
         d.stop()
 
