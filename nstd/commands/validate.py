@@ -32,9 +32,11 @@ def _see_through(mask: Path) -> str:
     channel would be a mask of all white), else ''."""
     from PIL import Image
 
+    from nstd.engine.images import see_through
+
     try:
         with Image.open(mask) as img:
-            alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
+            alpha = see_through(img)
     except Exception:  # judged already: a file that changed since says so when the job runs
         return ""
     return "; it has transparency: transparent parts count as white" if alpha else ""

@@ -120,7 +120,7 @@ def _to_rgb(path: Path, img: Image.Image) -> Image.Image:
             img = img.convert("L")
         else:
             img = img.point(lambda v: (v - lo) * 255.0 / ((hi - lo) or 1.0)).convert("L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if see_through(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
@@ -128,6 +128,12 @@ def _to_rgb(path: Path, img: Image.Image) -> Image.Image:
         return img.convert("RGB")
     except (OSError, ValueError) as exc:
         raise ImageError(path, f"colour mode {mode} cannot be converted to RGB ({exc})") from None
+
+
+def see_through(img: Image.Image) -> bool:
+    """Whether `img` has transparency the readers paint over white (an alpha channel, or a
+    palette's transparent entry)."""
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
 
 
 def fit_long_edge(size: tuple[int, int], long_edge: int) -> tuple[int, int]:
