@@ -67,6 +67,20 @@ def test_quality_bench_measures_regions(tmp_path):
     assert (tmp_path / "regions.jpg").is_file() and (tmp_path / "keep.48.png").is_file()
 
 
+def test_passes_bench_judges_one_run_along_its_way_and_reads_off_the_passes_to_a_goal(tmp_path):
+    import json
+
+    out = bench("passes.py", "--size", "40", "--pairs", "tubingen-starry", "--out", str(tmp_path), "--precision", "fp32",
+                "--e512", "0.1", "--every", "3", "ref", "short:steps=4")
+    curves = json.loads((tmp_path / "passes.json").read_text())
+    ref = next(v for k, v in curves.items() if "|ref|" in k)
+    short = next(v for k, v in curves.items() if "|short|" in k)
+    assert [p["step"] for p in ref][:3] == [3, 6, 9] and [p["step"] for p in short] == [3, 4]
+    assert all(a["e512"] < b["e512"] for a, b in zip(ref, ref[1:])) and all(p["s_held"] > 0 for p in ref)
+    row = next(x for x in out.splitlines() if x.startswith("| tubingen-starry | ref |"))
+    assert row.split("|")[-2].strip() != "-", out  # the reference reaches its own last picture
+
+
 def test_page_load_prints_a_row_per_count_of_hostile_clients():
     out = bench("page_load.py", "--seconds", "2", "--browsers", "1", "--hostile", "0", "3")
     rows = [x for x in out.splitlines() if x.startswith("| 0 |") or x.startswith("| 3 |")]

@@ -89,6 +89,16 @@ def test_e512_counts_every_pass_of_a_staged_run(engine, pair):
     assert r.e512 > 0
 
 
+def test_each_step_tells_the_passes_spent_so_far(engine, pair):
+    content, style = pair
+    seen = []
+    r = engine.stylize(content, [(style, 1.0)], StyleParams(size=32, steps=3, frame_every=0),
+                       progress=lambda info: seen.append(info.e512))
+    assert seen == sorted(seen) and seen[0] > 0 and seen[-1] <= r.e512
+    w, h = images.fit_long_edge(content.size, 32)
+    assert seen[-1] == pytest.approx(r.e512 - FORWARD_SHARE * w * h / E512_PIXELS, abs=0.001)
+
+
 def test_grain_is_fixed_by_seed_and_stage_and_has_its_rms():
     from nstd.engine.start import grain as _grain
 

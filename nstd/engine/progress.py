@@ -23,6 +23,8 @@ class StepInfo:
     picture: Optional[Callable[[], Image.Image]] = None
     #: seconds left, from the pace so far with each stage's steps weighed by its pixels
     eta: float = 0.0
+    #: the run's network passes so far, this step's included, in E512 (docs/jobs.md)
+    e512: float = 0.0
 
     #: the newest losses already copied to the host, and their step (set by the engine on CUDA)
     landed: Optional[Callable[[], Optional[tuple[int, dict[str, float]]]]] = None

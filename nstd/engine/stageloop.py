@@ -300,7 +300,7 @@ class StageLoop:
         if tap is not None:
             tap.add(step, self.guard.last)
         run.progress.on_step(StepInfo(step, run.total, elapsed, self.guard.last,
-                                      picture=lambda: frame_of(x, run.frame_size, palette),
+                                      picture=lambda: frame_of(x, run.frame_size, palette), e512=run.e512,
                                       eta=elapsed / run.work_done * run.work_left(step),
                                       landed=tap.landed if tap is not None else None))
 

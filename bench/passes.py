@@ -1,0 +1,134 @@
+"""How many network passes a picture needs (#30): each setting run once for --e512 passes, its
+picture judged every --every steps (held-out S_held and C_held, nstd/engine/quality.py), so one
+run gives the whole curve of quality against E512.
+
+    .venv/bin/python bench/passes.py --size 512 --e512 1000 --every 25              # the reference
+    .venv/bin/python bench/passes.py --size 256 --e512 100 --every 10 default "lr:..."
+
+For each pair and setting: the curve (step, E512, S_held, C_held) into --out/passes.json, and the
+E512 at which the run first reached 98 % of the first setting's last S_held improvement (from the
+starting picture: the content, as the default `init` starts) with C_held within 2 % of its last
+(the issue's target, read off the same curve or against the reference), or '-' if never.
+A setting is NAME or NAME:KEY=VALUE;... as in bench/quality.py (its keys are job keys; `steps`
+is set from --e512 unless given). Judging a checkpoint costs two passes of the judge's network
+outside the run: it is not counted in E512 and the run's seconds are not printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+#: The share of the reference's S_held improvement a run must reach, and how far its C_held may be
+#: from the reference's (#30's targets).
+REACH, C_WITHIN = 0.98, 0.02
+
+
+def curve(engine, judge, content, style, size: int, keys: dict, e512: float, every: int) -> list[dict]:
+    """[{step, e512, s_held, c_held}] of one run of `keys` (job keys over the defaults) for `e512`."""
+    from nstd.engine import Progress, images
+    from nstd.job import keys as jobkeys
+    from nstd.job.spec import Job
+
+    w, h = images.fit_long_edge(content.size, size)
+    steps = max(1, math.ceil(e512 * 512 * 512 / (w * h)))
+    defaults = {k: f.default for k, f in jobkeys.JOB_FIELDS.items()}
+    p = Job.of(jobkeys.merge(defaults, {"size": size, "steps": steps, **keys, "gif": False})).params()
+    points: list[dict] = []
+    spent = {"e512": 0.0, "step": 0}
+
+    class Judged(Progress):
+        checkpoint_every = every
+
+        def on_step(self, info) -> None:
+            spent["e512"], spent["step"] = info.e512, info.step
+
+        def on_checkpoint(self, cp) -> None:
+            if cp.image is None or cp.image.shape[1] != 3:
+                raise SystemExit("bench/passes.py: a checkpoint without a colour picture (a colour mode?)")
+            img = images.to_pil(cp.image)
+            points.append({"step": cp.step, "e512": round(spent["e512"], 4),
+                           "s_held": judge.style_distance(img, style), "c_held": judge.content_distance(img, content)})
+
+    result = engine.stylize(content, [(style, 1.0)], p, progress=Judged())
+    if not points or points[-1]["step"] != spent["step"]:
+        points.append({"step": spent["step"], "e512": round(spent["e512"], 4),
+                       "s_held": judge.style_distance(result.image, style),
+                       "c_held": judge.content_distance(result.image, content)})
+    return points
+
+
+def reached(points: list[dict], s_start: float, ref: dict) -> float | None:
+    """The first E512 at which `points` reach REACH of the improvement from s_start to ref's
+    S_held, with C_held within C_WITHIN of ref's; None if never."""
+    goal = s_start - REACH * (s_start - ref["s_held"])
+    for pt in points:
+        if pt["s_held"] <= goal and abs(pt["c_held"] - ref["c_held"]) <= C_WITHIN * ref["c_held"]:
+            return pt["e512"]
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from quality import IMAGES, PAIRS, parse_setting
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("settings", nargs="*", default=["default"], help="the first is the reference (default: the job defaults)")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--e512", type=float, default=100.0, help="passes per run, in E512 (sets `steps`)")
+    ap.add_argument("--every", type=int, default=10, help="judge the picture every this many steps")
+    ap.add_argument("--pairs", default=",".join(PAIRS))
+    ap.add_argument("--out", required=True, help="folder for passes.json (runs already there are reused)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto")
+    args = ap.parse_args(argv)
+    if args.every < 1 or args.e512 <= 0:
+        ap.error("--every and --e512 must be positive")
+
+    from nstd.engine import Engine, images
+    from nstd.engine.quality import Judge
+
+    settings = [parse_setting(s) for s in args.settings]
+    if any(kind != "nstd" for _, kind, _ in settings):
+        ap.error("only nstd settings have checkpoints to judge")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "passes.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    engine = Engine(device=args.device, precision=args.precision)
+    judge = Judge(engine.network)
+    print(f"# bench/passes.py: {args.size} px, {args.e512:g} E512 per run, judged every {args.every} steps, "
+          f"{engine.device} ({engine.device.name}), {engine.precision}\n")
+    print(f"| pair | setting | S_held start | S_held last | C_held last | E512 to {REACH:.0%} of {settings[0][0]}'s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    hits: dict[str, list] = {name: [] for name, _, _ in settings}
+    for pair in [p for p in args.pairs.split(",") if p]:
+        content_file, style_file = PAIRS[pair]
+        content, style = images.open_image(IMAGES / content_file), images.open_image(IMAGES / style_file)
+        start = judge.style_distance(images.resize_long_edge(content, args.size), style)
+        ref = None
+        for name, _, keys in settings:
+            key = f"{pair}|{name}|{args.size}|{args.e512:g}|{args.every}|{json.dumps(keys, sort_keys=True)}"
+            if key not in record:
+                record[key] = curve(engine, judge, content, style, args.size, keys, args.e512, args.every)
+                record_path.write_text(json.dumps(record, indent=1))
+            points = record[key]
+            ref = ref or points[-1]
+            hit = reached(points, start, ref)
+            hits[name].append(hit)
+            print(f"| {pair} | {name} | {start:.4f} | {points[-1]['s_held']:.4f} | {points[-1]['c_held']:.4f} | "
+                  f"{'-' if hit is None else f'{hit:.0f}'} |", flush=True)
+    print("\n| setting | E512 to reach, median over pairs (a pair that never did counts as never) |\n| --- | --- |")
+    for name, got in hits.items():
+        print(f"| {name} | {'-' if any(g is None for g in got) else f'{statistics.median(got):.0f}'} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
