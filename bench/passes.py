@@ -2,16 +2,18 @@
 picture judged every --every steps (held-out S_held and C_held, nstd/engine/quality.py), so one
 run gives the whole curve of quality against E512.
 
-    .venv/bin/python bench/passes.py --size 512 --e512 1000 --every 25              # the reference
-    .venv/bin/python bench/passes.py --size 256 --e512 100 --every 10 default "lr:..."
+    .venv/bin/python bench/passes.py --size 512 --e512 1000 --every 25 --out /tmp/p    # the reference
+    .venv/bin/python bench/passes.py --size 512 --ref-e512 1000 --e512 100 --every 25 --out /tmp/p \
+        ref "c2f:stages=[{size:128,steps:200},{size:512,steps:100}]"        # against it (reused)
 
 For each pair and setting: the curve (step, E512, S_held, C_held) into --out/passes.json, and the
 E512 at which the run first reached 98 % of the first setting's last S_held improvement (from the
 starting picture: the content, as the default `init` starts) with C_held within 2 % of its last
 (the issue's target, read off the same curve or against the reference), or '-' if never.
 A setting is NAME or NAME:KEY=VALUE;... as in bench/quality.py (its keys are job keys; `steps`
-is set from --e512 unless given). Judging a checkpoint costs two passes of the judge's network
-outside the run: it is not counted in E512 and the run's seconds are not printed.
+is set from --e512 unless given; a list of `stages` runs as it says, whatever --e512 and --size;
+only pictures at the last stage's size count as reaching). Judging a checkpoint costs two passes
+of the judge's network outside the run: it is not counted in E512 and no seconds are printed.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ def curve(engine, judge, content, style, size: int, keys: dict, e512: float, eve
     w, h = images.fit_long_edge(content.size, size)
     steps = max(1, math.ceil(e512 * 512 * 512 / (w * h)))
     defaults = {k: f.default for k, f in jobkeys.JOB_FIELDS.items()}
-    p = Job.of(jobkeys.merge(defaults, {"size": size, "steps": steps, **keys, "gif": False})).params()
+    given = {"size": size, "steps": steps} if not isinstance(keys.get("stages"), list) else {}  # a list says both
+    p = Job.of(jobkeys.merge(defaults, {**given, **keys, "gif": False})).params()
     points: list[dict] = []
     spent = {"e512": 0.0, "step": 0}
 
@@ -54,23 +57,23 @@ def curve(engine, judge, content, style, size: int, keys: dict, e512: float, eve
             if cp.image is None or cp.image.shape[1] != 3:
                 raise SystemExit("bench/passes.py: a checkpoint without a colour picture (a colour mode?)")
             img = images.to_pil(cp.image)
-            points.append({"step": cp.step, "e512": round(spent["e512"], 4),
+            points.append({"step": cp.step, "e512": round(spent["e512"], 4), "size": list(img.size),
                            "s_held": judge.style_distance(img, style), "c_held": judge.content_distance(img, content)})
 
     result = engine.stylize(content, [(style, 1.0)], p, progress=Judged())
     if not points or points[-1]["step"] != spent["step"]:
-        points.append({"step": spent["step"], "e512": round(spent["e512"], 4),
+        points.append({"step": spent["step"], "e512": round(spent["e512"], 4), "size": list(result.image.size),
                        "s_held": judge.style_distance(result.image, style),
                        "c_held": judge.content_distance(result.image, content)})
     return points
 
 
 def reached(points: list[dict], s_start: float, ref: dict) -> float | None:
-    """The first E512 at which `points` reach REACH of the improvement from s_start to ref's
-    S_held, with C_held within C_WITHIN of ref's; None if never."""
+    """The first E512 at which `points` (at their last size) reach REACH of the improvement from
+    s_start to ref's S_held, with C_held within C_WITHIN of ref's; None if never."""
     goal = s_start - REACH * (s_start - ref["s_held"])
     for pt in points:
-        if pt["s_held"] <= goal and abs(pt["c_held"] - ref["c_held"]) <= C_WITHIN * ref["c_held"]:
+        if pt.get("size") == points[-1].get("size") and pt["s_held"] <= goal and abs(pt["c_held"] - ref["c_held"]) <= C_WITHIN * ref["c_held"]:
             return pt["e512"]
     return None
 
@@ -82,14 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("settings", nargs="*", default=["default"], help="the first is the reference (default: the job defaults)")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--e512", type=float, default=100.0, help="passes per run, in E512 (sets `steps`)")
+    ap.add_argument("--ref-e512", type=float, default=None, help="the reference's (the first setting's) passes (default: --e512)")
     ap.add_argument("--every", type=int, default=10, help="judge the picture every this many steps")
     ap.add_argument("--pairs", default=",".join(PAIRS))
     ap.add_argument("--out", required=True, help="folder for passes.json (runs already there are reused)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args(argv)
-    if args.every < 1 or args.e512 <= 0:
-        ap.error("--every and --e512 must be positive")
+    ref_e512 = args.e512 if args.ref_e512 is None else args.ref_e512
+    if args.every < 1 or args.e512 <= 0 or ref_e512 <= 0:
+        ap.error("--every, --e512 and --ref-e512 must be positive")
 
     from nstd.engine import Engine, images
     from nstd.engine.quality import Judge
@@ -103,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     engine = Engine(device=args.device, precision=args.precision)
     judge = Judge(engine.network)
-    print(f"# bench/passes.py: {args.size} px, {args.e512:g} E512 per run, judged every {args.every} steps, "
+    print(f"# bench/passes.py: {args.size} px, {args.e512:g} E512 per run ({settings[0][0]}: {ref_e512:g}), "
+          f"judged every {args.every} steps, "
           f"{engine.device} ({engine.device.name}), {engine.precision}\n")
     print(f"| pair | setting | S_held start | S_held last | C_held last | E512 to {REACH:.0%} of {settings[0][0]}'s |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -113,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         content, style = images.open_image(IMAGES / content_file), images.open_image(IMAGES / style_file)
         start = judge.style_distance(images.resize_long_edge(content, args.size), style)
         ref = None
-        for name, _, keys in settings:
-            key = f"{pair}|{name}|{args.size}|{args.e512:g}|{args.every}|{json.dumps(keys, sort_keys=True)}"
+        for i, (name, _, keys) in enumerate(settings):
+            e512 = ref_e512 if i == 0 else args.e512
+            key = f"{pair}|{name}|{args.size}|{e512:g}|{args.every}|{json.dumps(keys, sort_keys=True)}"
             if key not in record:
-                record[key] = curve(engine, judge, content, style, args.size, keys, args.e512, args.every)
+                record[key] = curve(engine, judge, content, style, args.size, keys, e512, args.every)
                 record_path.write_text(json.dumps(record, indent=1))
             points = record[key]
             ref = ref or points[-1]

@@ -71,7 +71,7 @@ def test_passes_bench_judges_one_run_along_its_way_and_reads_off_the_passes_to_a
     import json
 
     out = bench("passes.py", "--size", "40", "--pairs", "tubingen-starry", "--out", str(tmp_path), "--precision", "fp32",
-                "--e512", "0.1", "--every", "3", "ref", "short:steps=4")
+                "--e512", "0.05", "--every", "3", "ref", "short:steps=4")
     curves = json.loads((tmp_path / "passes.json").read_text())
     ref = next(v for k, v in curves.items() if "|ref|" in k)
     short = next(v for k, v in curves.items() if "|short|" in k)
