@@ -363,6 +363,19 @@ def test_deep_maps_take_a_region_away_from_its_edge_but_never_most_of_it():
     assert torch.equal(Weights(middle).at((8, 8)), avg(middle, 16))
 
 
+def test_the_deep_maps_erosion_grows_with_the_picture():
+    """A mask is resized to the picture, so its edge is a share of it: the erosion is one cell per
+    256 px of the long edge (two at 512 px), the same share of the picture at every size."""
+    from nstd.engine.regions import erode_radius
+
+    assert [erode_radius(hw) for hw in ((32, 64), (192, 256), (384, 512), (512, 300), (1536, 2048))] == [1, 1, 2, 2, 8]
+    top = torch.zeros(1, 1, 512, 512)
+    top[..., :256, :] = 1.0
+    for d in (4, 8, 16):  # two cells off the edge on every deep map
+        n = 512 // d
+        assert torch.equal(Weights(top).at((n, n))[0, 0, :, 0], (torch.arange(n) < n // 2 - 2).float()), d
+
+
 def test_the_next_stage_starts_from_the_content_where_it_is_kept_whole(engine, pair):
     from test_stages import StopAt
 

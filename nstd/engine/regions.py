@@ -5,7 +5,7 @@ Each style may carry a mask (greyscale = weight, white = this style). The styles
 mask (all of them when none has one) form a region, matched by one target: their statistics
 blended as without masks. A region's statistic of the picture is taken over its mask: each map
 position weighted by the mask at that layer (the mask area-averaged to the layer's grid; on deep
-maps eroded by one cell, so the positions next to an edge count less: ERODE_FROM), and
+maps eroded, so the positions next to an edge count less: ERODE_FROM), and
 normalised by the mask's mass, so it is comparable with the style's statistic of the whole style
 image (losses.py, styleloss.py: a weighted Gram matrix, weighted moments, a weighted sort). Each
 region's loss counts by its share of the picture (the mask's mean), so a pixel feels the style as
@@ -45,16 +45,20 @@ NO_STYLE = 0.01
 #: A pixel kept at least this much (within half an 8-bit level of white) is kept whole.
 HELD = 1 - 0.5 / 255
 #: On maps this many times smaller than the picture or more (conv3_1 and deeper), a position's
-#: weight is the least of its 3 x 3 neighbourhood. A deep position sees well beyond its cell; the
-#: ones next to the other region, seeing it across the edge and matched to this region's style
-#: all the same, made the edge busier than either side (bench/quality.py --regions: seam 1.04 and
-#: 1.10 on two seeds, 0.90 and 0.91 eroded). One cell is less than a deep receptive field: it
-#: calms the edge, it does not fence it. Every edge of a region's weights is eroded (around a kept
-#: hole too); the picture's border is not. A region that erosion would leave with less than
-#: ERODE_KEEPS of its weight on a map (a thin one, a small picture) keeps its means there: its
-#: statistic would stand on a few positions.
+#: weight is the least of its neighbourhood, erode_radius cells each way. A deep position sees well
+#: beyond its cell; the ones next to the other region, seeing it across the edge and matched to
+#: this region's style all the same, made the edge busier than either side (bench/quality.py
+#: --regions: golden_gate's seam 1.04 and 1.10 on two seeds at 256 px, 0.90 and 0.91 eroded; at
+#: 512 px 1.44 plain, 1.16 by one cell, 0.95 by two). It calms the edge, it does not fence it.
+#: Every edge of a region's weights is eroded (around a kept hole too); the picture's border is
+#: not. A region that erosion would leave with less than ERODE_KEEPS of its weight on a map (a thin
+#: one, a small picture) keeps its means there: its statistic would stand on a few positions.
 ERODE_FROM = 4
 ERODE_KEEPS = 0.5
+#: The erosion's radius in map cells: one per this many pixels of the picture's long edge (at
+#: least one). A mask is drawn for the whole picture and resized to it, so its soft edge is a
+#: share of the picture; a fixed cell would be half as much of it at 512 px as at 256.
+ERODE_PER = 256
 
 
 def check_ratio(content_size: tuple[int, int], mask: Image.Image, name: str) -> None:
@@ -80,6 +84,11 @@ def _key(mask: Image.Image | None) -> tuple | None:
     return (mask.size, mask.mode, hashlib.sha1(mask.tobytes()).hexdigest())
 
 
+def erode_radius(hw: tuple[int, int]) -> int:
+    """The deep maps' erosion radius in cells for a picture of h x w (ERODE_PER)."""
+    return max(1, round(max(hw) / ERODE_PER))
+
+
 class Weights:
     """A region's weights at the picture's size, area-averaged to each layer's grid on demand
     (and on deep maps eroded: ERODE_FROM)."""
@@ -103,7 +112,8 @@ class Weights:
             else:
                 at = F.adaptive_avg_pool2d(self.full, hw)
             if d >= ERODE_FROM:
-                eroded = -F.max_pool2d(-at, 3, stride=1, padding=1)  # the least of 3 x 3 (the border: of what is there)
+                r = erode_radius((big_h, big_w))
+                eroded = -F.max_pool2d(-at, 2 * r + 1, stride=1, padding=r)  # the least around (the border: of what is there)
                 if float(eroded.sum()) >= ERODE_KEEPS * float(at.sum()):
                     at = eroded
             self._at[hw] = at
