@@ -37,11 +37,12 @@ REACH, C_WITHIN = 0.98, 0.02
 def curve(engine, judge, content, style, size: int, keys: dict, e512: float, every: int) -> list[dict]:
     """[{step, e512, s_held, c_held}] of one run of `keys` (job keys over the defaults) for `e512`."""
     from nstd.engine import Progress, images
+    from nstd.engine.params import E512_PIXELS
     from nstd.job import keys as jobkeys
     from nstd.job.spec import Job
 
     w, h = images.fit_long_edge(content.size, size)
-    steps = max(1, math.ceil(e512 * 512 * 512 / (w * h)))
+    steps = max(1, math.ceil(e512 * E512_PIXELS / (w * h)))
     defaults = {k: f.default for k, f in jobkeys.JOB_FIELDS.items()}
     given = {"size": size, "steps": steps} if not isinstance(keys.get("stages"), list) else {}  # a list says both
     p = Job.of(jobkeys.merge(defaults, {**given, **keys, "gif": False})).params()
