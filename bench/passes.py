@@ -6,7 +6,9 @@ run gives the whole curve of quality against E512.
     .venv/bin/python bench/passes.py --size 512 --ref-e512 1000 --e512 100 --every 25 --out /tmp/p \
         ref "c2f:stages=[{size:128,steps:200},{size:512,steps:100}]"        # against it (reused)
 
-For each pair and setting: the curve (step, E512, S_held, C_held) into --out/passes.json, and the
+For each pair and setting: the curve into --out/passes.json (at each judged step: E512, S_held,
+C_held, moiré, clipped and the optimised loss; the run's last point also holds every step's
+losses, for trying stop rules offline; `--pictures` keeps the judged pictures), and the
 E512 at which the run first reached 98 % of the first setting's last S_held improvement (from the
 starting picture: the content, as the default `init` starts) with C_held at most 2 % over its
 last (the issue's target as docs/quality.md reads it: a picture nearer the content at the same
@@ -34,9 +36,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 REACH, C_WITHIN = 0.98, 0.02
 
 
-def curve(engine, judge, content, style, size: int, keys: dict, e512: float, every: int) -> list[dict]:
-    """[{step, e512, s_held, c_held}] of one run of `keys` (job keys over the defaults) for `e512`."""
+def curve(engine, judge, content, style, size: int, keys: dict, e512: float, every: int,
+          pictures: Path | None = None) -> list[dict]:
+    """[{step, e512, s_held, c_held, ...}] of one run of `keys` (job keys over the defaults) for
+    `e512`; each judged picture also saved into `pictures` (a folder) if given."""
     from nstd.engine import Progress, images
+    from nstd.engine.quality import clipped, moire
     from nstd.engine.params import E512_PIXELS
     from nstd.job import keys as jobkeys
     from nstd.job.spec import Job
@@ -48,25 +53,36 @@ def curve(engine, judge, content, style, size: int, keys: dict, e512: float, eve
     p = Job.of(jobkeys.merge(defaults, {**given, **keys, "gif": False})).params()
     points: list[dict] = []
     spent = {"e512": 0.0, "step": 0}
+    losses: list[dict] = []  # the optimised losses after each step: what a stop rule could see
 
     class Judged(Progress):
         checkpoint_every = every
 
         def on_step(self, info) -> None:
             spent["e512"], spent["step"] = info.e512, info.step
+            losses.append({k: round(v, 6) for k, v in info.losses().items()})
 
         def on_checkpoint(self, cp) -> None:
             if cp.image is None or cp.image.shape[1] != 3:
                 raise SystemExit("bench/passes.py: a checkpoint without a colour picture (a colour mode?)")
             img = images.to_pil(cp.image)
+            if pictures is not None:
+                pictures.mkdir(parents=True, exist_ok=True)
+                img.save(pictures / f"step{cp.step:05d}.png")
             points.append({"step": cp.step, "e512": round(spent["e512"], 4), "size": list(img.size),
-                           "s_held": judge.style_distance(img, style), "c_held": judge.content_distance(img, content)})
+                           "s_held": judge.style_distance(img, style), "c_held": judge.content_distance(img, content),
+                           "loss": losses[-1]["total"], "moire": moire(img), "clipped": clipped(img)})
 
     result = engine.stylize(content, [(style, 1.0)], p, progress=Judged())
+    if pictures is not None:
+        pictures.mkdir(parents=True, exist_ok=True)
+        result.image.save(pictures / f"step{spent['step']:05d}.png")
     if not points or points[-1]["step"] != spent["step"]:
         points.append({"step": spent["step"], "e512": round(spent["e512"], 4), "size": list(result.image.size),
                        "s_held": judge.style_distance(result.image, style),
-                       "c_held": judge.content_distance(result.image, content)})
+                       "c_held": judge.content_distance(result.image, content), "loss": losses[-1]["total"],
+                       "moire": moire(result.image), "clipped": clipped(result.image)})
+    points[-1]["losses"] = losses
     return points
 
 
@@ -103,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=10, help="judge the picture every this many steps")
     ap.add_argument("--pairs", default=",".join(PAIRS))
     ap.add_argument("--out", required=True, help="folder for passes.json (runs already there are reused)")
+    ap.add_argument("--pictures", action="store_true", help="also save each judged picture under --out/PAIR/SETTING/")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args(argv)
@@ -139,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             e512 = ref_e512 if i == 0 else args.e512
             key = f"{pair}|{name}|{args.size}|{e512:g}|{args.every}|{json.dumps(keys, sort_keys=True)}"
             if key not in record:
-                record[key] = curve(engine, judge, content, style, args.size, keys, e512, args.every)
+                record[key] = curve(engine, judge, content, style, args.size, keys, e512, args.every,
+                                    out / pair / f"{name}-{args.size}-{e512:g}" if args.pictures else None)
                 record_path.write_text(json.dumps(record, indent=1))
             points = record[key]
             ref = ref or points[-1]
