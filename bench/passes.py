@@ -109,7 +109,7 @@ def shown(e512: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from quality import IMAGES, PAIRS, parse_setting
+    from quality import IMAGES, PAIRS, parse_setting, write_figures
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("settings", nargs="*", default=["default"], help="the first is the reference (default: the job defaults)")
@@ -120,12 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", default=",".join(PAIRS))
     ap.add_argument("--out", required=True, help="folder for passes.json (runs already there are reused)")
     ap.add_argument("--pictures", action="store_true", help="also save each judged picture under --out/PAIR/SETTING/")
+    ap.add_argument("--curves", action="store_true", help="also print each run's judged points (E512, S_held, C_held, "
+                    "moiré, clipped, loss)")
+    ap.add_argument("--figure", default="", help="with --pictures: 1:1 crops of each run at these steps (comma-separated), "
+                    "as bench/quality.py draws them, into --out/PAIR.SETTING.crops.png")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto")
     args = ap.parse_args(argv)
     ref_e512 = args.e512 if args.ref_e512 is None else args.ref_e512
     if args.every < 1 or args.e512 <= 0 or ref_e512 <= 0:
         ap.error("--every, --e512 and --ref-e512 must be positive")
+
+    from PIL import Image
 
     from nstd.engine import Engine, images
     from nstd.engine.quality import Judge
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
           f"C_held at most +{C_WITHIN:.0%} | the same, C_held within ±{C_WITHIN:.0%} |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     hits: dict[str, list] = {name: [] for name, _, _ in settings}
+    runs: list[tuple[str, str, list[dict]]] = []
     hits2: dict[str, list] = {name: [] for name, _, _ in settings}
     for pair in [p for p in args.pairs.split(",") if p]:
         content_file, style_file = PAIRS[pair]
@@ -166,9 +173,21 @@ def main(argv: list[str] | None = None) -> int:
             hits2[name].append(hit2)
             print(f"| {pair} | {name} | {start:.4f} | {points[-1]['s_held']:.4f} | {points[-1]['c_held']:.4f} | "
                   f"{shown(hit)} | {shown(hit2)} |", flush=True)
+            runs.append((pair, name, points))
+            if args.figure:
+                shot_dir = out / pair / f"{name}-{args.size}-{e512:g}"
+                shots = {f"{name}, {n} steps": Image.open(shot_dir / f"step{int(n):05d}.png").convert("RGB")
+                         for n in args.figure.split(",") if (shot_dir / f"step{int(n):05d}.png").is_file()}
+                if shots:
+                    write_figures(out, f"{pair}.{name}", shots)
     print("\n| setting | E512 to reach (C_held at most +2 %), median over pairs | the same, within ±2 % |\n| --- | --- | --- |")
     for name in hits:
         print(f"| {name} | {shown(median(hits[name]))} | {shown(median(hits2[name]))} |")
+    for pair, name, points in runs if args.curves else []:
+        print(f"\n{pair}, {name}:\n\n| step | E512 | S_held | C_held | moiré | clipped % | loss |\n| --- | --- | --- | --- | --- | --- | --- |")
+        for pt in points:
+            print(f"| {pt['step']} | {pt['e512']:.1f} | {pt['s_held']:.4f} | {pt['c_held']:.3f} | {pt.get('moire', 0):.1f} | "
+                  f"{100 * pt.get('clipped', 0):.2f} | {pt.get('loss', 0):.3f} |")
     return 0
 
 
