@@ -4,7 +4,7 @@ run gives the whole curve of quality against E512.
 
     .venv/bin/python bench/passes.py --size 512 --e512 1000 --every 25 --out /tmp/p    # the reference
     .venv/bin/python bench/passes.py --size 512 --ref-e512 1000 --e512 100 --every 25 --out /tmp/p \
-        ref "c2f:stages=[{size:128,steps:200},{size:512,steps:100}]"        # against it (reused)
+        ref "c2f:stages=[{size: 128, steps: 200}, {size: 512, steps: 100}]"   # against it (reused)
 
 For each pair and setting: the curve into --out/passes.json (at each judged step: E512, S_held,
 C_held, moiré, clipped and the optimised loss; the run's last point also holds every step's
@@ -73,7 +73,9 @@ def curve(engine, judge, content, style, size: int, keys: dict, e512: float, eve
                            "s_held": judge.style_distance(img, style), "c_held": judge.content_distance(img, content),
                            "loss": losses[-1]["total"], "moire": moire(img), "clipped": clipped(img)})
 
-    result = engine.stylize(content, [(style, 1.0)], p, progress=Judged())
+    init = keys.get("init", "content")  # an image file as the start: read here, as the daemon reads it
+    init_image = images.open_image(Path(init)) if init not in ("content", "noise") else None
+    result = engine.stylize(content, [(style, 1.0)], p, init_image=init_image, progress=Judged())
     if pictures is not None:
         pictures.mkdir(parents=True, exist_ok=True)
         result.image.save(pictures / f"step{spent['step']:05d}.png")

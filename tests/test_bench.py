@@ -2,11 +2,13 @@
 would cost minutes of GPU time that cannot be had back. Their figures are not asserted here."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+IMAGES = Path(os.environ.get("NSTD_IMAGES") or REPO.parent / "shared" / "images")
 
 
 def bench(*args: str, timeout: float = 240) -> str:
@@ -71,7 +73,8 @@ def test_passes_bench_judges_one_run_along_its_way_and_reads_off_the_passes_to_a
     import json
 
     out = bench("passes.py", "--size", "40", "--pairs", "tubingen-starry", "--out", str(tmp_path), "--precision", "fp32",
-                "--e512", "0.05", "--every", "3", "--pictures", "--curves", "--figure", "3,4", "ref", "short:steps=4")
+                "--e512", "0.05", "--every", "3", "--pictures", "--curves", "--figure", "3,4", "ref", "short:steps=4",
+                f"painted:steps=4;init={IMAGES / 'starry_night.jpg'}")
     curves = json.loads((tmp_path / "passes.json").read_text())
     ref = next(v for k, v in curves.items() if "|ref|" in k)
     short = next(v for k, v in curves.items() if "|short|" in k)
@@ -81,6 +84,8 @@ def test_passes_bench_judges_one_run_along_its_way_and_reads_off_the_passes_to_a
     assert len(short[-1]["losses"]) == 4 and short[-1]["losses"][-1]["total"] == short[-1]["loss"]
     saved = sorted(x.name for x in (tmp_path / "tubingen-starry" / "short-40-0.05").iterdir())
     assert saved == ["step00003.png", "step00004.png"], saved
+    painted = next(v for k, v in curves.items() if "|painted|" in k)  # started from a picture file
+    assert painted[0]["c_held"] > short[0]["c_held"], (painted[0], short[0])
     assert (tmp_path / "tubingen-starry.short.crops.png").is_file() and "| 4 | " in out.split("tubingen-starry, short:")[1]
     row = next(x for x in out.splitlines() if x.startswith("| tubingen-starry | ref |"))
     assert row.split("|")[-2].strip() != "-" and row.split("|")[-3].strip() != "-", out  # the reference reaches its own last picture
