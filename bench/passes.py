@@ -50,7 +50,10 @@ def curve(engine, judge, content, style, size: int, keys: dict, e512: float, eve
     steps = max(1, math.ceil(e512 * E512_PIXELS / (w * h)))
     defaults = {k: f.default for k, f in jobkeys.JOB_FIELDS.items()}
     given = {"size": size, "steps": steps} if not isinstance(keys.get("stages"), list) else {}  # a list says both
-    p = Job.of(jobkeys.merge(defaults, {**given, **keys, "gif": False})).params()
+    job = Job.of(jobkeys.merge(defaults, {**given, **keys, "gif": False}))
+    p = job.params()
+    if pictures is not None:
+        pictures.mkdir(parents=True, exist_ok=True)
     points: list[dict] = []
     spent = {"e512": 0.0, "step": 0}
     losses: list[dict] = []  # the optimised losses after each step: what a stop rule could see
@@ -67,17 +70,14 @@ def curve(engine, judge, content, style, size: int, keys: dict, e512: float, eve
                 raise SystemExit("bench/passes.py: a checkpoint without a colour picture (a colour mode?)")
             img = images.to_pil(cp.image)
             if pictures is not None:
-                pictures.mkdir(parents=True, exist_ok=True)
                 img.save(pictures / f"step{cp.step:05d}.png")
             points.append({"step": cp.step, "e512": round(spent["e512"], 4), "size": list(img.size),
                            "s_held": judge.style_distance(img, style), "c_held": judge.content_distance(img, content),
                            "loss": losses[-1]["total"], "moire": moire(img), "clipped": clipped(img)})
 
-    init = keys.get("init", "content")  # an image file as the start: read here, as the daemon reads it
-    init_image = images.open_image(Path(init)) if init not in ("content", "noise") else None
+    init_image = images.open_image(Path(job.init)) if p.init == "image" else None  # `init:` a file
     result = engine.stylize(content, [(style, 1.0)], p, init_image=init_image, progress=Judged())
     if pictures is not None:
-        pictures.mkdir(parents=True, exist_ok=True)
         result.image.save(pictures / f"step{spent['step']:05d}.png")
     if not points or points[-1]["step"] != spent["step"]:
         points.append({"step": spent["step"], "e512": round(spent["e512"], 4), "size": list(result.image.size),
@@ -154,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
           f"C_held at most +{C_WITHIN:.0%} | the same, C_held within ±{C_WITHIN:.0%} |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     hits: dict[str, list] = {name: [] for name, _, _ in settings}
-    runs: list[tuple[str, str, list[dict]]] = []
     hits2: dict[str, list] = {name: [] for name, _, _ in settings}
+    runs: list[tuple[str, str, list[dict]]] = []
     for pair in [p for p in args.pairs.split(",") if p]:
         content_file, style_file = PAIRS[pair]
         content, style = images.open_image(IMAGES / content_file), images.open_image(IMAGES / style_file)
@@ -164,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         for i, (name, _, keys) in enumerate(settings):
             e512 = ref_e512 if i == 0 else args.e512
             key = f"{pair}|{name}|{args.size}|{e512:g}|{args.every}|{json.dumps(keys, sort_keys=True)}"
+            shot_dir = out / pair / f"{name}-{args.size}-{e512:g}"  # --pictures keeps the run's pictures here
             if key not in record:
                 record[key] = curve(engine, judge, content, style, args.size, keys, e512, args.every,
-                                    out / pair / f"{name}-{args.size}-{e512:g}" if args.pictures else None)
+                                    shot_dir if args.pictures else None)
                 record_path.write_text(json.dumps(record, indent=1))
             points = record[key]
             ref = ref or points[-1]
@@ -177,7 +178,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{shown(hit)} | {shown(hit2)} |", flush=True)
             runs.append((pair, name, points))
             if args.figure:
-                shot_dir = out / pair / f"{name}-{args.size}-{e512:g}"
                 shots = {f"{name}, {n} steps": Image.open(shot_dir / f"step{int(n):05d}.png").convert("RGB")
                          for n in args.figure.split(",") if (shot_dir / f"step{int(n):05d}.png").is_file()}
                 if shots:
