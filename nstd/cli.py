@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                         "weight; where no mask reaches stays the content); - for a style without one")
     s.add_argument("--keep", metavar="FILE", help="a mask of what stays the content (white: kept)")
     s.add_argument("--style-scale", type=float, help=f"style size relative to the result (default {D['style_scale']:g})")
-    s.add_argument("--init", help=f"content, noise, or an image file (default {D['init']})")
+    s.add_argument("--init", help=f"content, color-matched, noise, or an image file (default {D['init']})")
     s.add_argument("--preserve-color", help=f"none, luminance or histogram: keep the content's colours (default {D['preserve_color']})")
     s.add_argument("--pooling", help=f"avg or max (default {D['pooling']})")
     s.add_argument("--seed", type=int, help=f"random seed (default {D['seed']})")

@@ -41,6 +41,40 @@ def test_histogram_matching_gives_the_style_the_contents_mean_and_covariance(sma
     assert (mu_s - mu_c).abs().max() > 0.05  # it did move: the two pictures' colours differ
 
 
+def test_a_color_matched_start_wears_the_blend_of_the_styles_colours(engine, small):
+    """init: color-matched starts from the content in the styles' palette: the first frame has the
+    colour mean and covariance of the styles' pixels pooled by weight, and the content's layout."""
+    from nstd.engine.params import StyleParams
+    from nstd.engine.start import color_matched
+    from nstd.engine.targets import StyleImage
+    content, style = small
+    red = Image.new("RGB", (32, 32), (170, 90, 80))  # mild: the clamp to 0..1 would move the statistics
+    blend = [StyleImage(style, 3.0), StyleImage(red, 1.0)]
+    start = color_matched(images.to_tensor(content), blend, color.Palette("none", images.to_tensor(content)))
+    mu, cov = color.blend_stats([images.to_tensor(style), images.to_tensor(red)], [3.0, 1.0])
+    mu_x, cov_x = color._stats(start)
+    assert torch.allclose(mu_x, mu, atol=3e-3) and torch.allclose(cov_x, cov, atol=3e-3)
+    a, b = start.flatten() - start.mean(), images.to_tensor(content).flatten() - images.to_tensor(content).mean()
+    assert float(a @ b / (a.norm() * b.norm())) > 0.6  # still the content's picture
+    r = engine.stylize(content, [blend[0], blend[1]], StyleParams(size=48, steps=1, init="color-matched", grain=0,
+                                                                  frame_every=1))
+    first = images.to_tensor(r.frames[0].resize(content.size))
+    off = lambda t: float((color._stats(t)[0] - mu).abs().max())
+    assert off(first) < off(images.to_tensor(content)) / 3  # the run's first frame is that start
+
+
+def test_blended_colour_statistics_are_the_pooled_pixels(small):
+    a, b = (images.to_tensor(i) for i in small)
+    h, w = min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1])
+    a, b = a[..., :h, :w], b[..., :h, :w]
+    pooled = torch.cat([a, a, a, b], dim=-1)  # 3 parts a to 1 part b, as weights 3 and 1 say
+    mu, cov = color.blend_stats([a, b], [3.0, 1.0])
+    mu_p, cov_p = color._stats(pooled)
+    assert torch.allclose(mu, mu_p, atol=1e-6) and torch.allclose(cov, cov_p, atol=2e-4)
+    only, _ = color.blend_stats([a], [1.0])
+    assert torch.allclose(only, color._stats(a)[0])
+
+
 def test_luminance_matching_and_chroma_recombination(small):
     content, style = (images.to_tensor(i) for i in small)
     y = color.match_luma(color.luma(style), color.luma(content))

@@ -95,6 +95,19 @@ def test_convention_names_and_blends(tmp_path):
         resolve_files({"style": [{"file": "b.jpg"}]}, tmp_path / "z.yaml", tmp_path)
 
 
+def test_a_named_init_is_not_a_file_and_a_file_named_like_one_still_is(tmp_path):
+    from nstd.engine.options import NAMED_INITS
+    from nstd.job.spec import Job
+    defaults = load_config(None)["defaults"]
+    for name in NAMED_INITS:
+        files = resolve_files({"content": "a.jpg", "style": "b.jpg", "init": name}, tmp_path / "j.yaml", tmp_path)
+        assert files.init is None
+        job = Job.of(job_settings({"content": "a.jpg", "style": "b.jpg", "init": name}, defaults))
+        assert job.params().init == name
+    files = resolve_files({"content": "a.jpg", "style": "b.jpg", "init": "color-matched.png"}, tmp_path / "j.yaml", tmp_path)
+    assert files.init == tmp_path / "color-matched.png"
+
+
 def test_settings_name_the_key():
     defaults = load_config(None)["defaults"]
     assert job_settings({"content": "a", "style": "b", "steps": 5}, defaults)["steps"] == 5

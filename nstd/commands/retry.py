@@ -24,6 +24,7 @@ from nstd import yamltext
 from nstd.commands.base import config_of, one_line
 from nstd.daemon.inbox import is_ignored
 from nstd.engine.images import ImageError, open_image
+from nstd.engine.options import NAMED_INITS
 from nstd.errors import ExitCode, JobError, NstdError
 from nstd.job import overrides as job_overrides
 from nstd.job.check import check_job, over_limits
@@ -286,7 +287,7 @@ def _renamed(data: dict, new_names: dict[str, str], old_job: str) -> dict:
                         if isinstance(s, dict) else new(s) for s in style]
     elif style is not None:
         out["style"] = new(style)
-    if isinstance(data.get("init"), str) and data["init"] not in ("content", "noise"):
+    if isinstance(data.get("init"), str) and data["init"] not in NAMED_INITS:
         out["init"] = new(data["init"])
     if "keep" in data:
         out["keep"] = new(data["keep"])

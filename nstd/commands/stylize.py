@@ -11,7 +11,7 @@ from pathlib import Path
 from nstd.commands.base import UsageError, as_bad_input, config_of
 from nstd.config import CONFIG_FIELDS, memory_budget
 from nstd.engine.images import format_for_suffix
-from nstd.engine.options import mask_ratio_problem
+from nstd.engine.options import NAMED_INITS, mask_ratio_problem
 from nstd.errors import ExitCode
 from nstd.fsutil import atomic_write_text
 from nstd.job.keys import GIF_FIELDS, merge
@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
                 f"--style-blend has {len(args.style_blend)} weights for {len(args.styles)} style images"
             )
         inputs = [args.content, *args.styles, *(m for m in args.mask or [] if m != "-"),
-                  *([args.keep] if args.keep else []), *([job.init] if job.init not in ("content", "noise") else [])]
+                  *([args.keep] if args.keep else []), *([job.init] if job.init not in NAMED_INITS else [])]
         for written in [args.output, *(w for w in (args.gif, args.report) if w)]:
             if any(_same_file(written, given) for given in inputs):
                 raise UsageError(f"{written}: that is one of the inputs; nstd never writes over what it reads")
@@ -53,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
         styles = [StyleImage(images.open_image(path, max_pixels), w, mask=m)
                   for path, w, m in zip(args.styles, blend, masks)]
         init_image = None
-        if job.init not in ("content", "noise"):
+        if job.init not in NAMED_INITS:
             init_image = images.open_image(job.init, max_pixels)
         params = job.params()
         if args.budget_mb is not None and args.budget_mb < 64:
@@ -101,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
         atomic_write_text(Path(args.report), json.dumps(report, indent=1) + "\n")
     losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items())
     gif_note = f" and {args.gif}" if args.gif and result.frames else ""
-    print(f"wrote {out}{gif_note} ({w}x{h}, {result.steps} steps{_stages_note(result)}, {took:.1f} s on {result.device}, {result.precision}, {result.e512:.0f} E512; {losses})")
+    print(f"wrote {out}{gif_note} ({w}x{h}, {result.steps} steps{_stages_note(result)}, {took:.1f} s on {result.device}, {result.precision}, {_e512(result.e512)} E512; {losses})")
     return ExitCode.OK
 
 
@@ -135,6 +135,11 @@ def _fit_budget(engine, content, params, budget_mb: int, masked: int = 0):
         print(f"nstd: size {params.size} lowered to {size} to fit the memory budget of {budget_mb} MiB", file=sys.stderr)
         return params.at_size(size)
     return params
+
+
+def _e512(e512: float) -> str:
+    """Passes in E512 as a person reads them: whole above 10, two figures below (a 64 px test is 0.06, not 0)."""
+    return f"{e512:.0f}" if e512 >= 10 else f"{e512:.2g}"
 
 
 def _stages_note(result) -> str:

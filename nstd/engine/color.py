@@ -101,14 +101,30 @@ def _sqrt_psd(c: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     return vecs @ torch.diag(vals.rsqrt() if inverse else vals.sqrt()) @ vecs.T
 
 
+def recolor(rgb: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """`rgb` with colour mean `mu` (3, 1) and covariance `cov` (3, 3), clamped to 0..1."""
+    mu_x, cov_x = _stats(rgb)
+    a = _sqrt_psd(cov.double()) @ _sqrt_psd(cov_x, inverse=True)
+    out = a @ (rgb.reshape(3, -1).double() - mu_x) + mu.double()
+    return out.reshape(rgb.shape).to(rgb.dtype).clamp(0, 1)
+
+
 def match_histogram(style_rgb: torch.Tensor, content_rgb: torch.Tensor) -> torch.Tensor:
     """The style picture with the content's colour mean and covariance (clamped to 0..1)."""
-    mu_s, cov_s = _stats(style_rgb)
-    mu_c, cov_c = _stats(content_rgb)
-    a = _sqrt_psd(cov_c) @ _sqrt_psd(cov_s, inverse=True)
-    x = style_rgb.reshape(3, -1).double()
-    out = a @ (x - mu_s) + mu_c
-    return out.reshape(style_rgb.shape).to(style_rgb.dtype).clamp(0, 1)
+    return recolor(style_rgb, *_stats(content_rgb))
+
+
+def blend_stats(pictures: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The colour mean and covariance of `pictures` mixed by `weights` (as if their pixels were
+    pooled in those shares): a blend of styles has one palette, the blend of theirs."""
+    total = float(sum(weights))
+    mu = torch.zeros(3, 1, dtype=torch.float64)
+    second = torch.zeros(3, 3, dtype=torch.float64)
+    for rgb, w in zip(pictures, weights):
+        m, c = _stats(rgb)
+        mu += (w / total) * m.cpu()
+        second += (w / total) * (c.cpu() + m.cpu() @ m.cpu().T)
+    return mu, second - mu @ mu.T
 
 
 def content_key(content_rgb: torch.Tensor) -> tuple:

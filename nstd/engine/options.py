@@ -14,6 +14,9 @@ DEFAULT_CONTENT_LAYERS = ("conv4_2",)
 WEIGHT_SOURCES = ("vgg19-caffe", "torchvision")
 #: preserve_color: keep the result's colours, its luminance only on the content's, or match histograms.
 COLOR_MODES = ("none", "luminance", "histogram")
+#: init: the start pictures a job names (anything else is an image file): the content, the content in the
+#: styles' colours (nstd/engine/start.py), or noise.
+NAMED_INITS = ("content", "color-matched", "noise")
 #: style_loss: how a picture's style statistics are matched to the style's (nstd/engine/styleloss.py):
 #: Gram matrices (Gatys), the Wasserstein-2 distance of Gaussian fits, or the sliced Wasserstein distance.
 STYLE_LOSSES = ("gram", "w2", "sliced")

@@ -29,7 +29,7 @@ class StyleParams:
     content_weight: float = 1.0
     style_weight: float = 1.0e4
     tv_weight: float = 0.0
-    init: str = "content"  # content | noise | image (then pass init_image)
+    init: str = "content"  # content | color-matched | noise | image (then pass init_image)
     pooling: str = "avg"
     content_layers: tuple[str, ...] = DEFAULT_CONTENT_LAYERS
     style_layers: tuple[str, ...] = DEFAULT_STYLE_LAYERS

@@ -123,7 +123,7 @@ class StageLoop:
                       if self.tech.tile else None)
         self.objective = self.build_objective(content_t)
         self.anchor = self.build_anchor()
-        self.x = start_picture(p, self.index, held[0], content_t, self.palette, self.run.init_image, self.place,
+        self.x = start_picture(p, self.index, held[0], content_t, self.palette, self.run, self.place,
                                afresh=self.first_step == self.begin + 1)
         held.clear()
         self.gate.open = False  # from here on, between steps only

@@ -14,6 +14,7 @@ from typing import Any
 
 from nstd import yamltext
 from nstd.errors import ErrorKind, JobError
+from nstd.engine.options import NAMED_INITS
 from nstd.job.keys import JOB_FIELDS, merge
 from nstd.job.spec import Job
 from nstd.schema import SchemaError, number, unknown_key, yaml_problem
@@ -188,7 +189,7 @@ def _resolve_files(data: dict, sidecar: Path, inbox_fd: int) -> JobFiles:
                        f"mask too: [{{path: a.jpg, mask: sky.png}}]), got {style!r}")
     init = None
     init_value = data.get("init")
-    if isinstance(init_value, str) and init_value not in ("content", "noise"):
+    if isinstance(init_value, str) and init_value not in NAMED_INITS:
         init = resolve_path(init_value, "init", sidecar, inbox_fd)
     keep = resolve_path(data["keep"], "keep", sidecar, inbox_fd) if "keep" in data else None
     files = JobFiles(sidecar=sidecar, content=content, styles=styles, init=init, weight_sum=total, masks=masks,
@@ -215,7 +216,7 @@ def named_files(sidecar: Path, inbox: Path, max_bytes: int) -> list[Path]:
     out = []
     try:
         for key, value in named:
-            if not isinstance(value, str) or value in ("content", "noise"):
+            if not isinstance(value, str) or value in NAMED_INITS:
                 continue
             try:
                 path = resolve_path(value, key, sidecar, inbox_fd)

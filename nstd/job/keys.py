@@ -105,7 +105,7 @@ JOB_FIELDS: dict[str, Any] = {
     "content_weight": Field(_E["content_weight"], "alpha: weight of the content term", number(0, 1e12)),
     "style_weight": Field(_E["style_weight"], "beta: weight of the style term", number(0, 1e12)),
     "tv_weight": Field(_E["tv_weight"], "total-variation smoothing; 0 = off, about 1 = visible", number(0, 1e12)),
-    "init": Field(_E["init"], "content | noise | an image file", string),
+    "init": Field(_E["init"], "content | color-matched (the content in the style's colours) | noise | an image file", string),
     "pooling": Field(_E["pooling"], "avg | max", choice("avg", "max")),
     "content_layers": Field(list(_E["content_layers"]), "VGG-19 layers for content", list_of(layer, 1)),
     "style_layers": Field(list(_E["style_layers"]), "VGG-19 layers for style", list_of(layer, 1)),

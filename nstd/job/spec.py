@@ -13,6 +13,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from nstd.engine import schedule
+from nstd.engine.options import NAMED_INITS
 from nstd.engine.schedule import Stage
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ class Job:
             stage_factor=self.stage_factor, stage_steps=self.stage_steps, anchor_size=self.anchor_size,
             grain=self.grain, optimizer=self.optimizer, style_loss=self.style_loss, content_weight=self.content_weight,
             style_weight=self.style_weight, tv_weight=self.tv_weight,
-            init=self.init if self.init in ("content", "noise") else "image", pooling=self.pooling,
+            init=self.init if self.init in NAMED_INITS else "image", pooling=self.pooling,
             content_layers=self.content_layers, style_layers=self.style_layers, seed=self.seed,
             style_scale=self.style_scale, frame_every=self.gif.every if self.gif else 0,
             frame_max_size=self.gif.max_size if self.gif else 512, preserve_color=self.preserve_color,
