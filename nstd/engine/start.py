@@ -32,13 +32,13 @@ def color_matched(content_t: torch.Tensor, styles: Sequence[StyleImage], palette
 
 
 def initial(p: StyleParams, content_t: torch.Tensor, init_image: Image.Image | None,
-            place: torch.device, styles: Sequence[StyleImage] = (), palette: Palette | None = None) -> torch.Tensor:
+            place: torch.device, styles: Sequence[StyleImage], palette: Palette) -> torch.Tensor:
     """The run's first picture on `place`, as `p.init` asks: the content, the content in the
     styles' colours, noise, or `init_image`."""
     if p.init == "content":
         return content_t.clone()
     if p.init == "color-matched":
-        return color_matched(content_t, styles, palette or Palette("none", content_t))
+        return color_matched(content_t, styles, palette)
     if p.init == "noise":
         g = torch.Generator().manual_seed(p.seed)
         return torch.rand(content_t.shape, generator=g).to(place)
