@@ -83,6 +83,68 @@ def test_recover_rolls_back_a_half_done_delivery(store):
     assert os.listdir(store.f.outbox) == []
 
 
+def test_a_delivery_appears_with_its_files_only(store, monkeypatch):
+    """The folder a reader sees appear never holds the manifest, not even between the rename and
+    the clean-up (an rsync started by the rename would copy it, then find it vanished)."""
+    from nstd.state import transfer
+
+    job = store.claim("j", drop(store), shared=set(), settings={"priority": 0})
+    seen = {}
+    real = transfer.fsync_dir
+
+    def watch(folder):
+        if folder == store.f.outbox:  # the commit's first step after the rename
+            seen.update({p.name: sorted(os.listdir(p)) for p in folder.iterdir() if not p.name.startswith(".")})
+        real(folder)
+
+    monkeypatch.setattr(transfer, "fsync_dir", watch)
+    store.deliver(job, {"j.png": b"png", "report.json": b"{}"})
+    assert seen == {"j": ["inputs", "j.png", "report.json"]}
+    assert os.listdir(store.f.outbox) == ["j"]  # and nothing of the transfer is left beside it
+
+
+def test_a_commit_cut_short_before_its_clean_up_is_recovered_as_delivered(store, monkeypatch):
+    from nstd.state import transfer
+
+    job = store.claim("j", drop(store), shared=set(), settings={"priority": 0})
+    t = Transfer(store.f.outbox, job.id)
+    (t.dir / "j.png").write_bytes(b"png")
+    t.put(job.inputs_dir / "j.jpg", "inputs/j.jpg")
+    monkeypatch.setattr(transfer.shutil, "rmtree", lambda *a, **k: None)  # the power goes out after the rename
+    final = t.commit(store.f.outbox / "j")
+    monkeypatch.undo()
+    assert t.root.is_dir()
+    Store(store.f).recover()
+    assert sorted(os.listdir(store.f.outbox)) == ["j"]  # the manifest's leftover gone, nothing taken back
+    assert sorted(os.listdir(final / "inputs")) == ["j.jpg"]
+
+
+def test_a_rollback_cut_short_is_finished_by_the_next(store, monkeypatch):
+    from nstd.state import transfer
+
+    job = store.claim("j", drop(store), shared=set(), settings={"priority": 0})
+    t = Transfer(store.f.outbox, job.id)
+    t.put(job.inputs_dir / "j.jpg", "inputs/j.jpg")
+    t.put(job.inputs_dir / "style.jpg", "inputs/style.jpg")
+    moves = []
+
+    def die_after_one(src, dst):
+        if moves:
+            raise KeyboardInterrupt  # kill -9, as near as a test gets
+        moves.append(src)
+        os.rename(src, dst)
+
+    monkeypatch.setattr(transfer, "move_file", die_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        transfer.rollback(t.root)
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError):
+        t.commit(store.f.outbox / "j")  # its maker, waking up: the payload was taken first
+    assert transfer.rollback(t.root) == 1
+    assert sorted(os.listdir(job.inputs_dir)) == ["j.jpg", "j.yaml", "style.jpg"]
+    assert os.listdir(store.f.outbox) == []
+
+
 def test_recover_drops_delivered_state_and_keeps_claimed(store):
     job = store.claim("j", drop(store), shared=set(), settings={"priority": 0})
     delivered = store.f.jobs / "old"

@@ -70,9 +70,9 @@ class Store:
             yield t
         except BaseException:
             try:
-                rollback(t.dir)
+                rollback(t.root)
             except Exception as exc:  # recovery at the next start will try again
-                logger.error("could not roll back {}: {}", t.dir, exc)
+                logger.error("could not roll back {}: {}", t.root, exc)
             raise
 
     # ------------------------------------------------------------------ start-up

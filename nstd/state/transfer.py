@@ -1,9 +1,12 @@
 """Crash-safe transfers between folders: a hidden temporary folder, a manifest, one rename.
 
-A transfer builds `.nstd-tmp-<tag>` beside its destination, writes a manifest there first (which
-file came from where, moved or copied), moves or copies the files in, and only then renames the
-folder into place. After kill -9 or power loss `rollback()` puts every moved file back by the
-manifest, so no user file is ever lost. Moves fall back to copy+fsync+unlink across filesystems.
+A transfer builds `.nstd-tmp-<tag>/` beside its destination: a manifest (which file came from
+where, moved or copied), written before each move, and the folder being filled, `payload/`. The
+commit renames `payload/` into place, so the folder that appears holds what was put there and
+nothing else (a reader never sees the manifest in it), then removes the rest. After kill -9 or
+power loss `rollback()` puts every moved file back by the manifest, so no user file is ever lost;
+a transfer whose payload is gone was committed. Moves fall back to copy+fsync+unlink across
+filesystems.
 
 Files from the inbox come pinned (safefs.Pinned): renamed through their folder's descriptor and
 checked to be the inode that was pinned, or copied from the pinned descriptor itself, so what
@@ -27,6 +30,8 @@ from nstd.state.safefs import Pinned, Refused, open_inbox, parts_of, rename_nore
 
 MANIFEST = ".nstd-manifest.json"
 TMP_PREFIX = ".nstd-tmp-"
+#: Inside a transfer: the folder being filled, and the name a rollback takes it under first.
+PAYLOAD, ROLLING_BACK = "payload", "rolling-back"
 
 
 def move_file(src: Path, dst: Path) -> None:
@@ -58,15 +63,17 @@ def safe_component(name: str) -> str:
 
 
 class Transfer:
-    """A temporary folder being filled; `commit()` renames it into place."""
+    """A temporary folder being filled (`dir`); `commit()` renames it into place."""
 
     def __init__(self, parent: Path, tag: str, fence: Callable[[], None] | None = None):
         """`fence` is called before every move and before the commit, and raises when this
         process may no longer move the job's files (a cluster worker's lease)."""
-        self.dir = parent / f"{TMP_PREFIX}{tag}"
+        self.root = parent / f"{TMP_PREFIX}{tag}"
+        self.dir = self.root / PAYLOAD
         self.fence = fence or (lambda: None)
         self.fence()
-        self.dir.mkdir(parents=True)
+        self.root.mkdir(parents=True)
+        self.dir.mkdir()
         self.entries: list[dict] = []
         #: inbox files copied, not moved, because their folder is not the service's to write
         #: (another user's 755 folder): they stay where they were dropped, and the caller says so
@@ -74,7 +81,8 @@ class Transfer:
 
     def _save_manifest(self) -> None:
         # Never made again once gone: a worker that took over a stalled one's transfer renamed it.
-        atomic_write_text(self.dir / MANIFEST, json.dumps({"entries": self.entries}, indent=1), parents=False)
+        atomic_write_text(self.root / MANIFEST, json.dumps({"payload": PAYLOAD, "entries": self.entries}, indent=1),
+                          parents=False)
 
     def put_pinned(self, pin: Pinned, rel: str, copy: bool = False) -> Path:
         """Move (or copy) a pinned inbox file to `rel`; refuses (Refused) a name swapped since the pin."""
@@ -143,18 +151,22 @@ class Transfer:
         return dst
 
     def commit(self, final: Path) -> Path:
-        """Rename into place (as `final`, or `final-2`...), never over anything (another worker may
-        be committing a job of the same name at this moment), and drop the manifest."""
+        """Rename the payload into place (as `final`, or `final-2`...), never over anything (another
+        worker may be committing a job of the same name at this moment), then drop the manifest.
+
+        The payload is named through the transfer's own folder at the moment of the rename, under
+        the same lock as a rollback's first step (which renames it aside): of a stalled worker's
+        commit and another worker's rollback, exactly one takes it."""
         fsync_dir(self.dir)
         self.fence()
-        src_fd = os.open(self.dir.parent, os.O_RDONLY | os.O_DIRECTORY)
+        src_fd = os.open(self.root.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             dst_fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 while True:
                     target = unique_name(final.parent, final.name)
                     try:
-                        rename_noreplace(src_fd, self.dir.name, dst_fd, target.name)
+                        rename_noreplace(src_fd, f"{self.root.name}/{PAYLOAD}", dst_fd, target.name)
                         break
                     except OSError as exc:
                         if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
@@ -164,10 +176,7 @@ class Transfer:
         finally:
             os.close(src_fd)
         fsync_dir(final.parent)
-        try:
-            os.unlink(target / MANIFEST)
-        except FileNotFoundError:
-            pass
+        shutil.rmtree(self.root, ignore_errors=True)  # the manifest alone: a recovery would find nothing to put back
         return target
 
 
@@ -175,11 +184,19 @@ def rollback(tmp: Path) -> int:
     """Undo an unfinished transfer: moved files go back where they came from; returns the count."""
     restored = 0
     try:
-        entries = json.loads((tmp / MANIFEST).read_text())["entries"]
-    except (OSError, ValueError, KeyError):
-        entries = []
+        manifest = json.loads((tmp / MANIFEST).read_text())
+        entries = manifest["entries"]
+    except (OSError, ValueError, KeyError, TypeError):
+        manifest, entries = {}, []
+    base = tmp  # a transfer made before payload/ (its files beside the manifest)
+    if isinstance(manifest, dict) and manifest.get("payload") == PAYLOAD:
+        base = tmp / ROLLING_BACK
+        try:  # first taken from under a commit (see Transfer.commit); already, by a rollback cut short
+            os.rename(tmp / PAYLOAD, base)
+        except FileNotFoundError:
+            pass  # committed (nothing here to put back), or taken already
     for e in reversed(entries):
-        here, origin = tmp / e["to"], Path(e["from"])
+        here, origin = base / e["to"], Path(e["from"])
         if e.get("copy") or not (here.exists() or here.is_symlink()):
             continue
         if "inode" in e:
