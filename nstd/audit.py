@@ -10,7 +10,7 @@ import os
 import stat
 from pathlib import Path
 
-from nstd.state.transfer import MANIFEST, TMP_PREFIX
+from nstd.state.transfer import MANIFEST, is_transfer
 
 OUTBOX_FILES = ("job.yaml", "report.json", "job.log")
 QUARANTINE_FILES = ("error.yaml", "job.log")
@@ -52,7 +52,7 @@ def audit(root: Path, dropped: dict[str, dict[str, str]], outside: dict[Path, di
     found: dict[tuple[str, str], list[str]] = {}
     for where, paths in places.items():
         for p in paths:
-            if TMP_PREFIX in str(p) or p.name == MANIFEST:
+            if is_transfer(str(p)) or p.name == MANIFEST:
                 continue
             try:
                 key = (p.name, digest(p)) if not p.is_symlink() else (p.name, "link")
@@ -69,7 +69,7 @@ def audit(root: Path, dropped: dict[str, dict[str, str]], outside: dict[Path, di
             if not any(k[1] == sha for k in found):  # copies of a shared style count too
                 problems.append(f"{sidecar}: dropped file {name!r} is nowhere")
     for d in outbox.iterdir() if outbox.is_dir() else ():
-        if d.name.startswith(TMP_PREFIX):
+        if is_transfer(d.name):
             if settled:
                 problems.append(f"unfinished outbox folder left: {d.name}")
             continue
@@ -78,14 +78,14 @@ def audit(root: Path, dropped: dict[str, dict[str, str]], outside: dict[Path, di
         if missing or not results or not (d / "inputs").is_dir():
             problems.append(f"incomplete outbox folder {d.name}: missing {missing or 'result or inputs'}")
     for d in quarantine.iterdir() if quarantine.is_dir() else ():
-        if d.name.startswith(TMP_PREFIX):
+        if is_transfer(d.name):
             if settled:
                 problems.append(f"unfinished quarantine folder left: {d.name}")
             continue
         if not (d / "error.yaml").is_file():
             problems.append(f"quarantine folder {d.name} has no error.yaml")
     if settled and jobs.is_dir():
-        problems += [f"unfinished claim left: {d.name}" for d in jobs.iterdir() if d.name.startswith(TMP_PREFIX)]
+        problems += [f"unfinished claim left: {d.name}" for d in jobs.iterdir() if is_transfer(d.name)]
     for folder, before in (outside or {}).items():
         if snapshot(folder) != before:
             problems.append(f"{folder} outside the root was changed")

@@ -145,6 +145,32 @@ def test_a_rollback_cut_short_is_finished_by_the_next(store, monkeypatch):
     assert os.listdir(store.f.outbox) == []
 
 
+def test_a_transfer_of_the_layout_before_payload_is_still_rolled_back(store):
+    """Left by an nstd of before 2026-12-07 (files beside the manifest, `.nstd-tmp-`): recovery
+    and a cluster's reclaim both put its files back."""
+    from nstd.state.transfer import LEGACY_PREFIX, MANIFEST
+
+    for how in ("recover", "reclaim"):
+        job = store.claim("j", drop(store), shared=set(), settings={"priority": 0})
+        old = store.f.outbox / f"{LEGACY_PREFIX}{job.id}"
+        (old / "inputs").mkdir(parents=True)
+        (old / "j.png").write_bytes(b"png")
+        entry = {"from": str(job.inputs_dir / "j.jpg"), "to": "inputs/j.jpg", "copy": False}
+        (old / MANIFEST).write_text(json.dumps({"entries": [entry]}))
+        os.rename(job.inputs_dir / "j.jpg", old / "inputs" / "j.jpg")
+        if how == "recover":
+            [again] = Store(store.f).recover()
+            assert again.id == job.id
+        else:
+            assert Store(store.f).reclaim(job.id) == 1
+        assert sorted(os.listdir(job.inputs_dir)) == ["j.jpg", "j.yaml", "style.jpg"], how
+        assert os.listdir(store.f.outbox) == [], how
+        store.deliver(job, {"j.png": b"png"})
+        drop_state = store.f.outbox / "j"
+        assert sorted(os.listdir(drop_state)) == ["inputs", "j.png"]
+        os.rename(drop_state, store.f.outbox.parent / f"delivered-{how}")
+
+
 def test_recover_drops_delivered_state_and_keeps_claimed(store):
     job = store.claim("j", drop(store), shared=set(), settings={"priority": 0})
     delivered = store.f.jobs / "old"

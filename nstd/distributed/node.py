@@ -115,7 +115,7 @@ class NodeQueue:
 class FencedStore(Store):
     """The Store, with every move of a claimed job's files behind the node's lease: checked when
     a delivery or quarantine starts, before each file and before the commit; and each lease's
-    moves in folders of their own (`.nstd-tmp-<id>-L<lease>`), which a new holder renames away
+    moves in folders of their own (`.nstd-tx-<id>-L<lease>`), which a new holder renames away
     before it rolls them back."""
 
     def __init__(self, folders: Folders, node: "Node"):

@@ -8,7 +8,6 @@ on one filesystem for atomic renames.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import os
 import shutil
@@ -27,14 +26,14 @@ from nstd.state.claim import Claim, Input, JobFiles, StyleInput, Times
 from nstd.state.folders import Folders
 from nstd.state.names import free_name, free_name_in
 from nstd.state.safefs import Pinned
-from nstd.state.transfer import MANIFEST, TMP_PREFIX, Transfer, rollback, safe_component
+from nstd.state.transfer import MANIFEST, TMP_PREFIX, Transfer, rollback, safe_component, tag_of, transfers
 
 #: The files nstd writes into a quarantined job's folder (error.yaml's `files:` names the user's,
 #: each with where it was dropped, relative to the inbox: what `nstd retry` puts back).
 NSTD_FILES = ("error.yaml", "job.log", MANIFEST, "retried.yaml")
 #: Why an input was copied, not moved (Transfer.left).
 LEFT_WHY = "its folder is not the service's to write (another user's folder)"
-#: A dead worker's transfer being rolled back: `.nstd-tmp-reclaim-<job id>-<random>`.
+#: A dead worker's transfer being rolled back: `.nstd-tx-reclaim-<job id>-<random>`.
 RECLAIM = "reclaim-"
 
 
@@ -85,7 +84,7 @@ class Store:
         or quarantine belongs to the worker leasing it, which may be making it right now, and is
         rolled back by the next worker to lease the job if its maker died."""
         for parent in (self.f.jobs, self.f.outbox, self.f.quarantine):
-            for tmp in sorted(parent.glob(f"{TMP_PREFIX}*")):
+            for tmp in transfers(parent):
                 if cluster and (parent == self.f.outbox or (parent == self.f.quarantine and _job_tag(tmp))):
                     continue
                 try:
@@ -240,18 +239,20 @@ class Store:
         """A claimed job's unfinished deliveries or quarantines by workers that died or stalled:
         put their files back into the job's state folder; returns how many. Call it only while
         holding the job's lease. Each such folder is first renamed (one atomic step), so a
-        stalled maker that wakes up can neither add to it nor commit it (and each lease's
-        transfers have names of their own, so it cannot take this holder's either)."""
+        stalled maker that wakes up can add nothing to it; the rollback's first step takes its
+        payload under the lock a commit needs, so of that maker's commit and this rollback exactly
+        one gets the files, all of them (each lease's transfers have names of their own, so it
+        cannot take this holder's either)."""
         restored = 0
         for parent in (self.f.outbox, self.f.quarantine):
-            for tmp in sorted(parent.glob(f"{glob.escape(TMP_PREFIX + job_id)}*")):
+            for tmp in transfers(parent, job_id):
                 taken = parent / f"{TMP_PREFIX}{RECLAIM}{job_id}-{uuid.uuid4().hex[:8]}"
                 try:
                     os.rename(tmp, taken)
                 except FileNotFoundError:
-                    continue  # its maker committed it first: then the job is delivered
+                    continue  # committed and cleaned up by its maker: the job is delivered
                 restored += rollback(taken)
-            for tmp in sorted(parent.glob(f"{glob.escape(TMP_PREFIX + RECLAIM + job_id)}-*")):
+            for tmp in transfers(parent, f"{RECLAIM}{job_id}-"):
                 restored += rollback(tmp)  # a reclaimer that died on the way
         return restored
 
@@ -271,7 +272,7 @@ class Store:
 def _job_tag(tmp: Path) -> bool:
     """A transfer named after a claimed job's id (YYYYmmdd-HHMMSS-xxxxxxxx), or one being
     reclaimed from a dead worker, not a quarantine straight from the inbox (12 hex digits)."""
-    tag = tmp.name[len(TMP_PREFIX):]
+    tag = tag_of(tmp)
     return tag.startswith(RECLAIM) or (len(tag) >= 24 and tag[8] == "-" and tag[15] == "-")
 
 

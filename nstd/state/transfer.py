@@ -1,11 +1,11 @@
 """Crash-safe transfers between folders: a hidden temporary folder, a manifest, one rename.
 
-A transfer builds `.nstd-tmp-<tag>/` beside its destination: a manifest (which file came from
+A transfer builds `.nstd-tx-<tag>/` beside its destination: a manifest (which file came from
 where, moved or copied), written before each move, and the folder being filled, `payload/`. The
 commit renames `payload/` into place, so the folder that appears holds what was put there and
 nothing else (a reader never sees the manifest in it), then removes the rest. After kill -9 or
 power loss `rollback()` puts every moved file back by the manifest, so no user file is ever lost;
-a transfer whose payload is gone was committed. Moves fall back to copy+fsync+unlink across
+it first renames `payload/` to `rolling-back/`, and a transfer with neither was committed. Moves fall back to copy+fsync+unlink across
 filesystems.
 
 Files from the inbox come pinned (safefs.Pinned): renamed through their folder's descriptor and
@@ -18,6 +18,7 @@ never through a link a user swapped in meanwhile.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -29,9 +30,30 @@ from nstd.state.names import unique_name
 from nstd.state.safefs import Pinned, Refused, open_inbox, parts_of, rename_noreplace, write_new
 
 MANIFEST = ".nstd-manifest.json"
-TMP_PREFIX = ".nstd-tmp-"
+TMP_PREFIX = ".nstd-tx-"
+#: Transfers of nstd before payload/ (their files beside the manifest): still rolled back here.
+#: The new name keeps an older nstd sharing the root (a cluster upgraded one machine at a time)
+#: away from transfers it would misread: it rolls back only its own prefix, and would have
+#: deleted the files it did not find beside the manifest.
+LEGACY_PREFIX = ".nstd-tmp-"
+PREFIXES = (TMP_PREFIX, LEGACY_PREFIX)
 #: Inside a transfer: the folder being filled, and the name a rollback takes it under first.
 PAYLOAD, ROLLING_BACK = "payload", "rolling-back"
+
+
+def is_transfer(name: str) -> bool:
+    """A folder (or a path inside one) that is an unfinished transfer of either layout."""
+    return any(name.startswith(prefix) or f"/{prefix}" in name for prefix in PREFIXES)
+
+
+def transfers(parent: Path, stem: str = "") -> list[Path]:
+    """The unfinished transfers in `parent` whose tag starts with `stem`, of either layout."""
+    return sorted(p for prefix in PREFIXES for p in parent.glob(glob.escape(prefix + stem) + "*"))
+
+
+def tag_of(tmp: Path) -> str:
+    """A transfer's tag: its name less the prefix."""
+    return next(tmp.name[len(p):] for p in PREFIXES if tmp.name.startswith(p))
 
 
 def move_file(src: Path, dst: Path) -> None:
@@ -176,6 +198,7 @@ class Transfer:
         finally:
             os.close(src_fd)
         fsync_dir(final.parent)
+        fsync_dir(self.root)
         shutil.rmtree(self.root, ignore_errors=True)  # the manifest alone: a recovery would find nothing to put back
         return target
 
