@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--style-scale", type=float, help=f"style size relative to the result (default {D['style_scale']:g})")
     s.add_argument("--init", help=f"content, color-matched, noise, or an image file (default {D['init']})")
     s.add_argument("--preserve-color", help=f"none, luminance or histogram: keep the content's colours (default {D['preserve_color']})")
-    s.add_argument("--pooling", help=f"avg or max (default {D['pooling']})")
+    s.add_argument("--pooling", help=f"avg, max or mix (default {D['pooling']})")
     s.add_argument("--seed", type=int, help=f"random seed (default {D['seed']})")
     s.add_argument("--gif", metavar="PATH", help="also write the progress animation here")
     s.add_argument("--gif-every", type=int, help=f"a GIF frame every N steps (default {D['gif']['every']})")

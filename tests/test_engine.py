@@ -84,6 +84,10 @@ def test_init_from_image_tv_and_max_pooling(engine, pair):
     assert r.frames[0].getpixel((5, 5)) == (128, 128, 128)
     smooth = engine.stylize(content, [(style, 1.0)], StyleParams(size=40, steps=8, tv_weight=5.0, pooling="max", frame_every=0))
     assert smooth.losses["tv"] > 0
+    avg, mix = (engine.stylize(content, [(style, 1.0)], StyleParams(size=40, steps=3, pooling=kind, frame_every=0))
+                for kind in ("avg", "mix"))
+    assert mix.image.size == avg.image.size and mix.image.tobytes() != avg.image.tobytes()
+    assert mix.losses["style"] > 0 and mix.e512 == avg.e512
 
 
 def test_bad_parameters_raise(engine, pair):

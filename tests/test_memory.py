@@ -20,6 +20,7 @@ def test_grows_with_size_history_and_depth():
     assert p(optimizer="adam") < p(optimizer="lbfgs")
     assert p(layers=["conv3_1"]) < p()
     assert p(pooling="max") > p(pooling="avg")
+    assert p(pooling="mix") == p(pooling="max")  # the max's indices; the average saves nothing
 
 
 def test_fit_size_keeps_aspect_and_fits_the_budget():

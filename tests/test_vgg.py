@@ -146,3 +146,19 @@ def test_network_is_frozen_and_extractors_share_weights():
     assert net.extractor(["conv4_2"], "avg") is a
     assert any(isinstance(m, torch.nn.MaxPool2d) for m in b.layers)
     assert not any(isinstance(m, torch.nn.MaxPool2d) for m in a.layers)
+
+
+def test_mixed_pooling_is_the_mean_of_average_and_max():
+    net = Network(vgg.load_caffe_weights(), vgg.CAFFE_INPUT)
+    x = torch.rand(1, 3, 24, 24)
+    got = {p: net.extractor(["conv1_1", "conv2_1"], p)(x) for p in ("avg", "max", "mix")}
+    assert torch.equal(got["mix"]["conv1_1"], got["avg"]["conv1_1"])  # before the first pool: the same
+    # after it: conv2_1 sees the mean of the two pools of conv1_2's map
+    mix = net.extractor(["conv2_1"], "mix")
+    first = net.extractor(["conv1_2"], "avg")(x)["conv1_2"]
+    pooled = 0.5 * (torch.nn.functional.avg_pool2d(first, 2) + torch.nn.functional.max_pool2d(first, 2))
+    assert torch.allclose(mix(x)["conv2_1"], torch.relu(net.convs["conv2_1"](pooled)), atol=1e-4)
+    assert not torch.equal(got["mix"]["conv2_1"], got["avg"]["conv2_1"])
+    assert not torch.equal(got["mix"]["conv2_1"], got["max"]["conv2_1"])
+    with pytest.raises(ValueError, match="avg, max, mix"):
+        net.extractor(["conv2_1"], "median")

@@ -102,7 +102,7 @@ def _activations(height: int, width: int, layers: Sequence[str], precision: str,
     """(bytes autograd keeps through one forward+backward at its peak, the largest map's elements).
 
     Autograd saves each ReLU's output (which is also the next conv's or pool's input); max pooling
-    also saves int64 indices. The losses save fp32 maps of their own: a Gram matrix the fp32 copy
+    (and mix) also saves int64 indices. The losses save fp32 maps of their own: a Gram matrix the fp32 copy
     of a bf16 map (in fp32, the map itself), the content loss its difference to the target.
     Checkpointed, each block (ending at its pool) keeps only its pooled output and the maps the
     losses use, and in the backward one block at a time is recomputed with all it saves. The
@@ -117,7 +117,7 @@ def _activations(height: int, width: int, layers: Sequence[str], precision: str,
 
     def kept(some: list[tuple[str, int]]) -> int:
         total = sum(n for _, n in some) * act
-        if pooling == "max":
+        if pooling in ("max", "mix"):
             total += sum(n for name, n in some if name.startswith("pool")) * 8
         return total
 

@@ -17,6 +17,9 @@ COLOR_MODES = ("none", "luminance", "histogram")
 #: init: the start pictures a job names (anything else is an image file): the content, the content in the
 #: styles' colours (nstd/engine/start.py), or noise.
 NAMED_INITS = ("content", "color-matched", "noise")
+#: pooling: VGG-19's 2x2 pools as Gatys (average), as trained (max), or the mean of both (mix: the
+#: deeper layers see the fine scales max pooling passes, the average's smooth gradient stays).
+POOLINGS = ("avg", "max", "mix")
 #: style_loss: how a picture's style statistics are matched to the style's (nstd/engine/styleloss.py):
 #: Gram matrices (Gatys), the Wasserstein-2 distance of Gaussian fits, or the sliced Wasserstein distance.
 STYLE_LOSSES = ("gram", "w2", "sliced")

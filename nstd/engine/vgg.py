@@ -17,7 +17,7 @@ from torch import nn
 
 from nstd.errors import ExitCode, NstdError
 
-from nstd.engine.options import BLOCKS as _BLOCKS, CONV_LAYERS, WEIGHT_SOURCES  # noqa: F401 (re-exported)
+from nstd.engine.options import BLOCKS as _BLOCKS, CONV_LAYERS, POOLINGS, WEIGHT_SOURCES  # noqa: F401 (re-exported)
 
 CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
 
@@ -203,13 +203,25 @@ def rgb_first_conv(weight: torch.Tensor, channel_order: tuple[int, int, int]) ->
     return out
 
 
+class MixPool(nn.Module):
+    """The mean of a 2x2 average and a 2x2 max pool (pooling: mix): through the max, a deeper
+    layer's gradient reaches the fine scales an average all but removes (docs/quality.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (nn.functional.avg_pool2d(x, 2, 2) + nn.functional.max_pool2d(x, 2, 2))
+
+
+def _pool(pooling: str) -> nn.Module:
+    return {"avg": lambda: nn.AvgPool2d(2, 2), "max": lambda: nn.MaxPool2d(2, 2), "mix": MixPool}[pooling]()
+
+
 class Extractor(nn.Module):
     """The VGG-19 prefix that ends at the deepest requested layer; returns post-ReLU features."""
 
     def __init__(self, convs: dict[str, nn.Conv2d], norm: Normalize, layers: Iterable[str], pooling: str):
         super().__init__()
-        if pooling not in ("avg", "max"):
-            raise ValueError(f"unknown pooling {pooling!r} (expected avg or max)")
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r} (expected one of {', '.join(POOLINGS)})")
         wanted = set(layers)
         if not wanted:
             raise ValueError("no layers requested")
@@ -222,7 +234,7 @@ class Extractor(nn.Module):
         for name in CONV_LAYERS[: deepest + 1]:
             b = int(name[4])
             if b != block:
-                mods.append(nn.AvgPool2d(2, 2) if pooling == "avg" else nn.MaxPool2d(2, 2))
+                mods.append(_pool(pooling))
                 names.append(f"pool{block}")
                 block = b
             mods += [convs[name], nn.ReLU()]

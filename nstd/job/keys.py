@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from nstd.engine.options import COLOR_MODES, CONV_LAYERS, STYLE_LOSSES
+from nstd.engine.options import COLOR_MODES, CONV_LAYERS, POOLINGS, STYLE_LOSSES
 from nstd.engine.params import StyleParams
 from nstd.engine.schedule import MAX_STAGES
 from nstd.schema import Field, SchemaError, choice, integer, list_of, number, string, validate
@@ -106,7 +106,7 @@ JOB_FIELDS: dict[str, Any] = {
     "style_weight": Field(_E["style_weight"], "beta: weight of the style term", number(0, 1e12)),
     "tv_weight": Field(_E["tv_weight"], "total-variation smoothing; 0 = off, about 1 = visible", number(0, 1e12)),
     "init": Field(_E["init"], "content | color-matched (the content in the style's colours) | noise | an image file", string),
-    "pooling": Field(_E["pooling"], "avg | max", choice("avg", "max")),
+    "pooling": Field(_E["pooling"], " | ".join(POOLINGS), choice(*POOLINGS)),
     "content_layers": Field(list(_E["content_layers"]), "VGG-19 layers for content", list_of(layer, 1)),
     "style_layers": Field(list(_E["style_layers"]), "VGG-19 layers for style", list_of(layer, 1)),
     "seed": Field(_E["seed"], "random seed (noise init); same seed, same CPU result", integer(0, 2**63 - 1)),
