@@ -158,3 +158,25 @@ def test_the_job_key_through_the_daemon(tmp_path):
     chroma = np.abs(ycc(Image.open(d.outbox / "lum" / "lum.png")) - ycc(content))[..., 1:]
     assert chroma.max() <= 1
     assert "preserve_color: expected one of none, luminance, histogram" in d.error("bad")["message"]
+
+
+def test_colour_statistics_and_recolouring_work_a_chunk_at_a_time(monkeypatch):
+    """A print-size picture is never copied whole in float64: chunked, the figures are the same."""
+    from nstd.engine import color
+
+    torch.manual_seed(0)
+    rgb = torch.rand(3, 37, 41) * torch.tensor([0.5, 0.8, 0.3]).view(3, 1, 1) + 0.1
+    target = torch.rand(3, 9, 9)
+    whole_mu, whole_cov = color._stats(rgb)
+    whole = color.recolor(rgb, *color._stats(target))
+    monkeypatch.setattr(color, "_CHUNK", 100)  # 16 chunks, the last one short
+    mu, cov = color._stats(rgb)
+    x = rgb.reshape(3, -1).double()
+    assert torch.allclose(mu, x.mean(1, keepdim=True), atol=1e-12)
+    assert torch.allclose(cov, torch.cov(x), atol=1e-12)
+    assert torch.allclose(whole_mu, mu) and torch.allclose(whole_cov, cov)
+    chunked = color.recolor(rgb, *color._stats(target))
+    assert chunked.dtype == rgb.dtype and torch.allclose(chunked, whole, atol=1e-6)
+    got_mu, got_cov = color._stats(chunked)
+    want_mu, want_cov = color._stats(target)
+    assert torch.allclose(got_mu, want_mu, atol=1e-3) and torch.allclose(got_cov, want_cov, atol=1e-3)

@@ -85,11 +85,23 @@ def with_content_chroma(y: torch.Tensor, content_rgb: torch.Tensor) -> torch.Ten
     return from_ycbcr(torch.cat([y, ycc[:, 1:]], dim=1))
 
 
+#: Pixels per float64 chunk in the colour statistics and the recolouring: a 4096 px print's
+#: picture in float64 at once would be 400 MB per copy, outside the memory model.
+_CHUNK = 1 << 20
+
+
 def _stats(rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = rgb.reshape(3, -1).double()
-    mu = x.mean(dim=1, keepdim=True)
-    xc = x - mu
-    return mu, xc @ xc.T / max(1, x.shape[1] - 1)
+    """Colour mean (3, 1) and covariance (3, 3), summed in float64 a chunk at a time."""
+    x = rgb.reshape(3, -1)
+    n = x.shape[1]
+    total = torch.zeros(3, 1, dtype=torch.float64, device=x.device)
+    second = torch.zeros(3, 3, dtype=torch.float64, device=x.device)
+    for i in range(0, n, _CHUNK):
+        part = x[:, i:i + _CHUNK].double()
+        total += part.sum(dim=1, keepdim=True)
+        second += part @ part.T
+    mu = total / max(1, n)
+    return mu, (second - n * (mu @ mu.T)) / max(1, n - 1)
 
 
 def _sqrt_psd(c: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -105,8 +117,12 @@ def recolor(rgb: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> torch.Ten
     """`rgb` with colour mean `mu` (3, 1) and covariance `cov` (3, 3), clamped to 0..1."""
     mu_x, cov_x = _stats(rgb)
     a = _sqrt_psd(cov.double()) @ _sqrt_psd(cov_x, inverse=True)
-    out = a @ (rgb.reshape(3, -1).double() - mu_x) + mu.double()
-    return out.reshape(rgb.shape).to(rgb.dtype).clamp(0, 1)
+    b = mu.double().to(a.device) - a @ mu_x
+    x = rgb.reshape(3, -1)
+    out = torch.empty_like(x)
+    for i in range(0, x.shape[1], _CHUNK):
+        out[:, i:i + _CHUNK] = (a @ x[:, i:i + _CHUNK].double() + b).to(x.dtype).clamp(0, 1)
+    return out.reshape(rgb.shape)
 
 
 def match_histogram(style_rgb: torch.Tensor, content_rgb: torch.Tensor) -> torch.Tensor:
