@@ -38,11 +38,21 @@ def test_covers_autograd_saved_tensors(engine, style_loss, regions):
     """Measure the bytes autograd saves for one step at 96 px and check the model accounts for them,
     for each style loss kind (styleloss.py: W2's matrices, the sliced loss's projections and sort),
     without masks and with three masked regions (regions.py: each its weighted copies)."""
+    _check_saved_tensors(engine, style_loss, regions, "avg")
+
+
+@pytest.mark.parametrize("pooling", ["max", "mix"])
+def test_covers_the_pools_saved_tensors(engine, pooling):
+    """The same for each pooling kind: the max's int64 indices (the mix's, too)."""
+    _check_saved_tensors(engine, "gram", 0, pooling)
+
+
+def _check_saved_tensors(engine, style_loss: str, regions: int, pooling: str) -> None:
     from nstd.engine.regions import Weights
     from nstd.engine.styleloss import style_kind
 
     kind = style_kind(style_loss)
-    ext = engine.network.extractor(LAYERS, "avg")
+    ext = engine.network.extractor(LAYERS, pooling)
     x = torch.rand(1, 3, 72, 96, requires_grad=True)
     with torch.no_grad():
         feats = ext(torch.rand(1, 3, 72, 96))
@@ -62,7 +72,7 @@ def test_covers_autograd_saved_tensors(engine, style_loss, regions):
     loss.backward()
     saved = sum(seen.values())
     predicted = predict_peak_bytes(72, 96, LAYERS, history=0, content_layers=["conv4_2"], style_loss=style_loss,
-                                   regions=regions)
+                                   regions=regions, pooling=pooling)
     weights = sum(p.numel() * 4 for c in ext.layers for p in c.parameters())
     assert saved + weights <= predicted <= 3 * (saved + weights), (saved, weights, predicted)
 

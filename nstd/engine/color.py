@@ -115,9 +115,10 @@ def _sqrt_psd(c: torch.Tensor, inverse: bool = False) -> torch.Tensor:
 
 def recolor(rgb: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     """`rgb` with colour mean `mu` (3, 1) and covariance `cov` (3, 3), clamped to 0..1."""
+    mu, cov = (t.to(rgb.device, torch.float64) for t in (mu, cov))
     mu_x, cov_x = _stats(rgb)
-    a = _sqrt_psd(cov.double()) @ _sqrt_psd(cov_x, inverse=True)
-    b = mu.double().to(a.device) - a @ mu_x
+    a = _sqrt_psd(cov) @ _sqrt_psd(cov_x, inverse=True)
+    b = mu - a @ mu_x
     x = rgb.reshape(3, -1)
     out = torch.empty_like(x)
     for i in range(0, x.shape[1], _CHUNK):
