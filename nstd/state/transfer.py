@@ -5,8 +5,8 @@ where, moved or copied), written before each move, and the folder being filled, 
 commit renames `payload/` into place, so the folder that appears holds what was put there and
 nothing else (a reader never sees the manifest in it), then removes the rest. After kill -9 or
 power loss `rollback()` puts every moved file back by the manifest, so no user file is ever lost;
-it first renames `payload/` to `rolling-back/`, and a transfer with neither was committed. Moves fall back to copy+fsync+unlink across
-filesystems.
+it first renames `payload/` to `rolling-back/`, and a transfer with neither was committed. Moves
+fall back to copy+fsync+unlink across filesystems.
 
 Files from the inbox come pinned (safefs.Pinned): renamed through their folder's descriptor and
 checked to be the inode that was pinned, or copied from the pinned descriptor itself, so what
