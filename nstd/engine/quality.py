@@ -142,11 +142,9 @@ def luminance(img: Image.Image) -> torch.Tensor:
     return luma(images.to_tensor(img))[0, 0]
 
 
-def moire(img: Image.Image) -> float:
-    """Periodic high-frequency artefacts: the 99.9th percentile, over the luminance power
-    spectrum's bins above MOIRE_FROM of Nyquist, of each bin's power over the median power at its
-    radius. A stroke spreads its power over all directions of a ring; a periodic grid puts it in a
-    few bins, far above their ring's median. A Hann window keeps the picture's edges out."""
+def _periodicity(img: Image.Image) -> torch.Tensor:
+    """Each luminance power-spectrum bin above MOIRE_FROM of Nyquist (Hann-windowed) over the
+    median power at its radius, as an (H, W) map (0 outside those bins)."""
     y = luminance(img).double()
     h, w = y.shape
     y = y - y.mean()
@@ -157,16 +155,32 @@ def moire(img: Image.Image) -> float:
     radius = (fx.pow(2) + fy.pow(2)).sqrt()  # 1 = Nyquist along an axis
     rings = (radius * min(h, w) / 2).round().long()
     keep = (radius > MOIRE_FROM) & (radius <= 1.0)
-    ratios = []
+    out = torch.zeros_like(power)
     for r in rings[keep].unique().tolist():
-        ring = power[(rings == r) & keep]
-        med = ring.median()
+        ring = (rings == r) & keep
+        med = power[ring].median()
         if med > 0:
-            ratios.append(ring / med)
-    if not ratios:
+            out[ring] = power[ring] / med
+    return out
+
+
+def moire(img: Image.Image, content: Image.Image | None = None) -> float:
+    """Periodic high-frequency artefacts: the 99.9th percentile, over the luminance power
+    spectrum's bins above MOIRE_FROM of Nyquist, of each bin's power over the median power at its
+    radius. A stroke spreads its power over all directions of a ring; a periodic grid puts it in a
+    few bins, far above their ring's median. A Hann window keeps the picture's edges out.
+
+    With `content`: the periodicity the content does not have. Each bin's figure is divided by the
+    content's own at that bin (the content at the picture's size; at least 1), so a picture that
+    keeps the content's windows, roofs or cables is not counted for them, while a grid where the
+    content is flat is."""
+    ratios = _periodicity(img)
+    if not bool((ratios > 0).any()):
         return 0.0
-    allr = torch.cat(ratios)
-    return float(torch.quantile(allr.float(), 0.999))
+    if content is not None:
+        own = _periodicity(content.convert("RGB").resize(img.size, Image.Resampling.LANCZOS))
+        ratios = torch.where(ratios > 0, ratios / own.clamp(min=1.0), ratios)
+    return float(torch.quantile(ratios[ratios > 0].float(), 0.999))
 
 
 def clipped(img: Image.Image) -> float:
