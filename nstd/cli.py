@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                                                     f"keeping strokes' size relative to the picture (default {D['anchor_size']}; 0: off)")
     s.add_argument("--grain", type=float, help="rms of the grain added to each stage's start, 8-bit levels "
                                                f"(default {D['grain']:g}; 0: none; docs/quality.md)")
+    s.add_argument("--jitter", type=int, help="each step sees the picture shifted by up to N px, so the pools leave "
+                                              f"no grid (default {D['jitter']}; 0: none; docs/quality.md)")
     s.add_argument("--optimizer", help=f"lbfgs or adam (default {D['optimizer']})")
     s.add_argument("--style-loss", help=f"gram, w2 or sliced: how the style's statistics are matched "
                                         f"(default {D['style_loss']}; docs/quality.md)")

@@ -152,7 +152,7 @@ def _stages_note(result) -> str:
 #: `nstd stylize`'s options by job key: its errors name the option the user typed.
 OPTION_OF_KEY = {
     "size": "--size", "steps": "--steps", "stages": "--stages", "stage_start": "--stage-start",
-    "stage_factor": "--stage-factor", "stage_steps": "--stage-steps", "anchor_size": "--anchor-size", "grain": "--grain", "optimizer": "--optimizer", "style_loss": "--style-loss", "content_weight": "--content-weight",
+    "stage_factor": "--stage-factor", "stage_steps": "--stage-steps", "anchor_size": "--anchor-size", "grain": "--grain", "jitter": "--jitter", "optimizer": "--optimizer", "style_loss": "--style-loss", "content_weight": "--content-weight",
     "style_weight": "--style-weight", "tv_weight": "--tv-weight", "style_scale": "--style-scale",
     "preserve_color": "--preserve-color", "init": "--init", "pooling": "--pooling", "seed": "--seed",
     "gif.every": "--gif-every", "engine.device": "--device", "engine.weights": "--weights",
@@ -181,6 +181,7 @@ def _job_and_engine(args, cfg) -> tuple[dict, dict]:
             ("stage_steps", "stage_steps"),
             ("anchor_size", "anchor_size"),
             ("grain", "grain"),
+            ("jitter", "jitter"),
             ("optimizer", "optimizer"),
             ("style_loss", "style_loss"),
             ("content_weight", "content_weight"),

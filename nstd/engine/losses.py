@@ -176,11 +176,12 @@ class Objective:
         kind=GRAM,
         regions: list[tuple[dict, object, float]] | None = None,
     ):
-        """`style_grams`: the target statistic of each style layer, of the loss kind `kind`
+        """`content_targets`: feature maps, or targets with a `loss` (jitter.ShiftedTarget).
+        `style_grams`: the target statistic of each style layer, of the loss kind `kind`
         (GramLoss here, styleloss.py's W2Loss or SlicedLoss). `regions` instead: (statistics,
         weights, share) per region (regions.py)."""
         self.kind = kind
-        self.content = {k: Target.of(v) for k, v in content_targets.items()}
+        self.content = {k: v if hasattr(v, "loss") else Target.of(v) for k, v in content_targets.items()}
         if regions is None:
             regions = [(style_grams, None, 1.0)]
         self.regions = [StyleRegion({k: kind.target(k, v) for k, v in stats.items()}, weights, share)

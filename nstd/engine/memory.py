@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from nstd.engine.jitter import SHIFTS
 from nstd.engine.styleloss import NS_ITERS
 from nstd.engine.vgg import CHANNELS, CONV_LAYERS, CONV_SHAPES, layer_index
 
@@ -170,6 +171,7 @@ def predict_peak_bytes(
     anchor: tuple[int, int] | None = None,
     style_loss: str = "gram",
     regions: int = 0,
+    jitter: int = 0,
 ) -> int:
     """Predicted peak bytes of one stylization at `height` x `width` on `device` ("cpu" or "cuda"),
     with the given techniques: the allocator's view (torch.cuda.max_memory_allocated), without
@@ -177,8 +179,9 @@ def predict_peak_bytes(
     whole maps are kept as targets (all of `layers` when not given: an upper bound); `anchor`:
     (h, w) of the anchor's pass (anchor.Anchor), which runs after the main one, alone; `style_loss`:
     the style loss kind (styleloss.py), whose own tensors are counted; `regions`: how many masked
-    regions the style term has (regions.count; 0 without masks)."""
+    regions the style term has (regions.count; 0 without masks); `jitter`: the shift's pad (jitter.py)."""
     deepest = max(layers, key=layer_index)
+    shifted = jitter > 0 and tile is None  # jitter.for_stage: not in a tiled pass
     # tiled, autograd holds one tile's window at a time (core + halo on each side, cut at the edge)
     saved, largest = _activations(*_window(height, width, tile, deepest), layers, precision, pooling, checkpoint,
                                   content_layers, style_loss, regions)
@@ -199,6 +202,9 @@ def predict_peak_bytes(
     full_maps = feature_maps(height, width, deepest)
     kept = content_layers if content_layers is not None else layers
     targets = sum(n for name, n in full_maps if name in kept) * _FP32  # the content features
+    if shifted:  # under each shift; the padded picture, the shifted view and their gradients; masks
+        targets *= SHIFTS
+        image += 4 * pixels + pixels // 3 * 2 * regions * SHIFTS
     per_region = sum(CONV_SHAPES[n][0] ** 2 for n in layers if n in CONV_SHAPES) * _FP32 * 2
     style = set(layers) - set(content_layers or ())
     per_region += _loss_extra(full_maps, style or set(layers), style_loss, _LOSS_TARGET_MAP_BYTES, 2)
@@ -219,7 +225,7 @@ MIN_HISTORY = 5
 def choose(height: int, width: int, budget_bytes: int | None, layers: Sequence[str], optimizer: str = "lbfgs",
            history: int = 20, precision: str = "fp32", pooling: str = "avg", device: str = "cpu",
            content_layers: Sequence[str] | None = None, anchor: tuple[int, int] | None = None,
-           style_loss: str = "gram", tiles: bool = True, regions: int = 0) -> Techniques | None:
+           style_loss: str = "gram", tiles: bool = True, regions: int = 0, jitter: int = 0) -> Techniques | None:
     """The cheapest techniques (Techniques.cost) whose predicted peak fits `budget_bytes` at this
     size; plain with the full history when there is no budget; None when nothing fits. `tiles`:
     whether a tiled pass may be chosen (not for style_loss sliced, whose sort is not a sum)."""
@@ -233,7 +239,7 @@ def choose(height: int, width: int, budget_bytes: int | None, layers: Sequence[s
     fits = [o for o in options
             if predict_peak_bytes(height, width, layers, optimizer, o.history if optimizer == "lbfgs" else 0,
                                   precision, pooling, device, o.checkpoint, o.tile, content_layers, anchor,
-                                  style_loss, regions) <= budget_bytes]
+                                  style_loss, regions, jitter) <= budget_bytes]
     return min(fits, key=lambda o: (o.cost(height, width, deepest), -o.history)) if fits else None
 
 

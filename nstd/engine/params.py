@@ -49,6 +49,8 @@ class StyleParams:
     style_loss: str = "gram"
     #: rms of the fixed-seed grain added to each stage's start picture, in 8-bit levels (see start.grain)
     grain: float = 8.0
+    #: each step sees the picture shifted by up to this many px, so the pools' lattice leaves no grid (see jitter.py)
+    jitter: int = 8
 
     def schedule(self) -> list[Stage]:
         """The stages asked for, before `plan` leaves out those too thin for the network."""

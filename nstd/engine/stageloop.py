@@ -8,7 +8,7 @@ from typing import Callable, ContextManager, Protocol, Sequence
 import torch
 from PIL import Image
 
-from nstd.engine import graph, images, regions
+from nstd.engine import graph, images, jitter, regions
 from nstd.engine.adam import Adam
 from nstd.engine.anchor import Anchor, anchor_hw
 from nstd.engine.color import Palette
@@ -39,11 +39,9 @@ class Host(Protocol):
 
     def autocast(self, capturing: bool = False) -> ContextManager: ...
 
-    def techniques(self, height: int, width: int, p: StyleParams,
-                   budget_bytes: int | None) -> tuple[Techniques, str]: ...
+    def techniques(self, height: int, width: int, p: StyleParams, budget_bytes: int | None) -> tuple[Techniques, str]: ...
 
-    def target_tile(self, styles: Sequence[StyleImage], edge: int, p: StyleParams,
-                    budget_bytes: int | None) -> int | None: ...
+    def target_tile(self, styles: Sequence[StyleImage], edge: int, p: StyleParams, budget_bytes: int | None) -> int | None: ...
 
     def style_targets(self, styles: Sequence[StyleImage], content_size: tuple[int, int], p: StyleParams,
                       cache: TargetCache | None = None, palette: Palette | None = None, size: int | None = None,
@@ -121,7 +119,8 @@ class StageLoop:
         self.kind = style_kind(p.style_loss, p.seed, self.index, tiled=bool(self.tech.tile))
         self.tiler = (Tiler(self.extractor, self.tech.tile, self.tech.checkpoint, engine.autocast, self.gate.tick)
                       if self.tech.tile else None)
-        self.objective = self.build_objective(content_t)
+        self.jitter = jitter.for_stage(p, (self.h, self.w), self.place, self.tiler is not None)
+        self.objective = self.jitter.regions(self.build_objective(content_t))
         self.anchor = self.build_anchor()
         self.x = start_picture(p, self.index, held[0], content_t, self.palette, self.run, self.place,
                                afresh=self.first_step == self.begin + 1)
@@ -143,9 +142,10 @@ class StageLoop:
                                        tile=style_tile, tick=self.gate.tick, kind=self.kind)
         if self.tiler is not None:
             content_feats = self.tiler.features(content_t, p.content_layers)
-        else:
+        else:  # under each shift of the jitter (one, unshifted, without)
             with torch.no_grad(), engine.autocast():
-                content_feats = self.extractor(content_t, tick=self.gate.tick)
+                content_feats = self.jitter.content_targets(content_t, p.content_layers,
+                                                            lambda t: self.extractor(t, tick=self.gate.tick))
         return Objective({k: content_feats[k] for k in p.content_layers}, {}, p.content_weight, p.style_weight,
                          p.tv_weight, self.kind, self.region_targets(targets, self.layout.regions))
 
@@ -204,7 +204,7 @@ class StageLoop:
         """Loss and gradient at x; the guard sees them."""
         x, palette, objective, tiler = self.x, self.palette, self.objective, self.tiler
         x.grad = None
-        seen = palette.view(x)
+        seen = self.jitter.view(palette.view(x))
         if tiler is None:
             with self.engine.autocast(capturing):
                 feats = self.extractor(seen, checkpoint=self.tech.checkpoint)
@@ -248,6 +248,7 @@ class StageLoop:
         once: that is this step), or replayed. True where a capture was tried: its warm-up
         evaluated the picture once more."""
         tried = captured_now = False
+        self.jitter.at(step)  # before a replay too: the graph reads the shift in place
         if self.use_graph and self.captured is None and step - self.first_step == graph.WARMUP_STEPS:
             self.use_graph, tried = False, True  # one try a stage
             self.captured = self.engine.graphs.capture(lambda: self.lbfgs_step(capturing=True), self.evaluate,
@@ -304,15 +305,14 @@ class StageLoop:
                                       eta=elapsed / run.work_done * run.work_left(step),
                                       landed=tap.landed if tap is not None else None))
 
-    # ------------------------------------------------------------------ the end
-
     def closing_losses(self) -> Losses:
         """The losses of the picture after the last update, which no step evaluated."""
         x, palette, objective, tiler = self.x, self.palette, self.objective, self.tiler
         with torch.no_grad():
             if tiler is None:
                 with self.engine.autocast():
-                    losses = objective(self.extractor(palette.view(x)), palette.view(x))
+                    seen = self.jitter.view(palette.view(x))
+                    losses = objective(self.extractor(seen), seen)
             else:
                 seen = palette.view(x)
                 grams = tiler.region_stats(seen, objective.regions, objective.kind)

@@ -121,7 +121,7 @@ class Engine:
         layers = list(dict.fromkeys((*p.content_layers, *p.style_layers)))
         kw = dict(layers=layers, optimizer=p.optimizer, history=self.lbfgs_history, precision=self.precision,
                   pooling=p.pooling, device=self.device.type, content_layers=p.content_layers,
-                  anchor=anchor_hw(content_size, p), style_loss=p.style_loss, regions=regions)
+                  anchor=anchor_hw(content_size, p), style_loss=p.style_loss, regions=regions, jitter=p.jitter)
         fit = fit_size(h, w, budget_bytes, min_long_edge=min(smallest, p.size), tiles=p.style_loss != "sliced", **kw)
         if p.style_loss == "sliced" and (fit is None or max(fit) < max(w, h)):  # no tiles: refused, not shrunk
             raise refuse_tiles((w, h), _mib(asked), _mib(predict_peak_bytes(h, w, **kw)),
@@ -154,7 +154,7 @@ class Engine:
         kw = dict(layers=layers, optimizer=p.optimizer, precision=self.precision, pooling=p.pooling,
                   device=self.device.type, content_layers=p.content_layers,
                   anchor=anchor_hw((width, height), p, max(width, height)), style_loss=p.style_loss,
-                  regions=regions)
+                  regions=regions, jitter=p.jitter)
         plain = predict_peak_bytes(height, width, history=self.lbfgs_history, **kw)
         if budget_bytes is None:
             return Techniques(self.lbfgs_history), "no memory budget"

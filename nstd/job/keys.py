@@ -98,6 +98,9 @@ JOB_FIELDS: dict[str, Any] = {
     "grain": Field(_E["grain"], "rms of the fixed-seed grain added to each stage's start picture, in 8-bit levels, so "
                    "that flat regions grow strokes instead of a periodic grid (docs/quality.md); 0 = none",
                    number(0, 64)),
+    "jitter": Field(_E["jitter"], "each step shows the network the picture shifted by up to this many px (one of 8 "
+                    "fixed shifts in turn, reflected at the edges), so the pools' lattice grows no grid in flat "
+                    "regions (docs/quality.md); 0 = none", integer(0, 16)),
     "style_loss": Field(_E["style_loss"], "gram | w2 | sliced: match Gram matrices (Gatys), Gaussian fits "
                         "(Wasserstein-2) or whole distributions (sliced Wasserstein) of the style's features "
                         "(docs/quality.md)", choice(*STYLE_LOSSES)),
@@ -109,7 +112,7 @@ JOB_FIELDS: dict[str, Any] = {
     "pooling": Field(_E["pooling"], " | ".join(POOLINGS), choice(*POOLINGS)),
     "content_layers": Field(list(_E["content_layers"]), "VGG-19 layers for content", list_of(layer, 1)),
     "style_layers": Field(list(_E["style_layers"]), "VGG-19 layers for style", list_of(layer, 1)),
-    "seed": Field(_E["seed"], "random seed (noise init); same seed, same CPU result", integer(0, 2**63 - 1)),
+    "seed": Field(_E["seed"], "random seed (noise init, the grain, the jitter's shifts); same seed, same CPU result", integer(0, 2**63 - 1)),
     "style_scale": Field(_E["style_scale"], "style image size relative to the result's long edge", number(0.1, 4.0)),
     "preserve_color": Field(_E["preserve_color"], "none | luminance | histogram: keep the content's colours",
                             choice(*COLOR_MODES)),

@@ -49,6 +49,7 @@ class Job:
     stage_steps: float
     anchor_size: int
     grain: float
+    jitter: int
     optimizer: str
     style_loss: str
     content_weight: float
@@ -84,6 +85,7 @@ class Job:
             stage_steps=s.get("stage_steps", schedule.DEFAULT_STEP_RATIO),
             anchor_size=s.get("anchor_size", 0),  # a claim from before the key: as it was taken
             grain=s.get("grain", 0.0),  # likewise
+            jitter=s.get("jitter", 0),  # likewise
             optimizer=s["optimizer"],
             style_loss=s.get("style_loss", "gram"),  # a claim from before the key: as it was taken
             content_weight=s["content_weight"],
@@ -124,7 +126,7 @@ class Job:
         return StyleParams(
             size=self.size, steps=self.steps, stages=self.stages_key, stage_start=self.stage_start,
             stage_factor=self.stage_factor, stage_steps=self.stage_steps, anchor_size=self.anchor_size,
-            grain=self.grain, optimizer=self.optimizer, style_loss=self.style_loss, content_weight=self.content_weight,
+            grain=self.grain, jitter=self.jitter, optimizer=self.optimizer, style_loss=self.style_loss, content_weight=self.content_weight,
             style_weight=self.style_weight, tv_weight=self.tv_weight,
             init=self.init if self.init in NAMED_INITS else "image", pooling=self.pooling,
             content_layers=self.content_layers, style_layers=self.style_layers, seed=self.seed,
