@@ -46,7 +46,7 @@ def main() -> None:
         w, h = fit_long_edge(content.size, size)
         layers = list(dict.fromkeys((*params.content_layers, *params.style_layers)))
         predicted = predict_peak_bytes(h, w, layers, args.optimizer, engine.lbfgs_history, engine.precision,
-                                       device=engine.device.type)
+                                       device=engine.device.type, jitter=params.jitter)
         # L-BFGS's history fills up over `history` steps; run enough for the peak to show.
         steps = max(args.steps, engine.lbfgs_history + 2) if args.optimizer == "lbfgs" else args.steps
         params = StyleParams(size=size, steps=steps, optimizer=args.optimizer, stages=1, frame_every=0)

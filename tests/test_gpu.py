@@ -99,7 +99,7 @@ def test_memory_model_covers_each_technique(gpu_engine, pair, techniques):
     t = Techniques(**{"history": gpu_engine.lbfgs_history, **techniques})
     w, h = fit_long_edge(content.size, 2048)
     predicted = predict_peak_bytes(h, w, LAYERS, "lbfgs", t.history, "fp32", device="cuda", checkpoint=t.checkpoint,
-                                   tile=t.tile, content_layers=["conv4_2"])
+                                   tile=t.tile, content_layers=["conv4_2"], jitter=StyleParams().jitter)
     gpu_engine.device.free_cache()
     params = StyleParams(size=2048, steps=t.history + 2, stages=1, frame_every=0)
     measured = gpu_engine.stylize(content, [(style, 1.0)], params, techniques=t).peak_memory_bytes
@@ -218,7 +218,8 @@ def test_memory_model_never_under_predicts(gpu_engine, pair, size):
 
     content, style = pair
     w, h = fit_long_edge(content.size, size)
-    predicted = predict_peak_bytes(h, w, LAYERS, "lbfgs", gpu_engine.lbfgs_history, "fp32", device="cuda")
+    predicted = predict_peak_bytes(h, w, LAYERS, "lbfgs", gpu_engine.lbfgs_history, "fp32", device="cuda",
+                                   jitter=StyleParams().jitter)
     gpu_engine.device.free_cache()
     # the L-BFGS history fills over `history` steps: run past it so the peak shows
     params = StyleParams(size=size, steps=gpu_engine.lbfgs_history + 2, stages=1, frame_every=0)
@@ -247,7 +248,7 @@ def test_a_masked_run_on_the_gpu_keeps_its_part_inside_the_predicted_peak(gpu_en
     styles = [StyleImage(style, 1.0, mask=left), StyleImage(content, 1.0, mask=right)]
     rw, rh = fit_long_edge(content.size, 512)
     predicted = predict_peak_bytes(rh, rw, LAYERS, "lbfgs", gpu_engine.lbfgs_history, "fp32", device="cuda",
-                                   style_loss=style_loss, regions=2)
+                                   style_loss=style_loss, regions=2, jitter=StyleParams().jitter)
     gpu_engine.device.free_cache()
     p = StyleParams(size=512, steps=gpu_engine.lbfgs_history + 2, stages=1, frame_every=0, style_loss=style_loss)
     result = gpu_engine.stylize(content, styles, p, keep=keep)

@@ -2,6 +2,8 @@
 estimate, so every evaluation is watched and a diverging one sends the picture back to the best."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from nstd.engine.losses import Losses
@@ -47,6 +49,18 @@ class Guard:
         self.restarts.add_(diverged.long())
         self.diverged.fill_(False)
         return diverged
+
+    def settle(self, x: torch.Tensor, last: Losses, judge: Callable[[torch.Tensor], Losses] | None = None) -> Losses:
+        """The stage's end: `x` (losses `last`) stays if no worse than the best picture, else goes
+        back to it; the losses of what stays. `judge`: the best picture's losses measured again as
+        the last one's were (a jittered stage's steps each saw another shift); None: as recorded."""
+        if float(last.total) <= float(self.best_total):
+            return last
+        best = judge(self.best_x) if judge is not None else self.best
+        if float(last.total) <= float(best.total):
+            return last
+        self.restore(x)
+        return best
 
     def restore(self, x: torch.Tensor) -> None:
         with torch.no_grad():

@@ -20,23 +20,21 @@ import torch.nn.functional as F
 
 from nstd.engine.losses import Target, wide
 
+#: The cycle's (rows, columns) offsets into the picture padded by 8 px (8, 8: unshifted), drawn
+#: once and fixed: eight different offsets, every parity of rows and columns (pool1's 2 px
+#: lattice) twice, six of the 16 row phases and seven of the column phases of pool4's lattice.
+CYCLE = ((8, 8), (9, 5), (8, 9), (14, 12), (1, 9), (7, 2), (4, 3), (9, 15))
 #: shifts in a cycle: each step takes the next (its global step number modulo this)
-SHIFTS = 8
-#: added to the job's seed for the shifts: a resumed or repeated job sees the same cycle
-SEED = 7
+SHIFTS = len(CYCLE)
 
 
-def shifts(pad: int, seed: int = 0, count: int = SHIFTS) -> list[tuple[int, int]]:
-    """(rows, columns) offsets into the picture padded by `pad`: the unshifted view first, then
-    draws from 0..2*pad, fixed by `seed` (the job's)."""
+def shifts(pad: int, seed: int = 0) -> list[tuple[int, int]]:
+    """The cycle's offsets for a pad of `pad` px (scaled from CYCLE's 8), in an order fixed by
+    `seed` (the job's; 0: CYCLE's own): every seed meets the same phases."""
     if pad <= 0:
         return [(0, 0)]
-    g = torch.Generator().manual_seed(SEED + seed)
-    out = [(pad, pad)]
-    while len(out) < count:
-        dy, dx = torch.randint(0, 2 * pad + 1, (2,), generator=g).tolist()
-        out.append((int(dy), int(dx)))
-    return out
+    order = list(range(SHIFTS)) if not seed else torch.randperm(SHIFTS, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [(round(CYCLE[i][0] * pad / 8), round(CYCLE[i][1] * pad / 8)) for i in order]
 
 
 class Jitter:
@@ -115,7 +113,7 @@ class ShiftedWeights:
     the picture is, each shift's weights made once per layer's grid, selected in place."""
 
     def __init__(self, weights, jitter: "Jitter"):
-        self.each = [type(weights)(jitter.shifted(weights.full, i)) for i in range(len(jitter.shifts))]
+        self.each = [type(weights)(jitter.shifted(weights.full, i).contiguous()) for i in range(len(jitter.shifts))]
         self.index = jitter.index
         self._at: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -123,6 +121,8 @@ class ShiftedWeights:
         hw = (int(hw[0]), int(hw[1]))
         if hw not in self._at:
             self._at[hw] = torch.cat([w.at(hw) for w in self.each])
+            for w in self.each:  # kept once, in the concatenation
+                w._at.pop(hw, None)
         return self._at[hw].index_select(0, self.index)
 
 

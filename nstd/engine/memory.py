@@ -204,7 +204,7 @@ def predict_peak_bytes(
     targets = sum(n for name, n in full_maps if name in kept) * _FP32  # the content features
     if shifted:  # under each shift; the padded picture, the shifted view and their gradients; masks
         targets *= SHIFTS
-        image += 4 * pixels + pixels // 3 * 2 * regions * SHIFTS
+        image += 4 * pixels + pixels // 3 * 3 * regions * SHIFTS
     per_region = sum(CONV_SHAPES[n][0] ** 2 for n in layers if n in CONV_SHAPES) * _FP32 * 2
     style = set(layers) - set(content_layers or ())
     per_region += _loss_extra(full_maps, style or set(layers), style_loss, _LOSS_TARGET_MAP_BYTES, 2)

@@ -305,9 +305,10 @@ class StageLoop:
                                       eta=elapsed / run.work_done * run.work_left(step),
                                       landed=tap.landed if tap is not None else None))
 
-    def closing_losses(self) -> Losses:
-        """The losses of the picture after the last update, which no step evaluated."""
-        x, palette, objective, tiler = self.x, self.palette, self.objective, self.tiler
+    def closing_losses(self, x: torch.Tensor) -> Losses:
+        """The losses of picture `x` (the last update's, which no step evaluated), one forward pass."""
+        palette, objective, tiler = self.palette, self.objective, self.tiler
+        self.run.e512 += self.pass_cost * FORWARD_SHARE
         with torch.no_grad():
             if tiler is None:
                 with self.engine.autocast():
@@ -331,11 +332,8 @@ class StageLoop:
         stages, a checkpoint or a stop at the picture the next one starts from."""
         run, x, guard = self.run, self.x, self.guard
         self.opt = None  # its history is not needed for the closing pass
-        final_losses = self.closing_losses()
-        run.e512 += self.pass_cost * FORWARD_SHARE
-        if not float(final_losses.total) <= float(guard.best_total):
-            guard.restore(x)
-            final_losses = guard.best
+        self.jitter.at(0)  # the last picture and, in doubt, the best judged under one shift (jitter.py)
+        final_losses = guard.settle(x, self.closing_losses(x), self.closing_losses if self.jitter.pad else None)
         x = self.x = self.palette.kept(x, self.palette.held)  # held pixels, never painted: the content's, passed on
         run.t_end = time.perf_counter()
         run.optimise += run.t_end - self.t_loop
