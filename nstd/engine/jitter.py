@@ -4,9 +4,10 @@ shifts, so that the pools meet every pixel at another phase from one step to the
 Why: VGG's 2x2 pools of stride 2 lay a lattice over the picture (2 px at pool1, 16 px at pool4).
 With average pooling the style loss's gradient through that fixed lattice grows a grid of small
 squares in flat regions (docs/quality.md, "The pools' lattice: jitter"); shifted every step
-through a fixed cycle of eight phases, none is favoured and the grid does not form. The picture is reflected at its edges to keep its
-size, so a pass costs what it did (E512 unchanged). The content loss compares like with like: its
-target is the content's features under the same shift, one forward pass per shift at set-up.
+through a fixed cycle of eight phases, none is favoured and the grid does not form. The picture
+is reflected at its edges to keep its size, so a pass costs what it did (E512 unchanged). The
+content loss compares like with like: its target is the content's features under the same shift,
+one forward pass per shift at set-up.
 
 Every tensor here stays where it was made and is changed in place (`at`), so a captured CUDA
 graph replays each step under the shift of that step.
