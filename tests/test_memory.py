@@ -56,7 +56,7 @@ def _check_saved_tensors(engine, style_loss: str, regions: int, pooling: str) ->
     x = torch.rand(1, 3, 72, 96, requires_grad=True)
     with torch.no_grad():
         feats = ext(torch.rand(1, 3, 72, 96))
-    stats = {k: kind.stat(k, feats[k]) for k in LAYERS[1:]}
+    stats = {k: kind.style_stat(k, feats[k]) for k in LAYERS[1:]}
     masks = [torch.rand(1, 1, 72, 96) for _ in range(regions)]
     obj = Objective({"conv4_2": feats["conv4_2"]}, stats if not regions else {}, 1.0, 1e4, 0.0, kind,
                     [(stats, Weights(m), 1 / regions) for m in masks] if regions else None)
@@ -70,11 +70,24 @@ def _check_saved_tensors(engine, style_loss: str, regions: int, pooling: str) ->
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = obj(ext(x), x).total
     loss.backward()
-    saved = sum(seen.values())
+    saved = sum(seen.values()) + _target_bytes(obj)
     predicted = predict_peak_bytes(72, 96, LAYERS, history=0, content_layers=["conv4_2"], style_loss=style_loss,
                                    regions=regions, pooling=pooling)
     weights = sum(p.numel() * 4 for c in ext.layers for p in c.parameters())
     assert saved + weights <= predicted <= 3 * (saved + weights), (saved, weights, predicted)
+
+
+def _target_bytes(obj) -> int:
+    """The bytes of the tensors the objective's style targets hold (the sliced kind's: every set's
+    sorted projections and their copies resampled to the picture), each storage once."""
+    storages: dict[int, int] = {}
+    for r in obj.regions:
+        for t in r.targets.values():
+            for v in vars(t).values():
+                for x in (v.values() if isinstance(v, dict) else [v]):
+                    if isinstance(x, torch.Tensor):
+                        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 # --------------------------------------------------------------------------- every pass under a budget

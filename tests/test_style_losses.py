@@ -29,12 +29,14 @@ def test_zero_for_the_style_against_itself_positive_for_another_picture(engine, 
     kind = style_kind(name, seed=3, stage=1)
     fs, fc = _feats(engine, style, 64), _feats(engine, content, 48)  # another picture, another size
     for layer in LAYERS:
-        target = kind.target(layer, kind.stat(layer, fs[layer]))
-        self_loss = float(target.loss(kind.stat(layer, fs[layer])))
-        other = float(target.loss(kind.stat(layer, fc[layer])))
-        # w2: the Newton-Schulz square root's residue (measured under 1.2e-3 at 256 px, NS_ITERS = 20)
-        assert abs(self_loss) < (5e-3 if name == "w2" else 1e-6), (layer, self_loss)
-        assert other > 0.03, (layer, other)
+        target = kind.target(layer, kind.style_stat(layer, fs[layer]))
+        for step in range(kind.sets):  # the sliced kind: under each of its sets of directions
+            kind.at(step)
+            self_loss = float(target.loss(kind.stat(layer, fs[layer])))
+            other = float(target.loss(kind.stat(layer, fc[layer])))
+            # w2: the Newton-Schulz square root's residue (measured under 1.2e-3 at 256 px, NS_ITERS = 20)
+            assert abs(self_loss) < (5e-3 if name == "w2" else 1e-6), (layer, step, self_loss)
+            assert other > 0.03, (layer, step, other)
 
 
 @pytest.mark.parametrize("name", KINDS)
@@ -43,8 +45,9 @@ def test_gradients_match_finite_differences(name):
     g = torch.Generator().manual_seed(0)
     kind = style_kind(name, seed=1)
     style = torch.rand(1, 4, 3, 4, generator=g, dtype=torch.float64)
-    target = kind.target("conv1_1", kind.stat("conv1_1", style))
+    target = kind.target("conv1_1", kind.style_stat("conv1_1", style))
     f = torch.rand(1, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    kind.at(3)  # the sliced kind: a set other than the first
     assert torch.autograd.gradcheck(lambda t: target.loss(kind.stat("conv1_1", t)), (f,), eps=1e-6, atol=1e-6)
 
 
@@ -63,17 +66,43 @@ def test_w2_square_root_and_sliced_resampling():
 def test_sliced_directions_are_fixed_by_seed_stage_and_layer():
     a, b = SlicedLoss(7, 2), SlicedLoss(7, 2)
     d = a.directions("conv2_1", 128, torch.device("cpu"), torch.float32)
-    assert d.shape == (128, 128) and torch.allclose(d.norm(dim=0), torch.ones(128))
+    assert d.shape == (8, 128, 128) and torch.allclose(d.norm(dim=1), torch.ones(8, 128))
+    one = SlicedLoss(7, 2, sets=1).directions("conv2_1", 128, torch.device("cpu"), torch.float32)
+    assert one.shape == (1, 128, 128) and torch.equal(one[0], d[0])  # the first set: as with one set
+    assert all(not torch.equal(d[i], d[j]) for i in range(8) for j in range(i))
     assert torch.equal(d, b.directions("conv2_1", 128, torch.device("cpu"), torch.float32))
     assert not torch.equal(d, SlicedLoss(7, 3).directions("conv2_1", 128, torch.device("cpu"), torch.float32))
     assert not torch.equal(d, SlicedLoss(8, 2).directions("conv2_1", 128, torch.device("cpu"), torch.float32))
+
+
+def test_sliced_steps_cycle_through_the_sets_in_place():
+    """Step s matches set s mod 8: the picture's projections on that set's directions against the
+    style's on the same set, chosen by one index tensor changed in place (a captured graph reads
+    it), and each set another loss for a picture that is not the style."""
+    g = torch.Generator().manual_seed(2)
+    style, pic = torch.rand(1, 6, 5, 5, generator=g), torch.rand(1, 6, 4, 4, generator=g)
+    kind = SlicedLoss(1, 0)
+    target = kind.target("conv1_1", kind.style_stat("conv1_1", style))
+    index = kind.index(style.device)
+    dirs = kind.directions("conv1_1", 6, style.device, style.dtype)
+    losses = []
+    for step in (0, 1, 9, 7, 14):
+        kind.at(step)
+        assert kind.index(style.device) is index and int(index) == step % 8
+        d = dirs[step % 8]
+        mine = (d.T @ pic.reshape(1, 6, -1)).sort(dim=-1).values
+        assert torch.equal(kind.stat("conv1_1", pic), mine)
+        goal = quantiles((d.T @ style.reshape(1, 6, -1)).sort(dim=-1).values, 16)
+        assert torch.allclose(target.loss(mine), (mine - goal).pow(2).mean() * target.inv_scale)
+        losses.append(float(target.loss(mine)))
+    assert losses[1] == losses[2] and len({round(v, 9) for v in losses}) == 4, losses  # 1 and 9: one set
 
 
 @pytest.mark.parametrize("name", KINDS)
 def test_a_blend_of_one_style_is_that_style(engine, pair, name):
     _, style = pair
     kind = style_kind(name)
-    one = {k: kind.stat(k, v) for k, v in _feats(engine, style, 48).items()}
+    one = {k: kind.style_stat(k, v) for k, v in _feats(engine, style, 48).items()}
     blended = blend([one], [1.0], kind)
     for k in LAYERS:
         for a, b in zip(kind.unpack(one[k]), kind.unpack(blended[k])):
@@ -112,11 +141,11 @@ def test_the_tiled_pass_equals_the_whole_pass(engine, name, dtype, tol):
     content, style, x = (torch.rand(1, 3, *size, generator=g, dtype=torch.float64).to(dtype) for _ in range(3))
     with torch.no_grad():
         cf, sf = ext(content), ext(style)
-    obj = Objective({k: cf[k] for k in content_layers}, {k: kind.stat(k, sf[k]) for k in style_layers}, 1.0, 1e4, 0.0,
-                    kind)
+    obj = Objective({k: cf[k] for k in content_layers}, {k: kind.style_stat(k, sf[k]) for k in style_layers}, 1.0,
+                    1e4, 0.0, kind)
     tiler = tiled_against_whole(ext, obj, x, tol)
     for k, v in tiler.stats(style, style_layers, kind).items():
-        for a, b in zip(kind.unpack(v), kind.unpack(kind.stat(k, sf[k]))):
+        for a, b in zip(kind.unpack(v), kind.unpack(kind.style_stat(k, sf[k]))):
             assert float((a - b).abs().max() / b.abs().max()) < 1e-4
 
 
@@ -140,7 +169,7 @@ def test_a_sliced_target_pass_in_tiles_gathers_the_same_projections(engine):
     style = torch.rand(1, 3, 64, 80, generator=torch.Generator().manual_seed(1))
     kind = SlicedLoss(0, 0)
     with torch.no_grad():
-        whole = {k: kind.stat(k, v) for k, v in ext(style).items()}
+        whole = {k: kind.style_stat(k, v) for k, v in ext(style).items()}
     for k, v in Tiler(ext, 32).stats(style, ["conv1_1", "conv2_1"], kind).items():
         assert v.shape == whole[k].shape and float((v - whole[k]).abs().max()) < 1e-4 * float(whole[k].abs().max())
 
@@ -149,7 +178,7 @@ def test_sliced_is_refused_tiled_with_a_clear_message(engine, pair):
     content, style = pair
     ext = engine.network.extractor(("conv1_1",), "avg")
     kind = SlicedLoss()
-    obj = Objective({}, {"conv1_1": kind.stat("conv1_1", ext(torch.rand(1, 3, 32, 32))["conv1_1"].detach())},
+    obj = Objective({}, {"conv1_1": kind.style_stat("conv1_1", ext(torch.rand(1, 3, 32, 32))["conv1_1"].detach())},
                     1.0, 1e4, 0.0, kind)
     with pytest.raises(StyleLossError, match="sliced cannot run in tiles"):
         Tiler(ext, 16).loss_and_grad(torch.rand(1, 3, 48, 48), obj)
@@ -234,7 +263,7 @@ def test_a_step_reads_nothing_from_the_host(engine, pair, monkeypatch, name):
     content, style = pair
     kind = style_kind(name)
     fc, fs = _feats(engine, content, 48, ("conv4_2", *LAYERS)), _feats(engine, style, 48)
-    obj = Objective({"conv4_2": fc["conv4_2"]}, {k: kind.stat(k, fs[k]) for k in LAYERS}, 1.0, 1e4, 0.0, kind)
+    obj = Objective({"conv4_2": fc["conv4_2"]}, {k: kind.style_stat(k, fs[k]) for k in LAYERS}, 1.0, 1e4, 0.0, kind)
     x = images.to_tensor(images.resize_long_edge(content, 48)).requires_grad_(True)
     ext = engine.network.extractor(("conv4_2", *LAYERS), "avg")
     obj(ext(x), x)  # the first (eager) step: a sliced target resamples itself to the picture once

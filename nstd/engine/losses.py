@@ -71,10 +71,13 @@ class GramLoss:
     """The style loss kind `gram` (Gatys et al.): relative MSE of Gram matrices. The other kinds
     (styleloss.py) have the same shape: a layer's statistic of a picture's features (`stat`), its
     parts summed over positions for the tiled pass (`parts`, divided by `count`), a blend of
-    several styles' statistics (`mix`), and the loss against a target statistic (`target`)."""
+    several styles' statistics (`mix`), a style image's statistic that a target is made of
+    (`style_stat`), the loss against a target (`target`), and the step it is taken at (`at`: the
+    sliced kind cycles through sets of directions)."""
 
     name = "gram"
     summable = True  # the statistic is a sum over map positions: exact over tiles
+    sets = 1  # one statistic for every step (the sliced kind cycles through sets of directions)
 
     def key(self) -> tuple:
         """What a cached target depends on beyond the style, its size and the network."""
@@ -86,6 +89,12 @@ class GramLoss:
         if weight is None:
             return gram(features)
         return gram_sum(features, weight) / self.count(features.shape[1], positions(features, weight))
+
+    def style_stat(self, layer: str, features: torch.Tensor) -> torch.Tensor:
+        return gram(features)
+
+    def at(self, step: int) -> None:
+        """The same statistic at every step."""
 
     def parts(self, layer: str, features: torch.Tensor, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         return (gram_sum(features, weight),)

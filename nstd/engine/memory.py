@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from nstd.engine.jitter import SHIFTS
-from nstd.engine.styleloss import NS_ITERS
+from nstd.engine.styleloss import NS_ITERS, SLICED_SETS
 from nstd.engine.vgg import CHANNELS, CONV_LAYERS, CONV_SHAPES, layer_index
 
 #: On CUDA, what the allocator hands out beyond the tensors above: cuDNN's convolution workspaces
@@ -79,10 +79,11 @@ class Techniques:
 
 #: Bytes a style loss kind keeps per element of a style layer's map beyond Gram's (a step's saved
 #: tensors and the kind's targets): sliced, with K = C directions, the projections, the sorted
-#: values, the sort's int64 indices and the difference to the target (4 + 4 + 8 + 4) in a step,
-#: and the style's sorted projections and their resampled copy as targets (4 + 4).
+#: values, the sort's int64 indices and the difference to the target (4 + 4 + 8 + 4) in a step
+#: (one set of directions), and the style's sorted projections and their resampled copy as
+#: targets (4 + 4), for each of the sets the steps cycle through.
 _LOSS_MAP_BYTES = {"sliced": 20}
-_LOSS_TARGET_MAP_BYTES = {"sliced": 8}
+_LOSS_TARGET_MAP_BYTES = {"sliced": 8 * SLICED_SETS}
 
 
 def _loss_extra(maps: list[tuple[str, int]], style: set[str], style_loss: str, per_map: dict,
@@ -266,9 +267,9 @@ def predict_target_bytes(height: int, width: int, layers: Sequence[str], precisi
     # style at 256 MiB grew 263 MiB before these were counted)
     pixels = 3 * height * width * _FP32 * 3 + height * width * (4 + 3)
     grams = sum(CONV_SHAPES[n][0] ** 2 for n in layers if n in CONV_SHAPES) * _FP32 * 2
-    # sliced: the projections of the whole picture (gathered over tiles too), their sorted copy and
-    # the sort's indices; w2: its second moments, as Gram's
-    grams += _loss_extra(feature_maps(height, width, deepest), set(layers), style_loss, {"sliced": 16}, 2)
+    # sliced: the projections of the whole picture on every set (gathered over tiles too), their
+    # sorted copy and the sort's indices; w2: its second moments, as Gram's
+    grams += _loss_extra(feature_maps(height, width, deepest), set(layers), style_loss, {"sliced": 16 * SLICED_SETS}, 2)
     reserve = CUDA_RESERVE_BYTES if device.startswith("cuda") else 0
     return int(transient + weights + pixels + grams + reserve)
 

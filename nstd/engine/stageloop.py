@@ -249,6 +249,7 @@ class StageLoop:
         evaluated the picture once more."""
         tried = captured_now = False
         self.jitter.at(step)  # before a replay too: the graph reads the shift in place
+        self.kind.at(step)  # and the sliced kind its set of directions
         if self.use_graph and self.captured is None and step - self.first_step == graph.WARMUP_STEPS:
             self.use_graph, tried = False, True  # one try a stage
             self.captured = self.engine.graphs.capture(lambda: self.lbfgs_step(capturing=True), self.evaluate,
@@ -333,7 +334,8 @@ class StageLoop:
         run, x, guard = self.run, self.x, self.guard
         self.opt = None  # its history is not needed for the closing pass
         self.jitter.at(0)  # the last picture and, in doubt, the best judged under one shift (jitter.py)
-        final_losses = guard.settle(x, self.closing_losses(x), self.closing_losses if self.jitter.pad else None)
+        self.kind.at(0)  # and one set of directions
+        final_losses = guard.settle(x, self.closing_losses(x), self.closing_losses if self.jitter.pad or self.kind.sets > 1 else None)
         x = self.x = self.palette.kept(x, self.palette.held)  # held pixels, never painted: the content's, passed on
         run.t_end = time.perf_counter()
         run.optimise += run.t_end - self.t_loop

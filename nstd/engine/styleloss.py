@@ -17,8 +17,12 @@ misses. Two more kinds:
   styles' quantile functions averaged with the weights. A sort over the whole picture is not a
   sum over positions, so the tiled pass cannot run it (a style's target pass can: its
   projections are gathered over the tiles, then sorted). The directions are drawn from
-  (seed, stage, layer) alone: fixed for a stage (a step is then a fixed sequence of kernels,
-  deterministic and capturable), the same in a resumed run.
+  (seed, stage, layer) alone, SLICED_SETS sets of them a layer: a step matches one set, the next
+  step the next (its global step number modulo the sets, as the jitter takes its shifts), so that
+  the optimiser cannot meet a few fixed one-dimensional marginals and stop. The style's sorted
+  projections are made for every set at set-up; a step's set is an index tensor changed in place
+  (`at`), so a step is still a fixed sequence of kernels, deterministic and capturable, and the
+  same in a resumed run.
 
 Each loss is relative to the target's own magnitude, like Gram's: W2^2 over tr(M_t) (the squared
 distance from the style's Gaussian to a point at 0), the sliced one over the mean square of the
@@ -46,8 +50,10 @@ W2_EPS = 1e-4
 #: (median 3.1), layer means over the default style layers, 256 px, the four pairs.
 W2_UNIT = 1.5
 SLICED_UNIT = 3.0
-#: Sliced directions per layer, as a fraction of its channels (K = C).
+#: Sliced directions per layer and set, as a fraction of its channels (K = C).
 SLICED_RATIO = 1.0
+#: Sets of directions per layer that the steps cycle through (docs/quality.md, "Style losses").
+SLICED_SETS = 8
 
 
 class StyleLossError(ValueError):
@@ -105,6 +111,7 @@ class W2Loss:
 
     name = "w2"
     summable = True
+    sets = 1
 
     def key(self) -> tuple:
         return ("w2",)
@@ -123,6 +130,12 @@ class W2Loss:
              weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         n = positions(features, weight)
         return tuple(t / n for t in self.parts(layer, features, weight))
+
+    def style_stat(self, layer: str, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.stat(layer, features)
+
+    def at(self, step: int) -> None:
+        """The same statistic at every step."""
 
     def pack(self, parts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return tuple(parts)
@@ -165,24 +178,32 @@ def at_fractions(sorted_rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 class SlicedTarget:
-    """Mean squared difference of sorted projections, relative to the target's mean square."""
+    """Mean squared difference of sorted projections, relative to the target's mean square; the
+    style's sorted projections of every set (S, B, K, M), the current one selected by `index`."""
 
-    def __init__(self, sorted_proj: torch.Tensor):
-        self.value = _wide(sorted_proj.detach())
-        ms = float(self.value.pow(2).mean())
+    def __init__(self, sorted_proj: torch.Tensor, index: torch.Tensor):
+        self.values = _wide(sorted_proj.detach())
+        ms = float(self.values.pow(2).mean())
         self.inv_scale = SLICED_UNIT / ms if ms > 0 else SLICED_UNIT
+        self.index = index
         self._at: dict[int, torch.Tensor] = {}
 
+    @property
+    def value(self) -> torch.Tensor:
+        """The current set's sorted projections (B, K, M)."""
+        return self.values.index_select(0, self.index)[0]
+
     def at(self, n: int) -> torch.Tensor:
-        """The target's quantiles at n positions, made once per picture size (in an eager step,
-        never within a captured one: a stage's first steps are eager)."""
+        """The current set's quantiles at n positions; every set's made once per picture size (in
+        an eager step, never within a captured one: a stage's first steps are eager)."""
         if n not in self._at:
-            self._at[n] = quantiles(self.value, n)
-        return self._at[n]
+            self._at[n] = quantiles(self.values, n)
+        return self._at[n].index_select(0, self.index)[0]
 
     def loss(self, stat) -> torch.Tensor:
-        """Against the picture's sorted projections; a region's (sorted projections, their weights,
-        where each sits in the weighted distribution) is matched at those quantiles, weighted."""
+        """Against the picture's sorted projections on the current set; a region's (sorted
+        projections, their weights, where each sits in the weighted distribution) is matched at
+        those quantiles, weighted."""
         if not isinstance(stat, tuple):
             return (_wide(stat) - self.at(stat.shape[-1])).pow(2).mean() * self.inv_scale
         values, w, mid = stat
@@ -192,38 +213,67 @@ class SlicedTarget:
 
 
 class SlicedLoss:
-    """The `sliced` kind: per layer the features' projections on K fixed random unit directions,
-    sorted over the positions. Not summable (module docstring)."""
+    """The `sliced` kind: per layer the features' projections on K fixed random unit directions
+    (the step's set of `sets`), sorted over the positions. Not summable (module docstring)."""
 
     name = "sliced"
     summable = False
 
-    def __init__(self, seed: int = 0, stage: int = 0, ratio: float | None = None):
+    def __init__(self, seed: int = 0, stage: int = 0, ratio: float | None = None, sets: int | None = None):
         self.seed, self.stage, self.ratio = seed, stage, SLICED_RATIO if ratio is None else ratio
+        self.sets = max(1, SLICED_SETS if sets is None else int(sets))
+        self.current = 0
         self._dirs: dict[tuple, torch.Tensor] = {}
+        self._index: dict[str, torch.Tensor] = {}
 
     def key(self) -> tuple:
-        return ("sliced", self.seed, self.stage, self.ratio)
+        return ("sliced", self.seed, self.stage, self.ratio, self.sets)
+
+    def at(self, step: int) -> None:
+        """Take the set of global step `step`, in place (a captured graph reads it)."""
+        self.current = step % self.sets
+        for index in self._index.values():
+            index.fill_(self.current)
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        """The current set, as a one-element tensor on `device` (changed in place by `at`)."""
+        key = str(device)
+        if key not in self._index:
+            self._index[key] = torch.full((1,), self.current, dtype=torch.long, device=device)
+        return self._index[key]
 
     def directions(self, layer: str, c: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(C, K) unit directions drawn on the CPU from (seed, stage, layer) alone."""
+        """(sets, C, K) unit directions drawn on the CPU from (seed, stage, layer, set) alone (set 0
+        from (seed, stage, layer), as when there was one set)."""
         key = (layer, c, str(device), dtype)
         if key not in self._dirs:
-            g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{self.stage}/{layer}".encode()))
-            d = torch.randn(c, max(1, round(c * self.ratio)), generator=g, dtype=torch.float64)
-            self._dirs[key] = (d / d.norm(dim=0, keepdim=True)).to(device=device, dtype=dtype)
+            each = []
+            for i in range(self.sets):
+                name = f"{self.seed}/{self.stage}/{layer}" + (f"/{i}" if i else "")
+                g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                d = torch.randn(c, max(1, round(c * self.ratio)), generator=g, dtype=torch.float64)
+                each.append(d / d.norm(dim=0, keepdim=True))
+            self._dirs[key] = torch.stack(each).to(device=device, dtype=dtype)
         return self._dirs[key]
 
     def parts(self, layer: str, features: torch.Tensor) -> tuple[torch.Tensor]:
-        """The projections (B, K, positions), unsorted: a tiled target pass gathers them."""
+        """The projections on every set (sets, B, K, positions), unsorted: a tiled target pass
+        gathers them."""
         f = _flat(features)
-        return (self.directions(layer, f.shape[1], f.device, f.dtype).T @ f,)
+        return (self.directions(layer, f.shape[1], f.device, f.dtype).transpose(1, 2).unsqueeze(1) @ f.unsqueeze(0),)
+
+    def style_stat(self, layer: str, features: torch.Tensor) -> torch.Tensor:
+        """A style's statistic, a target's: the sorted projections on every set."""
+        return self.pack(self.parts(layer, features))
 
     def stat(self, layer: str, features: torch.Tensor, weight: torch.Tensor | None = None):
-        """The sorted projections; with a region's `weight`, also each one's weight and its place
-        in the weighted distribution (the midpoint of its step of the cumulative weights), so the
-        target's quantile function is read where the region's distribution puts it."""
-        proj = self.parts(layer, features)[0]
+        """The picture's sorted projections on the current set; with a region's `weight`, also each
+        one's weight and its place in the weighted distribution (the midpoint of its step of the
+        cumulative weights), so the target's quantile function is read where the region's
+        distribution puts it."""
+        f = _flat(features)
+        dirs = self.directions(layer, f.shape[1], f.device, f.dtype).index_select(0, self.index(f.device))[0]
+        proj = dirs.T @ f
         if weight is None:
             return proj.sort(dim=-1).values
         values, order = proj.sort(dim=-1)
@@ -246,7 +296,8 @@ class SlicedLoss:
         return sum(quantiles(s, n) * w for s, w in zip(stats, weights))
 
     def target(self, layer: str, stat: torch.Tensor) -> SlicedTarget:
-        return SlicedTarget(stat)
+        """From a style's statistic (`style_stat`: every set's)."""
+        return SlicedTarget(stat, self.index(stat.device))
 
 
 def style_kind(name: str, seed: int = 0, stage: int = 0, tiled: bool = False):

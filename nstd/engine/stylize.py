@@ -90,7 +90,7 @@ class Engine:
             return Tiler(extractor, tile, autocast=self.autocast, tick=tick).stats(x, list(layers), kind)
         with self.autocast():
             feats = extractor(x, tick=tick)
-        return {k: kind.stat(k, v) for k, v in feats.items()}
+        return {k: kind.style_stat(k, v) for k, v in feats.items()}
 
     def style_targets(self, styles: Sequence[StyleImage], content_size: tuple[int, int], p: StyleParams,
                       cache: TargetCache | None = None, palette: Palette | None = None,
