@@ -53,7 +53,7 @@ def test_weights_of_one_are_the_unweighted_statistic(engine, pair, name):
     with torch.no_grad():
         fs = ext(images.to_tensor(images.resize_long_edge(style, 64)))
         x = images.to_tensor(images.resize_long_edge(content, 56))
-    stats = {k: kind.stat(k, fs[k]) for k in LAYERS}
+    stats = {k: kind.style_stat(k, fs[k]) for k in LAYERS}
     plain = Objective({}, stats, 0.0, 1.0, 0.0, kind)
     ones = Objective({}, {}, 0.0, 1.0, 0.0, kind,
                      [(stats, Weights(torch.ones(1, 1, *x.shape[-2:])), 1.0)])
@@ -130,8 +130,8 @@ def test_a_masked_statistic_over_tiles_equals_the_whole_pass(engine, name, dtype
     ramp[..., :30, :] *= 0.2  # not separable in x and y
     with torch.no_grad():
         cf, f1, f2 = ext(content), ext(s1), ext(s2)
-    regions = [({k: kind.stat(k, f1[k]) for k in LAYERS}, Weights(ramp), float(ramp.mean())),
-               ({k: kind.stat(k, f2[k]) for k in LAYERS}, Weights(1 - ramp), float(1 - ramp.mean()))]
+    regions = [({k: kind.style_stat(k, f1[k]) for k in LAYERS}, Weights(ramp), float(ramp.mean())),
+               ({k: kind.style_stat(k, f2[k]) for k in LAYERS}, Weights(1 - ramp), float(1 - ramp.mean()))]
     obj = Objective({k: cf[k] for k in content_layers}, {}, 1.0, 1e4, 0.0, kind, regions)
     tiler = tiled_against_whole(ext, obj, x, tol)
     whole_stats = obj.style_stats(ext(x))
@@ -269,7 +269,7 @@ def test_a_masked_step_reads_nothing_from_the_host(engine, pair, monkeypatch, na
     with torch.no_grad():
         fc = ext(x)
         fs = ext(images.to_tensor(images.resize_long_edge(style, 48)))
-    stats = {k: kind.stat(k, fs[k]) for k in LAYERS}
+    stats = {k: kind.style_stat(k, fs[k]) for k in LAYERS}
     ramp = torch.linspace(0, 1, x.shape[-1]).expand(1, 1, *x.shape[-2:]).clone()
     held = (ramp > 0.9).float()
     obj = Objective({"conv4_2": fc["conv4_2"]}, {}, 1.0, 1e4, 0.0, kind,

@@ -98,6 +98,27 @@ def test_sliced_steps_cycle_through_the_sets_in_place():
     assert losses[1] == losses[2] and len({round(v, 9) for v in losses}) == 4, losses  # 1 and 9: one set
 
 
+def test_a_sliced_target_keeps_at_most_its_quantiles(monkeypatch):
+    """A style with more positions than SLICED_QUANTILES is kept as that many quantiles of each
+    projection (its memory then does not grow with the size), read at the picture's count each
+    step; the style against itself then scores the interpolation's residue only."""
+    from nstd.engine import styleloss
+
+    monkeypatch.setattr(styleloss, "SLICED_QUANTILES", 64)
+    g = torch.Generator().manual_seed(3)
+    style = torch.rand(1, 4, 20, 20, generator=g)
+    kind = SlicedLoss(0, 0, sets=2)
+    kept = kind.style_stat("conv1_1", style)
+    assert kept.shape == (2, 1, 4, 64)
+    for i, d in enumerate(kind.directions("conv1_1", 4, style.device, style.dtype)):
+        assert torch.allclose(kept[i], quantiles((d.T @ style.reshape(1, 4, -1)).sort(dim=-1).values, 64))
+    target = kind.target("conv1_1", kept)
+    for step in range(2):
+        kind.at(step)
+        itself, other = (float(target.loss(kind.stat("conv1_1", f))) for f in (style, style * 0.5))
+        assert 0 < itself < 0.01 * other and other > 0.1, (itself, other)
+
+
 @pytest.mark.parametrize("name", KINDS)
 def test_a_blend_of_one_style_is_that_style(engine, pair, name):
     _, style = pair

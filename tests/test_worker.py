@@ -163,6 +163,20 @@ def test_style_cache_is_lru():
     assert calls == ["a", "b", "c", "b"] and c.hits == 1
 
 
+def test_style_cache_keeps_at_most_its_bytes():
+    """Targets sit on the device outside the memory model: the cache holds at most max_bytes of
+    them, least recently used going first; an entry larger than that is not kept at all."""
+    c = TargetCache(capacity=10, max_bytes=1000)
+    calls = []
+    get = lambda k, n: c.get(k, lambda: calls.append(k) or {"x": torch.zeros(n // 4)})  # noqa: E731
+    get("a", 400), get("b", 400), get("a", 400), get("c", 400)  # a, c kept: b was least recently used
+    assert c.nbytes == 800 and calls == ["a", "b", "c"]
+    get("b", 400), get("huge", 4000), get("huge", 4000)
+    assert calls == ["a", "b", "c", "b", "huge", "huge"] and c.nbytes == 800
+    c.clear()
+    assert c.nbytes == 0
+
+
 def test_a_budget_below_the_smallest_job_warns(tmp_path, monkeypatch):
     from loguru import logger
 

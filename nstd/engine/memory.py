@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from nstd.engine.jitter import SHIFTS
-from nstd.engine.styleloss import NS_ITERS, SLICED_SETS
+from nstd.engine.styleloss import NS_ITERS, SLICED_QUANTILES, SLICED_SETS
 from nstd.engine.vgg import CHANNELS, CONV_LAYERS, CONV_SHAPES, layer_index
 
 #: On CUDA, what the allocator hands out beyond the tensors above: cuDNN's convolution workspaces
@@ -77,13 +77,22 @@ class Techniques:
         return passes / 3.0 * (1.0 + 0.01 * max(0, 20 - self.history))
 
 
-#: Bytes a style loss kind keeps per element of a style layer's map beyond Gram's (a step's saved
-#: tensors and the kind's targets): sliced, with K = C directions, the projections, the sorted
-#: values, the sort's int64 indices and the difference to the target (4 + 4 + 8 + 4) in a step
-#: (one set of directions), and the style's sorted projections and their resampled copy as
-#: targets (4 + 4), for each of the sets the steps cycle through.
-_LOSS_MAP_BYTES = {"sliced": 20}
-_LOSS_TARGET_MAP_BYTES = {"sliced": 8 * SLICED_SETS}
+#: Bytes a style loss kind keeps per element of a style layer's map beyond Gram's in a step:
+#: sliced, with K = C directions of the step's set, the projections, the sorted values, the sort's
+#: int64 indices, the difference to the target and the target resampled to the picture
+#: (4 + 4 + 8 + 4 + 4). Its targets: `_sliced_targets`.
+_LOSS_MAP_BYTES = {"sliced": 24}
+
+
+def _sliced_targets(height: int, width: int, style: set[str], style_loss: str) -> int:
+    """The sliced kind's targets: every set's quantiles (at most SLICED_QUANTILES a direction) of
+    each style layer, for a style as large as a square of the picture's long edge."""
+    if style_loss != "sliced":
+        return 0
+    side = max(height, width)
+    maps = feature_maps(side, side, max(style, key=layer_index)) if style else []
+    return sum(min(n // CHANNELS[int(name[4])], SLICED_QUANTILES) * CHANNELS[int(name[4])]
+               for name, n in maps if name in style) * _FP32 * SLICED_SETS
 
 
 def _loss_extra(maps: list[tuple[str, int]], style: set[str], style_loss: str, per_map: dict,
@@ -208,10 +217,11 @@ def predict_peak_bytes(
         image += 4 * pixels + pixels // 3 * 3 * regions * SHIFTS
     per_region = sum(CONV_SHAPES[n][0] ** 2 for n in layers if n in CONV_SHAPES) * _FP32 * 2
     style = set(layers) - set(content_layers or ())
-    per_region += _loss_extra(full_maps, style or set(layers), style_loss, _LOSS_TARGET_MAP_BYTES, 2)
+    per_region += _loss_extra(full_maps, style or set(layers), style_loss, {}, 2)
+    per_region += _sliced_targets(height, width, style or set(layers), style_loss)
     if anchor:
-        per_region += _loss_extra(feature_maps(*anchor, deepest), style or set(layers), style_loss,
-                                  _LOSS_TARGET_MAP_BYTES, 2)
+        per_region += _loss_extra(feature_maps(*anchor, deepest), style or set(layers), style_loss, {}, 2)
+        per_region += _sliced_targets(*anchor, style or set(layers), style_loss)
     targets += max(1, regions) * per_region  # each region has its targets (its styles' blend)
     reserve = CUDA_RESERVE_BYTES if device.startswith("cuda") else 0
     return int(saved + transient + weights + image + targets + reserve)
@@ -267,9 +277,12 @@ def predict_target_bytes(height: int, width: int, layers: Sequence[str], precisi
     # style at 256 MiB grew 263 MiB before these were counted)
     pixels = 3 * height * width * _FP32 * 3 + height * width * (4 + 3)
     grams = sum(CONV_SHAPES[n][0] ** 2 for n in layers if n in CONV_SHAPES) * _FP32 * 2
-    # sliced: the projections of the whole picture on every set (gathered over tiles too), their
-    # sorted copy and the sort's indices; w2: its second moments, as Gram's
-    grams += _loss_extra(feature_maps(height, width, deepest), set(layers), style_loss, {"sliced": 16 * SLICED_SETS}, 2)
+    # sliced: the whole picture's projections on one set, their sorted copy and the sort's indices
+    # (over tiles: every set's projections gathered, then one set's sort), and every set's kept
+    # quantiles; w2: its second moments, as Gram's
+    sliced = {"sliced": 4 * SLICED_SETS + 12 if tile else 16}
+    grams += _loss_extra(feature_maps(height, width, deepest), set(layers), style_loss, sliced, 2)
+    grams += _sliced_targets(height, width, set(layers), style_loss)
     reserve = CUDA_RESERVE_BYTES if device.startswith("cuda") else 0
     return int(transient + weights + pixels + grams + reserve)
 

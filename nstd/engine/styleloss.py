@@ -54,6 +54,9 @@ SLICED_UNIT = 3.0
 SLICED_RATIO = 1.0
 #: Sets of directions per layer that the steps cycle through (docs/quality.md, "Style losses").
 SLICED_SETS = 8
+#: The style's quantile function is kept at this many points a direction at most (its sorted
+#: projections resampled): every set's targets then take a few MiB a layer, whatever the size.
+SLICED_QUANTILES = 4096
 
 
 class StyleLossError(ValueError):
@@ -151,16 +154,23 @@ class W2Loss:
         return W2Target(*stat)
 
 
-def quantiles(sorted_rows: torch.Tensor, n: int) -> torch.Tensor:
+def grid(m: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where n evenly spaced quantiles, at (i + 0.5) / n, fall among m sorted values: the lower
+    and upper neighbours' indices and the weight of the upper one (float32)."""
+    pos = (torch.arange(n, dtype=torch.float32, device=device) + 0.5) * m / n - 0.5
+    lo = pos.floor().clamp(0, m - 1).long()
+    hi = (lo + 1).clamp(max=m - 1)
+    return lo, hi, (pos - lo.float()).clamp(0, 1)
+
+
+def quantiles(sorted_rows: torch.Tensor, n: int, at: tuple | None = None) -> torch.Tensor:
     """n evenly spaced quantiles of each sorted row (the last dimension; linear interpolation of
-    the quantile function at (i + 0.5) / n)."""
+    the quantile function at (i + 0.5) / n); `at`: their `grid`, when made before."""
     m = sorted_rows.shape[-1]
     if m == n:
         return sorted_rows
-    pos = (torch.arange(n, dtype=torch.float32, device=sorted_rows.device) + 0.5) * m / n - 0.5
-    lo = pos.floor().clamp(0, m - 1).long()
-    hi = (lo + 1).clamp(max=m - 1)
-    frac = (pos - lo.float()).clamp(0, 1).to(sorted_rows.dtype)
+    lo, hi, frac = at if at is not None else grid(m, n, sorted_rows.device)
+    frac = frac.to(sorted_rows.dtype)
     return sorted_rows[..., lo] * (1 - frac) + sorted_rows[..., hi] * frac
 
 
@@ -177,28 +187,36 @@ def at_fractions(sorted_rows: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.gather(rows, -1, lo) * (1 - frac) + torch.gather(rows, -1, hi) * frac
 
 
+def kept(sorted_rows: torch.Tensor) -> torch.Tensor:
+    """A style's sorted projections as a target keeps them: at most SLICED_QUANTILES quantiles."""
+    return quantiles(sorted_rows, SLICED_QUANTILES) if sorted_rows.shape[-1] > SLICED_QUANTILES else sorted_rows
+
+
 class SlicedTarget:
     """Mean squared difference of sorted projections, relative to the target's mean square; the
-    style's sorted projections of every set (S, B, K, M), the current one selected by `index`."""
+    style's quantiles of every set (S, B, K, M), the current one selected by `index`."""
 
     def __init__(self, sorted_proj: torch.Tensor, index: torch.Tensor):
         self.values = _wide(sorted_proj.detach())
         ms = float(self.values.pow(2).mean())
         self.inv_scale = SLICED_UNIT / ms if ms > 0 else SLICED_UNIT
         self.index = index
-        self._at: dict[int, torch.Tensor] = {}
+        self._grids: dict[int, tuple] = {}
 
     @property
     def value(self) -> torch.Tensor:
-        """The current set's sorted projections (B, K, M)."""
+        """The current set's quantiles (B, K, M)."""
         return self.values.index_select(0, self.index)[0]
 
     def at(self, n: int) -> torch.Tensor:
-        """The current set's quantiles at n positions; every set's made once per picture size (in
-        an eager step, never within a captured one: a stage's first steps are eager)."""
-        if n not in self._at:
-            self._at[n] = quantiles(self.values, n)
-        return self._at[n].index_select(0, self.index)[0]
+        """The current set's quantiles resampled to n positions, made in each step (a picture's
+        worth of memory for a moment, not kept for every set); where they fall among the kept
+        ones is made once per picture size (in an eager step, never within a captured one: a
+        stage's first steps are eager)."""
+        m = self.values.shape[-1]
+        if m != n and n not in self._grids:
+            self._grids[n] = grid(m, n, self.values.device)
+        return quantiles(self.value, n, self._grids.get(n))
 
     def loss(self, stat) -> torch.Tensor:
         """Against the picture's sorted projections on the current set; a region's (sorted
@@ -263,8 +281,11 @@ class SlicedLoss:
         return (self.directions(layer, f.shape[1], f.device, f.dtype).transpose(1, 2).unsqueeze(1) @ f.unsqueeze(0),)
 
     def style_stat(self, layer: str, features: torch.Tensor) -> torch.Tensor:
-        """A style's statistic, a target's: the sorted projections on every set."""
-        return self.pack(self.parts(layer, features))
+        """A style's statistic, a target's: on every set its projections' quantiles (`kept`), one
+        set projected and sorted at a time."""
+        f = _flat(features)
+        return torch.stack([kept((d.T @ f).sort(dim=-1).values)
+                            for d in self.directions(layer, f.shape[1], f.device, f.dtype)])
 
     def stat(self, layer: str, features: torch.Tensor, weight: torch.Tensor | None = None):
         """The picture's sorted projections on the current set; with a region's `weight`, also each
@@ -283,15 +304,17 @@ class SlicedLoss:
         return values, w, mid
 
     def pack(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The gathered projections, sorted."""
-        return parts[0].sort(dim=-1).values
+        """The gathered projections of every set, sorted and kept (`kept`) a set at a time."""
+        return torch.stack([kept(p.sort(dim=-1).values) for p in parts[0]])
 
     def unpack(self, stat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (stat,)
 
     def mix(self, stats: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         """Per direction the 1-D Wasserstein barycenter: the quantile functions (resampled to the
-        most positions of any) averaged with the weights."""
+        most positions of any) averaged with the weights; one style's, as it is (no copy)."""
+        if len(stats) == 1:
+            return stats[0]
         n = max(s.shape[-1] for s in stats)
         return sum(quantiles(s, n) * w for s, w in zip(stats, weights))
 
