@@ -7,7 +7,8 @@ content init, seed 0, no GIF) after a warm-up job, and reports the optimisation'
 step (`timings.optimise`: eager steps on the CPU, a replayed CUDA graph on a GPU), its ratio to
 Gram's, the final style loss (each kind's own: not comparable across kinds) and, with --judge,
 S_held (docs/quality.md), the held-out style distance, which is. `sliced K=C/2` draws half as many
-directions as channels (styleloss.SLICED_RATIO). --regions N also runs each setting with N masked
+directions as channels (styleloss.SLICED_RATIO); `sliced 1 set` keeps one set of directions for
+every step instead of cycling through SLICED_SETS (styleloss.py). --regions N also runs each setting with N masked
 regions (soft vertical bands, the same style in each; engine/regions.py) and prints its ratio to
 the same setting unmasked.
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = Path(os.environ.get("NSTD_IMAGES") or ROOT.parent / "shared" / "images")
-SETTINGS = (("gram", "gram", 1.0), ("w2", "w2", 1.0), ("sliced K=C", "sliced", 1.0), ("sliced K=C/2", "sliced", 0.5))
+SETTINGS = (("gram", "gram", 1.0, None), ("w2", "w2", 1.0, None), ("sliced K=C", "sliced", 1.0, None),
+            ("sliced K=C/2", "sliced", 0.5, None), ("sliced 1 set", "sliced", 1.0, 1))
 
 
 def main() -> int:
@@ -53,8 +55,9 @@ def main() -> int:
     base = None
     plain = [(style, 1.0)]
     masked = [StyleImage(style, 1.0, mask=m) for m in bands(content.size, a.regions)] if a.regions else None
-    for name, kind, ratio in SETTINGS:
-        styleloss.SLICED_RATIO = ratio
+    sets = styleloss.SLICED_SETS
+    for name, kind, ratio, one in SETTINGS:
+        styleloss.SLICED_RATIO, styleloss.SLICED_SETS = ratio, one or sets
         unmasked = None
         for label, styles in ((name, plain), *(((f"  {a.regions} regions", masked),) if masked else ())):
             best = None
@@ -70,7 +73,7 @@ def main() -> int:
             if styles is masked:
                 line += f"   x {best / unmasked:.2f} the same setting unmasked"
             print(line, flush=True)
-    styleloss.SLICED_RATIO = 1.0
+    styleloss.SLICED_RATIO, styleloss.SLICED_SETS = 1.0, sets
     return 0
 
 
