@@ -8,9 +8,9 @@ step (`timings.optimise`: eager steps on the CPU, a replayed CUDA graph on a GPU
 Gram's, the final style loss (each kind's own: not comparable across kinds) and, with --judge,
 S_held (docs/quality.md), the held-out style distance, which is. `sliced K=C/2` draws half as many
 directions as channels (styleloss.SLICED_RATIO); `sliced 1 set` keeps one set of directions for
-every step instead of cycling through SLICED_SETS (styleloss.py). --regions N also runs each setting with N masked
-regions (soft vertical bands, the same style in each; engine/regions.py) and prints its ratio to
-the same setting unmasked.
+every step instead of cycling through SLICED_SETS (styleloss.py). --regions N also runs each
+setting with N masked regions (soft vertical bands, the same style in each; engine/regions.py)
+and prints its ratio to the same setting unmasked.
 """
 from __future__ import annotations
 

@@ -284,8 +284,7 @@ class SlicedLoss:
         """A style's statistic, a target's: on every set its projections' quantiles (`kept`), one
         set projected and sorted at a time."""
         f = _flat(features)
-        return torch.stack([kept((d.T @ f).sort(dim=-1).values)
-                            for d in self.directions(layer, f.shape[1], f.device, f.dtype)])
+        return self.pack(((d.T @ f for d in self.directions(layer, f.shape[1], f.device, f.dtype)),))
 
     def stat(self, layer: str, features: torch.Tensor, weight: torch.Tensor | None = None):
         """The picture's sorted projections on the current set; with a region's `weight`, also each
@@ -304,7 +303,8 @@ class SlicedLoss:
         return values, w, mid
 
     def pack(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The gathered projections of every set, sorted and kept (`kept`) a set at a time."""
+        """The projections of every set (gathered over tiles, or made one at a time), sorted and
+        kept (`kept`) a set at a time."""
         return torch.stack([kept(p.sort(dim=-1).values) for p in parts[0]])
 
     def unpack(self, stat: torch.Tensor) -> tuple[torch.Tensor, ...]:
